@@ -1,0 +1,44 @@
+"""``pgtls csr``: write server.key (0600) and server.csr, then show the CSR readably."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pgtls_helpers.csr import load_csr, render_csr, write_key_and_csr
+from pgtls_helpers.errors import InputError
+from pgtls_helpers.keys import KEY_TYPES, passphrase_from_env
+from pgtls_helpers.subject import make_subject
+
+__all__ = ["main"]
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``pgtls csr`` with parsed arguments; returns the exit status."""
+    if args.key_type not in KEY_TYPES:
+        raise InputError(
+            f"--key-type {args.key_type!r} is not supported; use one of {', '.join(KEY_TYPES)}."
+        )
+    subject = make_subject(
+        args.cn,
+        country=args.country,
+        state=args.state,
+        locality=args.locality,
+        organization=args.organization,
+        organizational_unit=args.organizational_unit,
+        email=args.email,
+        sans=args.san,
+    )
+    passphrase = passphrase_from_env(args.passphrase_env) if args.passphrase_env else None
+    key_path, csr_path = write_key_and_csr(
+        args.out_dir, subject, args.key_type, passphrase=passphrase, overwrite=args.force
+    )
+    csr = load_csr(csr_path.read_bytes(), str(csr_path))
+    protection = "encrypted with the passphrase" if passphrase else "not encrypted"
+    out = sys.stdout
+    out.write(render_csr(csr) + "\n\n")
+    out.write(f"Wrote {key_path} (mode 0600, {protection}) and {csr_path}.\n")
+    out.write(
+        f"Send only {csr_path} to the CA; {key_path} stays on this machine and is never sent.\n"
+    )
+    return 0

@@ -1,0 +1,568 @@
+"""Order what a CA returned into a chain: leaf first, by issuer name and by signature.
+
+The article orders certificates by reading subject and issuer lines. Names alone can be
+fooled: two CA certificates may carry the same name with different keys (a re-keyed CA, a
+test CA, an attacker's copy). Here a certificate's issuer is the one whose *key verifies its
+signature*, among those with the right name; the Authority/Subject Key Identifiers only decide
+which candidate is tried first.
+
+>>> from pgtls_helpers.chain import order_chain
+>>> order_chain([]).path
+()
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
+from cryptography.x509.oid import NameOID
+
+from pgtls_helpers.errors import InputError
+from pgtls_helpers.keys import describe_key
+
+if TYPE_CHECKING:
+    import pandas
+
+    from pgtls_helpers.findings import Finding
+
+__all__ = [
+    "ChainResult",
+    "bundle_pem",
+    "cert_label",
+    "fingerprint",
+    "inspection_table",
+    "is_ca",
+    "is_self_signed",
+    "order_chain",
+    "root_pem",
+    "signed_by",
+    "table_rows",
+    "verify_with_cryptography",
+]
+
+Role = str  # "leaf" | "intermediate" | "root"
+
+
+@dataclass(frozen=True)
+class ChainResult:
+    """The ordered chain and what was left over.
+
+    Attributes:
+        path: leaf first, each certificate followed by the one whose key signed it.
+        roles: "leaf", "intermediate" or "root" for each member of ``path``.
+        unused: given certificates that are not on the path, in the order given.
+        missing_issuer: the issuer name of the last certificate when the path does not end at
+            a self-signed root (that CA certificate was not found), else None.
+        from_pool: the members of ``path`` that came from the pool, not from the input.
+    """
+
+    path: tuple[x509.Certificate, ...]
+    roles: tuple[Role, ...]
+    unused: tuple[x509.Certificate, ...] = ()
+    missing_issuer: x509.Name | None = None
+    from_pool: tuple[x509.Certificate, ...] = field(default=())
+
+    @property
+    def leaf(self) -> x509.Certificate | None:
+        """The first certificate of the path, or None for an empty input."""
+        return self.path[0] if self.path else None
+
+    @property
+    def root(self) -> x509.Certificate | None:
+        """The self-signed root the path ends at, or None when it does not reach one."""
+        if self.path and self.roles[-1] == "root":
+            return self.path[-1]
+        return None
+
+    @property
+    def intermediates(self) -> tuple[x509.Certificate, ...]:
+        """The path without the leaf and the root, nearest the leaf first."""
+        return tuple(c for c, r in zip(self.path, self.roles, strict=True) if r == "intermediate")
+
+    @property
+    def complete(self) -> bool:
+        """True when the path runs from the leaf up to a self-signed root."""
+        return bool(self.path) and self.missing_issuer is None
+
+
+def order_chain(
+    certs: Iterable[x509.Certificate],
+    pool: Iterable[x509.Certificate] = (),
+    *,
+    leaf: x509.Certificate | None = None,
+) -> ChainResult:
+    """Order ``certs`` leaf first, completing the path from ``pool`` where needed.
+
+    Args:
+        certs: what the CA returned, in any order; duplicates are ignored.
+        pool: further certificates the path may borrow issuers from (a trust store, a folder
+            of intermediates); indexed by subject name, so thousands cost little.
+        leaf: the certificate to start from. When None, the leaf is a certificate that
+            issued none of the others, preferring one that is not a CA, then the one with
+            the longest path by name, then the first given; other candidates end up unused.
+
+    Returns:
+        The :class:`ChainResult`.
+    """
+    given = _dedupe(certs)
+    if leaf is not None and fingerprint(leaf) not in {fingerprint(c) for c in given}:
+        given.insert(0, leaf)
+    given_fps = {fingerprint(c) for c in given}
+    pool_certs = [c for c in _dedupe(pool) if fingerprint(c) not in given_fps]
+    if not given:
+        return ChainResult(path=(), roles=())
+
+    own_index = _index(given)
+    pool_index = _index(pool_certs)
+    start = leaf if leaf is not None else _pick_leaf(given, own_index, pool_index)
+
+    path = [start]
+    seen = {fingerprint(start)}
+    taken_from_pool: list[x509.Certificate] = []
+    pool_fps = {fingerprint(c) for c in pool_certs}
+    missing: x509.Name | None = None
+    ends_at_root = False
+    cur = start
+    while True:
+        if is_self_signed(cur):
+            ends_at_root = True
+            break
+        nxt = _find_issuer(cur, own_index, pool_index, seen)
+        if nxt is None:
+            missing = cur.issuer
+            break
+        fp = fingerprint(nxt)
+        seen.add(fp)
+        path.append(nxt)
+        if fp in pool_fps:
+            taken_from_pool.append(nxt)
+        cur = nxt
+
+    roles: list[Role] = ["intermediate"] * len(path)
+    roles[0] = "leaf"
+    if ends_at_root and len(path) > 1:
+        roles[-1] = "root"
+    unused = tuple(c for c in given if fingerprint(c) not in seen)
+    return ChainResult(
+        path=tuple(path),
+        roles=tuple(roles),
+        unused=unused,
+        missing_issuer=missing,
+        from_pool=tuple(taken_from_pool),
+    )
+
+
+def bundle_pem(result: ChainResult) -> bytes:
+    """``server.crt`` content: the leaf, then the intermediates in signing order, no root.
+
+    Raises:
+        InputError: when there is no certificate at all.
+    """
+    if not result.path:
+        raise InputError("no certificate was found, so there is nothing to bundle; "
+                         "pass the files the CA returned")
+    members = [c for c, r in zip(result.path, result.roles, strict=True) if r != "root"]
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in members)
+
+
+def root_pem(result: ChainResult) -> bytes:
+    """``root.crt`` content: the self-signed root the chain ends at.
+
+    Raises:
+        InputError: when the chain does not reach a self-signed root.
+    """
+    root = result.root
+    if root is None:
+        missing = _name_label(result.missing_issuer) if result.missing_issuer else "its root"
+        raise InputError(
+            f"the chain stops below {missing}, so there is no root certificate to write; "
+            "add the CA's root certificate file or pass --pool with it (for example "
+            "/etc/ssl/certs)"
+        )
+    return root.public_bytes(serialization.Encoding.PEM)
+
+
+def verify_with_cryptography(
+    result: ChainResult, host: str | None = None, at: _dt.datetime | None = None
+) -> Finding | None:
+    """cryptography's own RFC 5280 verdict on the chain, as a finding, or None when it passes.
+
+    The path's root is the only trust anchor, its intermediates are offered as untrusted
+    certificates. ``host`` is the server name to check (an IP literal becomes an iPAddress);
+    when None, the leaf's first SAN is used so that only the chain is judged.
+    """
+    from cryptography.x509 import DNSName, IPAddress
+    from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+    from pgtls_helpers.findings import Finding
+
+    leaf, root = result.leaf, result.root
+    if leaf is None:
+        return Finding("error", "chain-rejected", "There is no certificate to verify.")
+    if root is None:
+        return Finding(
+            "error",
+            "chain-rejected",
+            f"The chain of {cert_label(leaf)} cannot be verified because it does not reach a "
+            "self-signed root; add the root certificate (or --pool it).",
+        )
+    subject = _verifier_subject(leaf, host)
+    if subject is None:
+        return Finding(
+            "error",
+            "chain-rejected",
+            f"{cert_label(leaf)} has no subjectAltName to verify against; ask the CA to "
+            "reissue it with the server's host names as SANs.",
+        )
+    when = at if at is not None else _dt.datetime.now(_dt.UTC)
+    try:
+        verifier = (
+            PolicyBuilder()
+            .store(Store([root]))
+            .time(when)
+            .build_server_verifier(
+                DNSName(subject) if isinstance(subject, str) else IPAddress(subject)
+            )
+        )
+        verifier.verify(leaf, list(result.path[1:-1]))
+    except VerificationError as exc:
+        return Finding(
+            "error",
+            "chain-rejected",
+            f"cryptography's RFC 5280 verifier rejects the chain of {cert_label(leaf)} for "
+            f"{host or subject}: {exc}; fix the finding it names or ask the CA for a "
+            "conforming certificate.",
+        )
+    except (ValueError, TypeError) as exc:
+        return Finding(
+            "error",
+            "chain-rejected",
+            f"cryptography's verifier cannot check the chain of {cert_label(leaf)}: {exc}.",
+        )
+    return None
+
+
+def table_rows(result: ChainResult, *, include_unused: bool = True) -> list[dict[str, Any]]:
+    """One plain dict per certificate: the columns of :func:`inspection_table`."""
+    rows: list[dict[str, Any]] = []
+    now = _dt.datetime.now(_dt.UTC)
+    members: list[tuple[int | None, str, x509.Certificate]] = [
+        (i, r, c) for i, (c, r) in enumerate(zip(result.path, result.roles, strict=True))
+    ]
+    if include_unused:
+        members += [(None, "unused", c) for c in result.unused]
+    for pos, role, cert in members:
+        na = cert.not_valid_after_utc
+        rows.append(
+            {
+                "position": pos,
+                "role": role + (" (pool)" if _in(cert, result.from_pool) else ""),
+                "subject": cert.subject.rfc4514_string(),
+                "issuer": cert.issuer.rfc4514_string(),
+                "serial": format(cert.serial_number, "x"),
+                "not_before": cert.not_valid_before_utc,
+                "not_after": na,
+                "days_left": (na - now).days,
+                "key": _describe_key(cert),
+                "signature_algorithm": _sig_alg_name(cert),
+                "ski": _ski(cert),
+                "aki": _aki(cert),
+                "sha256": fingerprint(cert),
+                "sans": ", ".join(_san_strings(cert)),
+            }
+        )
+    return rows
+
+
+def inspection_table(result: ChainResult, *, include_unused: bool = True) -> pandas.DataFrame:
+    """The chain as a pandas DataFrame for a notebook (unused certificates last).
+
+    Columns: position, role, subject, issuer, serial, not_before, not_after, days_left, key,
+    signature_algorithm, ski, aki, sha256, sans.
+    """
+    import pandas as pd
+
+    frame = pd.DataFrame(table_rows(result, include_unused=include_unused), columns=TABLE_COLUMNS)
+    frame["position"] = frame["position"].astype("Int64")
+    return frame
+
+
+TABLE_COLUMNS = (
+    "position", "role", "subject", "issuer", "serial", "not_before", "not_after", "days_left",
+    "key", "signature_algorithm", "ski", "aki", "sha256", "sans",
+)
+
+
+# --- single-certificate helpers (used by findings and the CLI too) ----------------------------
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 fingerprint as lowercase hex without separators."""
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def cert_label(cert: x509.Certificate) -> str:
+    """How messages name a certificate: its CN in quotes, or its whole subject."""
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if cns:
+        return f'"{cns[0].value!s}"'
+    return _name_label(cert.subject)
+
+
+def is_ca(cert: x509.Certificate) -> bool:
+    """Whether BasicConstraints says ``CA:TRUE``."""
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except (x509.ExtensionNotFound, ValueError):
+        return False
+    return bool(bc.ca)
+
+
+def is_self_signed(cert: x509.Certificate) -> bool:
+    """Subject equals issuer and the certificate's own key verifies its signature."""
+    return _name_key(cert.subject) == _name_key(cert.issuer) and signed_by(cert, cert)
+
+
+def signed_by(child: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether ``issuer``'s public key verifies ``child``'s signature.
+
+    ``verify_directly_issued_by`` also compares the names byte for byte and refuses SHA-1
+    and MD5; in those cases the signature is checked with the issuer's key directly, so that
+    an old or differently encoded chain is still ordered (and then flagged by the checks).
+    """
+    try:
+        child.verify_directly_issued_by(issuer)
+        return True
+    except InvalidSignature:
+        return False
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return _verify_with_key(child, issuer.public_key())
+
+
+# --- internals ---------------------------------------------------------------------------------
+
+
+def _dedupe(certs: Iterable[x509.Certificate]) -> list[x509.Certificate]:
+    seen: set[str] = set()
+    out: list[x509.Certificate] = []
+    for c in certs:
+        fp = fingerprint(c)
+        if fp not in seen:
+            seen.add(fp)
+            out.append(c)
+    return out
+
+
+def _in(cert: x509.Certificate, group: Sequence[x509.Certificate]) -> bool:
+    return any(cert == g for g in group)
+
+
+_NameKey = tuple[tuple[tuple[str, str], ...], ...]
+
+
+def _name_key(name: x509.Name) -> _NameKey:
+    """A name compared the way OpenSSL does: case and runs of spaces do not count.
+
+    The string type (PrintableString or UTF8String) does not count either, which the DER
+    bytes would make count.
+    """
+    return tuple(
+        tuple(sorted((a.oid.dotted_string, _canon(a.value)) for a in rdn)) for rdn in name.rdns
+    )
+
+
+def _canon(value: str | bytes) -> str:
+    if isinstance(value, bytes):
+        return value.hex()
+    return " ".join(value.split()).lower()
+
+
+def _index(certs: Iterable[x509.Certificate]) -> dict[_NameKey, list[x509.Certificate]]:
+    index: dict[_NameKey, list[x509.Certificate]] = {}
+    for c in certs:
+        index.setdefault(_name_key(c.subject), []).append(c)
+    return index
+
+
+def _pick_leaf(
+    given: list[x509.Certificate],
+    own_index: dict[_NameKey, list[x509.Certificate]],
+    pool_index: dict[_NameKey, list[x509.Certificate]],
+) -> x509.Certificate:
+    # Count, per name, how many *other* certificates name it as their issuer.
+    issued: dict[_NameKey, int] = {}
+    for c in given:
+        ik = _name_key(c.issuer)
+        if ik != _name_key(c.subject):
+            issued[ik] = issued.get(ik, 0) + 1
+    candidates = [c for c in given if issued.get(_name_key(c.subject), 0) == 0] or given
+
+    def rank(item: tuple[int, x509.Certificate]) -> tuple[bool, int, int]:
+        pos, cert = item
+        return (is_ca(cert), -_name_depth(cert, own_index, pool_index), pos)
+
+    return min(enumerate(candidates), key=rank)[1]
+
+
+def _name_depth(
+    cert: x509.Certificate,
+    own_index: dict[_NameKey, list[x509.Certificate]],
+    pool_index: dict[_NameKey, list[x509.Certificate]],
+) -> int:
+    """How far issuer names lead up from ``cert`` (cheap: no signatures are checked)."""
+    depth = 0
+    seen = {_name_key(cert.subject)}
+    cur = cert
+    while True:
+        ik = _name_key(cur.issuer)
+        if ik in seen:
+            return depth
+        nxt = (own_index.get(ik) or pool_index.get(ik) or [None])[0]
+        if nxt is None:
+            return depth
+        seen.add(ik)
+        depth += 1
+        cur = nxt
+
+
+def _find_issuer(
+    child: x509.Certificate,
+    own_index: dict[_NameKey, list[x509.Certificate]],
+    pool_index: dict[_NameKey, list[x509.Certificate]],
+    seen: set[str],
+) -> x509.Certificate | None:
+    key = _name_key(child.issuer)
+    aki = _aki_bytes(child)
+    for group in (own_index.get(key, []), pool_index.get(key, [])):
+        candidates = [c for c in group if fingerprint(c) not in seen and c != child]
+        if aki is not None:
+            # A matching key identifier first, then certificates without one, then the rest.
+            candidates.sort(key=lambda c: {True: 0, None: 1, False: 2}[_ski_matches(c, aki)])
+        for cand in candidates:
+            if signed_by(child, cand):
+                return cand
+    return None
+
+
+def _aki_bytes(cert: x509.Certificate) -> bytes | None:
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except (x509.ExtensionNotFound, ValueError):
+        return None
+    return aki.key_identifier
+
+
+def _ski_bytes(cert: x509.Certificate) -> bytes | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except (x509.ExtensionNotFound, ValueError):
+        return None
+
+
+def _ski_matches(cert: x509.Certificate, aki: bytes) -> bool | None:
+    ski = _ski_bytes(cert)
+    return None if ski is None else ski == aki
+
+
+def _verify_with_key(child: x509.Certificate, pub: object) -> bool:
+    sig, tbs = child.signature, child.tbs_certificate_bytes
+    try:
+        params = child.signature_algorithm_parameters
+        algo = child.signature_hash_algorithm
+        if isinstance(pub, rsa.RSAPublicKey):
+            pad = params if isinstance(params, (padding.PSS, padding.PKCS1v15)) else None
+            if algo is None:
+                return False
+            pub.verify(sig, tbs, pad or padding.PKCS1v15(), algo)
+        elif isinstance(pub, ec.EllipticCurvePublicKey):
+            if algo is None:
+                return False
+            pub.verify(sig, tbs, ec.ECDSA(algo))
+        elif isinstance(pub, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+            pub.verify(sig, tbs)
+        elif isinstance(pub, dsa.DSAPublicKey):
+            if algo is None:
+                return False
+            pub.verify(sig, tbs, algo)
+        else:
+            return False
+    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+def _verifier_subject(
+    leaf: x509.Certificate, host: str | None
+) -> str | ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if host is not None:
+        try:
+            return ipaddress.ip_address(host)
+        except ValueError:
+            return host
+    for gn in _sans(leaf):
+        if isinstance(gn, x509.DNSName):
+            return gn.value.replace("*.", "wildcard.", 1) if gn.value.startswith("*.") else gn.value
+        if isinstance(gn, x509.IPAddress) and not isinstance(
+            gn.value, ipaddress.IPv4Network | ipaddress.IPv6Network
+        ):
+            return gn.value
+    return None
+
+
+def _sans(cert: x509.Certificate) -> list[x509.GeneralName]:
+    try:
+        return list(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except (x509.ExtensionNotFound, ValueError):
+        return []
+
+
+def _san_strings(cert: x509.Certificate) -> list[str]:
+    out: list[str] = []
+    for gn in _sans(cert):
+        if isinstance(gn, x509.DNSName):
+            out.append(f"DNS:{gn.value}")
+        elif isinstance(gn, x509.IPAddress):
+            out.append(f"IP:{gn.value}")
+        elif isinstance(gn, x509.RFC822Name):
+            out.append(f"email:{gn.value}")
+        elif isinstance(gn, x509.UniformResourceIdentifier):
+            out.append(f"URI:{gn.value}")
+    return out
+
+
+def _ski(cert: x509.Certificate) -> str:
+    ski = _ski_bytes(cert)
+    return ski.hex(":") if ski else ""
+
+
+def _aki(cert: x509.Certificate) -> str:
+    aki = _aki_bytes(cert)
+    return aki.hex(":") if aki else ""
+
+
+def _sig_alg_name(cert: x509.Certificate) -> str:
+    oid = cert.signature_algorithm_oid
+    return getattr(oid, "_name", None) or oid.dotted_string
+
+
+def _describe_key(cert: x509.Certificate) -> str:
+    try:
+        return describe_key(cert.public_key())
+    except (ValueError, UnsupportedAlgorithm):
+        return "unsupported key"
+
+
+def _name_label(name: x509.Name) -> str:
+    cns = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if cns:
+        return f'"{cns[0].value!s}"'
+    text = name.rfc4514_string()
+    return f'"{text}"' if text else "an empty name"

@@ -1,0 +1,133 @@
+"""Command line: ``pgtls chain …``, ``pgtls csr``, ``pgtls probe …``, ``pgtls run``, ``pgtls lab …``.
+
+Each command's body lives in a small ``_cli_*`` module so that importing the CLI stays cheap
+(``chain inspect`` must not pay for pandas or papermill unless it needs them).
+Exit status: 0 fine, 1 a check failed (an error finding, a refused connection), 2 the input is
+unusable. A :class:`PgtlsError` is printed as one line on stderr, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from pgtls_helpers.errors import InputError, PgtlsError
+
+__all__ = ["main"]
+
+
+def _add_chain(sub: argparse._SubParsersAction) -> None:
+    chain = sub.add_parser("chain", help="read, order and check what a CA returned")
+    csub = chain.add_subparsers(dest="chain_cmd", required=True)
+
+    ins = csub.add_parser("inspect", help="order a chain leaf first and list findings")
+    ins.add_argument("paths", nargs="+", metavar="FILE_OR_DIR")
+    ins.add_argument("--key", metavar="KEYFILE", help="private key the leaf must match")
+    ins.add_argument("--host", action="append", default=[], metavar="NAME",
+                     help="host name clients use with verify-full (repeatable)")
+    ins.add_argument("--pool", action="append", default=[], metavar="DIR_OR_FILE",
+                     help="extra certificates to complete the chain from (repeatable)")
+    ins.add_argument("--password-env", metavar="VAR",
+                     help="environment variable holding the PKCS#12 or key password")
+    ins.add_argument("--expires-soon-days", type=int, default=30, metavar="DAYS")
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.set_defaults(func=_lazy("pgtls_helpers._cli_chain", "inspect"))
+
+    bun = csub.add_parser("bundle", help="write server.crt (leaf + intermediates) and root.crt")
+    bun.add_argument("paths", nargs="+", metavar="FILE_OR_DIR")
+    bun.add_argument("--out", required=True, metavar="server.crt")
+    bun.add_argument("--root-out", metavar="root.crt")
+    bun.add_argument("--pool", action="append", default=[], metavar="DIR_OR_FILE")
+    bun.add_argument("--password-env", metavar="VAR")
+    bun.set_defaults(func=_lazy("pgtls_helpers._cli_chain", "bundle"))
+
+
+def _add_csr(sub: argparse._SubParsersAction) -> None:
+    csr = sub.add_parser("csr", help="generate server.key (0600) and server.csr")
+    csr.add_argument("--cn", required=True, help="common name: the host name clients use")
+    csr.add_argument("--san", action="append", default=[], metavar="NAME",
+                     help="subject alternative name, DNS name or IP (repeatable)")
+    csr.add_argument("--country", "-C", metavar="CC")
+    csr.add_argument("--state", "-ST")
+    csr.add_argument("--locality", "-L")
+    csr.add_argument("--organization", "-O")
+    csr.add_argument("--organizational-unit", "-OU")
+    csr.add_argument("--email")
+    csr.add_argument("--key-type", default="rsa4096",
+                     help="rsa2048, rsa3072, rsa4096 (default), ecdsa-p256, ecdsa-p384")
+    csr.add_argument("--passphrase-env", metavar="VAR",
+                     help="encrypt the key with the passphrase in this environment variable")
+    csr.add_argument("--out-dir", required=True, metavar="DIR")
+    csr.add_argument("--force", action="store_true", help="replace existing files (kept as .bak)")
+    csr.set_defaults(func=_lazy("pgtls_helpers._cli_csr", "main"))
+
+
+def _add_probe(sub: argparse._SubParsersAction) -> None:
+    probe = sub.add_parser("probe", help="what a server presents: TLS version, cipher, chain")
+    probe.add_argument("targets", nargs="+", metavar="HOST[:PORT]")
+    probe.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+    probe.add_argument("--json", action="store_true", help="one JSON object per host per line")
+    probe.set_defaults(func=_lazy("pgtls_helpers._cli_probe", "main"))
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser("run", help="run the five runbook notebooks and archive the record")
+    run.add_argument("params", metavar="PARAMS.yaml")
+    run.add_argument("--records", default="records", metavar="DIR")
+    run.add_argument("--work", default="work", metavar="DIR",
+                     help="private per-change work directories (keys, CSRs, CA files)")
+    run.add_argument("--no-progress", action="store_true")
+    run.set_defaults(func=_lazy("pgtls_helpers._cli_run", "main"))
+
+
+def _add_lab(sub: argparse._SubParsersAction) -> None:
+    lab = sub.add_parser("lab", help="throwaway CA and PostgreSQL cluster to explore")
+    lsub = lab.add_subparsers(dest="lab_cmd", required=True)
+    up = lsub.add_parser("up", help="create and start a throwaway cluster (SSL off)")
+    up.add_argument("--dir", default="work/lab", metavar="DIR")
+    up.add_argument("--port", type=int, default=None)
+    up.set_defaults(func=_lazy("pgtls_helpers._cli_lab", "up"))
+    down = lsub.add_parser("down", help="stop and remove the throwaway cluster")
+    down.add_argument("--dir", default="work/lab", metavar="DIR")
+    down.set_defaults(func=_lazy("pgtls_helpers._cli_lab", "down"))
+    status = lsub.add_parser("status", help="show the throwaway cluster's connection string")
+    status.add_argument("--dir", default="work/lab", metavar="DIR")
+    status.set_defaults(func=_lazy("pgtls_helpers._cli_lab", "status"))
+
+
+def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    def call(args: argparse.Namespace) -> int:
+        import importlib
+
+        return int(getattr(importlib.import_module(module), name)(args))
+
+    return call
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pgtls", description="Move a PostgreSQL server to verified TLS, with evidence."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_chain(sub)
+    _add_csr(sub)
+    _add_probe(sub)
+    _add_run(sub)
+    _add_lab(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as exc:
+        print(f"pgtls: {exc}", file=sys.stderr)
+        return 2
+    except PgtlsError as exc:
+        print(f"pgtls: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pgtls: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,374 @@
+"""The client side: ``~/.postgresql/root.crt`` for each client OS user, and proof through libpq.
+
+The proof is a table of connection attempts, expected against observed. The ones that must
+fail matter as much as the ones that must succeed, and a failure only counts when it fails for
+the expected reason (a password error is not a certificate refusal).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pgtls_helpers.errors import InputError
+from pgtls_helpers.files import InstallResult, PlannedFile, apply_plan, plan_file
+
+__all__ = [
+    "ClientUser",
+    "ConnCheck",
+    "classify_error",
+    "connection_checks",
+    "install_root_crt",
+    "plan_root_crt",
+    "psql_as_user",
+    "resolve_client_users",
+]
+
+
+@dataclass(frozen=True)
+class ClientUser:
+    """A client OS user: where libpq looks for ``root.crt`` when that user connects."""
+
+    name: str
+    home: Path
+    uid: int
+    gid: int
+
+    @property
+    def root_crt(self) -> Path:
+        return self.home / ".postgresql" / "root.crt"
+
+
+def resolve_client_users(names: Sequence[str]) -> list[ClientUser]:
+    """Look the names up in the OS user database."""
+    users = []
+    for name in names:
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            raise InputError(
+                f"client_system_users: there is no OS user '{name}' on this machine; create it "
+                "or remove it from the list"
+            ) from None
+        users.append(ClientUser(name, Path(entry.pw_dir), entry.pw_uid, entry.pw_gid))
+    return users
+
+
+def _pem_blocks(data: bytes) -> list[bytes]:
+    marker = b"-----END CERTIFICATE-----"
+    parts = []
+    for chunk in data.split(marker)[:-1]:
+        start = chunk.find(b"-----BEGIN CERTIFICATE-----")
+        if start >= 0:
+            parts.append(chunk[start:] + marker + b"\n")
+    return parts
+
+
+def plan_root_crt(user: ClientUser, root_pem: bytes, *, merge: bool = False) -> PlannedFile:
+    """The root.crt write for one user; an existing different file is replaced (with a
+    backup) or, with ``merge``, kept and the new root appended to it."""
+    data = root_pem
+    if merge and user.root_crt.exists():
+        current = user.root_crt.read_bytes()
+        blocks = _pem_blocks(current)
+        new = _pem_blocks(root_pem)
+        if all(b in blocks for b in new):
+            data = current
+        else:
+            data = current.rstrip(b"\n") + b"\n" + b"".join(b for b in new if b not in blocks)
+    return plan_file(user.root_crt, data, kind="root.crt", mode=0o644, owner=(user.uid, user.gid))
+
+
+def install_root_crt(
+    users: Sequence[ClientUser], root_pem: bytes, *, merge: bool = False, stamp: str | None = None
+) -> InstallResult:
+    """Give each user ``~/.postgresql/root.crt`` (directory 0700, owned by the user)."""
+    for user in users:
+        directory = user.root_crt.parent
+        if not directory.exists():
+            directory.mkdir(mode=0o700, parents=False)
+            if os.geteuid() == 0:
+                os.chown(directory, user.uid, user.gid)
+    return apply_plan([plan_root_crt(u, root_pem, merge=merge) for u in users], stamp=stamp)
+
+
+# --------------------------------------------------------------------------- connection checks
+
+Outcome = Literal["ok", "fail"]
+
+
+@dataclass(frozen=True)
+class ConnCheck:
+    """One connection attempt: what we expected and what libpq did."""
+
+    check: str
+    sslmode: str
+    host: str
+    expect: Outcome
+    expect_reason: str
+    observed: Outcome
+    observed_reason: str
+    detail: str
+
+    @property
+    def passed(self) -> bool:
+        if self.expect != self.observed:
+            return False
+        return self.expect == "ok" or self.expect_reason == self.observed_reason
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "passed": self.passed}
+
+
+def classify_error(message: str) -> str:
+    """Why a connection failed, as one of a few reasons a DBA can act on.
+
+    >>> classify_error('server certificate for "db1" does not match host name "db2"')
+    'host name not in certificate'
+    >>> classify_error('pg_hba.conf rejects connection for host "127.0.0.1", no encryption')
+    'non-SSL rejected by pg_hba.conf'
+    """
+    text = message.lower()
+    if "does not match host name" in text or "no subject alternative names" in text:
+        return "host name not in certificate"
+    if "certificate verify failed" in text or "root certificate file" in text:
+        return "certificate not trusted"
+    if "no encryption" in text or ("rejects connection" in text and "ssl off" in text):
+        return "non-SSL rejected by pg_hba.conf"
+    if "no pg_hba.conf entry" in text:
+        return "no pg_hba.conf entry"
+    if "server does not support ssl" in text:
+        return "server has SSL off"
+    if "password authentication failed" in text:
+        return "password refused"
+    if "connection refused" in text or "timeout" in text:
+        return "server not reachable"
+    return "other"
+
+
+def _attempt(conninfo: Mapping[str, Any]) -> tuple[Outcome, str, str]:
+    import psycopg
+
+    try:
+        with psycopg.connect(autocommit=True, **conninfo) as conn:
+            row = conn.execute(
+                "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+            ).fetchone()
+        detail = f"connected, TLS {row[1]}" if row and row[0] else "connected without TLS"
+        return "ok", "connected", detail
+    except psycopg.OperationalError as exc:
+        text = " ".join(str(exc).split())
+        return "fail", classify_error(text), text
+
+
+def connection_checks(
+    conninfo: Mapping[str, Any],
+    *,
+    hosts: Sequence[str],
+    hostaddr: str | None,
+    root_crt: str | Path,
+    unrelated_root: str | Path,
+    reject_non_ssl: bool = True,
+) -> list[ConnCheck]:
+    """Connect through libpq in each way that matters and compare with what must happen.
+
+    ``hosts`` are the names clients use (each tried with ``verify-full``); ``hostaddr`` pins the
+    address so names work before DNS does. ``unrelated_root`` is a root that did not sign the
+    server's chain.
+    """
+    base = {
+        k: v for k, v in conninfo.items() if k not in ("sslmode", "sslrootcert", "host", "hostaddr")
+    }
+    base.setdefault("connect_timeout", 10)
+    first = hosts[0]
+    addr = {"hostaddr": hostaddr} if hostaddr else {}
+    plan: list[tuple[str, dict[str, Any], Outcome, str]] = [
+        (
+            "verify-ca with the CA's root",
+            {"sslmode": "verify-ca", "host": first, "sslrootcert": str(root_crt)},
+            "ok",
+            "connected",
+        ),
+    ]
+    for host in hosts:
+        plan.append(
+            (
+                f"verify-full as {host}",
+                {"sslmode": "verify-full", "host": host, "sslrootcert": str(root_crt)},
+                "ok",
+                "connected",
+            )
+        )
+    plan.append(
+        (
+            "verify-full with a name not in the certificate",
+            {
+                "sslmode": "verify-full",
+                "host": "name-not-in-certificate.invalid",
+                "sslrootcert": str(root_crt),
+            },
+            "fail",
+            "host name not in certificate",
+        )
+    )
+    plan.append(
+        (
+            "verify-ca against an unrelated root",
+            {"sslmode": "verify-ca", "host": first, "sslrootcert": str(unrelated_root)},
+            "fail",
+            "certificate not trusted",
+        )
+    )
+    if reject_non_ssl:
+        plan.append(
+            (
+                "sslmode=disable (non-SSL)",
+                {"sslmode": "disable", "host": first},
+                "fail",
+                "non-SSL rejected by pg_hba.conf",
+            )
+        )
+    # require does not verify anything when no root file exists: it would accept any server.
+    plan.append(
+        (
+            "require without a root (accepts any certificate)",
+            {
+                "sslmode": "require",
+                "host": first,
+                "sslrootcert": str(Path(root_crt).parent / "no-such-root.crt"),
+            },
+            "ok",
+            "connected",
+        )
+    )
+    checks = []
+    for label, extra, expect, reason in plan:
+        info = {**base, **addr, **extra}
+        if extra["host"] == "name-not-in-certificate.invalid" and not hostaddr:
+            info["hostaddr"] = _resolve_first(first)
+        observed, observed_reason, detail = _attempt(info)
+        checks.append(
+            ConnCheck(
+                label,
+                extra["sslmode"],
+                str(extra["host"]),
+                expect,
+                reason,
+                observed,
+                observed_reason,
+                detail,
+            )
+        )
+    return checks
+
+
+def _resolve_first(host: str) -> str:
+    import socket
+
+    return socket.getaddrinfo(host, None)[0][4][0]
+
+
+def read_passfile_password(passfile: str | Path, user: str) -> str | None:
+    """The password a libpq passfile gives ``user`` (for a client process's environment)."""
+    try:
+        lines = Path(passfile).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split(":")
+        if len(parts) >= 5 and parts[3] in ("*", user):
+            return ":".join(parts[4:])
+    return None
+
+
+def psql_as_user(
+    user: ClientUser,
+    conninfo: Mapping[str, Any],
+    *,
+    host: str,
+    hostaddr: str | None,
+    sslmode: str = "verify-full",
+    timeout: float = 30,
+) -> ConnCheck:
+    """Run the machine's ``psql`` as ``user`` with only ``~/.postgresql/root.crt`` to trust.
+
+    No ``sslrootcert`` is given: libpq finds the root where the article puts it.
+    """
+    psql = shutil.which("psql")
+    label = f"psql as OS user {user.name}, {sslmode}, ~/.postgresql/root.crt"
+    if psql is None:
+        return ConnCheck(
+            label,
+            sslmode,
+            host,
+            "ok",
+            "connected",
+            "fail",
+            "other",
+            "psql is not installed on this machine",
+        )
+    parts = [
+        f"host={host}",
+        f"port={conninfo.get('port', 5432)}",
+        f"user={conninfo.get('user', user.name)}",
+        f"dbname={conninfo.get('dbname', 'postgres')}",
+        f"sslmode={sslmode}",
+        "connect_timeout=10",
+    ]
+    if hostaddr:
+        parts.append(f"hostaddr={hostaddr}")
+    env = {"HOME": str(user.home), "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
+    if passfile := conninfo.get("passfile"):
+        password = read_passfile_password(passfile, str(conninfo.get("user", "")))
+        if password is not None:
+            env["PGPASSWORD"] = password
+    kwargs: dict[str, Any] = {}
+    if os.geteuid() == 0 and user.uid != 0:
+        kwargs = {"user": user.uid, "group": user.gid, "extra_groups": []}
+    elif os.geteuid() != user.uid:
+        return ConnCheck(
+            label,
+            sslmode,
+            host,
+            "ok",
+            "connected",
+            "fail",
+            "other",
+            f"cannot run psql as {user.name} without root",
+        )
+    proc = subprocess.run(
+        [
+            psql,
+            " ".join(parts),
+            "-XAtc",
+            "SELECT version FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(user.home) if user.home.is_dir() else "/",
+        timeout=timeout,
+        check=False,
+        **kwargs,
+    )
+    if proc.returncode == 0:
+        return ConnCheck(
+            label,
+            sslmode,
+            host,
+            "ok",
+            "connected",
+            "ok",
+            "connected",
+            f"connected, TLS {proc.stdout.strip()}",
+        )
+    text = " ".join(proc.stderr.split())
+    return ConnCheck(label, sslmode, host, "ok", "connected", "fail", classify_error(text), text)

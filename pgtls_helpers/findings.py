@@ -1,0 +1,353 @@
+"""Checks on an ordered chain, each result a :class:`Finding` a DBA can act on.
+
+>>> Finding("warning", "expires-soon", 'The certificate "db1" expires in 12 days.').code
+'expires-soon'
+>>> CODES["missing-issuer"].split(";")[0]
+'Add the missing CA certificate to the files (or point --pool at a folder that has it)'
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from pgtls_helpers import hostname
+from pgtls_helpers.chain import (
+    ChainResult,
+    _aki_bytes,
+    _name_key,
+    _name_label,
+    _ski_bytes,
+    cert_label,
+    fingerprint,
+    is_ca,
+    signed_by,
+    verify_with_cryptography,
+)
+from pgtls_helpers.keys import PrivateKey, PublicKey, public_key_matches
+
+__all__ = ["CODES", "Finding", "Severity", "check_chain", "has_errors"]
+
+Severity = Literal["error", "warning", "info"]
+
+_ORDER: dict[str, int] = {"error": 0, "warning": 1, "info": 2}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One result of a check.
+
+    Attributes:
+        severity: "error" (the chain will not work as it is), "warning", or "info".
+        code: a stable name from :data:`CODES`.
+        message: one sentence naming the certificate and the fix.
+    """
+
+    severity: Severity
+    code: str
+    message: str
+
+
+CODES: dict[str, str] = {
+    "missing-issuer": "Add the missing CA certificate to the files (or point --pool at a folder "
+    "that has it); the CA publishes its intermediate and root certificates.",
+    "bad-signature": "A certificate with the right issuer name did not sign this one; get the "
+    "issuer certificate that belongs to this chain from the CA.",
+    "not-a-ca": "A certificate that signs others must be a CA (basicConstraints CA:TRUE, "
+    "keyCertSign); ask the CA for its proper intermediate certificate.",
+    "expired": "Renew the certificate: create a new CSR and have the CA sign it.",
+    "not-yet-valid": "Wait until the start date, or check the clock of the machine and the dates "
+    "the CA used.",
+    "expires-soon": "Plan the renewal now: a new CSR, the CA's signature, and an install before "
+    "the end date.",
+    "key-mismatch": "The certificate was issued for a different private key; use the key the CSR "
+    "was made with, or have the CA sign a CSR made with this key.",
+    "hostname-mismatch": "Clients using sslmode=verify-full with this host name will be refused; "
+    "have the host added as a SAN, or connect with a name the certificate lists.",
+    "no-server-auth": "The certificate is not allowed for TLS servers; ask the CA for a server "
+    "certificate (Extended Key Usage serverAuth).",
+    "weak-key": "Make a new key of at least RSA 2048 (or ECDSA P-256) and a new CSR; "
+    "OpenSSL refuses shorter keys at its default security level.",
+    "weak-signature": "Ask the CA to reissue the certificate signed with SHA-256; OpenSSL refuses "
+    "SHA-1 and MD5 signatures at its default security level.",
+    "leaf-is-ca": "The first certificate is a CA certificate, not a server certificate; check "
+    "that the server's own certificate is among the files.",
+    "unused-certificate": "The file is not needed for this chain; leave it out of server.crt.",
+    "chain-rejected": "The RFC 5280 verifier found a problem the other checks did not; read its "
+    "reason and ask the CA for a conforming chain.",
+}
+
+_WEAK_HASHES = (hashes.SHA1, hashes.MD5)
+
+
+def check_chain(
+    result: ChainResult,
+    *,
+    key: PrivateKey | PublicKey | None = None,
+    hosts: Iterable[str] = (),
+    now: _dt.datetime | None = None,
+    expires_soon_days: int = 30,
+    verify: bool = True,
+) -> list[Finding]:
+    """Everything worth knowing about an ordered chain, errors first.
+
+    Args:
+        result: from :func:`pgtls_helpers.chain.order_chain`.
+        key: the server's private key (or its public key) the leaf must belong to.
+        hosts: the host names clients put in ``host=`` with ``sslmode=verify-full``.
+        now: the time to judge validity at (timezone-aware); the current time by default.
+        expires_soon_days: how close an end date must be to earn ``expires-soon``.
+        verify: when no check found an error, also ask cryptography's verifier for its
+            verdict (``chain-rejected`` when it disagrees).
+    """
+    at = now if now is not None else _dt.datetime.now(_dt.UTC)
+    hosts = list(hosts)
+    out: list[Finding] = []
+    if not result.path:
+        return [Finding("error", "missing-issuer", "No certificate was found in the input; "
+                        "pass the files the CA returned.")]
+    leaf = result.path[0]
+
+    out += _structure(result)
+    for cert, role in zip(result.path, result.roles, strict=True):
+        out += _validity(cert, role, at, expires_soon_days)
+        out += _strength(cert, role)
+    if key is not None and not public_key_matches(key, leaf):
+        out.append(Finding(
+            "error", "key-mismatch",
+            f"The certificate {cert_label(leaf)} does not belong to the given private key; "
+            "use the key its CSR was made with, or have a CSR from this key signed.",
+        ))
+    for host in hosts:
+        if not hostname.matches_host(leaf, host):
+            out.append(Finding(
+                "error", "hostname-mismatch",
+                f"The certificate {cert_label(leaf)} will be refused for host \"{host}\" with "
+                f"sslmode=verify-full: {_lower_first(hostname.explain(leaf, host))}",
+            ))
+    out += _server_use(leaf, len(result.path))
+    out += _unused(result)
+
+    if verify and result.complete and not any(f.severity == "error" for f in out):
+        verdict = verify_with_cryptography(result, hosts[0] if hosts else None, at)
+        if verdict is not None:
+            out.append(verdict)
+    return sorted(out, key=lambda f: _ORDER[f.severity])
+
+
+def has_errors(findings: Iterable[Finding]) -> bool:
+    """Whether any finding is an error (the command line then exits with status 1)."""
+    return any(f.severity == "error" for f in findings)
+
+
+# --- the checks --------------------------------------------------------------------------------
+
+
+def _structure(result: ChainResult) -> list[Finding]:
+    out: list[Finding] = []
+    path = result.path
+    for child, issuer in zip(path, path[1:], strict=False):
+        out += _not_a_ca(issuer, child)
+    last = path[-1]
+    if result.missing_issuer is None:
+        return out
+    missing = result.missing_issuer
+    same_name = [c for c in result.unused if _name_key(c.subject) == _name_key(missing)]
+    if _name_key(last.subject) == _name_key(last.issuer) and not signed_by(last, last):
+        out.append(Finding(
+            "error", "bad-signature",
+            f"The self-signature of {cert_label(last)} does not verify, so the file is damaged "
+            "or altered; get the certificate again from the CA.",
+        ))
+    aki = _aki_bytes(last)
+    for other in same_name:
+        if aki is not None and aki == _ski_bytes(other):
+            out.append(Finding(
+                "error", "bad-signature",
+                f"The signature of {cert_label(last)} does not verify with the key of its issuer "
+                f"{_name_label(missing)} (the key identifiers match), so the certificate is "
+                "damaged or altered; get it again from the CA.",
+            ))
+        else:
+            out.append(Finding(
+                "error", "bad-signature",
+                f"The signature of {cert_label(last)} does not verify with the key of the "
+                f"certificate named {_name_label(missing)} (sha256 {fingerprint(other)[:16]}…), "
+                "which has the right name but a different key; get the matching "
+                f"{_name_label(missing)} certificate from the CA and drop this one.",
+            ))
+    if same_name:
+        text = (
+            f"No certificate among the files signed {cert_label(last)}, so the chain stops "
+            f"there; add the {_name_label(missing)} certificate that belongs to it (or pass "
+            "--pool with a folder or bundle that holds it)."
+        )
+    else:
+        text = (
+            f"The issuer {_name_label(missing)} of {cert_label(last)} is not among the files, "
+            f"so the chain stops there; add the CA certificate {_name_label(missing)} (or pass "
+            "--pool with a folder or bundle that holds it, such as /etc/ssl/certs)."
+        )
+    out.append(Finding("error", "missing-issuer", text))
+    return out
+
+
+def _not_a_ca(issuer: x509.Certificate, child: x509.Certificate) -> list[Finding]:
+    try:
+        bc: x509.BasicConstraints | None = issuer.extensions.get_extension_for_class(
+            x509.BasicConstraints
+        ).value
+    except x509.ExtensionNotFound:
+        bc = None
+    except ValueError:
+        bc = None
+    if bc is None or not bc.ca:
+        why = "has no basicConstraints extension" if bc is None else "says CA:FALSE"
+        return [Finding(
+            "error", "not-a-ca",
+            f"{_cap(cert_label(issuer))} signed {cert_label(child)} but {why}, so clients will "
+            "not accept it as an issuer; ask the CA for its proper intermediate certificate.",
+        )]
+    try:
+        ku: x509.KeyUsage | None = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
+    except (x509.ExtensionNotFound, ValueError):
+        ku = None
+    if ku is not None and not ku.key_cert_sign:
+        return [Finding(
+            "error", "not-a-ca",
+            f"{_cap(cert_label(issuer))} signed {cert_label(child)} but its key usage lacks "
+            "keyCertSign, so clients will not accept it as an issuer; ask the CA for its "
+            "proper intermediate certificate.",
+        )]
+    return []
+
+
+def _validity(cert: x509.Certificate, role: str, at: _dt.datetime, soon_days: int) -> list[Finding]:
+    nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
+    label = f"the {role} certificate {cert_label(cert)}"
+    if at > na:
+        return [Finding(
+            "error", "expired",
+            f"{_cap(label)} expired on {na:%Y-%m-%d %H:%M} UTC; "
+            + ("renew it with a new CSR." if role == "leaf" else "get the current one from the CA."),
+        )]
+    if at < nb:
+        return [Finding(
+            "error", "not-yet-valid",
+            f"{_cap(label)} is not valid before {nb:%Y-%m-%d %H:%M} UTC; wait until then or "
+            "check this machine's clock.",
+        )]
+    left = na - at
+    if left <= _dt.timedelta(days=soon_days):
+        days = left.days
+        return [Finding(
+            "warning", "expires-soon",
+            f"{_cap(label)} expires in {days} day{'s' if days != 1 else ''} "
+            f"({na:%Y-%m-%d} UTC); plan its renewal now.",
+        )]
+    return []
+
+
+def _strength(cert: x509.Certificate, role: str) -> list[Finding]:
+    out: list[Finding] = []
+    try:
+        pub = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        pub = None
+    weak = ""
+    if isinstance(pub, rsa.RSAPublicKey) and pub.key_size < 2048:
+        weak = f"RSA {pub.key_size}"
+    elif isinstance(pub, dsa.DSAPublicKey) and pub.key_size < 2048:
+        weak = f"DSA {pub.key_size}"
+    elif isinstance(pub, ec.EllipticCurvePublicKey) and pub.curve.key_size < 224:
+        weak = f"ECDSA {pub.curve.key_size}-bit"
+    if weak:
+        fix = "make a new key (RSA 2048 or more, or ECDSA P-256) and a new CSR" if role == "leaf" \
+            else "ask the CA for a chain with stronger keys"
+        out.append(Finding(
+            "error", "weak-key",
+            f"The {role} certificate {cert_label(cert)} has a {weak} key, which OpenSSL refuses "
+            f"at its default security level; {fix}.",
+        ))
+    # A root's own signature is never checked by clients (the root is trusted as it is).
+    if role != "root":
+        try:
+            algo = cert.signature_hash_algorithm
+        except UnsupportedAlgorithm:
+            algo = None
+        if isinstance(algo, _WEAK_HASHES):
+            out.append(Finding(
+                "error", "weak-signature",
+                f"The {role} certificate {cert_label(cert)} is signed with {algo.name.upper()}, "
+                "which OpenSSL refuses at its default security level; ask the CA to reissue it "
+                "signed with SHA-256.",
+            ))
+    return out
+
+
+def _server_use(leaf: x509.Certificate, path_len: int) -> list[Finding]:
+    out: list[Finding] = []
+    try:
+        eku: x509.ExtendedKeyUsage | None = leaf.extensions.get_extension_for_class(
+            x509.ExtendedKeyUsage
+        ).value
+    except (x509.ExtensionNotFound, ValueError):
+        eku = None
+    if eku is not None and ExtendedKeyUsageOID.SERVER_AUTH not in eku:
+        uses = ", ".join(getattr(o, "_name", o.dotted_string) for o in eku) or "nothing"
+        out.append(Finding(
+            "error", "no-server-auth",
+            f"The certificate {cert_label(leaf)} is limited to {uses} (Extended Key Usage "
+            "without serverAuth), so clients refuse it for a server; ask the CA for a server "
+            "certificate.",
+        ))
+    if is_ca(leaf) and path_len > 1:
+        out.append(Finding(
+            "warning", "leaf-is-ca",
+            f"The first certificate {cert_label(leaf)} is a CA certificate; check that the "
+            "server's own certificate is among the files.",
+        ))
+    return out
+
+
+def _unused(result: ChainResult) -> list[Finding]:
+    out: list[Finding] = []
+    on_path = {_name_key(c.subject) for c in result.path}
+    leaf = cert_label(result.path[0])
+    for cert in result.unused:
+        label = f"The certificate {cert_label(cert)}"
+        if _name_key(cert.subject) in on_path:
+            out.append(Finding(
+                "warning", "unused-certificate",
+                f"{label} (sha256 {fingerprint(cert)[:16]}…) has the same name as a certificate "
+                "on the path but a different key, so it signed nothing here; leave it out of "
+                "server.crt and ask the CA which one is current.",
+            ))
+        elif result.missing_issuer is not None:
+            out.append(Finding(
+                "info", "unused-certificate",
+                f"{label} is not connected to the path from {leaf}, which stops early (see "
+                "missing-issuer); it may fit once the missing certificate is added.",
+            ))
+        else:
+            out.append(Finding(
+                "info", "unused-certificate",
+                f"{label} is not on the path from {leaf}; leave it out of server.crt.",
+            ))
+    return out
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:] if text and text[0].isalpha() else text
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:] if text[:1].isupper() else text

@@ -1,0 +1,258 @@
+"""pg_hba.conf as data: which ``hostssl`` and ``hostnossl … reject`` lines, and where.
+
+Parsing is pgtoolkit's; this module holds the policy. The first matching line wins, so the new
+lines go before the first TCP line that could let a connection in, and existing lines are never
+sorted or rewritten: comments, spacing and order stay as the DBA left them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from pgtoolkit.hba import HBARecord
+
+from pgtls_helpers.errors import InputError
+
+__all__ = ["HbaPlan", "HbaRule", "KNOWN_METHODS", "parse_rules", "plan_hba", "reject_rules"]
+
+KNOWN_METHODS = (
+    "trust",
+    "reject",
+    "scram-sha-256",
+    "md5",
+    "password",
+    "gss",
+    "sspi",
+    "ident",
+    "peer",
+    "ldap",
+    "radius",
+    "cert",
+    "pam",
+    "bsd",
+)
+TCP_TYPES = ("host", "hostssl", "hostnossl", "hostgssenc", "hostnogssenc")
+_KEYWORD_ADDRESSES = ("all", "samehost", "samenet")
+
+
+@dataclass(frozen=True)
+class HbaRule:
+    """One pg_hba.conf record the change wants: ``type database user address method [options]``."""
+
+    type: str
+    database: str
+    user: str
+    address: str
+    method: str
+    options: tuple[str, ...] = ()
+
+    def line(self) -> str:
+        """The record as a pg_hba.conf line, aligned like the stock file.
+
+        >>> HbaRule("hostssl", "mydb", "app", "10.0.0.0/8", "scram-sha-256").line()
+        'hostssl mydb            app             10.0.0.0/8              scram-sha-256'
+        """
+        cols = [
+            f"{self.type:<7}",
+            f"{self.database:<15}",
+            f"{self.user:<15}",
+            f"{self.address:<23}",
+            self.method,
+            *self.options,
+        ]
+        return " ".join(cols).rstrip()
+
+    def key(self) -> tuple[str, ...]:
+        return (self.type, self.database, self.user, self.address, self.method, *self.options)
+
+
+def _check_rule(rule: HbaRule, where: str) -> None:
+    if rule.type not in TCP_TYPES:
+        raise InputError(
+            f"{where}: connection type '{rule.type}' is not one of {', '.join(TCP_TYPES)}; "
+            "use hostssl for the clients' lines"
+        )
+    if rule.method not in KNOWN_METHODS:
+        close = difflib.get_close_matches(rule.method, KNOWN_METHODS, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(KNOWN_METHODS)}"
+        raise InputError(
+            f"{where}: '{rule.method}' is not an authentication method PostgreSQL knows; {hint}"
+        )
+    addr = rule.address
+    if addr not in _KEYWORD_ADDRESSES and not addr.startswith("."):
+        if "/" in addr:
+            try:
+                ipaddress.ip_network(addr, strict=False)
+            except ValueError:
+                raise InputError(
+                    f"{where}: address '{addr}' is not a valid CIDR block such as 10.0.0.0/8"
+                ) from None
+        elif not all(part and part.replace("-", "").isalnum() for part in addr.split(".")):
+            try:
+                ipaddress.ip_address(addr)
+            except ValueError:
+                raise InputError(
+                    f"{where}: address '{addr}' is neither a CIDR block, a host name, nor all"
+                ) from None
+
+
+def parse_rules(
+    rules: Sequence[Mapping[str, object]], *, where: str = "hba_rules"
+) -> list[HbaRule]:
+    """Rules from parameters: a list of ``{type, database, user, address, method}``."""
+    parsed = []
+    for i, raw in enumerate(rules):
+        here = f"{where}[{i}]"
+        missing = [k for k in ("type", "database", "user", "address", "method") if not raw.get(k)]
+        if missing:
+            raise InputError(
+                f"{here}: missing {', '.join(missing)}; every rule needs "
+                "type, database, user, address and method"
+            )
+        opts = raw.get("options") or ()
+        rule = HbaRule(
+            str(raw["type"]),
+            str(raw["database"]),
+            str(raw["user"]),
+            str(raw["address"]),
+            str(raw["method"]),
+            tuple(str(o) for o in opts)
+            if isinstance(opts, list | tuple)
+            else tuple(str(opts).split()),
+        )
+        _check_rule(rule, here)
+        parsed.append(rule)
+    return parsed
+
+
+def reject_rules() -> list[HbaRule]:
+    """Non-SSL TCP is refused for every database, and for replication (``all`` excludes it)."""
+    return [
+        HbaRule("hostnossl", "all", "all", "all", "reject"),
+        HbaRule("hostnossl", "replication", "all", "all", "reject"),
+    ]
+
+
+@dataclass(frozen=True)
+class HbaPlan:
+    """The file before and after, what was added, and where."""
+
+    path: str
+    before: str
+    after: str
+    added: tuple[str, ...]
+    insert_at: int  # 1-based line number the new block starts at
+
+    @property
+    def changed(self) -> bool:
+        return self.before != self.after
+
+    def diff(self) -> str:
+        return "".join(
+            difflib.unified_diff(
+                self.before.splitlines(keepends=True),
+                self.after.splitlines(keepends=True),
+                fromfile=f"{self.path} (current)",
+                tofile=f"{self.path} (planned)",
+            )
+        )
+
+
+def _records(text: str, path: str) -> list[tuple[int, HBARecord]]:
+    out = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.startswith(("include", "include_if_exists", "include_dir")):
+            continue
+        try:
+            record = HBARecord.parse(line)
+        except (ValueError, AssertionError) as exc:
+            raise InputError(
+                f"{path}:{i}: '{stripped}' is not a pg_hba.conf record ({exc or 'too short'}); "
+                "fix that line first"
+            ) from None
+        method = getattr(record, "method", "")
+        if method not in KNOWN_METHODS:
+            close = difflib.get_close_matches(method, KNOWN_METHODS, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "fix the method"
+            raise InputError(
+                f"{path}:{i}: '{method}' is not an authentication method PostgreSQL knows; {hint}"
+            )
+        out.append((i, record))
+    return out
+
+
+def _record_key(record: HBARecord) -> tuple[str, ...]:
+    opts = tuple(f"{k}={v}" for k, v in record.auth_options)
+    addr = getattr(record, "address", "")
+    if getattr(record, "netmask", None):
+        addr = f"{addr}/{record.netmask}"
+    return (str(record.conntype), record.database, record.user, addr, record.method, *opts)
+
+
+def plan_hba(
+    text: str,
+    rules: Sequence[HbaRule],
+    *,
+    reject_non_ssl: bool = True,
+    path: str = "pg_hba.conf",
+    label: str = "pgtls",
+) -> HbaPlan:
+    """Add ``rules`` (and the non-SSL rejects) before the first TCP line that would shadow them.
+
+    Idempotent: rules already present before that point are not added again.
+
+    >>> stock = "local all all peer\\nhost all all 127.0.0.1/32 scram-sha-256\\n"
+    >>> plan = plan_hba(stock, [HbaRule("hostssl", "all", "all", "127.0.0.1/32",
+    ...                                 "scram-sha-256")])
+    >>> print(plan.after, end="")
+    local all all peer
+    # pgtls: TLS only; non-SSL TCP connections are rejected before any other TCP line
+    hostnossl all             all             all                     reject
+    hostnossl replication     all             all                     reject
+    hostssl all             all             127.0.0.1/32            scram-sha-256
+    host all all 127.0.0.1/32 scram-sha-256
+    >>> plan_hba(plan.after, [HbaRule("hostssl", "all", "all", "127.0.0.1/32",
+    ...                               "scram-sha-256")]).changed
+    False
+    """
+    for i, rule in enumerate(rules):
+        _check_rule(rule, f"hba rule {i + 1}")
+    wanted = (reject_rules() if reject_non_ssl else []) + list(rules)
+    wanted_keys = {r.key() for r in wanted}
+    records = _records(text, path)
+    lines = text.splitlines(keepends=True)
+
+    # The first TCP record that is not one we want: everything we add must come before it.
+    insert_line = len(lines) + 1
+    present: set[tuple[str, ...]] = set()
+    for lineno, record in records:
+        key = _record_key(record)
+        if record.conntype in TCP_TYPES and key not in wanted_keys:
+            insert_line = lineno
+            break
+        present.add(key)
+    missing = [r for r in wanted if r.key() not in present]
+    if not missing:
+        return HbaPlan(path, text, text, (), insert_line)
+
+    # Comments directly above the line we go before describe that line: stay above them.
+    at = insert_line - 1
+    if insert_line <= len(lines):
+        while at > 0 and lines[at - 1].lstrip().startswith("#"):
+            at -= 1
+    block = (
+        [f"# {label}: TLS only; non-SSL TCP connections are rejected before any other TCP line\n"]
+        if reject_non_ssl
+        else [f"# {label}: client TLS rules\n"]
+    )
+    block += [r.line() + "\n" for r in missing]
+    if at > 0 and not lines[at - 1].endswith("\n"):
+        lines[at - 1] += "\n"
+    after = "".join(lines[:at] + block + lines[at:])
+    return HbaPlan(path, text, after, tuple(r.line() for r in missing), at + 1)

@@ -1,0 +1,648 @@
+"""The embedded default: a throwaway CA shaped like the article's and a throwaway cluster.
+
+The CA is root → ``IntermediateCA_BAR`` → ``IntermediateCA_FOO`` → server, and hands back the
+files a real CA would (``SERVER-FQDN.crt``, the two intermediates, ``RootCA.crt``). The cluster is
+a fresh ``initdb`` with SSL off and the stock ``pg_hba.conf`` (peer for local sockets,
+scram-sha-256 for TCP), which is what a real server looks like before the change.
+"""
+
+from __future__ import annotations
+
+import getpass
+import ipaddress
+import json
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from pgtls_helpers.errors import InputError, PgtlsError, ServerError
+
+__all__ = ["LabCA", "LabCluster", "find_bindir", "free_port"]
+
+_CAKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+def _name(cn: str, ou: str | None = None) -> x509.Name:
+    attrs = [
+        x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pgtls lab CA"),
+    ]
+    if ou:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou))
+    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
+    return x509.Name(attrs)
+
+
+def _ca_key() -> ec.EllipticCurvePrivateKey:
+    # CA keys are ECDSA P-256: a lab CA is made per run and RSA 4096 generation costs seconds.
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _builder_common(
+    subject: x509.Name,
+    issuer: x509.Name,
+    public_key: object,
+    issuer_key: _CAKey,
+    *,
+    not_before: datetime,
+    not_after: datetime,
+) -> x509.CertificateBuilder:
+    ski = x509.SubjectKeyIdentifier.from_public_key(public_key)  # type: ignore[arg-type]
+    aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key())
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)  # type: ignore[arg-type]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(ski, critical=False)
+        .add_extension(aki, critical=False)
+    )
+
+
+def _ca_usage() -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _server_usage(public_key: object) -> x509.KeyUsage:
+    is_rsa = isinstance(public_key, rsa.RSAPublicKey)
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=is_rsa,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+@dataclass(frozen=True, repr=False)
+class LabCA:
+    """A throwaway CA: root → IntermediateCA_BAR → IntermediateCA_FOO.
+
+    Build one with :meth:`create`; the keys stay in memory and are never written anywhere.
+    """
+
+    root: x509.Certificate
+    intermediates: tuple[x509.Certificate, ...]  # signing order: FOO (signs leaves), BAR
+    _signer_key: _CAKey
+    _keys: tuple[_CAKey, ...] = field(default=())
+
+    def __repr__(self) -> str:
+        return f"LabCA(root={self.root.subject.rfc4514_string()!r})"
+
+    @classmethod
+    def create(
+        cls,
+        names: Sequence[str] = ("IntermediateCA_BAR", "IntermediateCA_FOO"),
+        *,
+        root_name: str = "RootCA",
+        days: int = 3650,
+    ) -> LabCA:
+        """Create a root and a line of intermediates, each signing the next."""
+        now = datetime.now(timezone.utc) - timedelta(minutes=5)
+        root_key = _ca_key()
+        root_subject = _name(root_name)
+        root = (
+            _builder_common(
+                root_subject,
+                root_subject,
+                root_key.public_key(),
+                root_key,
+                not_before=now,
+                not_after=now + timedelta(days=days),
+            )
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(_ca_usage(), critical=True)
+            .sign(root_key, hashes.SHA256())
+        )
+        issuer, issuer_key = root, root_key
+        made: list[x509.Certificate] = []
+        keys: list[_CAKey] = [root_key]
+        for name in names:
+            key = _ca_key()
+            cert = (
+                _builder_common(
+                    _name(name),
+                    issuer.subject,
+                    key.public_key(),
+                    issuer_key,
+                    not_before=now,
+                    not_after=now + timedelta(days=days),
+                )
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .add_extension(_ca_usage(), critical=True)
+                .sign(issuer_key, hashes.SHA256())
+            )
+            made.append(cert)
+            keys.append(key)
+            issuer, issuer_key = cert, key
+        return cls(
+            root=root,
+            intermediates=tuple(reversed(made)),
+            _signer_key=issuer_key,
+            _keys=tuple(keys),
+        )
+
+    @property
+    def signer(self) -> x509.Certificate:
+        """The CA certificate that signs server certificates (IntermediateCA_FOO)."""
+        return self.intermediates[0] if self.intermediates else self.root
+
+    def sign_csr(
+        self,
+        csr: x509.CertificateSigningRequest,
+        *,
+        days: int = 397,
+        not_before: datetime | None = None,
+    ) -> x509.Certificate:
+        """Sign a CSR into a server certificate: the CSR's SANs (or its CN), serverAuth."""
+        if not csr.is_signature_valid:
+            raise InputError("the CSR's signature does not verify; generate the CSR again")
+        try:
+            sans = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            if not cns:
+                raise InputError(
+                    "the CSR has neither a common name nor subject alternative names; "
+                    "give it the host name clients use"
+                ) from None
+            sans = x509.SubjectAlternativeName([_general_name(str(cns[0].value))])
+        return self._issue(csr.subject, csr.public_key(), sans, days=days, not_before=not_before)
+
+    def issue(
+        self, hosts: Sequence[str], *, key_type: str = "ecdsa-p256", days: int = 397
+    ) -> tuple[_CAKey, x509.Certificate]:
+        """Make a server key and certificate for ``hosts`` (first is the CN), for tests."""
+        key: _CAKey
+        if key_type.startswith("rsa"):
+            key = rsa.generate_private_key(public_exponent=65537, key_size=int(key_type[3:]))
+        else:
+            key = _ca_key()
+        sans = x509.SubjectAlternativeName([_general_name(h) for h in hosts])
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
+        return key, self._issue(subject, key.public_key(), sans, days=days)
+
+    def _issue(
+        self,
+        subject: x509.Name,
+        public_key: object,
+        sans: x509.SubjectAlternativeName,
+        *,
+        days: int,
+        not_before: datetime | None = None,
+    ) -> x509.Certificate:
+        start = not_before or datetime.now(timezone.utc) - timedelta(minutes=5)
+        return (
+            _builder_common(
+                subject,
+                self.signer.subject,
+                public_key,
+                self._signer_key,
+                not_before=start,
+                not_after=start + timedelta(days=days),
+            )
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_server_usage(public_key), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(sans, critical=False)
+            .sign(self._signer_key, hashes.SHA256())
+        )
+
+    def response_files(self, leaf: x509.Certificate) -> dict[str, bytes]:
+        """What a CA hands back, by file name, as in the article."""
+        cns = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        leaf_name = f"{cns[0].value if cns else 'SERVER-FQDN'}.crt"
+        files = {leaf_name: _pem(leaf)}
+        for cert in self.intermediates:
+            cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+            files[f"{cn}.crt"] = _pem(cert)
+        files["RootCA.crt"] = _pem(self.root)
+        return files
+
+    def write_response(self, leaf: x509.Certificate, directory: str | Path) -> list[Path]:
+        """Write :meth:`response_files` into ``directory`` (created if missing)."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name, data in self.response_files(leaf).items():
+            path = out / name
+            path.write_bytes(data)
+            written.append(path)
+        return written
+
+
+def _general_name(value: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(value))
+    except ValueError:
+        return x509.DNSName(value)
+
+
+# --------------------------------------------------------------------------- the cluster
+
+
+def find_bindir() -> Path:
+    """Where ``initdb`` and ``postgres`` live.
+
+    Looks at ``PGTLS_PG_BINDIR``, ``pg_config --bindir``, ``/usr/lib/postgresql/*/bin``
+    (newest first) and the active conda environment.
+    """
+    candidates: list[Path] = []
+    if env := os.environ.get("PGTLS_PG_BINDIR"):
+        candidates.append(Path(env))
+    if shutil.which("pg_config"):
+        try:
+            out = subprocess.run(
+                ["pg_config", "--bindir"], capture_output=True, text=True, check=True, timeout=10
+            ).stdout.strip()
+            candidates.append(Path(out))
+        except (subprocess.SubprocessError, OSError):
+            pass
+    versions = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"),
+        key=lambda p: _version_key(p.parent.name),
+        reverse=True,
+    )
+    candidates.extend(versions)
+    if conda := os.environ.get("CONDA_PREFIX"):
+        candidates.append(Path(conda) / "bin")
+    for cand in candidates:
+        if (cand / "initdb").is_file() and (cand / "pg_ctl").is_file():
+            return cand
+    raise PgtlsError(
+        "no PostgreSQL server binaries found (initdb, pg_ctl); install the server package "
+        "(Debian: apt-get install postgresql) or set PGTLS_PG_BINDIR"
+    )
+
+
+def _version_key(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in text.split("."))
+    except ValueError:
+        return (0,)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _server_os_user() -> str | None:
+    """The OS user to run the server as: ``postgres`` when we are root, else ourselves."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "pgtls"):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            continue
+    raise PgtlsError(
+        "running as root, and PostgreSQL refuses to run as root, but there is no 'postgres' "
+        "OS user; create one (useradd --system postgres) or run as another user"
+    )
+
+
+@dataclass(repr=False)
+class LabCluster:
+    """A throwaway PostgreSQL cluster in ``base`` (data/, log, socket/, pgpass).
+
+    The superuser ``postgres`` has a random password, kept in ``base/pgpass`` (0600) and
+    never printed; connect with :meth:`conninfo`, which names the passfile.
+    """
+
+    base: Path
+    port: int
+    bindir: Path
+    os_user: str | None = None
+    superuser: str = "postgres"
+    host: str = "127.0.0.1"
+
+    def __repr__(self) -> str:
+        return f"LabCluster(base={str(self.base)!r}, port={self.port})"
+
+    # paths
+    @property
+    def pgdata(self) -> Path:
+        return self.base / "data"
+
+    @property
+    def log_path(self) -> Path:
+        return self.base / "postgresql.log"
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.base / "socket"
+
+    @property
+    def passfile(self) -> Path:
+        return self.base / "pgpass"
+
+    def conninfo(self, **overrides: str | int) -> dict[str, str | int]:
+        """Keyword arguments for ``psycopg.connect`` (and libpq) that reach this cluster."""
+        info: dict[str, str | int] = {
+            "host": self.host,
+            "port": self.port,
+            "user": self.superuser,
+            "dbname": "postgres",
+            "passfile": str(self.passfile),
+            "connect_timeout": 10,
+        }
+        info.update(overrides)
+        return info
+
+    def password(self) -> str:
+        """The superuser password (for handing to a client process's environment)."""
+        return self.passfile.read_text().strip().rsplit(":", 1)[1]
+
+    # lifecycle
+    @classmethod
+    def create(
+        cls, base: str | Path | None = None, *, port: int | None = None, bindir: Path | None = None
+    ) -> LabCluster:
+        """``initdb`` a new cluster in ``base`` (a new temporary directory when None)."""
+        os_user = _server_os_user()
+        if base is None:
+            base_path = Path(tempfile.mkdtemp(prefix="pgtls-lab-"))
+        else:
+            base_path = Path(base).resolve()
+            if (base_path / "data").exists():
+                raise InputError(
+                    f"{base_path}: a lab cluster is already there; run 'pgtls lab down "
+                    f"--dir {base}' first or choose another --dir"
+                )
+            base_path.mkdir(parents=True, exist_ok=True)
+            base_path.chmod(0o700)
+        cluster = cls(
+            base=base_path,
+            port=port or free_port(),
+            bindir=bindir or find_bindir(),
+            os_user=os_user,
+        )
+        cluster._initdb()
+        return cluster
+
+    def _run(
+        self, argv: list[str], *, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        kwargs: dict[str, object] = {}
+        if self.os_user:
+            kwargs = {
+                "user": self.os_user,
+                "group": pwd.getpwnam(self.os_user).pw_gid,
+                "extra_groups": [],
+            }
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env["LC_ALL"] = "C"
+        proc = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            cwd=self.base,
+            env=env,
+            timeout=timeout,
+            check=False,
+            **kwargs,
+        )  # type: ignore[call-overload]
+        if check and proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise ServerError(f"{Path(argv[0]).name} failed for {self.pgdata}: {tail[0]}")
+        return proc  # type: ignore[no-any-return]
+
+    def _initdb(self) -> None:
+        password = secrets.token_urlsafe(24)
+        pwfile = self.base / ".initdb-pw"
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(password + "\n")
+        fd = os.open(self.passfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"*:*:*:{self.superuser}:{password}\n")
+        self.socket_dir.mkdir(mode=0o700, exist_ok=True)
+        if self.os_user:
+            info = pwd.getpwnam(self.os_user)
+            for path in (self.base, pwfile, self.socket_dir):
+                os.chown(path, info.pw_uid, info.pw_gid)
+            self.base.chmod(0o711)  # the server user must reach data/, we keep pgpass
+        try:
+            self._run(
+                [
+                    str(self.bindir / "initdb"),
+                    "-D",
+                    str(self.pgdata),
+                    "-U",
+                    self.superuser,
+                    "--pwfile",
+                    str(pwfile),
+                    "--auth-local=peer",
+                    "--auth-host=scram-sha-256",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                ]
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+        with open(self.pgdata / "postgresql.conf", "a") as conf:
+            conf.write(
+                "\n# pgtls lab cluster\n"
+                f"port = {self.port}\n"
+                "listen_addresses = '127.0.0.1'\n"
+                f"unix_socket_directories = '{self.socket_dir}'\n"
+                "logging_collector = off\n"
+                "log_min_messages = info\n"
+                "max_connections = 40\n"
+                "shared_buffers = 16MB\n"
+                "fsync = off\n"
+            )
+        (self.base / "lab.json").write_text(
+            json.dumps(
+                {
+                    "port": self.port,
+                    "bindir": str(self.bindir),
+                    "os_user": self.os_user,
+                    "superuser": self.superuser,
+                    "host": self.host,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+
+    @classmethod
+    def attach(cls, base: str | Path) -> LabCluster:
+        """The cluster a previous :meth:`create` left in ``base``."""
+        base_path = Path(base).resolve()
+        try:
+            meta = json.loads((base_path / "lab.json").read_text())
+        except FileNotFoundError:
+            raise InputError(
+                f"{base_path}: no lab cluster here; create one with 'pgtls lab up --dir {base}'"
+            ) from None
+        return cls(
+            base=base_path,
+            port=int(meta["port"]),
+            bindir=Path(meta["bindir"]),
+            os_user=meta.get("os_user"),
+            superuser=meta.get("superuser", "postgres"),
+            host=meta.get("host", "127.0.0.1"),
+        )
+
+    def pg_ctl(
+        self, *args: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        return self._run(
+            [str(self.bindir / "pg_ctl"), "-D", str(self.pgdata), *args],
+            check=check,
+            timeout=timeout,
+        )
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        proc = self.pg_ctl("-l", str(self.log_path), "-w", "-t", "60", "start", check=False)
+        if proc.returncode != 0:
+            raise ServerError(
+                f"the lab cluster in {self.pgdata} did not start: {self.last_log_line()}"
+            )
+
+    def restart(self) -> None:
+        proc = self.pg_ctl(
+            "-l", str(self.log_path), "-w", "-t", "60", "-m", "fast", "restart", check=False
+        )
+        if proc.returncode != 0:
+            raise ServerError(
+                f"the lab cluster in {self.pgdata} did not restart: {self.last_log_line()}"
+            )
+
+    def stop(self) -> None:
+        if self.running():
+            self.pg_ctl("-w", "-t", "60", "-m", "fast", "stop", check=False)
+
+    def running(self) -> bool:
+        return self.pg_ctl("status", check=False).returncode == 0
+
+    def remove(self) -> None:
+        """Stop the server and delete everything under ``base``."""
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def last_log_line(self, pattern: str = "") -> str:
+        """The last line of the server log (containing ``pattern``, when given)."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return "no server log"
+        for line in reversed(lines):
+            if pattern in line and line.strip():
+                return line.strip()
+        return "no matching line in the server log"
+
+    def wait_for_log(self, pattern: str, *, after: int = 0, timeout: float = 10.0) -> str | None:
+        """Wait for a log line containing ``pattern`` past byte offset ``after``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with open(self.log_path, "rb") as fh:
+                    fh.seek(after)
+                    for raw in fh.read().decode(errors="replace").splitlines():
+                        if pattern in raw:
+                            return raw.strip()
+            except FileNotFoundError:
+                pass
+            time.sleep(0.05)
+        return None
+
+    def log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def serve_certificate(self, key: _CAKey, chain: Sequence[x509.Certificate]) -> None:
+        """Lab shortcut: put ``key`` and ``chain`` in place and turn SSL on, by restart.
+
+        The runbook never does this (it installs with backups and proves the result); tests of
+        other parts use it to get an SSL server in one call.
+        """
+        import psycopg
+
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        owner = pwd.getpwnam(self.os_user) if self.os_user else None
+        for name, data, mode in (
+            ("server.key", key_pem, 0o600),
+            ("server.crt", b"".join(_pem(c) for c in chain), 0o644),
+        ):
+            tmp = self.pgdata / f".{name}.tmp"
+            tmp.unlink(missing_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            if owner:
+                os.chown(tmp, owner.pw_uid, owner.pw_gid)
+            os.replace(tmp, self.pgdata / name)
+        with psycopg.connect(**self.conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
+            conn.execute("ALTER SYSTEM SET ssl = 'on'")
+        self.restart()
+
+    def __enter__(self) -> LabCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+@contextmanager
+def running_cluster(base: str | Path | None = None) -> Iterator[LabCluster]:
+    """A started throwaway cluster that is stopped and removed afterwards."""
+    cluster = LabCluster.create(base)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+def current_user() -> str:
+    return getpass.getuser()
