@@ -1,0 +1,68 @@
+"""pgtls: take a PostgreSQL server from SSL off to verified TLS with CA-signed certificates.
+
+The names below are what the runbook notebooks call: the five steps and the displays that show
+their evidence. They are imported on first use, so ``pgtls chain inspect`` does not pay for
+ipywidgets or pandas.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pgtls_helpers.runbook import (
+        step1_key_and_csr,
+        step2_ca_response,
+        step3_install_files,
+        step4_enable_ssl,
+        step5_verify_clients,
+    )
+    from pgtls_helpers.widgets import (
+        apply_step,
+        chain_picture,
+        csr_form,
+        host_coverage,
+        inspection_table,
+        key_match,
+        notebook_params,
+        plan_only,
+        require_pass,
+        show_checks,
+        show_enabled,
+        show_findings,
+        show_install_plan,
+        show_installed,
+        show_key_and_csr,
+        show_parameters,
+        show_sources,
+        show_ssl_plan,
+        show_values,
+        stop_on_errors,
+        validity_timeline,
+    )
+
+_STEPS = ("step1_key_and_csr", "step2_ca_response", "step3_install_files", "step4_enable_ssl",
+          "step5_verify_clients")
+_DISPLAYS = ("apply_step", "chain_picture", "csr_form", "host_coverage", "inspection_table",
+             "key_match", "notebook_params", "plan_only", "require_pass", "show_checks",
+             "show_enabled", "show_findings", "show_install_plan", "show_installed",
+             "show_key_and_csr", "show_parameters", "show_sources", "show_ssl_plan",
+             "show_values", "stop_on_errors", "validity_timeline")
+_HOME = {**dict.fromkeys(_STEPS, "pgtls_helpers.runbook"),
+         **dict.fromkeys(_DISPLAYS, "pgtls_helpers.widgets")}
+
+__all__ = [*_STEPS, *_DISPLAYS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pgtls_helpers' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 
 from pgtls_helpers.chain import (
     ChainResult,
@@ -32,9 +34,10 @@ from pgtls_helpers.chain import (
 )
 from pgtls_helpers.errors import InputError
 from pgtls_helpers.findings import Finding, check_chain, has_errors
+from pgtls_helpers.intake import load_pool, read_ca_response
 from pgtls_helpers.keys import PrivateKey, load_key, passphrase_from_env, public_key_matches
 
-__all__ = ["bundle", "inspect"]
+__all__ = ["bundle", "inspect", "load_key_for_matching", "render_text", "to_json"]
 
 
 def inspect(args: argparse.Namespace) -> int:
@@ -207,8 +210,6 @@ def _read(
     paths: Sequence[str], password: bytes | None
 ) -> tuple[list[x509.Certificate], dict[str, str], list[Finding]]:
     """Certificates from the given files, their source names, and notes about the input."""
-    from pgtls_helpers.intake import read_ca_response
-
     intake = read_ca_response(paths, password=password)
     certs = [sc.cert for sc in intake.certificates]
     if not certs:
@@ -218,27 +219,20 @@ def _read(
         )
     sources = {fingerprint(sc.cert): str(sc.source) for sc in intake.certificates}
     notes: list[Finding] = []
-    for item in getattr(intake, "private_keys", ()) or ():
+    for item in intake.private_keys:
         notes.append(Finding(
             "warning", "private-key-in-bundle",
-            f"{_describe(item)} was found among the CA's files and set aside; keep private keys "
-            "out of certificate bundles and never send them anywhere.",
+            f"{item}; keep private keys out of the files exchanged with a CA and never send "
+            "them anywhere.",
         ))
-    for item in getattr(intake, "skipped", ()) or ():
-        notes.append(Finding("info", "skipped-input", f"Skipped {_describe(item)}."))
+    for item in intake.skipped:
+        notes.append(Finding("info", "skipped-input", f"{item}."))
     return certs, sources, notes
-
-
-def _describe(item: object) -> str:
-    text = str(item).strip()
-    return text[:-1] if text.endswith(".") else text
 
 
 def _read_pool(paths: Sequence[str]) -> list[x509.Certificate]:
     if not paths:
         return []
-    from pgtls_helpers.intake import load_pool
-
     return list(load_pool(paths))
 
 
@@ -247,7 +241,27 @@ def _read_key(path: str, password: bytes | None) -> PrivateKey:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise InputError(f"{path} cannot be read ({exc.strerror}); check the --key path.") from exc
-    return load_key(data, password, source=path)
+    return load_key_for_matching(data, password, source=path)
+
+
+def load_key_for_matching(data: bytes, password: bytes | None, source: str) -> PrivateKey:
+    """A private key read only to compare its public half with a certificate.
+
+    cryptography checks an RSA key's private numbers on load, which costs about a quarter of a
+    second for RSA 4096; that check protects signing, not the comparison of public keys that
+    happens here (OpenSSL's ``SSL_CTX_check_private_key`` compares the public halves too). Any
+    trouble goes to :func:`pgtls_helpers.keys.load_key`, whose messages name the problem.
+    """
+    loader = (
+        serialization.load_pem_private_key if b"-----BEGIN" in data
+        else serialization.load_der_private_key
+    )
+    for pw in (None, password) if password else (None,):
+        try:
+            return loader(data, pw, unsafe_skip_rsa_key_validation=True)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            continue  # the slow path below explains what is wrong
+    return load_key(data, password, source=source)
 
 
 def _leaf_for_key(certs: Sequence[x509.Certificate], key: PrivateKey | None) -> x509.Certificate | None:

@@ -14,6 +14,7 @@ which candidate is tried first.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -304,6 +305,7 @@ TABLE_COLUMNS = (
 # --- single-certificate helpers (used by findings and the CLI too) ----------------------------
 
 
+@functools.lru_cache(maxsize=8192)
 def fingerprint(cert: x509.Certificate) -> str:
     """SHA-256 fingerprint as lowercase hex without separators."""
     return cert.fingerprint(hashes.SHA256()).hex()
@@ -328,7 +330,7 @@ def is_ca(cert: x509.Certificate) -> bool:
 
 def is_self_signed(cert: x509.Certificate) -> bool:
     """Subject equals issuer and the certificate's own key verifies its signature."""
-    return _name_key(cert.subject) == _name_key(cert.issuer) and signed_by(cert, cert)
+    return _subject_key(cert) == _issuer_key(cert) and signed_by(cert, cert)
 
 
 def signed_by(child: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -379,6 +381,16 @@ def _name_key(name: x509.Name) -> _NameKey:
     )
 
 
+@functools.lru_cache(maxsize=8192)
+def _subject_key(cert: x509.Certificate) -> _NameKey:
+    return _name_key(cert.subject)
+
+
+@functools.lru_cache(maxsize=8192)
+def _issuer_key(cert: x509.Certificate) -> _NameKey:
+    return _name_key(cert.issuer)
+
+
 def _canon(value: str | bytes) -> str:
     if isinstance(value, bytes):
         return value.hex()
@@ -388,7 +400,7 @@ def _canon(value: str | bytes) -> str:
 def _index(certs: Iterable[x509.Certificate]) -> dict[_NameKey, list[x509.Certificate]]:
     index: dict[_NameKey, list[x509.Certificate]] = {}
     for c in certs:
-        index.setdefault(_name_key(c.subject), []).append(c)
+        index.setdefault(_subject_key(c), []).append(c)
     return index
 
 
@@ -400,10 +412,10 @@ def _pick_leaf(
     # Count, per name, how many *other* certificates name it as their issuer.
     issued: dict[_NameKey, int] = {}
     for c in given:
-        ik = _name_key(c.issuer)
-        if ik != _name_key(c.subject):
+        ik = _issuer_key(c)
+        if ik != _subject_key(c):
             issued[ik] = issued.get(ik, 0) + 1
-    candidates = [c for c in given if issued.get(_name_key(c.subject), 0) == 0] or given
+    candidates = [c for c in given if issued.get(_subject_key(c), 0) == 0] or given
 
     def rank(item: tuple[int, x509.Certificate]) -> tuple[bool, int, int]:
         pos, cert = item
@@ -419,10 +431,10 @@ def _name_depth(
 ) -> int:
     """How far issuer names lead up from ``cert`` (cheap: no signatures are checked)."""
     depth = 0
-    seen = {_name_key(cert.subject)}
+    seen = {_subject_key(cert)}
     cur = cert
     while True:
-        ik = _name_key(cur.issuer)
+        ik = _issuer_key(cur)
         if ik in seen:
             return depth
         nxt = (own_index.get(ik) or pool_index.get(ik) or [None])[0]
@@ -439,7 +451,7 @@ def _find_issuer(
     pool_index: dict[_NameKey, list[x509.Certificate]],
     seen: set[str],
 ) -> x509.Certificate | None:
-    key = _name_key(child.issuer)
+    key = _issuer_key(child)
     aki = _aki_bytes(child)
     for group in (own_index.get(key, []), pool_index.get(key, [])):
         candidates = [c for c in group if fingerprint(c) not in seen and c != child]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -164,6 +165,9 @@ def _attempt(conninfo: Mapping[str, Any]) -> tuple[Outcome, str, str]:
         return "ok", "connected", detail
     except psycopg.OperationalError as exc:
         text = " ".join(str(exc).split())
+        # libpq prefixes every error with where it tried; the reason is what follows
+        text = re.sub(r'^(connection failed: )?connection to server at "[^"]*"(, port \d+)? '
+                      r'failed: ', "", text)
         return "fail", classify_error(text), text
 
 

@@ -23,9 +23,11 @@ from pgtls_helpers import hostname
 from pgtls_helpers.chain import (
     ChainResult,
     _aki_bytes,
+    _issuer_key,
     _name_key,
     _name_label,
     _ski_bytes,
+    _subject_key,
     cert_label,
     fingerprint,
     is_ca,
@@ -160,8 +162,9 @@ def _structure(result: ChainResult) -> list[Finding]:
     if result.missing_issuer is None:
         return out
     missing = result.missing_issuer
-    same_name = [c for c in result.unused if _name_key(c.subject) == _name_key(missing)]
-    if _name_key(last.subject) == _name_key(last.issuer) and not signed_by(last, last):
+    missing_key = _name_key(missing)
+    same_name = [c for c in result.unused if _subject_key(c) == missing_key]
+    if _subject_key(last) == _issuer_key(last) and not signed_by(last, last):
         out.append(Finding(
             "error", "bad-signature",
             f"The self-signature of {cert_label(last)} does not verify, so the file is damaged "
@@ -320,11 +323,11 @@ def _server_use(leaf: x509.Certificate, path_len: int) -> list[Finding]:
 
 def _unused(result: ChainResult) -> list[Finding]:
     out: list[Finding] = []
-    on_path = {_name_key(c.subject) for c in result.path}
+    on_path = {_subject_key(c) for c in result.path}
     leaf = cert_label(result.path[0])
     for cert in result.unused:
         label = f"The certificate {cert_label(cert)}"
-        if _name_key(cert.subject) in on_path:
+        if _subject_key(cert) in on_path:
             out.append(Finding(
                 "warning", "unused-certificate",
                 f"{label} (sha256 {fingerprint(cert)[:16]}…) has the same name as a certificate "

@@ -13,7 +13,7 @@ import json
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -242,11 +242,13 @@ def _lab_sign(params: Params, csr_path: Path, ca_dir: Path) -> list[Path]:
     return ca.write_response(leaf, ca_dir)
 
 
-def step2_ca_response(params: Params) -> CaResponseResult:
+def step2_ca_response(params: Params, *, check: bool = True) -> CaResponseResult:
     """Read what the CA returned, order it leaf → root, and check it against our key and names.
 
     In ``lab`` mode the throwaway CA signs the CSR first. Raises :class:`PreflightError` naming
-    every error finding: nothing goes near a server with a chain that is wrong.
+    every error finding: nothing goes near a server with a chain that is wrong. With ``check``
+    false the result comes back despite error findings, so a notebook can show them all before
+    it stops.
     """
     from pgtls_helpers.findings import check_chain
     from pgtls_helpers.intake import read_ca_response
@@ -294,7 +296,7 @@ def step2_ca_response(params: Params) -> CaResponseResult:
     _save_state(params, leaf_sha256=_fp(leaf), bundle_sha256=files.sha256_hex(
         bundle.read_bytes()))
     save_step(params, "02_ca_response", out.summary())
-    if out.errors:
+    if out.errors and check:
         raise PreflightError(
             "the CA's response is not usable: "
             + "; ".join(f"{f.code}: {f.message}" for f in out.errors)
@@ -495,110 +497,128 @@ def _probe_until(host: str, port: int, want_sha: str, timeout: float = 15.0) -> 
     return result
 
 
-def _server_log_line(params: Params, server: Any, patterns: tuple[str, ...]) -> str | None:
-    for pattern in patterns:
+_LOG_PATTERNS = ("could not load", "private key file", "SSL configuration was not reloaded",
+                 "pg_hba.conf was not reloaded", "FATAL")
+
+
+def _log_offset(params: Params) -> int:
+    try:
+        return Path(params.server_log_file).stat().st_size if params.server_log_file else 0
+    except OSError:
+        return 0
+
+
+def _server_log_line(params: Params, server: Any, since: int = 0) -> str | None:
+    """What the server logged about the failure: the cause and its verdict, in order."""
+    lines: list[str] = []
+    if params.server_log_file:
         try:
-            line = server.log_tail(pattern)
-        except PgtlsError:
-            line = None
-        if line:
-            return str(line)
-        if params.server_log_file:
+            with open(params.server_log_file, "rb") as fh:
+                fh.seek(since)
+                lines = fh.read().decode(errors="replace").splitlines()
+        except OSError:
+            lines = []
+    if not lines:
+        for pattern in _LOG_PATTERNS:
             try:
-                text = Path(params.server_log_file).read_text(errors="replace")
-            except OSError:
-                continue
-            hits = [ln for ln in text.splitlines() if pattern in ln]
-            if hits:
-                return hits[-1].strip()
-    return None
+                found = server.log_tail(pattern)
+            except PgtlsError:
+                found = None
+            if found:
+                lines.append(str(found))
+    hits = [ln.strip() for ln in lines if any(p in ln for p in _LOG_PATTERNS)]
+    return " / ".join(dict.fromkeys(hits[-3:])) or None
 
 
 def step4_enable_ssl(params: Params) -> EnableResult:
-    """``ssl = on``, the pg_hba.conf rules, one reload, and proof that the server presents the
-    new chain. A pg_hba.conf the server would not accept is restored before any reload; a
-    reload that does not bring the new certificate up is rolled back, files and settings."""
+    """``ssl = on``, the pg_hba.conf rules, and proof that the server presents the new chain.
+
+    Order matters, because one reload applies everything at once: the pg_hba.conf text is
+    checked by the server itself (``pg_hba_file_rules``) before anything is reloaded; then SSL
+    is turned on and confirmed from outside; only then is pg_hba.conf written and reloaded, so
+    a certificate the server cannot load never leaves it with TLS-only rules and no TLS. Any
+    failure rolls back this step's settings, pg_hba.conf and the files of step 3, and reloads.
+    The whole step runs on one connection opened before any change, so a rollback never needs
+    a new login.
+    """
     expected = _expected_leaf(params)
     want_sha = _fp(expected)
     rules = hba.parse_rules(list(params.hba_rules))
+    host_ip = _address(params.server_host)
+    from pgtls_helpers.probe import probe
+
     server = _server(params)
     try:
         facts = server.facts()
         hba_text = facts.hba_file.read_text()
         plan = hba.plan_hba(hba_text, rules, reject_non_ssl=params.reject_non_ssl,
                             path=str(facts.hba_file), label=f"pgtls {params.change_id}")
-        host_ip = _address(params.server_host)
-        from pgtls_helpers.probe import probe
-
         before = probe(host_ip, params.server_port, timeout=5.0) if facts.ssl else None
         serving_new = bool(before and before.error is None and before.chain
                            and _fp(before.chain[0]) == want_sha)
-        needs_reload = (not facts.ssl) or plan.changed or not serving_new
-        if not params.apply or not needs_reload:
-            presented = _chain_rows(before) if before else []
-            res = EnableResult(facts.ssl, facts.ssl, plan.diff(), plan.added, False, presented,
-                               before.tls_version if before else None,
-                               confirmed=serving_new and not plan.changed, changed=False,
-                               applied=params.apply,
-                               messages=["nothing to change: SSL is on, pg_hba.conf has the "
-                                         "rules and the server presents the new certificate"]
-                               if not needs_reload else ["plan only (apply: false)"])
+        needs_ssl = not facts.ssl or not serving_new
+        if not params.apply or not (needs_ssl or plan.changed):
+            nothing = not (needs_ssl or plan.changed)
+            res = EnableResult(
+                facts.ssl, facts.ssl, plan.diff(), plan.added, False,
+                _chain_rows(before) if before else [], before.tls_version if before else None,
+                confirmed=nothing, changed=False, applied=params.apply,
+                messages=["nothing to change: SSL is on, pg_hba.conf has the rules and the "
+                          "server presents the new certificate"] if nothing
+                else ["plan only (apply: false): nothing was changed"])
             save_step(params, "04_enable_ssl", res.summary())
             return res
 
-        previous_ssl = server.auto_conf_value("ssl")
         stamp = files.utc_stamp()
         hba_st = facts.hba_file.stat()
-        hba_write = files.apply_plan([files.plan_file(
-            facts.hba_file, plan.after.encode(), kind="hba", mode=hba_st.st_mode & 0o777,
-            owner=(hba_st.st_uid, hba_st.st_gid))], stamp=stamp) if plan.changed else \
-            files.InstallResult(())
-        # The server parses the file on disk: catch what it would reject before reloading.
-        problems = server.hba_errors()
-        if problems:
-            files.rollback(hba_write)
-            raise PreflightError(
-                f"{facts.hba_file}: the server rejects {'; '.join(problems)}; the backup was "
-                "restored and nothing was reloaded"
-            )
-        if not facts.ssl:
-            server.alter_system("ssl", "on")
-        setting_errors = server.file_setting_errors()
-        if setting_errors:
-            server.alter_system("ssl", previous_ssl)
-            files.rollback(hba_write)
-            raise PreflightError(
-                f"configuration errors: {'; '.join(setting_errors)}; restored, nothing reloaded"
-            )
-        server.reload()
-        after = _probe_until(host_ip, params.server_port, want_sha)
-        ok = after.error is None and bool(after.chain) and _fp(after.chain[0]) == want_sha
-        full_chain = ok and _chain_matches_bundle(params, after)
-        if not (ok and full_chain):
-            server.close()
-            files.rollback(hba_write)
-            journal = params.work / "install.json"
-            if journal.exists():
-                files.rollback(files.load_journal(journal))
-            restore = _server(params)
-            try:
-                restore.alter_system("ssl", previous_ssl)
-                restore.reload()
-                line = _server_log_line(params, restore, (
-                    "SSL configuration was not reloaded", "could not load", "FATAL", "LOG"))
-            finally:
-                restore.close()
-            seen = after.error or (
-                f"it presents {_fp(after.chain[0])[:16]}…, not the new certificate"
-                if after.chain else "no certificate")
-            raise ServerError(
-                f"{params.server_host}:{params.server_port} did not take the new certificate "
-                f"({seen}); files and settings were rolled back and the server reloaded"
-                + (f"; the server log says: {line}" if line else "")
-            )
-        server.close()
-        ssl_after = server.facts().ssl
-        res = EnableResult(facts.ssl, ssl_after, plan.diff(), plan.added, True,
+        hba_mode, hba_owner = hba_st.st_mode & 0o777, (hba_st.st_uid, hba_st.st_gid)
+        if plan.changed:
+            _validate_hba(server, facts, plan, hba_mode, hba_owner, stamp)
+
+        log_at = _log_offset(params)
+        previous_ssl = server.auto_conf_value("ssl")
+        undo = _Undo(params, server, previous_ssl, facts.ssl)
+        after = before
+        if needs_ssl:
+            if not facts.ssl:
+                server.alter_system("ssl", "on")
+            setting_errors = server.file_setting_errors()
+            if setting_errors:
+                undo.run(reload=False)
+                raise PreflightError(f"configuration errors: {'; '.join(setting_errors)}; "
+                                     "the setting was restored and nothing was reloaded")
+            server.reload()
+            after = _probe_until(host_ip, params.server_port, want_sha)
+            if not (after.error is None and after.chain and _fp(after.chain[0]) == want_sha
+                    and _chain_matches_bundle(params, after)):
+                undo.run()
+                seen = after.error or (
+                    f"it presents {after.chain[0].subject.rfc4514_string()} "
+                    f"({_fp(after.chain[0])[:16]}…), not the new certificate"
+                    if after.chain else "no certificate")
+                line = _server_log_line(params, server, log_at)
+                raise ServerError(
+                    f"{params.server_host}:{params.server_port} did not take the new "
+                    f"certificate ({seen}); files and settings were rolled back and the server "
+                    "reloaded" + (f"; the server log says: {line}" if line else ""))
+
+        hba_write = files.InstallResult(())
+        if plan.changed:
+            hba_write = files.apply_plan([files.plan_file(
+                facts.hba_file, plan.after.encode(), kind="hba", mode=hba_mode,
+                owner=hba_owner)], stamp=stamp)
+            undo.hba = hba_write
+            problems = server.hba_errors()
+            if not problems:
+                server.reload()
+                problems = _hba_errors_after_reload(params)
+            if problems:
+                undo.run()
+                raise ServerError(
+                    f"{facts.hba_file}: {'; '.join(problems)}; pg_hba.conf, settings and files "
+                    "were rolled back and the server reloaded")
+        assert after is not None
+        res = EnableResult(facts.ssl, True, plan.diff(), plan.added, True,
                            _chain_rows(after), after.tls_version, confirmed=True, changed=True,
                            applied=True, installed=hba_write.as_dicts())
         _save_state(params, enabled=True, presented_sha256=want_sha)
@@ -606,6 +626,69 @@ def step4_enable_ssl(params: Params) -> EnableResult:
         return res
     finally:
         server.close()
+
+
+def _validate_hba(server: Any, facts: Any, plan: hba.HbaPlan, mode: int,
+                  owner: tuple[int, int], stamp: str) -> None:
+    """Let the server parse the planned pg_hba.conf, then put the current one back.
+
+    While SSL is off the server reports every hostssl line as "cannot match" and parses no
+    further, which would hide a bad option; so our new lines are checked as host lines then.
+    No reload happens in between: the running server never sees this text.
+    """
+    check_text = plan.after if facts.ssl else _as_host_lines(plan)
+    trial = files.apply_plan([files.plan_file(facts.hba_file, check_text.encode(), kind="hba",
+                                              mode=mode, owner=owner)], stamp=stamp)
+    try:
+        problems = [e for e in server.hba_errors()
+                    if not (not facts.ssl and "because SSL is disabled" in e)]
+    finally:
+        files.rollback(trial)
+        for item in trial.installed:
+            if item.backup is not None:
+                item.backup.unlink(missing_ok=True)
+    if problems:
+        raise PreflightError(
+            f"{facts.hba_file}: the server would reject {'; '.join(problems)}; the file was "
+            "left as it was and nothing was reloaded"
+        )
+
+
+class _Undo:
+    """Everything step 4 changed, and step 3's files, undone on the one open connection."""
+
+    def __init__(self, params: Params, server: Any, previous_ssl: str | None, ssl_was_on: bool):
+        self.params, self.server = params, server
+        self.previous_ssl, self.ssl_was_on = previous_ssl, ssl_was_on
+        self.hba: files.InstallResult = files.InstallResult(())
+
+    def run(self, *, reload: bool = True) -> None:
+        files.rollback(self.hba)
+        journal = self.params.work / "install.json"
+        if journal.exists():
+            files.rollback(files.load_journal(journal))
+        if not self.ssl_was_on:
+            self.server.alter_system("ssl", self.previous_ssl)
+        if reload:
+            self.server.reload()
+
+
+def _as_host_lines(plan: hba.HbaPlan) -> str:
+    added = set(plan.added)
+    return "".join(
+        ("host   " + line[len("hostssl"):]) if line.rstrip("\n") in added
+        and line.startswith("hostssl") else line
+        for line in plan.after.splitlines(keepends=True)
+    )
+
+
+def _hba_errors_after_reload(params: Params) -> list[str]:
+    """pg_hba.conf errors as seen by a new connection (which needs the new rules)."""
+    try:
+        with _server(params) as fresh:
+            return [str(e) for e in fresh.hba_errors()]
+    except PgtlsError as exc:
+        return [str(exc)]
 
 
 def _chain_rows(result: Any) -> list[dict[str, str]]:

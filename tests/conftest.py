@@ -4,9 +4,13 @@ from every test directory."""
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,15 +18,11 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
+from support import skip_or_fail  # noqa: E402
+
 from pgtls_helpers.errors import PgtlsError  # noqa: E402
 from pgtls_helpers.lab import LabCA, LabCluster, find_bindir  # noqa: E402
-
-
-def skip_or_fail(reason: str) -> None:
-    """Skip for a missing tool, except in CI (``PGTLS_REQUIRE_ALL=1``), which never skips."""
-    if os.environ.get("PGTLS_REQUIRE_ALL") == "1":
-        pytest.fail(f"required in CI: {reason}")
-    pytest.skip(reason)
+from pgtls_helpers.params import Params, load_params  # noqa: E402
 
 
 def _bindir_or_skip() -> None:
@@ -70,3 +70,53 @@ def make_cluster() -> Iterator[Callable[[], LabCluster]]:
 def fresh_cluster(make_cluster: Callable[[], LabCluster]) -> LabCluster:
     """A running cluster of this test's own."""
     return make_cluster()
+
+
+CLIENT_USER = "pgtls_test_client"
+
+
+@pytest.fixture(scope="session")
+def client_user() -> Iterator[str]:
+    """A separate OS user with its own home, as a client of the server would be."""
+    if os.geteuid() != 0:
+        skip_or_fail("creating a client OS user needs root")
+    created = False
+    try:
+        pwd.getpwnam(CLIENT_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", CLIENT_USER],
+                       check=True)
+        created = True
+    home = Path(pwd.getpwnam(CLIENT_USER).pw_dir)
+    shutil.rmtree(home / ".postgresql", ignore_errors=True)
+    yield CLIENT_USER
+    if created:
+        subprocess.run(["userdel", "--remove", CLIENT_USER], check=False,
+                       capture_output=True)
+
+
+@pytest.fixture
+def runbook_params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                   ) -> Callable[..., Params]:
+    """Parameters for a change on ``cluster``; PGPASSFILE points at its password."""
+
+    def make(cluster: LabCluster, **overrides: Any) -> Params:
+        monkeypatch.setenv("PGPASSFILE", str(cluster.passfile))
+        values: dict[str, Any] = {
+            "change_id": "CHG-test",
+            "common_name": "db1.lab.pgtls.test",
+            "subject_alt_names": ["localhost", "127.0.0.1"],
+            "key_type": "ecdsa-p256",
+            "ca_mode": "lab",
+            "work_dir": str(tmp_path / "work"),
+            "server_host": "127.0.0.1",
+            "server_port": cluster.port,
+            "server_log_file": str(cluster.log_path),
+            "apply": True,
+            "hba_rules": [{"type": "hostssl", "database": "all", "user": "all",
+                           "address": "127.0.0.1/32", "method": "scram-sha-256"}],
+        }
+        values.update(overrides)
+        return load_params(values)
+
+    return make

@@ -1,0 +1,252 @@
+"""The server side on real throwaway clusters: install, enable, prove, roll back."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from pgtls_helpers import runbook
+from pgtls_helpers.errors import InputError, PreflightError, ServerError
+from pgtls_helpers.keys import generate_key, serialize_key
+from pgtls_helpers.lab import LabCluster
+from pgtls_helpers.params import Params
+
+ParamsFactory = Callable[..., Params]
+
+
+def _snapshot(cluster: LabCluster) -> dict[str, str]:
+    """Hashes of every regular file the runbook could touch in the data directory."""
+    out = {}
+    for path in sorted(cluster.pgdata.iterdir()):
+        if path.is_file() and (path.suffix in (".conf", ".crt", ".key") or "pgtls" in path.name):
+            out[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def _show_ssl(cluster: LabCluster) -> str:
+    with psycopg.connect(**cluster.conninfo()) as conn:  # type: ignore[arg-type]
+        return str(conn.execute("SHOW ssl").fetchone()[0])  # type: ignore[index]
+
+
+def _run_all(params: Params) -> runbook.VerifyResult:
+    runbook.step1_key_and_csr(params)
+    runbook.step2_ca_response(params)
+    runbook.step3_install_files(params)
+    runbook.step4_enable_ssl(params)
+    return runbook.step5_verify_clients(params)
+
+
+def test_whole_change_then_a_second_run_changes_nothing(
+        fresh_cluster: LabCluster, runbook_params: ParamsFactory) -> None:
+    params = runbook_params(fresh_cluster)
+    assert _show_ssl(fresh_cluster) == "off"
+    verdict = _run_all(params)
+    assert verdict.passed, [c for c in verdict.checks if not c.passed]
+    assert _show_ssl(fresh_cluster) == "on"
+
+    key = fresh_cluster.pgdata / "server.key"
+    st = key.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert (st.st_uid, st.st_gid) == (fresh_cluster.pgdata.stat().st_uid,
+                                      fresh_cluster.pgdata.stat().st_gid)
+    # the key left the work directory once installed
+    assert not (params.work / "server.key").exists()
+    # server.crt is leaf + FOO + BAR: the root is not appended
+    assert (fresh_cluster.pgdata / "server.crt").read_bytes().count(b"BEGIN CERTIFICATE") == 3
+
+    before = _snapshot(fresh_cluster)
+    assert runbook.step1_key_and_csr(params).reused
+    runbook.step2_ca_response(params)
+    third = runbook.step3_install_files(params)
+    fourth = runbook.step4_enable_ssl(params)
+    assert not third.changed
+    assert not fourth.changed and fourth.confirmed and not fourth.reloaded
+    assert "nothing to change" in fourth.messages[0]
+    assert _snapshot(fresh_cluster) == before
+    assert runbook.step5_verify_clients(params).passed
+
+
+def test_every_must_fail_connection_fails_for_its_reason(
+        fresh_cluster: LabCluster, runbook_params: ParamsFactory) -> None:
+    verdict = _run_all(runbook_params(fresh_cluster))
+    failing = {c.check: c for c in verdict.checks if c.expect == "fail"}
+    assert failing["sslmode=disable (non-SSL)"].observed_reason == \
+        "non-SSL rejected by pg_hba.conf"
+    assert failing["verify-full with a name not in the certificate"].observed_reason == \
+        "host name not in certificate"
+    assert failing["verify-ca against an unrelated root"].observed_reason == \
+        "certificate not trusted"
+    assert all(c.passed for c in failing.values())
+    require = next(c for c in verdict.checks if c.sslmode == "require")
+    assert require.observed == "ok"  # require accepts a server it never verified
+
+
+def test_apply_false_changes_nothing(fresh_cluster: LabCluster,
+                                     runbook_params: ParamsFactory) -> None:
+    params = runbook_params(fresh_cluster, apply=False)
+    before = _snapshot(fresh_cluster)
+    runbook.step1_key_and_csr(params)
+    runbook.step2_ca_response(params)
+    plan = runbook.step3_install_files(params)
+    enable = runbook.step4_enable_ssl(params)
+    assert not plan.applied and plan.installed is None
+    assert {row["action"] for row in plan.plan} == {"create"}
+    assert "+hostnossl all" in enable.hba_diff and not enable.reloaded
+    assert _snapshot(fresh_cluster) == before
+    assert _show_ssl(fresh_cluster) == "off"
+    assert (params.work / "server.key").exists()  # still waiting for the real run
+
+
+def test_wrong_key_is_refused_before_any_file_changes(
+        fresh_cluster: LabCluster, runbook_params: ParamsFactory) -> None:
+    params = runbook_params(fresh_cluster)
+    runbook.step1_key_and_csr(params)
+    runbook.step2_ca_response(params)
+    # someone put another key in the work directory
+    other = params.work / "server.key"
+    other.unlink()
+    fd = os.open(other, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(serialize_key(generate_key("ecdsa-p256")))
+    before = _snapshot(fresh_cluster)
+    with pytest.raises(PreflightError, match="key-mismatch"):
+        runbook.step3_install_files(params)
+    assert _snapshot(fresh_cluster) == before
+    assert not (params.work / "install.json").exists()
+
+
+def test_the_eject_typo_never_reaches_the_server(
+        fresh_cluster: LabCluster, runbook_params: ParamsFactory) -> None:
+    params = runbook_params(fresh_cluster, hba_rules=[
+        {"type": "hostnossl", "database": "all", "user": "all", "address": "all",
+         "method": "eject"}])
+    runbook.step1_key_and_csr(params)
+    runbook.step2_ca_response(params)
+    runbook.step3_install_files(params)
+    hba_before = (fresh_cluster.pgdata / "pg_hba.conf").read_bytes()
+    with pytest.raises(InputError, match="did you mean 'reject'"):
+        runbook.step4_enable_ssl(params)
+    assert (fresh_cluster.pgdata / "pg_hba.conf").read_bytes() == hba_before
+    assert _show_ssl(fresh_cluster) == "off"
+
+
+def test_a_line_the_server_rejects_is_restored_before_any_reload(
+        fresh_cluster: LabCluster, runbook_params: ParamsFactory) -> None:
+    # well-formed for a parser, refused by PostgreSQL itself: only pg_hba_file_rules knows
+    params = runbook_params(fresh_cluster, hba_rules=[
+        {"type": "hostssl", "database": "all", "user": "all", "address": "127.0.0.1/32",
+         "method": "scram-sha-256", "options": ["clientcert=maybe"]}])
+    runbook.step1_key_and_csr(params)
+    runbook.step2_ca_response(params)
+    runbook.step3_install_files(params)
+    hba = fresh_cluster.pgdata / "pg_hba.conf"
+    hba_before = hba.read_bytes()
+    log_at = fresh_cluster.log_size()
+    with pytest.raises(PreflightError, match="clientcert.*nothing was reloaded"):
+        runbook.step4_enable_ssl(params)
+    assert hba.read_bytes() == hba_before
+    assert _show_ssl(fresh_cluster) == "off"
+    assert fresh_cluster.wait_for_log("received SIGHUP", after=log_at, timeout=1) is None
+
+
+def test_a_certificate_the_server_cannot_load_is_rolled_back_with_its_log_line(
+        fresh_cluster: LabCluster, runbook_params: ParamsFactory) -> None:
+    params = runbook_params(fresh_cluster)
+    runbook.step1_key_and_csr(params)
+    runbook.step2_ca_response(params)
+    hba = fresh_cluster.pgdata / "pg_hba.conf"
+    hba_before = hba.read_bytes()
+    runbook.step3_install_files(params)
+    # the installed certificate is damaged between install and reload
+    crt = fresh_cluster.pgdata / "server.crt"
+    crt.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot a certificate\n"
+                    b"-----END CERTIFICATE-----\n")
+    with pytest.raises(ServerError) as err:
+        runbook.step4_enable_ssl(params)
+    message = str(err.value)
+    assert "rolled back" in message and "the server log says" in message
+    assert "certificate" in message.split("the server log says")[1]
+    assert hba.read_bytes() == hba_before
+    assert not crt.exists()  # there was none before the change
+    assert not (fresh_cluster.pgdata / "server.key").exists()
+    assert _show_ssl(fresh_cluster) == "off"
+    # the server is still there for non-SSL clients, as before the change
+    with psycopg.connect(**fresh_cluster.conninfo(sslmode="disable")) as conn:  # type: ignore[arg-type]
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_replacing_an_existing_certificate_keeps_backups_and_rollback_restores(
+        fresh_cluster: LabCluster, runbook_params: ParamsFactory, lab_ca: object) -> None:
+    from pgtls_helpers.lab import LabCA
+
+    ca = LabCA.create(root_name="Old Root")
+    old_key, old_cert = ca.issue(["old.lab.pgtls.test"])
+    fresh_cluster.serve_certificate(old_key, [old_cert, *ca.intermediates])
+    old = {n: (fresh_cluster.pgdata / n).read_bytes() for n in ("server.crt", "server.key")}
+    params = runbook_params(fresh_cluster)
+    verdict = _run_all(params)
+    assert verdict.passed
+    backups = sorted(p.name for p in fresh_cluster.pgdata.glob("server.*.pgtls-backup-*"))
+    assert [b.split(".pgtls")[0] for b in backups] == ["server.crt", "server.key"]
+    for name in ("server.crt", "server.key"):
+        backup = next(fresh_cluster.pgdata.glob(f"{name}.pgtls-backup-*"))
+        assert backup.read_bytes() == old[name]
+    key_backup = next(fresh_cluster.pgdata.glob("server.key.pgtls-backup-*"))
+    assert stat.S_IMODE(key_backup.stat().st_mode) == 0o600
+
+    from pgtls_helpers import files
+
+    files.rollback(files.load_journal(params.work / "install.json"))
+    for name, data in old.items():
+        assert (fresh_cluster.pgdata / name).read_bytes() == data
+
+
+def test_encrypted_key_needs_ssl_passphrase_command(
+        fresh_cluster: LabCluster, runbook_params: ParamsFactory,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGTLS_TEST_PASSPHRASE", "correct horse battery staple")
+    params = runbook_params(fresh_cluster, key_passphrase_env="PGTLS_TEST_PASSPHRASE")
+    runbook.step1_key_and_csr(params)
+    assert b"ENCRYPTED" in (params.work / "server.key").read_bytes()
+    runbook.step2_ca_response(params)
+    before = _snapshot(fresh_cluster)
+    with pytest.raises(PreflightError, match="ssl_passphrase_command") as err:
+        runbook.step3_install_files(params)
+    assert "correct horse" not in str(err.value)
+    assert _snapshot(fresh_cluster) == before
+
+
+def test_client_user_gets_root_crt_and_psql_connects_verify_full(
+        fresh_cluster: LabCluster, runbook_params: ParamsFactory, client_user: str) -> None:
+    import pwd
+
+    params = runbook_params(fresh_cluster, client_system_users=[client_user])
+    verdict = _run_all(params)
+    home = Path(pwd.getpwnam(client_user).pw_dir)
+    root_crt = home / ".postgresql" / "root.crt"
+    assert root_crt.read_bytes() == (params.work / "root.crt").read_bytes()
+    assert stat.S_IMODE(root_crt.parent.stat().st_mode) == 0o700
+    assert root_crt.parent.stat().st_uid == pwd.getpwnam(client_user).pw_uid
+    psql = next(c for c in verdict.checks if c.check.startswith("psql as OS user"))
+    assert psql.observed == "ok", psql.detail
+    assert verdict.passed
+
+
+def test_psql_as_client_user_without_root_crt_is_refused(
+        fresh_cluster: LabCluster, runbook_params: ParamsFactory, client_user: str) -> None:
+    from pgtls_helpers.clients import psql_as_user, resolve_client_users
+
+    params = runbook_params(fresh_cluster)
+    _run_all(params)
+    user = resolve_client_users([client_user])[0]
+    if user.root_crt.exists():
+        user.root_crt.unlink()
+    check = psql_as_user(user, {**params.conninfo(), "passfile": str(fresh_cluster.passfile)},
+                         host="db1.lab.pgtls.test", hostaddr="127.0.0.1")
+    assert check.observed == "fail" and check.observed_reason == "certificate not trusted"

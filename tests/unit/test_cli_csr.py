@@ -1,0 +1,132 @@
+"""``pgtls csr``: files, output, exit statuses, and no secret on any stream."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pgtls_helpers.cli import main
+from pgtls_helpers.csr import load_csr
+from pgtls_helpers.keys import load_key, public_key_matches
+
+
+def test_csr_command_writes_files_and_explains(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "work"
+    status = main(
+        [
+            "csr",
+            "--cn", "db1.example.com",
+            "--san", "db1",
+            "--san", "192.0.2.10",
+            "-C", "us",
+            "-O", "Example Corp",
+            "--key-type", "ecdsa-p256",
+            "--out-dir", str(out),
+        ]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert status == 0
+    assert captured.err == ""
+    assert "Subject:             C=US, O=Example Corp, CN=db1.example.com" in captured.out
+    assert "DNS:db1.example.com, DNS:db1, IP:192.0.2.10" in captured.out
+    assert f"Send only {out / 'server.csr'} to the CA" in captured.out
+    assert "never sent" in captured.out
+    key_path = out / "server.key"
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    key = load_key(key_path.read_bytes())
+    assert "PRIVATE KEY" not in captured.out
+    csr = load_csr((out / "server.csr").read_bytes())
+    from certfactory import issue
+
+    assert public_key_matches(csr.public_key(), issue("x", key=key).cert)  # type: ignore[arg-type]
+
+
+def test_passphrase_from_environment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PGTLS_TEST_KEY_PASS", "pass-phrase-987")
+    args = ["csr", "--cn", "db1.example.com", "--key-type", "ecdsa-p256"]
+    status = main([*args, "--passphrase-env", "PGTLS_TEST_KEY_PASS", "--out-dir", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert status == 0
+    assert "pass-phrase-987" not in captured.out + captured.err
+    assert "encrypted with the passphrase" in captured.out
+    data = (tmp_path / "server.key").read_bytes()
+    assert data.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    load_key(data, b"pass-phrase-987")
+
+
+def test_refusals_exit_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PGTLS_UNSET_VAR", raising=False)
+    base = ["csr", "--out-dir", str(tmp_path), "--key-type", "ecdsa-p256"]
+    cases = [
+        (["--cn", "db1.example.com", "-C", "USA"], "Country (C) must be two letters"),
+        (["--cn", "my db server"], "Common name (CN) 'my db server' is not a host name"),
+        (["--cn", "db1.example.com", "--san", "a b"], "Subject alternative name 'a b'"),
+        (["--cn", "db1.example.com", "--key-type", "dsa"], "--key-type 'dsa' is not supported"),
+        (
+            ["--cn", "db1.example.com", "--passphrase-env", "PGTLS_UNSET_VAR"],
+            "PGTLS_UNSET_VAR is not set",
+        ),
+    ]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("pgtls: ") and message in err, err
+        assert err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_files_need_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [
+        "csr",
+        "--cn",
+        "db1.example.com",
+        "--key-type",
+        "ecdsa-p256",
+        "--out-dir",
+        str(tmp_path),
+    ]
+    assert main(args) == 0
+    first = (tmp_path / "server.key").read_bytes()
+    assert main(args) == 2
+    assert "already exists; use --force" in capsys.readouterr().err
+    assert (tmp_path / "server.key").read_bytes() == first
+    assert main([*args, "--force"]) == 0
+    assert (tmp_path / "server.key").read_bytes() != first
+    assert len(list(tmp_path.glob("server.key.bak-*"))) == 1
+
+
+def test_as_a_process_no_traceback(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONWARNINGS="error")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgtls_helpers", "csr", "--cn=-bad-", "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("pgtls: Common name (CN) '-bad-'")
+    ok = subprocess.run(
+        [
+            sys.executable, "-m", "pgtls_helpers", "csr", "--cn", "db9.example.com",
+            "--out-dir", str(tmp_path / "o"),
+        ],
+        capture_output=True, text=True, env=env, check=False, timeout=120,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "RSA 4096 bits" in ok.stdout  # the article's key size is the default
+    assert "BEGIN" not in ok.stdout
