@@ -168,10 +168,10 @@ def _timed_process(argv: list[str]) -> float:
 
 
 def _in_process(paths: Sequence[Path], key_path: Path, runs: int = 20) -> float:
+    from pgtls_helpers._cli_chain import load_key_for_matching
     from pgtls_helpers.chain import order_chain
     from pgtls_helpers.findings import check_chain
     from pgtls_helpers.intake import read_ca_response
-    from pgtls_helpers._cli_chain import load_key_for_matching
     from pgtls_helpers.keys import public_key_matches
 
     def once() -> float:

@@ -96,7 +96,10 @@ def bundle(args: argparse.Namespace) -> int:
         out.write(f"Wrote {args.root_out}: {cert_label(result.root)} "
                   f"(sha256 {fingerprint(result.root)}).\n")
     for f in findings:
-        if f.severity != "info":
+        if f.code == "missing-issuer":
+            out.write(f"note     {f.code}: {f.message} ({args.out} does not need the root; "
+                      "clients do, as root.crt.)\n")
+        elif f.severity != "info":
             out.write(_finding_line(f) + "\n")
     return 0
 
@@ -264,7 +267,9 @@ def load_key_for_matching(data: bytes, password: bytes | None, source: str) -> P
     return load_key(data, password, source=source)
 
 
-def _leaf_for_key(certs: Sequence[x509.Certificate], key: PrivateKey | None) -> x509.Certificate | None:
+def _leaf_for_key(
+    certs: Sequence[x509.Certificate], key: PrivateKey | None
+) -> x509.Certificate | None:
     if key is None:
         return None
     for cert in certs:

@@ -44,6 +44,7 @@ __all__ = [
     "is_self_signed",
     "order_chain",
     "root_pem",
+    "same_name",
     "signed_by",
     "table_rows",
     "verify_with_cryptography",
@@ -113,22 +114,21 @@ def order_chain(
     Returns:
         The :class:`ChainResult`.
     """
-    given = _dedupe(certs)
-    if leaf is not None and fingerprint(leaf) not in {fingerprint(c) for c in given}:
+    given = list(dict.fromkeys(certs))  # certificates compare (and hash) by their DER
+    if leaf is not None and leaf not in given:
         given.insert(0, leaf)
-    given_fps = {fingerprint(c) for c in given}
-    pool_certs = [c for c in _dedupe(pool) if fingerprint(c) not in given_fps]
+    given_set = set(given)
+    pool_certs = [c for c in dict.fromkeys(pool) if c not in given_set]
     if not given:
         return ChainResult(path=(), roles=())
 
-    own_index = _index(given)
-    pool_index = _index(pool_certs)
-    start = leaf if leaf is not None else _pick_leaf(given, own_index, pool_index)
+    own = _Index(given)
+    pooled = _Index(pool_certs)
+    start = leaf if leaf is not None else _pick_leaf(given, own, pooled)
 
     path = [start]
-    seen = {fingerprint(start)}
-    taken_from_pool: list[x509.Certificate] = []
-    pool_fps = {fingerprint(c) for c in pool_certs}
+    seen = {start}
+    pool_set = set(pool_certs)
     missing: x509.Name | None = None
     ends_at_root = False
     cur = start
@@ -136,28 +136,24 @@ def order_chain(
         if is_self_signed(cur):
             ends_at_root = True
             break
-        nxt = _find_issuer(cur, own_index, pool_index, seen)
+        nxt = _find_issuer(cur, own, pooled, seen)
         if nxt is None:
             missing = cur.issuer
             break
-        fp = fingerprint(nxt)
-        seen.add(fp)
+        seen.add(nxt)
         path.append(nxt)
-        if fp in pool_fps:
-            taken_from_pool.append(nxt)
         cur = nxt
 
     roles: list[Role] = ["intermediate"] * len(path)
     roles[0] = "leaf"
     if ends_at_root and len(path) > 1:
         roles[-1] = "root"
-    unused = tuple(c for c in given if fingerprint(c) not in seen)
     return ChainResult(
         path=tuple(path),
         roles=tuple(roles),
-        unused=unused,
+        unused=tuple(c for c in given if c not in seen),
         missing_issuer=missing,
-        from_pool=tuple(taken_from_pool),
+        from_pool=tuple(c for c in path if c in pool_set),
     )
 
 
@@ -265,7 +261,7 @@ def table_rows(result: ChainResult, *, include_unused: bool = True) -> list[dict
         rows.append(
             {
                 "position": pos,
-                "role": role + (" (pool)" if _in(cert, result.from_pool) else ""),
+                "role": role,
                 "subject": cert.subject.rfc4514_string(),
                 "issuer": cert.issuer.rfc4514_string(),
                 "serial": format(cert.serial_number, "x"),
@@ -330,7 +326,14 @@ def is_ca(cert: x509.Certificate) -> bool:
 
 def is_self_signed(cert: x509.Certificate) -> bool:
     """Subject equals issuer and the certificate's own key verifies its signature."""
-    return _subject_key(cert) == _issuer_key(cert) and signed_by(cert, cert)
+    return same_name(cert.issuer, cert.subject, _raw_names(cert)) and signed_by(cert, cert)
+
+
+def same_name(a: x509.Name, b: x509.Name, raw: tuple[bytes, bytes] | None = None) -> bool:
+    """Whether two names are equal the way OpenSSL compares them (case and spacing aside)."""
+    if raw is not None and raw[0] == raw[1]:
+        return True
+    return a == b or _name_key(a) == _name_key(b)
 
 
 def signed_by(child: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -352,21 +355,6 @@ def signed_by(child: x509.Certificate, issuer: x509.Certificate) -> bool:
 # --- internals ---------------------------------------------------------------------------------
 
 
-def _dedupe(certs: Iterable[x509.Certificate]) -> list[x509.Certificate]:
-    seen: set[str] = set()
-    out: list[x509.Certificate] = []
-    for c in certs:
-        fp = fingerprint(c)
-        if fp not in seen:
-            seen.add(fp)
-            out.append(c)
-    return out
-
-
-def _in(cert: x509.Certificate, group: Sequence[x509.Certificate]) -> bool:
-    return any(cert == g for g in group)
-
-
 _NameKey = tuple[tuple[tuple[str, str], ...], ...]
 
 
@@ -381,6 +369,12 @@ def _name_key(name: x509.Name) -> _NameKey:
     )
 
 
+def _canon(value: str | bytes) -> str:
+    if isinstance(value, bytes):
+        return value.hex()
+    return " ".join(value.split()).lower()
+
+
 @functools.lru_cache(maxsize=8192)
 def _subject_key(cert: x509.Certificate) -> _NameKey:
     return _name_key(cert.subject)
@@ -391,74 +385,118 @@ def _issuer_key(cert: x509.Certificate) -> _NameKey:
     return _name_key(cert.issuer)
 
 
-def _canon(value: str | bytes) -> str:
-    if isinstance(value, bytes):
-        return value.hex()
-    return " ".join(value.split()).lower()
+@functools.lru_cache(maxsize=8192)
+def _raw_names(cert: x509.Certificate) -> tuple[bytes, bytes]:
+    """The DER of the issuer and subject names, cut out of the to-be-signed bytes.
+
+    Parsing ``cert.subject`` builds Python objects for every attribute; a pool of thousands
+    is indexed faster by these bytes. Equal bytes mean equal names; unequal bytes are
+    compared again as names (:func:`same_name`) where it matters.
+    """
+    tbs = cert.tbs_certificate_bytes
+    try:
+        pos = _tlv(tbs, 0)[0]  # into the TBSCertificate SEQUENCE
+        if tbs[pos] == 0xA0:  # [0] version
+            pos = _tlv(tbs, pos)[1]
+        pos = _tlv(tbs, pos)[1]  # serialNumber
+        pos = _tlv(tbs, pos)[1]  # signature AlgorithmIdentifier
+        issuer_end = _tlv(tbs, pos)[1]
+        issuer = tbs[pos:issuer_end]
+        pos = _tlv(tbs, issuer_end)[1]  # validity
+        subject = tbs[pos:_tlv(tbs, pos)[1]]
+    except IndexError:
+        return (cert.issuer.public_bytes(), cert.subject.public_bytes())
+    return issuer, subject
 
 
-def _index(certs: Iterable[x509.Certificate]) -> dict[_NameKey, list[x509.Certificate]]:
-    index: dict[_NameKey, list[x509.Certificate]] = {}
-    for c in certs:
-        index.setdefault(_subject_key(c), []).append(c)
-    return index
+def _tlv(data: bytes, pos: int) -> tuple[int, int]:
+    """(start of the value, end of the element) for the DER element at ``pos``."""
+    length = data[pos + 1]
+    start = pos + 2
+    if length & 0x80:
+        n = length & 0x7F
+        length = int.from_bytes(data[start : start + n], "big")
+        start += n
+    end = start + length
+    if end > len(data):
+        raise IndexError("truncated DER")
+    return start, end
 
 
-def _pick_leaf(
-    given: list[x509.Certificate],
-    own_index: dict[_NameKey, list[x509.Certificate]],
-    pool_index: dict[_NameKey, list[x509.Certificate]],
-) -> x509.Certificate:
-    # Count, per name, how many *other* certificates name it as their issuer.
-    issued: dict[_NameKey, int] = {}
+class _Index:
+    """Certificates by subject name: DER bytes first, canonical names when those miss."""
+
+    def __init__(self, certs: Sequence[x509.Certificate]) -> None:
+        self.certs = certs
+        self.by_der: dict[bytes, list[x509.Certificate]] = {}
+        for c in certs:
+            self.by_der.setdefault(_raw_names(c)[1], []).append(c)
+        self._by_key: dict[_NameKey, list[x509.Certificate]] | None = None
+
+    def exact(self, issuer_der: bytes) -> list[x509.Certificate]:
+        return self.by_der.get(issuer_der, [])
+
+    def alike(self, child: x509.Certificate) -> list[x509.Certificate]:
+        if self._by_key is None:
+            self._by_key = {}
+            for c in self.certs:
+                self._by_key.setdefault(_subject_key(c), []).append(c)
+        return self._by_key.get(_issuer_key(child), [])
+
+
+def _pick_leaf(given: list[x509.Certificate], own: _Index, pooled: _Index) -> x509.Certificate:
+    # Count, per issuer name, how many *other* certificates name it (cheap: by DER bytes).
+    issued: dict[bytes, int] = {}
     for c in given:
-        ik = _issuer_key(c)
-        if ik != _subject_key(c):
-            issued[ik] = issued.get(ik, 0) + 1
-    candidates = [c for c in given if issued.get(_subject_key(c), 0) == 0] or given
+        issuer, subject = _raw_names(c)
+        if issuer != subject:
+            issued[issuer] = issued.get(issuer, 0) + 1
+    candidates = [c for c in given if issued.get(_raw_names(c)[1], 0) == 0] or given
 
     def rank(item: tuple[int, x509.Certificate]) -> tuple[bool, int, int]:
         pos, cert = item
-        return (is_ca(cert), -_name_depth(cert, own_index, pool_index), pos)
+        return (is_ca(cert), -_name_depth(cert, own, pooled), pos)
 
     return min(enumerate(candidates), key=rank)[1]
 
 
-def _name_depth(
-    cert: x509.Certificate,
-    own_index: dict[_NameKey, list[x509.Certificate]],
-    pool_index: dict[_NameKey, list[x509.Certificate]],
-) -> int:
+def _name_depth(cert: x509.Certificate, own: _Index, pooled: _Index) -> int:
     """How far issuer names lead up from ``cert`` (cheap: no signatures are checked)."""
     depth = 0
-    seen = {_subject_key(cert)}
+    seen = {_raw_names(cert)[1]}
     cur = cert
     while True:
-        ik = _issuer_key(cur)
-        if ik in seen:
+        issuer = _raw_names(cur)[0]
+        if issuer in seen:
             return depth
-        nxt = (own_index.get(ik) or pool_index.get(ik) or [None])[0]
-        if nxt is None:
+        found = own.exact(issuer) or pooled.exact(issuer)
+        if not found:
             return depth
-        seen.add(ik)
+        nxt = found[0]
+        seen.add(issuer)
         depth += 1
         cur = nxt
 
 
 def _find_issuer(
-    child: x509.Certificate,
-    own_index: dict[_NameKey, list[x509.Certificate]],
-    pool_index: dict[_NameKey, list[x509.Certificate]],
-    seen: set[str],
+    child: x509.Certificate, own: _Index, pooled: _Index, seen: set[x509.Certificate]
 ) -> x509.Certificate | None:
-    key = _issuer_key(child)
+    issuer_der = _raw_names(child)[0]
     aki = _aki_bytes(child)
-    for group in (own_index.get(key, []), pool_index.get(key, [])):
-        candidates = [c for c in group if fingerprint(c) not in seen and c != child]
+    tried: set[x509.Certificate] = {child}
+    # Exact names first, the input before the pool; then names equal only once canonicalized.
+    for group in (
+        lambda: own.exact(issuer_der),
+        lambda: pooled.exact(issuer_der),
+        lambda: own.alike(child),
+        lambda: pooled.alike(child),
+    ):
+        candidates = [c for c in group() if c not in seen and c not in tried]
         if aki is not None:
             # A matching key identifier first, then certificates without one, then the rest.
             candidates.sort(key=lambda c: {True: 0, None: 1, False: 2}[_ski_matches(c, aki)])
         for cand in candidates:
+            tried.add(cand)
             if signed_by(child, cand):
                 return cand
     return None

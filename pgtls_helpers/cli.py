@@ -1,4 +1,4 @@
-"""Command line: ``pgtls chain …``, ``pgtls csr``, ``pgtls probe …``, ``pgtls run``, ``pgtls lab …``.
+"""Command line: ``pgtls chain``, ``pgtls csr``, ``pgtls probe``, ``pgtls run``, ``pgtls lab``.
 
 Each command's body lives in a small ``_cli_*`` module so that importing the CLI stays cheap
 (``chain inspect`` must not pay for pandas or papermill unless it needs them).

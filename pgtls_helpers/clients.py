@@ -275,7 +275,7 @@ def connection_checks(
 def _resolve_first(host: str) -> str:
     import socket
 
-    return socket.getaddrinfo(host, None)[0][4][0]
+    return str(socket.getaddrinfo(host, None)[0][4][0])
 
 
 def read_passfile_password(passfile: str | Path, user: str) -> str | None:

@@ -171,7 +171,9 @@ def plan_file(
     except FileNotFoundError:
         current, st = None, None
     except OSError as exc:
-        raise PreflightError(f"{path}: cannot be read ({exc.strerror}); check its permissions")
+        raise PreflightError(
+            f"{path}: cannot be read ({exc.strerror}); check its permissions"
+        ) from exc
     if owner is None:
         ref = st or _dir_stat(path.parent)
         owner = (ref.st_uid, ref.st_gid)

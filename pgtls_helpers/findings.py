@@ -23,14 +23,13 @@ from pgtls_helpers import hostname
 from pgtls_helpers.chain import (
     ChainResult,
     _aki_bytes,
-    _issuer_key,
-    _name_key,
     _name_label,
+    _raw_names,
     _ski_bytes,
-    _subject_key,
     cert_label,
     fingerprint,
     is_ca,
+    same_name,
     signed_by,
     verify_with_cryptography,
 )
@@ -162,16 +161,15 @@ def _structure(result: ChainResult) -> list[Finding]:
     if result.missing_issuer is None:
         return out
     missing = result.missing_issuer
-    missing_key = _name_key(missing)
-    same_name = [c for c in result.unused if _subject_key(c) == missing_key]
-    if _subject_key(last) == _issuer_key(last) and not signed_by(last, last):
+    same = [c for c in result.unused if same_name(c.subject, missing)]
+    if same_name(last.subject, last.issuer, _raw_names(last)) and not signed_by(last, last):
         out.append(Finding(
             "error", "bad-signature",
             f"The self-signature of {cert_label(last)} does not verify, so the file is damaged "
             "or altered; get the certificate again from the CA.",
         ))
     aki = _aki_bytes(last)
-    for other in same_name:
+    for other in same:
         if aki is not None and aki == _ski_bytes(other):
             out.append(Finding(
                 "error", "bad-signature",
@@ -187,7 +185,7 @@ def _structure(result: ChainResult) -> list[Finding]:
                 "which has the right name but a different key; get the matching "
                 f"{_name_label(missing)} certificate from the CA and drop this one.",
             ))
-    if same_name:
+    if same:
         text = (
             f"No certificate among the files signed {cert_label(last)}, so the chain stops "
             f"there; add the {_name_label(missing)} certificate that belongs to it (or pass "
@@ -237,10 +235,9 @@ def _validity(cert: x509.Certificate, role: str, at: _dt.datetime, soon_days: in
     nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
     label = f"the {role} certificate {cert_label(cert)}"
     if at > na:
+        fix = "renew it with a new CSR" if role == "leaf" else "get the current one from the CA"
         return [Finding(
-            "error", "expired",
-            f"{_cap(label)} expired on {na:%Y-%m-%d %H:%M} UTC; "
-            + ("renew it with a new CSR." if role == "leaf" else "get the current one from the CA."),
+            "error", "expired", f"{_cap(label)} expired on {na:%Y-%m-%d %H:%M} UTC; {fix}."
         )]
     if at < nb:
         return [Finding(
@@ -323,11 +320,15 @@ def _server_use(leaf: x509.Certificate, path_len: int) -> list[Finding]:
 
 def _unused(result: ChainResult) -> list[Finding]:
     out: list[Finding] = []
-    on_path = {_subject_key(c) for c in result.path}
+    on_path = {_raw_names(c)[1] for c in result.path}
+    on_path_names = [c.subject for c in result.path]
     leaf = cert_label(result.path[0])
     for cert in result.unused:
         label = f"The certificate {cert_label(cert)}"
-        if _subject_key(cert) in on_path:
+        if _raw_names(cert)[1] in on_path or (
+            len(result.unused) <= _CANON_LIMIT
+            and any(same_name(cert.subject, n) for n in on_path_names)
+        ):
             out.append(Finding(
                 "warning", "unused-certificate",
                 f"{label} (sha256 {fingerprint(cert)[:16]}…) has the same name as a certificate "
@@ -346,6 +347,11 @@ def _unused(result: ChainResult) -> list[Finding]:
                 f"{label} is not on the path from {leaf}; leave it out of server.crt.",
             ))
     return out
+
+
+# Beyond this many unused certificates (a whole trust store), same-name look-alikes are found
+# by their exact DER name only.
+_CANON_LIMIT = 200
 
 
 def _cap(text: str) -> str:

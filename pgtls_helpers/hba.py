@@ -190,9 +190,10 @@ def _records(text: str, path: str) -> list[tuple[int, HBARecord]]:
 def _record_key(record: HBARecord) -> tuple[str, ...]:
     opts = tuple(f"{k}={v}" for k, v in record.auth_options)
     addr = getattr(record, "address", "")
-    if getattr(record, "netmask", None):
-        addr = f"{addr}/{record.netmask}"
-    return (str(record.conntype), record.database, record.user, addr, record.method, *opts)
+    if netmask := getattr(record, "netmask", None):
+        addr = f"{addr}/{netmask}"
+    method = str(getattr(record, "method", ""))
+    return (str(record.conntype), record.database, record.user, addr, method, *opts)
 
 
 def plan_hba(

@@ -247,10 +247,10 @@ class LabCA:
     def response_files(self, leaf: x509.Certificate) -> dict[str, bytes]:
         """What a CA hands back, by file name, as in the article."""
         cns = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        leaf_name = f"{cns[0].value if cns else 'SERVER-FQDN'}.crt"
+        leaf_name = f"{str(cns[0].value) if cns else 'SERVER-FQDN'}.crt"
         files = {leaf_name: _pem(leaf)}
         for cert in self.intermediates:
-            cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+            cn = str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
             files[f"{cn}.crt"] = _pem(cert)
         files["RootCA.crt"] = _pem(self.root)
         return files
@@ -445,7 +445,7 @@ class LabCluster:
         if check and proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             raise ServerError(f"{Path(argv[0]).name} failed for {self.pgdata}: {tail[0]}")
-        return proc  # type: ignore[no-any-return]
+        return proc
 
     def _initdb(self) -> None:
         password = secrets.token_urlsafe(24)

@@ -123,8 +123,8 @@ def load_params(values: Mapping[str, Any], *, source: str = "parameters") -> Par
     for flag in ("apply", "reject_non_ssl", "lab_cluster"):
         if flag in known and not isinstance(known[flag], bool):
             raise InputError(f"{source}: {flag} must be true or false")
-    for name in ("pgdata", "key_passphrase_env", "ca_files_password_env", "server_log_file", "record_dir", "email",
-                 "country", "state", "locality", "organization", "organizational_unit"):
+    for name in ("pgdata", "key_passphrase_env", "ca_files_password_env", "server_log_file",
+                 "record_dir", "email", "country", "state", "locality", "organization", "organizational_unit"):
         if known.get(name) == "":
             known[name] = None
     return Params(**known, extra=extra)

@@ -13,7 +13,7 @@ import json
 import os
 import socket
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +180,8 @@ def step1_key_and_csr(params: Params) -> KeyCsrResult:
 
 
 def build_subject_name(subject: Any) -> x509.Name:
-    return subject.to_x509_name()  # type: ignore[no-any-return]
+    name: x509.Name = subject.to_x509_name()
+    return name
 
 
 def _csr_sans(csr: x509.CertificateSigningRequest) -> set[str]:
@@ -380,7 +381,8 @@ def step3_install_files(params: Params) -> InstallStepResult:
     key_bytes: bytes | None = key_path.read_bytes() if key_path.exists() else None
     if key_bytes is None:
         if installed_key.exists() and keys.public_key_matches(
-                keys.load_key(installed_key.read_bytes(), _passphrase_or_none(params, installed_key),
+                keys.load_key(installed_key.read_bytes(),
+                              _passphrase_or_none(params, installed_key),
                               source=str(installed_key)), leaf):
             key_bytes = installed_key.read_bytes()
         else:
@@ -406,6 +408,10 @@ def step3_install_files(params: Params) -> InstallStepResult:
         st = installed_key.stat()
         if st.st_uid == 0 and (st.st_mode & 0o777) == 0o640:
             key_owner, key_mode = (0, st.st_gid), 0o640
+    server_uid = owner[0]
+    if problem := files.key_file_problem(key_mode, key_owner[0], key_owner[1], server_uid):
+        preflight.append(Finding("error", "key-permissions",
+                                 f"{installed_key} {problem}; the server would refuse it"))
     plan = [
         files.plan_file(installed_key, key_bytes, kind="key", mode=key_mode, owner=key_owner),
         files.plan_file(facts.ssl_cert_file, chainmod.bundle_pem(result), kind="certificate",
@@ -587,8 +593,8 @@ def step4_enable_ssl(params: Params) -> EnableResult:
                 undo.run(reload=False)
                 raise PreflightError(f"configuration errors: {'; '.join(setting_errors)}; "
                                      "the setting was restored and nothing was reloaded")
-            server.reload()
-            after = _probe_until(host_ip, params.server_port, want_sha)
+            server.reload_and_wait()
+            after = _probe_until(host_ip, params.server_port, want_sha, timeout=2.0)
             if not (after.error is None and after.chain and _fp(after.chain[0]) == want_sha
                     and _chain_matches_bundle(params, after)):
                 undo.run()
@@ -610,7 +616,7 @@ def step4_enable_ssl(params: Params) -> EnableResult:
             undo.hba = hba_write
             problems = server.hba_errors()
             if not problems:
-                server.reload()
+                server.reload_and_wait()
                 problems = _hba_errors_after_reload(params)
             if problems:
                 undo.run()
@@ -666,11 +672,27 @@ class _Undo:
         files.rollback(self.hba)
         journal = self.params.work / "install.json"
         if journal.exists():
-            files.rollback(files.load_journal(journal))
+            installed = files.load_journal(journal)
+            _keep_key_for_retry(self.params, installed)
+            files.rollback(installed)
+            journal.rename(journal.with_name(f"install.rolled-back-{files.utc_stamp()}.json"))
         if not self.ssl_was_on:
             self.server.alter_system("ssl", self.previous_ssl)
         if reload:
-            self.server.reload()
+            self.server.reload_and_wait()
+
+
+def _keep_key_for_retry(params: Params, installed: files.InstallResult) -> None:
+    """Before a rollback overwrites the new key, move it back to the work directory, so that a
+    retry needs no new CSR and the key still exists in one place only."""
+    work_key = params.work / KEY_NAME
+    for item in installed.installed:
+        if item.kind == "key" and item.action != "unchanged" and not work_key.exists():
+            try:
+                data = item.target.read_bytes()
+            except OSError:
+                continue
+            keys.write_private_key(work_key, data)
 
 
 def _as_host_lines(plan: hba.HbaPlan) -> str:

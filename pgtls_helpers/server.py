@@ -209,6 +209,33 @@ class Server:
         """``pg_reload_conf()``: it only signals the postmaster; check the outcome separately."""
         return bool(self._query("SELECT pg_reload_conf()")[0][0])
 
+    def conf_load_time(self, *, fresh: bool = False) -> Any:
+        """``pg_conf_load_time()``; with ``fresh``, as a new backend sees it, which is the
+        postmaster's: it changes only once the postmaster has finished a reload."""
+        if not fresh:
+            return self._query("SELECT pg_conf_load_time()")[0][0]
+        with self.connect() as conn:
+            return conn.execute("SELECT pg_conf_load_time()").fetchone()[0]
+
+    def reload_and_wait(self, *, timeout: float = 15.0) -> bool:
+        """``pg_reload_conf()``, then wait until the postmaster has processed it.
+
+        Returns False when no new backend saw a newer load time within ``timeout``.
+        """
+        import time
+
+        before = self.conf_load_time(fresh=True)
+        self.reload()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.conf_load_time(fresh=True) > before:
+                    return True
+            except ServerError:
+                pass
+            time.sleep(0.02)
+        return False
+
     def file_setting_errors(self) -> list[str]:
         """Errors in the configuration files as the server would read them now."""
         rows = self._query(

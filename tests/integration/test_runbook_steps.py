@@ -250,3 +250,25 @@ def test_psql_as_client_user_without_root_crt_is_refused(
     check = psql_as_user(user, {**params.conninfo(), "passfile": str(fresh_cluster.passfile)},
                          host="db1.lab.pgtls.test", hostaddr="127.0.0.1")
     assert check.observed == "fail" and check.observed_reason == "certificate not trusted"
+
+
+def test_after_a_rollback_the_key_is_back_in_the_work_directory_for_a_retry(
+        fresh_cluster: LabCluster, runbook_params: ParamsFactory) -> None:
+    params = runbook_params(fresh_cluster)
+    runbook.step1_key_and_csr(params)
+    runbook.step2_ca_response(params)
+    runbook.step3_install_files(params)
+    installed_key = (fresh_cluster.pgdata / "server.key").read_bytes()
+    assert not (params.work / "server.key").exists()
+    (fresh_cluster.pgdata / "server.crt").write_bytes(b"damaged")
+    with pytest.raises(ServerError):
+        runbook.step4_enable_ssl(params)
+    work_key = params.work / "server.key"
+    assert work_key.read_bytes() == installed_key
+    assert stat.S_IMODE(work_key.stat().st_mode) == 0o600
+    # the retry goes through with the same key and CSR
+    assert runbook.step1_key_and_csr(params).reused
+    runbook.step2_ca_response(params)
+    runbook.step3_install_files(params)
+    assert runbook.step4_enable_ssl(params).confirmed
+    assert runbook.step5_verify_clients(params).passed

@@ -1,0 +1,61 @@
+"""The two dependency lists (pip and conda) say the same thing."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+# conda-forge spells a few packages differently; everything else must match by name
+CONDA_NAMES = {"psycopg[binary]": "psycopg", "types-pyyaml": "types-pyyaml"}
+CONDA_ONLY = {"python", "postgresql", "openssl", "pip"}
+
+
+def _name(requirement: str) -> str:
+    name = re.split(r"[<>=!~ ]", requirement.strip(), maxsplit=1)[0].lower()
+    return CONDA_NAMES.get(name, name)
+
+
+def _pip() -> set[str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = list(project["dependencies"])
+    for extra in project.get("optional-dependencies", {}).values():
+        reqs += extra
+    return {_name(r) for r in reqs}
+
+
+def _conda() -> set[str]:
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    return {_name(d) for d in env["dependencies"] if isinstance(d, str)} - CONDA_ONLY
+
+
+def test_pyproject_and_environment_list_the_same_packages() -> None:
+    pip, conda = _pip(), _conda()
+    assert pip - conda == set(), f"missing from environment.yml: {sorted(pip - conda)}"
+    assert conda - pip == set(), f"missing from pyproject.toml: {sorted(conda - pip)}"
+
+
+def test_environment_brings_the_server_binaries() -> None:
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    assert "postgresql" in {_name(d) for d in env["dependencies"] if isinstance(d, str)}
+
+
+def test_lower_bounds_agree() -> None:
+    def bounds(reqs: list[str]) -> dict[str, str]:
+        out = {}
+        for r in reqs:
+            m = re.search(r">=\s*([\w.]+)", r)
+            if m:
+                out[_name(r)] = m.group(1)
+        return out
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pip_reqs = list(project["dependencies"]) + [
+        r for extra in project["optional-dependencies"].values() for r in extra]
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    conda_reqs = [d for d in env["dependencies"] if isinstance(d, str)]
+    pb, cb = bounds(pip_reqs), bounds(conda_reqs)
+    assert {k: v for k, v in pb.items() if k in cb} == {k: v for k, v in cb.items() if k in pb}
