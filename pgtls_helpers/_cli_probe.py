@@ -44,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
     if not args.timeout > 0:
         raise InputError(f"--timeout {args.timeout:g}: give a number of seconds above zero")
     targets = [parse_target(text) for text in args.targets]
-    results = probe_many(targets, timeout=args.timeout, max_workers=int(__import__("os").environ.get("PW", "16")))
+    results = probe_many(targets, timeout=args.timeout, max_workers=16)
     out = sys.stdout
     if args.json:
         import json

@@ -40,6 +40,7 @@ class Params:
     ca_files: tuple[str, ...] = ()
     ca_files_password_env: str | None = None
     client_system_users: tuple[str, ...] = ()
+    client_root_merge: bool = False
     hba_rules: tuple[Mapping[str, Any], ...] = ()
     reject_non_ssl: bool = True
     verify_hosts: tuple[str, ...] = ()
@@ -120,11 +121,12 @@ def load_params(values: Mapping[str, Any], *, source: str = "parameters") -> Par
         known["server_port"] = int(known.get("server_port", 5432))
     except (TypeError, ValueError):
         raise InputError(f"{source}: server_port must be a number") from None
-    for flag in ("apply", "reject_non_ssl", "lab_cluster"):
+    for flag in ("apply", "reject_non_ssl", "lab_cluster", "client_root_merge"):
         if flag in known and not isinstance(known[flag], bool):
             raise InputError(f"{source}: {flag} must be true or false")
     for name in ("pgdata", "key_passphrase_env", "ca_files_password_env", "server_log_file",
-                 "record_dir", "email", "country", "state", "locality", "organization", "organizational_unit"):
+                 "record_dir", "email", "country", "state", "locality", "organization",
+                 "organizational_unit"):
         if known.get(name) == "":
             known[name] = None
     return Params(**known, extra=extra)

@@ -331,18 +331,10 @@ def probe_many(targets: Iterable[str | tuple[str, int]], timeout: float = 5.0,
 
     threads = [threading.Thread(target=work, name=f"pgtls-probe-{n}", daemon=True)
                for n in range(min(max_workers, len(pairs)))]
-    import os, sys
-    mode = os.environ.get("PMODE", "A")
-    if mode == "B":
-        from cryptography import x509  # noqa: F401
-    if mode == "C":
-        old = sys.getswitchinterval(); sys.setswitchinterval(float(os.environ.get("PSW", "0.0005")))
     for thread in threads:
         thread.start()
     # The certificate parser is imported here, while the handshakes are on the network.
     from cryptography import x509  # noqa: F401
-    if mode == "C":
-        sys.setswitchinterval(old)
 
     for thread in threads:
         thread.join()

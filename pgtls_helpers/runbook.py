@@ -422,7 +422,7 @@ def step3_install_files(params: Params) -> InstallStepResult:
         preflight.append(Finding("error", "missing-issuer",
                                  "the chain has no root certificate to give the clients"))
     if root is not None:
-        plan += [plan_root_crt(u, _pem(root)) for u in users]
+        plan += [plan_root_crt(u, _pem(root), merge=params.client_root_merge) for u in users]
     rows = [p.describe() for p in plan]
     errors = [f for f in preflight if f.severity == "error"]
     out_facts = facts.as_dict()
@@ -440,7 +440,8 @@ def step3_install_files(params: Params) -> InstallStepResult:
     stamp = files.utc_stamp()
     server_part = files.apply_plan(plan[:2], stamp=stamp)
     try:
-        client_part = install_root_crt(users, _pem(root), stamp=stamp) if root and users else \
+        client_part = install_root_crt(users, _pem(root), merge=params.client_root_merge,
+                                       stamp=stamp) if root and users else \
             files.InstallResult(())
     except BaseException:
         files.rollback(server_part)
