@@ -43,8 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (median)")
     parser.add_argument("--store", default="/etc/ssl/certs", help="the machine's CA store")
     parser.add_argument("--files", type=int, default=1000, help="certificate files in the bag")
-    parser.add_argument("--article-repeat", type=int, default=1,
-                        help="runs of the article's method on the bag (slow)")
+    parser.add_argument(
+        "--article-repeat",
+        type=int,
+        default=1,
+        help="runs of the article's method on the bag (slow)",
+    )
     args = parser.parse_args(argv)
     if shutil.which("openssl") is None:
         print("openssl is not on PATH; the article's method cannot be timed.", file=sys.stderr)
@@ -61,22 +65,39 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"openssl: {_run(['openssl', 'version']).strip()}")
         print(f"python:  {sys.version.split()[0]}; cores: {os.cpu_count()}")
-        print(f"bag:     {len(bag_files)} files ({n_store} from {args.store}, "
-              f"{n_generated} generated, 4 of the article's chain)\n")
+        print(
+            f"bag:     {len(bag_files)} files ({n_store} from {args.store}, "
+            f"{n_generated} generated, 4 of the article's chain)\n"
+        )
 
         ours_cmd = [sys.executable, "-m", "pgtls_helpers", "chain", "inspect"]
         rows = []
-        four_ours = _median(args.repeat, lambda: _timed_process(
-            [*ours_cmd, *map(str, chain_files), "--key", str(key_path), "--host", HOST, "--json"]
-        ))
+        four_ours = _median(
+            args.repeat,
+            lambda: _timed_process(
+                [
+                    *ours_cmd,
+                    *map(str, chain_files),
+                    "--key",
+                    str(key_path),
+                    "--host",
+                    HOST,
+                    "--json",
+                ]
+            ),
+        )
         four_article = _median(args.repeat, lambda: _article_method(chain_files, leaf, key_path))
         rows.append(("(a) article's chain, 4 files", four_article, four_ours))
 
-        bag_ours = _median(args.repeat, lambda: _timed_process(
-            [*ours_cmd, str(bag), "--key", str(key_path), "--host", HOST, "--json"]
-        ))
-        bag_article = _median(args.article_repeat,
-                              lambda: _article_method(bag_files, leaf, key_path))
+        bag_ours = _median(
+            args.repeat,
+            lambda: _timed_process(
+                [*ours_cmd, str(bag), "--key", str(key_path), "--host", HOST, "--json"]
+            ),
+        )
+        bag_article = _median(
+            args.article_repeat, lambda: _article_method(bag_files, leaf, key_path)
+        )
         rows.append((f"(b) bag, {len(bag_files)} files", bag_article, bag_ours))
 
         print(f"{'input':<32} {'article (s)':>12} {'pgtls (s)':>10} {'ratio':>8}")
@@ -88,8 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         in_proc = _in_process(chain_files, key_path)
         bag_in_proc = _in_process([bag], key_path, runs=5)
-        print(f"\nin-process, four-certificate inspection: median {in_proc * 1000:.1f} ms "
-              f"(goal < 50 ms -> {'met' if in_proc < 0.05 else 'NOT met'})")
+        print(
+            f"\nin-process, four-certificate inspection: median {in_proc * 1000:.1f} ms "
+            f"(goal < 50 ms -> {'met' if in_proc < 0.05 else 'NOT met'})"
+        )
         print(f"in-process, bag inspection: median {bag_in_proc * 1000:.1f} ms")
         startup = _median(args.repeat, lambda: _timed_process([sys.executable, "-c", "pass"]))
         print(f"python interpreter start-up alone: {startup * 1000:.0f} ms")
@@ -108,9 +131,13 @@ def _article_chain(directory: Path) -> tuple[Path, Path]:
     key_path = directory.parent / "server.key"
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
-        fh.write(key.private_bytes(serialization.Encoding.PEM,
-                                   serialization.PrivateFormat.TraditionalOpenSSL,
-                                   serialization.NoEncryption()))
+        fh.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.TraditionalOpenSSL,
+                serialization.NoEncryption(),
+            )
+        )
     return directory, key_path
 
 
@@ -149,12 +176,23 @@ def _article_method(cert_files: Sequence[Path], leaf: Path, key: Path) -> float:
     """One ``openssl x509 -noout -subject -issuer`` per file, then the two modulus hashes."""
     start = time.perf_counter()
     for f in cert_files:
-        subprocess.run(["openssl", "x509", "-noout", "-subject", "-issuer", "-in", str(f)],
-                       capture_output=True, check=False)
-    subprocess.run(f"openssl rsa -noout -modulus -in '{key}' | openssl md5", shell=True,
-                   capture_output=True, check=True)
-    subprocess.run(f"openssl x509 -noout -modulus -in '{leaf}' | openssl md5", shell=True,
-                   capture_output=True, check=True)
+        subprocess.run(
+            ["openssl", "x509", "-noout", "-subject", "-issuer", "-in", str(f)],
+            capture_output=True,
+            check=False,
+        )
+    subprocess.run(
+        f"openssl rsa -noout -modulus -in '{key}' | openssl md5",
+        shell=True,
+        capture_output=True,
+        check=True,
+    )
+    subprocess.run(
+        f"openssl x509 -noout -modulus -in '{leaf}' | openssl md5",
+        shell=True,
+        capture_output=True,
+        check=True,
+    )
     return time.perf_counter() - start
 
 

@@ -42,17 +42,42 @@ if TYPE_CHECKING:
         validity_timeline,
     )
 
-_STEPS = ("step1_key_and_csr", "step2_ca_response", "step3_install_files", "step4_enable_ssl",
-          "step5_verify_clients")
-_DISPLAYS = ("apply_step", "chain_picture", "csr_form", "host_coverage", "inspection_table",
-             "key_match", "notebook_params", "plan_only", "require_pass", "show_checks",
-             "show_enabled", "show_findings", "show_install_plan", "show_installed",
-             "show_key_and_csr", "show_parameters", "show_sources", "show_ssl_plan",
-             "show_values", "stop_on_errors", "validity_timeline")
-_HOME = {**dict.fromkeys(_STEPS, "pgtls_helpers.runbook"),
-         **dict.fromkeys(_DISPLAYS, "pgtls_helpers.widgets")}
+__all__ = [
+    "apply_step",
+    "chain_picture",
+    "csr_form",
+    "host_coverage",
+    "inspection_table",
+    "key_match",
+    "notebook_params",
+    "plan_only",
+    "require_pass",
+    "show_checks",
+    "show_enabled",
+    "show_findings",
+    "show_install_plan",
+    "show_installed",
+    "show_key_and_csr",
+    "show_parameters",
+    "show_sources",
+    "show_ssl_plan",
+    "show_values",
+    "step1_key_and_csr",
+    "step2_ca_response",
+    "step3_install_files",
+    "step4_enable_ssl",
+    "step5_verify_clients",
+    "stop_on_errors",
+    "validity_timeline",
+]
 
-__all__ = [*_STEPS, *_DISPLAYS]
+# the five steps live in runbook, everything else the notebooks call in widgets
+_HOME = {
+    name: "pgtls_helpers.runbook"
+    if name.startswith("step") and name[4].isdigit()
+    else "pgtls_helpers.widgets"
+    for name in __all__
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -22,20 +22,27 @@ from typing import Any, TextIO
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
 
 from pgtls_helpers.chain import (
     ChainResult,
     bundle_pem,
     cert_label,
     fingerprint,
+    is_ca,
     order_chain,
     root_pem,
 )
 from pgtls_helpers.errors import InputError
 from pgtls_helpers.findings import Finding, check_chain, has_errors
 from pgtls_helpers.intake import load_pool, read_ca_response
-from pgtls_helpers.keys import PrivateKey, load_key, passphrase_from_env, public_key_matches
+from pgtls_helpers.keys import (
+    PrivateKey,
+    describe_key,
+    load_key,
+    passphrase_from_env,
+    public_key_matches,
+)
 
 __all__ = ["bundle", "inspect", "load_key_for_matching", "render_text", "to_json"]
 
@@ -72,16 +79,19 @@ def bundle(args: argparse.Namespace) -> int:
     result = order_chain(certs, pool)
     findings = notes + check_chain(result, verify=False)
     blocking = [
-        f for f in findings
-        if f.severity == "error" and not (f.code == "missing-issuer" and not args.root_out
-                                          and _stops_at_ca(result))
+        f
+        for f in findings
+        if f.severity == "error"
+        and not (f.code == "missing-issuer" and not args.root_out and _stops_at_ca(result))
     ]
     out = sys.stdout
     if blocking:
         for f in blocking:
             out.write(_finding_line(f) + "\n")
-        out.write(f"Nothing written: fix the error{'s' if len(blocking) > 1 else ''} above "
-                  f"first ({args.out} is unchanged).\n")
+        out.write(
+            f"Nothing written: fix the error{'s' if len(blocking) > 1 else ''} above "
+            f"first ({args.out} is unchanged).\n"
+        )
         return 1
     server = bundle_pem(result)
     root = root_pem(result) if args.root_out else None
@@ -93,12 +103,16 @@ def bundle(args: argparse.Namespace) -> int:
     )
     if root is not None and result.root is not None:
         _write_atomic(Path(args.root_out), root)
-        out.write(f"Wrote {args.root_out}: {cert_label(result.root)} "
-                  f"(sha256 {fingerprint(result.root)}).\n")
+        out.write(
+            f"Wrote {args.root_out}: {cert_label(result.root)} "
+            f"(sha256 {fingerprint(result.root)}).\n"
+        )
     for f in findings:
         if f.code == "missing-issuer":
-            out.write(f"note     {f.code}: {f.message} ({args.out} does not need the root; "
-                      "clients do, as root.crt.)\n")
+            out.write(
+                f"note     {f.code}: {f.message} ({args.out} does not need the root; "
+                "clients do, as root.crt.)\n"
+            )
         elif f.severity != "info":
             out.write(_finding_line(f) + "\n")
     return 0
@@ -144,19 +158,22 @@ def render_text(
     pool_fps = {fingerprint(c) for c in result.from_pool}
     for pos, role, cert in members:
         fp = fingerprint(cert)
-        rows.append((
-            pos,
-            role,
-            _short(_label(cert.subject), 34),
-            _short(_label(cert.issuer), 28),
-            f"{cert.not_valid_after_utc:%Y-%m-%d}",
-            str((cert.not_valid_after_utc - now).days),
-            _key(cert),
-            fp[:12],
-            "(pool)" if fp in pool_fps else _short(sources.get(fp, ""), 30),
-        ))
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(header)]
+        rows.append(
+            (
+                pos,
+                role,
+                _short(_label(cert.subject), 34),
+                _short(_label(cert.issuer), 28),
+                f"{cert.not_valid_after_utc:%Y-%m-%d}",
+                str((cert.not_valid_after_utc - now).days),
+                _key(cert),
+                fp[:12],
+                "(pool)" if fp in pool_fps else _short_left(sources.get(fp, ""), 36),
+            )
+        )
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)
+    ]
     for line in (header, *rows):
         out.write("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() + "\n")
     hidden = len(result.unused) - _MAX_UNUSED
@@ -170,16 +187,22 @@ def render_text(
         out.write(_finding_line(f) + "\n")
     quiet = len(findings) - len(shown)
     if quiet:
-        out.write(f"info     {quiet} certificate{'s are' if quiet > 1 else ' is'} not on the "
-                  "path (listed above as unused).\n")
+        out.write(
+            f"info     {quiet} certificate{'s are' if quiet > 1 else ' is'} not on the "
+            "path (listed above as unused).\n"
+        )
     errors = sum(f.severity == "error" for f in findings)
     warnings = sum(f.severity == "warning" for f in findings)
     if errors:
-        out.write(f"\nNOT READY: {errors} error{'s' if errors > 1 else ''}, {warnings} "
-                  f"warning{'s' if warnings != 1 else ''}.\n")
+        out.write(
+            f"\nNOT READY: {errors} error{'s' if errors > 1 else ''}, {warnings} "
+            f"warning{'s' if warnings != 1 else ''}.\n"
+        )
     else:
-        out.write(f"\nOK: the chain is complete and in order ({warnings} "
-                  f"warning{'s' if warnings != 1 else ''}).\n")
+        out.write(
+            f"\nOK: the chain is complete and in order ({warnings} "
+            f"warning{'s' if warnings != 1 else ''}).\n"
+        )
 
 
 _MAX_UNUSED = 50
@@ -190,8 +213,6 @@ def _finding_line(f: Finding) -> str:
 
 
 def _label(name: x509.Name) -> str:
-    from cryptography.x509.oid import NameOID
-
     cns = name.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(cns[0].value) if cns else name.rfc4514_string() or "(empty name)"
 
@@ -200,10 +221,16 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _key(cert: x509.Certificate) -> str:
-    from pgtls_helpers.chain import _describe_key
+def _short_left(text: str, width: int) -> str:
+    """Long file names keep their end, where the file's own name is."""
+    return text if len(text) <= width else "…" + text[-(width - 1) :]
 
-    return _describe_key(cert)
+
+def _key(cert: x509.Certificate) -> str:
+    try:
+        return describe_key(cert.public_key())
+    except (ValueError, UnsupportedAlgorithm):
+        return "unsupported key"
 
 
 # --- input -------------------------------------------------------------------------------------
@@ -223,11 +250,14 @@ def _read(
     sources = {fingerprint(sc.cert): str(sc.source) for sc in intake.certificates}
     notes: list[Finding] = []
     for item in intake.private_keys:
-        notes.append(Finding(
-            "warning", "private-key-in-bundle",
-            f"{item}; keep private keys out of the files exchanged with a CA and never send "
-            "them anywhere.",
-        ))
+        notes.append(
+            Finding(
+                "warning",
+                "private-key-in-bundle",
+                f"{item}; keep private keys out of the files exchanged with a CA and never send "
+                "them anywhere.",
+            )
+        )
     for item in intake.skipped:
         notes.append(Finding("info", "skipped-input", f"{item}."))
     return certs, sources, notes
@@ -250,21 +280,10 @@ def _read_key(path: str, password: bytes | None) -> PrivateKey:
 def load_key_for_matching(data: bytes, password: bytes | None, source: str) -> PrivateKey:
     """A private key read only to compare its public half with a certificate.
 
-    cryptography checks an RSA key's private numbers on load, which costs about a quarter of a
-    second for RSA 4096; that check protects signing, not the comparison of public keys that
-    happens here (OpenSSL's ``SSL_CTX_check_private_key`` compares the public halves too). Any
-    trouble goes to :func:`pgtls_helpers.keys.load_key`, whose messages name the problem.
+    The RSA private-number check protects signing, not the comparison of public keys that
+    happens here (OpenSSL's ``SSL_CTX_check_private_key`` compares the public halves too).
     """
-    loader = (
-        serialization.load_pem_private_key if b"-----BEGIN" in data
-        else serialization.load_der_private_key
-    )
-    for pw in (None, password) if password else (None,):
-        try:
-            return loader(data, pw, unsafe_skip_rsa_key_validation=True)
-        except (ValueError, TypeError, UnsupportedAlgorithm):
-            continue  # the slow path below explains what is wrong
-    return load_key(data, password, source=source)
+    return load_key(data, password, source=source, validate=False)
 
 
 def _leaf_for_key(
@@ -280,8 +299,6 @@ def _leaf_for_key(
 
 def _stops_at_ca(result: ChainResult) -> bool:
     """The path holds more than the leaf and stops at a CA (likely only the root is missing)."""
-    from pgtls_helpers.chain import is_ca
-
     return len(result.path) > 1 and is_ca(result.path[-1])
 
 

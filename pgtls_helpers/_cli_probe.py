@@ -30,8 +30,10 @@ def result_dict(result: ProbeResult) -> dict[str, Any]:
 
 def _block(result: ProbeResult) -> str:
     count = len(result.chain)
-    lines = [f"{result.target}  {result.tls_version}  {result.cipher}  "
-             f"{count} certificate{'' if count == 1 else 's'} presented"]
+    lines = [
+        f"{result.target}  {result.tls_version}  {result.cipher}  "
+        f"{count} certificate{'' if count == 1 else 's'} presented"
+    ]
     for index, row in enumerate(chain_rows(result)):
         lines.append(f"  {index}  subject  {row['subject']}")
         lines.append(f"     issuer   {row['issuer']}")
@@ -56,7 +58,8 @@ def main(args: argparse.Namespace) -> int:
         for result in results:
             if result.error is not None:
                 out.flush()
-                print(f"pgtls: {result.error}", file=sys.stderr, flush=True)
+                sys.stderr.write(f"pgtls: {result.error}\n")
+                sys.stderr.flush()
                 continue
             if not first:
                 out.write("\n")

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from pgtls_helpers.findings import Finding
 
 __all__ = [
+    "TABLE_COLUMNS",
     "ChainResult",
     "bundle_pem",
     "cert_label",
@@ -164,8 +165,10 @@ def bundle_pem(result: ChainResult) -> bytes:
         InputError: when there is no certificate at all.
     """
     if not result.path:
-        raise InputError("no certificate was found, so there is nothing to bundle; "
-                         "pass the files the CA returned")
+        raise InputError(
+            "no certificate was found, so there is nothing to bundle; "
+            "pass the files the CA returned"
+        )
     members = [c for c, r in zip(result.path, result.roles, strict=True) if r != "root"]
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in members)
 
@@ -213,11 +216,13 @@ def verify_with_cryptography(
         )
     subject = _verifier_subject(leaf, host)
     if subject is None:
+        # libpq accepts a CN-only certificate: only clients with RFC 5280 rules refuse it
         return Finding(
-            "error",
-            "chain-rejected",
-            f"{cert_label(leaf)} has no subjectAltName to verify against; ask the CA to "
-            "reissue it with the server's host names as SANs.",
+            "warning",
+            "no-san",
+            f"The certificate {cert_label(leaf)} has no subjectAltName: libpq still matches "
+            "its CN, but RFC 5280 verifiers refuse it; ask the CA to reissue it with the "
+            "server's host names as SANs.",
         )
     when = at if at is not None else _dt.datetime.now(_dt.UTC)
     try:
@@ -234,15 +239,16 @@ def verify_with_cryptography(
         return Finding(
             "error",
             "chain-rejected",
-            f"cryptography's RFC 5280 verifier rejects the chain of {cert_label(leaf)} for "
-            f"{host or subject}: {exc}; fix the finding it names or ask the CA for a "
-            "conforming certificate.",
+            f"The RFC 5280 verifier (cryptography) rejects the chain of {cert_label(leaf)} for "
+            f"{host or subject}: {exc}; fix what it names or ask the CA for a conforming "
+            "certificate.",
         )
     except (ValueError, TypeError) as exc:
         return Finding(
             "error",
             "chain-rejected",
-            f"cryptography's verifier cannot check the chain of {cert_label(leaf)}: {exc}.",
+            f"The RFC 5280 verifier (cryptography) cannot check the chain of "
+            f"{cert_label(leaf)}: {exc}.",
         )
     return None
 
@@ -293,8 +299,20 @@ def inspection_table(result: ChainResult, *, include_unused: bool = True) -> pan
 
 
 TABLE_COLUMNS = (
-    "position", "role", "subject", "issuer", "serial", "not_before", "not_after", "days_left",
-    "key", "signature_algorithm", "ski", "aki", "sha256", "sans",
+    "position",
+    "role",
+    "subject",
+    "issuer",
+    "serial",
+    "not_before",
+    "not_after",
+    "days_left",
+    "key",
+    "signature_algorithm",
+    "ski",
+    "aki",
+    "sha256",
+    "sans",
 )
 
 
@@ -403,7 +421,7 @@ def _raw_names(cert: x509.Certificate) -> tuple[bytes, bytes]:
         issuer_end = _tlv(tbs, pos)[1]
         issuer = tbs[pos:issuer_end]
         pos = _tlv(tbs, issuer_end)[1]  # validity
-        subject = tbs[pos:_tlv(tbs, pos)[1]]
+        subject = tbs[pos : _tlv(tbs, pos)[1]]
     except IndexError:
         return (cert.issuer.public_bytes(), cert.subject.public_bytes())
     return issuer, subject
@@ -553,10 +571,15 @@ def _verifier_subject(
     leaf: x509.Certificate, host: str | None
 ) -> str | ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     if host is not None:
-        try:
-            return ipaddress.ip_address(host)
-        except ValueError:
-            return host
+        # An IP literal as libpq reads it (inet_aton accepts "127.1" too).
+        from pgtls_helpers.hostname import _inet_aton, _inet_pton6
+
+        packed4, packed6 = _inet_aton(host), _inet_pton6(host)
+        if packed4 is not None:
+            return ipaddress.IPv4Address(packed4)
+        if packed6 is not None:
+            return ipaddress.IPv6Address(packed6)
+        return host
     for gn in _sans(leaf):
         if isinstance(gn, x509.DNSName):
             return gn.value.replace("*.", "wildcard.", 1) if gn.value.startswith("*.") else gn.value

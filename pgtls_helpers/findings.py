@@ -82,6 +82,12 @@ CODES: dict[str, str] = {
     "leaf-is-ca": "The first certificate is a CA certificate, not a server certificate; check "
     "that the server's own certificate is among the files.",
     "unused-certificate": "The file is not needed for this chain; leave it out of server.crt.",
+    "private-key-in-bundle": "A private key was among the CA's files; it was set aside and never "
+    "shown. Keep keys out of certificate bundles and check how that file was handled.",
+    "skipped-input": "A file that holds no certificate was set aside; nothing to do unless a "
+    "certificate was expected there.",
+    "no-san": "libpq matches the CN when there are no SANs, but JDBC, .NET and browsers do not; "
+    "ask the CA to reissue the certificate with the host names as SANs.",
     "chain-rejected": "The RFC 5280 verifier found a problem the other checks did not; read its "
     "reason and ask the CA for a conforming chain.",
 }
@@ -113,8 +119,13 @@ def check_chain(
     hosts = list(hosts)
     out: list[Finding] = []
     if not result.path:
-        return [Finding("error", "missing-issuer", "No certificate was found in the input; "
-                        "pass the files the CA returned.")]
+        return [
+            Finding(
+                "error",
+                "missing-issuer",
+                "No certificate was found in the input; pass the files the CA returned.",
+            )
+        ]
     leaf = result.path[0]
 
     out += _structure(result)
@@ -122,23 +133,31 @@ def check_chain(
         out += _validity(cert, role, at, expires_soon_days)
         out += _strength(cert, role)
     if key is not None and not public_key_matches(key, leaf):
-        out.append(Finding(
-            "error", "key-mismatch",
-            f"The certificate {cert_label(leaf)} does not belong to the given private key; "
-            "use the key its CSR was made with, or have a CSR from this key signed.",
-        ))
+        out.append(
+            Finding(
+                "error",
+                "key-mismatch",
+                f"The certificate {cert_label(leaf)} does not belong to the given private key; "
+                "use the key its CSR was made with, or have a CSR from this key signed.",
+            )
+        )
     for host in hosts:
         if not hostname.matches_host(leaf, host):
-            out.append(Finding(
-                "error", "hostname-mismatch",
-                f"The certificate {cert_label(leaf)} will be refused for host \"{host}\" with "
-                f"sslmode=verify-full: {_lower_first(hostname.explain(leaf, host))}",
-            ))
+            out.append(
+                Finding(
+                    "error",
+                    "hostname-mismatch",
+                    f'The certificate {cert_label(leaf)} will be refused for host "{host}" with '
+                    f"sslmode=verify-full: {_lower_first(hostname.explain(leaf, host))}",
+                )
+            )
     out += _server_use(leaf, len(result.path))
     out += _unused(result)
 
     if verify and result.complete and not any(f.severity == "error" for f in out):
-        verdict = verify_with_cryptography(result, hosts[0] if hosts else None, at)
+        # The chain alone: host names are judged by libpq's rules above, which differ from
+        # RFC 6125 (CN fallback, inet_aton forms).
+        verdict = verify_with_cryptography(result, None, at)
         if verdict is not None:
             out.append(verdict)
     return sorted(out, key=lambda f: _ORDER[f.severity])
@@ -163,28 +182,38 @@ def _structure(result: ChainResult) -> list[Finding]:
     missing = result.missing_issuer
     same = [c for c in result.unused if same_name(c.subject, missing)]
     if same_name(last.subject, last.issuer, _raw_names(last)) and not signed_by(last, last):
-        out.append(Finding(
-            "error", "bad-signature",
-            f"The self-signature of {cert_label(last)} does not verify, so the file is damaged "
-            "or altered; get the certificate again from the CA.",
-        ))
+        out.append(
+            Finding(
+                "error",
+                "bad-signature",
+                f"The self-signature of {cert_label(last)} does not verify, so the file is damaged "
+                "or altered; get the certificate again from the CA.",
+            )
+        )
     aki = _aki_bytes(last)
     for other in same:
         if aki is not None and aki == _ski_bytes(other):
-            out.append(Finding(
-                "error", "bad-signature",
-                f"The signature of {cert_label(last)} does not verify with the key of its issuer "
-                f"{_name_label(missing)} (the key identifiers match), so the certificate is "
-                "damaged or altered; get it again from the CA.",
-            ))
+            out.append(
+                Finding(
+                    "error",
+                    "bad-signature",
+                    f"The signature of {cert_label(last)} does not verify with the key of its "
+                    f"issuer {_name_label(missing)} (the key identifiers match), so the "
+                    "certificate is damaged or altered; get it again from the CA.",
+                )
+            )
         else:
-            out.append(Finding(
-                "error", "bad-signature",
-                f"The signature of {cert_label(last)} does not verify with the key of the "
-                f"certificate named {_name_label(missing)} (sha256 {fingerprint(other)[:16]}…), "
-                "which has the right name but a different key; get the matching "
-                f"{_name_label(missing)} certificate from the CA and drop this one.",
-            ))
+            out.append(
+                Finding(
+                    "error",
+                    "bad-signature",
+                    f"The signature of {cert_label(last)} does not verify with the key of the "
+                    f"certificate named {_name_label(missing)} "
+                    f"(sha256 {fingerprint(other)[:16]}…), "
+                    "which has the right name but a different key; get the matching "
+                    f"{_name_label(missing)} certificate from the CA and drop this one.",
+                )
+            )
     if same:
         text = (
             f"No certificate among the files signed {cert_label(last)}, so the chain stops "
@@ -212,22 +241,28 @@ def _not_a_ca(issuer: x509.Certificate, child: x509.Certificate) -> list[Finding
         bc = None
     if bc is None or not bc.ca:
         why = "has no basicConstraints extension" if bc is None else "says CA:FALSE"
-        return [Finding(
-            "error", "not-a-ca",
-            f"{_cap(cert_label(issuer))} signed {cert_label(child)} but {why}, so clients will "
-            "not accept it as an issuer; ask the CA for its proper intermediate certificate.",
-        )]
+        return [
+            Finding(
+                "error",
+                "not-a-ca",
+                f"{_cap(cert_label(issuer))} signed {cert_label(child)} but {why}, so clients will "
+                "not accept it as an issuer; ask the CA for its proper intermediate certificate.",
+            )
+        ]
     try:
         ku: x509.KeyUsage | None = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
     except (x509.ExtensionNotFound, ValueError):
         ku = None
     if ku is not None and not ku.key_cert_sign:
-        return [Finding(
-            "error", "not-a-ca",
-            f"{_cap(cert_label(issuer))} signed {cert_label(child)} but its key usage lacks "
-            "keyCertSign, so clients will not accept it as an issuer; ask the CA for its "
-            "proper intermediate certificate.",
-        )]
+        return [
+            Finding(
+                "error",
+                "not-a-ca",
+                f"{_cap(cert_label(issuer))} signed {cert_label(child)} but its key usage lacks "
+                "keyCertSign, so clients will not accept it as an issuer; ask the CA for its "
+                "proper intermediate certificate.",
+            )
+        ]
     return []
 
 
@@ -236,23 +271,29 @@ def _validity(cert: x509.Certificate, role: str, at: _dt.datetime, soon_days: in
     label = f"the {role} certificate {cert_label(cert)}"
     if at > na:
         fix = "renew it with a new CSR" if role == "leaf" else "get the current one from the CA"
-        return [Finding(
-            "error", "expired", f"{_cap(label)} expired on {na:%Y-%m-%d %H:%M} UTC; {fix}."
-        )]
+        return [
+            Finding("error", "expired", f"{_cap(label)} expired on {na:%Y-%m-%d %H:%M} UTC; {fix}.")
+        ]
     if at < nb:
-        return [Finding(
-            "error", "not-yet-valid",
-            f"{_cap(label)} is not valid before {nb:%Y-%m-%d %H:%M} UTC; wait until then or "
-            "check this machine's clock.",
-        )]
+        return [
+            Finding(
+                "error",
+                "not-yet-valid",
+                f"{_cap(label)} is not valid before {nb:%Y-%m-%d %H:%M} UTC; wait until then or "
+                "check this machine's clock.",
+            )
+        ]
     left = na - at
     if left <= _dt.timedelta(days=soon_days):
         days = left.days
-        return [Finding(
-            "warning", "expires-soon",
-            f"{_cap(label)} expires in {days} day{'s' if days != 1 else ''} "
-            f"({na:%Y-%m-%d} UTC); plan its renewal now.",
-        )]
+        return [
+            Finding(
+                "warning",
+                "expires-soon",
+                f"{_cap(label)} expires in {days} day{'s' if days != 1 else ''} "
+                f"({na:%Y-%m-%d} UTC); plan its renewal now.",
+            )
+        ]
     return []
 
 
@@ -270,13 +311,19 @@ def _strength(cert: x509.Certificate, role: str) -> list[Finding]:
     elif isinstance(pub, ec.EllipticCurvePublicKey) and pub.curve.key_size < 224:
         weak = f"ECDSA {pub.curve.key_size}-bit"
     if weak:
-        fix = "make a new key (RSA 2048 or more, or ECDSA P-256) and a new CSR" if role == "leaf" \
+        fix = (
+            "make a new key (RSA 2048 or more, or ECDSA P-256) and a new CSR"
+            if role == "leaf"
             else "ask the CA for a chain with stronger keys"
-        out.append(Finding(
-            "error", "weak-key",
-            f"The {role} certificate {cert_label(cert)} has a {weak} key, which OpenSSL refuses "
-            f"at its default security level; {fix}.",
-        ))
+        )
+        out.append(
+            Finding(
+                "error",
+                "weak-key",
+                f"The {role} certificate {cert_label(cert)} has a {weak} key, which OpenSSL "
+                f"refuses at its default security level; {fix}.",
+            )
+        )
     # A root's own signature is never checked by clients (the root is trusted as it is).
     if role != "root":
         try:
@@ -284,12 +331,15 @@ def _strength(cert: x509.Certificate, role: str) -> list[Finding]:
         except UnsupportedAlgorithm:
             algo = None
         if isinstance(algo, _WEAK_HASHES):
-            out.append(Finding(
-                "error", "weak-signature",
-                f"The {role} certificate {cert_label(cert)} is signed with {algo.name.upper()}, "
-                "which OpenSSL refuses at its default security level; ask the CA to reissue it "
-                "signed with SHA-256.",
-            ))
+            out.append(
+                Finding(
+                    "error",
+                    "weak-signature",
+                    f"The {role} certificate {cert_label(cert)} is signed with "
+                    f"{algo.name.upper()}, which OpenSSL refuses at its default security level; "
+                    "ask the CA to reissue it signed with SHA-256.",
+                )
+            )
     return out
 
 
@@ -303,18 +353,24 @@ def _server_use(leaf: x509.Certificate, path_len: int) -> list[Finding]:
         eku = None
     if eku is not None and ExtendedKeyUsageOID.SERVER_AUTH not in eku:
         uses = ", ".join(getattr(o, "_name", o.dotted_string) for o in eku) or "nothing"
-        out.append(Finding(
-            "error", "no-server-auth",
-            f"The certificate {cert_label(leaf)} is limited to {uses} (Extended Key Usage "
-            "without serverAuth), so clients refuse it for a server; ask the CA for a server "
-            "certificate.",
-        ))
+        out.append(
+            Finding(
+                "error",
+                "no-server-auth",
+                f"The certificate {cert_label(leaf)} is limited to {uses} (Extended Key Usage "
+                "without serverAuth), so clients refuse it for a server; ask the CA for a server "
+                "certificate.",
+            )
+        )
     if is_ca(leaf) and path_len > 1:
-        out.append(Finding(
-            "warning", "leaf-is-ca",
-            f"The first certificate {cert_label(leaf)} is a CA certificate; check that the "
-            "server's own certificate is among the files.",
-        ))
+        out.append(
+            Finding(
+                "warning",
+                "leaf-is-ca",
+                f"The first certificate {cert_label(leaf)} is a CA certificate; check that the "
+                "server's own certificate is among the files.",
+            )
+        )
     return out
 
 
@@ -329,23 +385,32 @@ def _unused(result: ChainResult) -> list[Finding]:
             len(result.unused) <= _CANON_LIMIT
             and any(same_name(cert.subject, n) for n in on_path_names)
         ):
-            out.append(Finding(
-                "warning", "unused-certificate",
-                f"{label} (sha256 {fingerprint(cert)[:16]}…) has the same name as a certificate "
-                "on the path but a different key, so it signed nothing here; leave it out of "
-                "server.crt and ask the CA which one is current.",
-            ))
+            out.append(
+                Finding(
+                    "warning",
+                    "unused-certificate",
+                    f"{label} (sha256 {fingerprint(cert)[:16]}…) has the same name as a "
+                    "certificate on the path but a different key, so it signed nothing here; "
+                    "leave it out of server.crt and ask the CA which one is current.",
+                )
+            )
         elif result.missing_issuer is not None:
-            out.append(Finding(
-                "info", "unused-certificate",
-                f"{label} is not connected to the path from {leaf}, which stops early (see "
-                "missing-issuer); it may fit once the missing certificate is added.",
-            ))
+            out.append(
+                Finding(
+                    "info",
+                    "unused-certificate",
+                    f"{label} is not connected to the path from {leaf}, which stops early (see "
+                    "missing-issuer); it may fit once the missing certificate is added.",
+                )
+            )
         else:
-            out.append(Finding(
-                "info", "unused-certificate",
-                f"{label} is not on the path from {leaf}; leave it out of server.crt.",
-            ))
+            out.append(
+                Finding(
+                    "info",
+                    "unused-certificate",
+                    f"{label} is not on the path from {leaf}; leave it out of server.crt.",
+                )
+            )
     return out
 
 

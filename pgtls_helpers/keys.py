@@ -110,13 +110,17 @@ def is_encrypted_pem(data: bytes) -> bool:
     return b"PRIVATE KEY-----" in data and b"Proc-Type: 4,ENCRYPTED" in data
 
 
-def load_key(data: bytes, passphrase: bytes | None = None, source: str = "key") -> PrivateKey:
+def load_key(
+    data: bytes, passphrase: bytes | None = None, source: str = "key", *, validate: bool = True
+) -> PrivateKey:
     """Load a private key from PEM (text around the block is fine) or DER.
 
     Args:
         data: the file's bytes.
         passphrase: for an encrypted key; ignored when the key is not encrypted.
         source: the file name used in error messages.
+        validate: check an RSA key's private numbers (about a quarter of a second for RSA
+            4096). Only comparing public halves, as key matching does, needs no such check.
 
     Raises:
         InputError: the data is not a usable private key, is encrypted and no (or the wrong)
@@ -124,6 +128,7 @@ def load_key(data: bytes, passphrase: bytes | None = None, source: str = "key") 
     """
     if not data.strip():
         raise InputError(f"{source} is empty; it should hold the server's private key.")
+    skip = not validate
     if b"-----BEGIN" in data:
         block = _first_key_pem(data)
         if block is None:
@@ -132,7 +137,9 @@ def load_key(data: bytes, passphrase: bytes | None = None, source: str = "key") 
         if encrypted and not passphrase:
             raise InputError(_encrypted_message(source))
         try:
-            return serialization.load_pem_private_key(block, passphrase if encrypted else None)
+            return serialization.load_pem_private_key(
+                block, passphrase if encrypted else None, unsafe_skip_rsa_key_validation=skip
+            )
         except ValueError as exc:
             if encrypted:
                 raise InputError(_wrong_passphrase_message(source)) from exc
@@ -140,12 +147,14 @@ def load_key(data: bytes, passphrase: bytes | None = None, source: str = "key") 
         except UnsupportedAlgorithm as exc:
             raise InputError(f"{source} holds a private key of a type not supported here.") from exc
     try:
-        return serialization.load_der_private_key(data, None)
+        return serialization.load_der_private_key(data, None, unsafe_skip_rsa_key_validation=skip)
     except TypeError as exc:  # DER EncryptedPrivateKeyInfo
         if not passphrase:
             raise InputError(_encrypted_message(source)) from exc
         try:
-            return serialization.load_der_private_key(data, passphrase)
+            return serialization.load_der_private_key(
+                data, passphrase, unsafe_skip_rsa_key_validation=skip
+            )
         except (ValueError, TypeError) as exc2:
             raise InputError(_wrong_passphrase_message(source)) from exc2
     except (ValueError, UnsupportedAlgorithm) as exc:

@@ -156,7 +156,7 @@ def _presented_der(sock: ssl.SSLSocket) -> list[bytes]:
     if public is not None:
         return [bytes(der) for der in public()]
     # Python 3.10-3.12 have the same call on the internal object; it returns _ssl.Certificate.
-    chain = sock._sslobj.get_unverified_chain()  # type: ignore[union-attr]
+    chain = sock._sslobj.get_unverified_chain()  # type: ignore[attr-defined]
     if not chain:
         return []
     encoding = ssl._ssl.ENCODING_DER  # type: ignore[attr-defined]
@@ -167,14 +167,39 @@ class _ProbeFailure(Exception):
     """One sentence (without the ``host:port:`` prefix) saying what went wrong."""
 
 
-def _close_politely(tls: ssl.SSLSocket, deadline: float) -> None:
-    # Without close_notify the server logs "could not receive data from client: Connection
-    # reset by peer" for every probe; the backend answers with its own close_notify and exits.
+def _close_politely(tls: ssl.SSLSocket) -> None:
+    # close_notify tells the backend we are gone; without it the server logs "could not receive
+    # data from client: Connection reset by peer" for every probe. Its own close_notify is not
+    # awaited (the socket is non-blocking by then): that would only time the backend's exit.
     try:
-        tls.settimeout(max(0.05, min(1.0, deadline - time.monotonic())))
-        tls.unwrap().close()
+        tls.setblocking(False)
+        tls.unwrap()
     except (OSError, ValueError):
         pass
+    finally:
+        tls.close()
+
+
+def _error_text(raw: socket.socket) -> str:
+    """The message of an ErrorResponse that follows an ``E`` byte (v3 or the old v2 form)."""
+    data = b""
+    try:
+        raw.settimeout(0.5)
+        while len(data) < 2048:
+            chunk = raw.recv(2048)
+            if not chunk:
+                break
+            data += chunk
+            if len(data) >= 4 and len(data) >= int.from_bytes(data[:4], "big"):
+                break
+    except OSError:
+        pass
+    if len(data) >= 5 and 4 <= int.from_bytes(data[:4], "big") <= 10_000:
+        for field in data[4:].split(b"\0"):
+            if field[:1] == b"M":
+                return field[1:].decode("utf-8", "replace")
+    text = data.split(b"\0", 1)[0].decode("utf-8", "replace").strip()
+    return " ".join(text.split())[:300] or "no message"
 
 
 def _handshake(host: str, port: int, timeout: float) -> tuple[str | None, str | None, list[bytes]]:
@@ -225,8 +250,7 @@ def _handshake(host: str, port: int, timeout: float) -> tuple[str | None, str | 
             )
         if answer == b"E":
             raise _ProbeFailure(
-                "the server answered the SSLRequest with an error message; "
-                "is this a PostgreSQL server from before 7.0?"
+                f"the server answered the SSLRequest with an error: {_error_text(raw)}"
             )
         if answer != b"S":
             raise _ProbeFailure(
@@ -252,7 +276,7 @@ def _handshake(host: str, port: int, timeout: float) -> tuple[str | None, str | 
             cipher = tls.cipher()
             return tls.version(), cipher[0] if cipher else None, _presented_der(tls)
         finally:
-            _close_politely(tls, deadline)
+            _close_politely(tls)
 
 
 _Outcome = tuple[str | None, str | None, list[bytes]] | str
@@ -275,8 +299,12 @@ def _result(host: str, port: int, outcome: _Outcome) -> ProbeResult:
     try:
         chain = tuple(x509.load_der_x509_certificate(der) for der in ders)
     except ValueError as exc:
-        return ProbeResult(host, port, error=f"{format_target(host, port)}: the server "
-                           f"presented a certificate that cannot be parsed ({exc})")
+        return ProbeResult(
+            host,
+            port,
+            error=f"{format_target(host, port)}: the server "
+            f"presented a certificate that cannot be parsed ({exc})",
+        )
     return ProbeResult(host, port, tls_version=version, cipher=cipher, chain=chain)
 
 
@@ -295,8 +323,9 @@ def probe(host: str, port: int = DEFAULT_PORT, timeout: float = 5.0) -> ProbeRes
     return _result(host, port, _attempt(host, port, timeout))
 
 
-def probe_many(targets: Iterable[str | tuple[str, int]], timeout: float = 5.0,
-               max_workers: int = 16) -> list[ProbeResult]:
+def probe_many(
+    targets: Iterable[str | tuple[str, int]], timeout: float = 5.0, max_workers: int = 16
+) -> list[ProbeResult]:
     """Probe several servers at once; the results come back in the order given.
 
     Args:
@@ -329,8 +358,10 @@ def probe_many(targets: Iterable[str | tuple[str, int]], timeout: float = 5.0,
             except BaseException as exc:  # handed to the caller's thread below
                 outcomes[index] = exc
 
-    threads = [threading.Thread(target=work, name=f"pgtls-probe-{n}", daemon=True)
-               for n in range(min(max_workers, len(pairs)))]
+    threads = [
+        threading.Thread(target=work, name=f"pgtls-probe-{n}", daemon=True)
+        for n in range(min(max_workers, len(pairs)))
+    ]
     for thread in threads:
         thread.start()
     # The certificate parser is imported here, while the handshakes are on the network.

@@ -8,8 +8,10 @@ because a record has no live kernel to draw widgets with.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import html
+import io
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -101,9 +103,13 @@ def _heading(text: str) -> Rendered:
     return Rendered(f'<div style="font-weight:600;margin-top:10px">{_e(text)}</div>', text)
 
 
-def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,
-           *, colour: Callable[[Mapping[str, Any]], str | None] | None = None,
-           mono: Iterable[str] = ()) -> Rendered:
+def _table(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str] | None = None,
+    *,
+    colour: Callable[[Mapping[str, Any]], str | None] | None = None,
+    mono: Iterable[str] = (),
+) -> Rendered:
     """A plain HTML table (no pandas needed for a handful of rows) and its text form."""
     cols = list(columns or (list(rows[0]) if rows else []))
     mono_cols = set(mono)
@@ -115,17 +121,25 @@ def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = No
         style = f"color:{c};" if colour and (c := colour(row)) else ""
         cells = []
         for col in cols:
-            font = "font-family:monospace;font-size:12px;word-break:break-all;" \
-                if col in mono_cols else ""
+            font = (
+                "font-family:monospace;font-size:12px;word-break:break-all;"
+                if col in mono_cols
+                else ""
+            )
             cells.append(f'<td style="{_CELL}{font}">{_e(_plain(row.get(col)))}</td>')
         body.append(f'<tr style="{style}">{"".join(cells)}</tr>')
     widths = [max(len(c), *(len(_plain(r.get(c))) for r in rows)) for c in cols]
     widths = [min(w, 60) for w in widths]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
-    lines += ["  ".join(_plain(r.get(c))[:60].ljust(w) for c, w in zip(cols, widths, strict=True))
-              for r in rows]
-    return Rendered(f'<table style="{_TABLE}"><thead><tr>{head}</tr></thead>'
-                    f'<tbody>{"".join(body)}</tbody></table>', "\n".join(lines))
+    lines += [
+        "  ".join(_plain(r.get(c))[:60].ljust(w) for c, w in zip(cols, widths, strict=True))
+        for r in rows
+    ]
+    return Rendered(
+        f'<table style="{_TABLE}"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table>",
+        "\n".join(lines),
+    )
 
 
 def _plain(value: object) -> str:
@@ -141,8 +155,9 @@ def _plain(value: object) -> str:
 
 
 def _pre(text: str) -> Rendered:
-    return Rendered(f'<pre style="{_BOX}background:#f9fafb;white-space:pre-wrap">{_e(text)}</pre>',
-                    text)
+    return Rendered(
+        f'<pre style="{_BOX}background:#f9fafb;white-space:pre-wrap">{_e(text)}</pre>', text
+    )
 
 
 # --------------------------------------------------------------------------- parameters
@@ -164,7 +179,8 @@ def notebook_params(namespace: Mapping[str, Any]) -> Params:
     except ImportError:  # pragma: no cover - IPython comes with ipykernel
         shell = None
     if shell is not None:
-        shell.run_line_magic("xmode", "Minimal")
+        with contextlib.redirect_stdout(io.StringIO()):  # %xmode announces itself
+            shell.run_line_magic("xmode", "Minimal")
     return params
 
 
@@ -174,16 +190,20 @@ def plan_only(params: Params) -> Params:
 
 
 def _param_rows(params: Params, names: Iterable[str] | None = None) -> list[dict[str, str]]:
-    values = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)
-              if f.name != "extra"}
+    values = {
+        f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.name != "extra"
+    }
     safe = redacted(values)
     rows = []
     for name in names or PARAMETER_NAMES:
         value = safe.get(name)
         if name == "hba_rules":
-            text = "; ".join(" ".join(str(r.get(k, "")) for k in
-                                      ("type", "database", "user", "address", "method"))
-                             for r in value or ())
+            text = "; ".join(
+                " ".join(
+                    str(r.get(k, "")) for k in ("type", "database", "user", "address", "method")
+                )
+                for r in value or ()
+            )
         else:
             text = _plain(value)
         rows.append({"parameter": name, "value": text})
@@ -192,12 +212,30 @@ def _param_rows(params: Params, names: Iterable[str] | None = None) -> list[dict
 
 def show_parameters(params: Params, names: Iterable[str] | None = None) -> Rendered:
     """The parameters this notebook runs with (names of secret variables, never values)."""
-    mode = "apply: the change is made" if params.apply else \
-        "apply is false: plan only, nothing on the server changes"
-    return _join(_banner(f"change {params.change_id} · {params.server_host}:"
-                         f"{params.server_port} · {mode}",
-                         _OK if params.apply else _WARN, "Parameters"),
-                 _table(_param_rows(params, names)))
+    mode = (
+        "apply: the change is made"
+        if params.apply
+        else "apply is false: plan only, nothing on the server changes"
+    )
+    rows = _param_rows(params, names)
+    half = (len(rows) + 1) // 2
+    pairs = [
+        {
+            "parameter": left["parameter"],
+            "value": left["value"],
+            " parameter": right["parameter"] if right else "",
+            " value": right["value"] if right else "",
+        }
+        for left, right in zip(rows[:half], [*rows[half:], None], strict=False)
+    ]
+    return _join(
+        _banner(
+            f"change {params.change_id} · {params.server_host}:{params.server_port} · {mode}",
+            _OK if params.apply else _WARN,
+            "Parameters",
+        ),
+        _table(pairs),
+    )
 
 
 # --------------------------------------------------------------------------- step 1: the form
@@ -224,15 +262,15 @@ def _field_problem(name: str, value: str) -> str | None:
         elif name == "subject_alt_names":
             make_subject(_PROBE_CN, sans=_lines(value))
         else:
-            make_subject(_PROBE_CN, **{name: value})
+            one: dict[str, Any] = {name: value}
+            make_subject(_PROBE_CN, **one)
     except InputError as exc:
         return str(exc)
     return None
 
 
 def _lines(text: str) -> list[str]:
-    return [part.strip() for line in text.splitlines() for part in line.split(",")
-            if part.strip()]
+    return [part.strip() for line in text.splitlines() for part in line.split(",") if part.strip()]
 
 
 class CsrForm:
@@ -256,25 +294,41 @@ class CsrForm:
         self._errors: dict[str, Any] = {}
         rows = []
         for name, label, example in _FORM_FIELDS:
-            text = w.Text(value=getattr(params, name) or "", description=label,
-                          placeholder=example, style=style, layout=wide)
+            text = w.Text(
+                value=getattr(params, name) or "",
+                description=label,
+                placeholder=example,
+                style=style,
+                layout=wide,
+            )
             self.inputs[name] = text
             self._errors[name] = w.HTML()
             rows += [text, self._errors[name]]
         self.inputs["subject_alt_names"] = w.Textarea(
-            value="\n".join(params.subject_alt_names), description="Alternative names",
-            placeholder="one host name or IP address a line", style=style,
-            layout=w.Layout(width="560px", height="80px"))
+            value="\n".join(params.subject_alt_names),
+            description="Alternative names",
+            placeholder="one host name or IP address a line",
+            style=style,
+            layout=w.Layout(width="560px", height="80px"),
+        )
         self._errors["subject_alt_names"] = w.HTML()
-        options = list(KEY_TYPES) if params.key_type in KEY_TYPES else \
-            [*KEY_TYPES, params.key_type]
-        self.inputs["key_type"] = w.Dropdown(options=options, value=params.key_type,
-                                             description="Key type", style=style)
-        self.button = w.Button(description="Use these values", button_style="primary",
-                               icon="check", layout=w.Layout(width="200px"))
+        options = list(KEY_TYPES) if params.key_type in KEY_TYPES else [*KEY_TYPES, params.key_type]
+        self.inputs["key_type"] = w.Dropdown(
+            options=options, value=params.key_type, description="Key type", style=style
+        )
+        self.button = w.Button(
+            description="Use these values",
+            button_style="primary",
+            icon="check",
+            layout=w.Layout(width="200px"),
+        )
         self.status = w.HTML()
-        rows += [self.inputs["subject_alt_names"], self._errors["subject_alt_names"],
-                 self.inputs["key_type"], w.HBox([self.button, self.status])]
+        rows += [
+            self.inputs["subject_alt_names"],
+            self._errors["subject_alt_names"],
+            self.inputs["key_type"],
+            w.HBox([self.button, self.status]),
+        ]
         for name, widget in self.inputs.items():
             if name != "key_type":
                 widget.observe(self._on_change, names="value")
@@ -285,8 +339,11 @@ class CsrForm:
     # the interactive part
     def _check(self, name: str) -> bool:
         problem = _field_problem(name, self.inputs[name].value)
-        self._errors[name].value = "" if problem is None else \
-            f'<span style="color:{_BAD};margin-left:196px">{_e(problem)}</span>'
+        self._errors[name].value = (
+            ""
+            if problem is None
+            else f'<span style="color:{_BAD};margin-left:196px">{_e(problem)}</span>'
+        )
         return problem is None
 
     def _on_change(self, change: Mapping[str, Any]) -> None:
@@ -294,8 +351,10 @@ class CsrForm:
         name = next(n for n, wdg in self.inputs.items() if wdg is owner)
         self._check(name)
         if self._chosen is not None:
-            self.status.value = f'<span style="color:{_WARN}">changed since "Use these values" ' \
-                                "was pressed; press it again to use the changes</span>"
+            self.status.value = (
+                f'<span style="color:{_WARN}">changed since "Use these values" '
+                "was pressed; press it again to use the changes</span>"
+            )
 
     def _on_use(self, _button: object = None) -> None:
         try:
@@ -313,14 +372,23 @@ class CsrForm:
         for name in self.inputs:
             if name != "key_type" and not self._check(name):
                 raise InputError(_field_problem(name, self.inputs[name].value) or "invalid value")
-        fields = {name: (self.inputs[name].value.strip() or None) for name, _, _ in _FORM_FIELDS}
+        fields: dict[str, Any] = {
+            name: (self.inputs[name].value.strip() or None) for name, _, _ in _FORM_FIELDS
+        }
         sans = tuple(_lines(self.inputs["subject_alt_names"].value))
         subject = make_subject(str(fields.pop("common_name") or ""), sans=sans, **fields)
         return dataclasses.replace(
-            self._given, common_name=subject.common_name, country=subject.country,
-            state=subject.state, locality=subject.locality, organization=subject.organization,
-            organizational_unit=subject.organizational_unit, email=subject.email,
-            subject_alt_names=sans, key_type=str(self.inputs["key_type"].value))
+            self._given,
+            common_name=subject.common_name,
+            country=subject.country,
+            state=subject.state,
+            locality=subject.locality,
+            organization=subject.organization,
+            organizational_unit=subject.organizational_unit,
+            email=subject.email,
+            subject_alt_names=sans,
+            key_type=str(self.inputs["key_type"].value),
+        )
 
     @property
     def params(self) -> Params:
@@ -335,8 +403,9 @@ class CsrForm:
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
         bundle = dict(self.box._repr_mimebundle_(**kwargs) or {})
-        bundle["text/plain"] = ("[CSR form: interactive in JupyterLab; the values used are "
-                                "listed below]")
+        bundle["text/plain"] = (
+            "[CSR form: interactive in JupyterLab; the values used are listed below]"
+        )
         return bundle
 
 
@@ -353,9 +422,14 @@ def show_values(form: CsrForm) -> Rendered:
     subject = subject_of(params)
     rows = [{"field": label, "value": value} for label, value in subject.fields()]
     rows.append({"field": "Key type", "value": params.key_type})
-    rows.append({"field": "Key passphrase",
-                 "value": f"from ${params.key_passphrase_env}" if params.key_passphrase_env
-                 else "none (the server reads the key at start without a prompt)"})
+    rows.append(
+        {
+            "field": "Key passphrase",
+            "value": f"from ${params.key_passphrase_env}"
+            if params.key_passphrase_env
+            else "none (the server reads the key at start without a prompt)",
+        }
+    )
     return _join(_heading(f"The CSR is made from {form.source}:"), _table(rows))
 
 
@@ -372,25 +446,43 @@ def _mode(path: Path) -> str:
 def show_key_and_csr(result: KeyCsrResult, params: Params) -> Rendered:
     """Where the key and CSR are, the CSR as a reviewer reads it, and what to send to the CA."""
     files = [
-        {"file": str(result.key_path), "what": "private key" + (
-            " (encrypted)" if result.encrypted else ""), "mode": _mode(result.key_path),
-         "leaves this machine": "never"},
-        {"file": str(result.csr_path), "what": "certificate signing request",
-         "mode": _mode(result.csr_path), "leaves this machine": "yes: send it to the CA"},
+        {
+            "file": str(result.key_path),
+            "what": "private key" + (" (encrypted)" if result.encrypted else ""),
+            "mode": _mode(result.key_path),
+            "leaves this machine": "never",
+        },
+        {
+            "file": str(result.csr_path),
+            "what": "certificate signing request",
+            "mode": _mode(result.csr_path),
+            "leaves this machine": "yes: send it to the CA",
+        },
     ]
-    state = ("The key and CSR from an earlier run are kept (the CSR may already be with the "
-             "CA); nothing was generated." if result.reused else
-             f"A new {result.key_type} key and its CSR were written.")
+    state = (
+        "The key and CSR from an earlier run are kept (the CSR may already be with the "
+        "CA); nothing was generated."
+        if result.reused
+        else f"A new {result.key_type} key and its CSR were written."
+    )
     if params.ca_mode == "lab":
-        todo = ("Lab mode: the throwaway CA signs this CSR in step 2; nothing needs to be "
-                "sent anywhere.")
+        todo = (
+            "Lab mode: the throwaway CA signs this CSR in step 2; nothing needs to be "
+            "sent anywhere."
+        )
     else:
-        todo = (f"Send {result.csr_path} (and only that file) to your CA. When the signed "
-                "certificate and the CA's intermediate and root certificates come back, list "
-                "them in ca_files and run the next steps. The private key stays where it is.")
-    return _join(_banner(state, _OK, "Key and CSR"), _table(files, mono=("file",)),
-                 _heading("The CSR, as the CA will read it:"), _pre(result.csr_text),
-                 _banner(todo, _INFO, "What to send to the CA"))
+        todo = (
+            f"Send {result.csr_path} (and only that file) to your CA. When the signed "
+            "certificate and the CA's intermediate and root certificates come back, list "
+            "them in ca_files and run the next steps. The private key stays where it is."
+        )
+    return _join(
+        _banner(state, _OK, "Key and CSR"),
+        _table(files, mono=("file",)),
+        _heading("The CSR, as the CA will read it:"),
+        _pre(result.csr_text),
+        _banner(todo, _INFO, "What to send to the CA"),
+    )
 
 
 # --------------------------------------------------------------------------- step 2
@@ -399,31 +491,82 @@ def show_key_and_csr(result: KeyCsrResult, params: Params) -> Rendered:
 def show_sources(ca: CaResponseResult) -> Rendered:
     """The files read, the bundle written, and notes about anything set aside."""
     rows = [{"read": s} for s in ca.sources]
-    parts = [_heading("Files read from the CA's response:"), _table(rows, mono=("read",)),
-             _heading("Written to the work directory:"),
-             _table([{"file": str(ca.bundle_path), "holds": "server.crt: leaf + intermediates"},
-                     *([{"file": str(ca.root_path), "holds": "root.crt: the root, for clients"}]
-                       if ca.root_path else [])], mono=("file",))]
+    parts = [
+        _heading("Files read from the CA's response:"),
+        _table(rows, mono=("read",)),
+        _heading("Written to the work directory:"),
+        _table(
+            [
+                {"file": str(ca.bundle_path), "holds": "server.crt: leaf + intermediates"},
+                *(
+                    [{"file": str(ca.root_path), "holds": "root.crt: the root, for clients"}]
+                    if ca.root_path
+                    else []
+                ),
+            ],
+            mono=("file",),
+        ),
+    ]
     if ca.notes:
         parts += [_heading("Set aside:"), _table([{"note": n} for n in ca.notes])]
     return _join(*parts)
 
 
 def inspection_table(ca: CaResponseResult) -> Rendered:
-    """The chain inspection table: leaf first, every certificate's names, dates and keys."""
+    """The chain inspection table: one column per certificate, leaf first, unused ones last."""
     from pgtls_helpers.chain import inspection_table as frame_of
 
     frame = frame_of(ca.chain).astype(object)
-    rows = frame.where(frame.notna(), None).to_dict("records")
-    cols = ["position", "role", "subject", "issuer", "not_before", "not_after", "days_left",
-            "key", "signature_algorithm", "sha256"]
+    certs = frame.where(frame.notna(), None).to_dict("records")
+    fields = [
+        ("subject", "subject"),
+        ("issuer", "issuer"),
+        ("not_before", "not before"),
+        ("not_after", "not after"),
+        ("days_left", "days left"),
+        ("key", "key"),
+        ("signature_algorithm", "signature"),
+        ("sans", "alternative names"),
+        ("serial", "serial"),
+        ("ski", "subject key id"),
+        ("aki", "authority key id"),
+        ("sha256", "sha256"),
+    ]
+    mono = {"serial", "ski", "aki", "sha256"}
+    heads = [f"{'' if c['position'] is None else c['position']} {c['role']}".strip() for c in certs]
+    head = f'<th style="{_CELL}background:#f2f4f7"></th>' + "".join(
+        f'<th style="{_CELL}background:#f2f4f7;color:{_role_colour(c)}">{_e(h)}</th>'
+        for h, c in zip(heads, certs, strict=True)
+    )
+    body = []
+    for key, label in fields:
+        cells = []
+        for c in certs:
+            value = c.get(key)
+            style = (
+                "font-family:monospace;font-size:11px;word-break:break-all;" if key in mono else ""
+            )
+            if key == "days_left" and isinstance(value, int) and value < 0:
+                style += f"color:{_BAD};font-weight:600;"
+            cells.append(f'<td style="{_CELL}{style}">{_e(_plain(value))}</td>')
+        body.append(
+            f'<tr><th style="{_CELL}background:#f9fafb;white-space:nowrap">'
+            f"{_e(label)}</th>{''.join(cells)}</tr>"
+        )
+    text = "\n\n".join(
+        "\n".join([h] + [f"  {label}: {_plain(c.get(k))}" for k, label in fields])
+        for h, c in zip(heads, certs, strict=True)
+    )
+    return Rendered(
+        f'<table style="{_TABLE}table-layout:fixed;width:100%">'
+        f'<colgroup><col style="width:130px">' + "".join("<col>" for _ in certs) + "</colgroup>"
+        f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>",
+        text,
+    )
 
-    def colour(row: Mapping[str, Any]) -> str | None:
-        if row["role"] == "unused":
-            return _MUTED
-        return _BAD if row["days_left"] < 0 else None
 
-    return _table(rows, cols, colour=colour, mono=("sha256",))
+def _role_colour(row: Mapping[str, Any]) -> str:
+    return _ROLE_COLOURS.get(str(row.get("role", "")).split(" ")[0], _MUTED)
 
 
 def _cn(cert: x509.Certificate) -> str:
@@ -436,8 +579,7 @@ def chain_picture(ca: CaResponseResult) -> Rendered:
     chain = ca.chain
     nodes: list[tuple[str, str, str, bool]] = []  # label, role, detail, missing
     if chain.missing_issuer is not None:
-        nodes.append((chain.missing_issuer.rfc4514_string(), "missing", "not in the files",
-                      True))
+        nodes.append((chain.missing_issuer.rfc4514_string(), "missing", "not in the files", True))
     for cert, role in reversed(list(zip(chain.path, chain.roles, strict=True))):
         nodes.append((_cn(cert), role, f"until {cert.not_valid_after_utc:%Y-%m-%d}", False))
     boxes = []
@@ -449,26 +591,30 @@ def chain_picture(ca: CaResponseResult) -> Rendered:
             f'padding:6px 10px;margin:4px;min-width:120px;text-align:center">'
             f'<div style="font-size:11px;color:{colour};text-transform:uppercase">{_e(role)}'
             f'</div><div style="font-weight:600">{_e(label)}</div>'
-            f'<div style="font-size:11px;color:{_MUTED}">{_e(detail)}</div></div>')
+            f'<div style="font-size:11px;color:{_MUTED}">{_e(detail)}</div></div>'
+        )
         if i < len(nodes) - 1:
             boxes.append(f'<span style="font-size:20px;color:{_MUTED}">&#8594;</span>')
     unused = ""
     if chain.unused:
         names = ", ".join(_cn(c) for c in chain.unused)
-        unused = (f'<div style="color:{_MUTED};font-size:12px">not part of the chain: '
-                  f"{_e(names)}</div>")
+        unused = (
+            f'<div style="color:{_MUTED};font-size:12px">not part of the chain: {_e(names)}</div>'
+        )
     text = " -> ".join(f"[missing {n[0]}]" if n[3] else f"{n[0]} ({n[1]})" for n in nodes)
     if chain.unused:
         text += "\nnot part of the chain: " + ", ".join(_cn(c) for c in chain.unused)
     return Rendered(f'<div style="margin:6px 0">{"".join(boxes)}</div>{unused}', text)
 
 
-def validity_timeline(ca: CaResponseResult, *, now: datetime | None = None,
-                      soon_days: int = 30) -> Rendered:
+def validity_timeline(
+    ca: CaResponseResult, *, now: datetime | None = None, soon_days: int = 30
+) -> Rendered:
     """Each certificate's validity as a bar on one time axis, with today marked (inline SVG)."""
     at = now or datetime.now(timezone.utc)
-    certs = list(zip(ca.chain.path, ca.chain.roles, strict=True)) + \
-        [(c, "unused") for c in ca.chain.unused]
+    certs = list(zip(ca.chain.path, ca.chain.roles, strict=True)) + [
+        (c, "unused") for c in ca.chain.unused
+    ]
     if not certs:
         return Rendered("", "")
     starts = [c.not_valid_before_utc for c, _ in certs] + [at]
@@ -484,8 +630,10 @@ def validity_timeline(ca: CaResponseResult, *, now: datetime | None = None,
     def x(t: datetime) -> float:
         return label_w + plot_w * (t - lo).total_seconds() / span
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + plot_w + 20}" '
-             f'height="{height}" font-family="sans-serif" font-size="12">']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + plot_w + 20}" '
+        f'height="{height}" font-family="sans-serif" font-size="12">'
+    ]
     text_lines = []
     for i, (cert, role) in enumerate(certs):
         y = top + i * row_h
@@ -500,29 +648,41 @@ def validity_timeline(ca: CaResponseResult, *, now: datetime | None = None,
         label = _cn(cert)
         short = label if len(label) <= 26 else label[:25] + "…"
         parts.append(f'<text x="4" y="{y + 15}">{_e(short)}</text>')
-        parts.append(f'<rect x="{x(start):.1f}" y="{y + 4}" width="{max(x(end) - x(start), 2):.1f}"'
-                     f' height="{row_h - 8}" rx="3" fill="{colour}" fill-opacity="0.75">'
-                     f"<title>{_e(label)} ({role}): {start:%Y-%m-%d} to {end:%Y-%m-%d}, "
-                     f"{_e(state)}</title></rect>")
-        parts.append(f'<text x="{min(x(end) + 4, label_w + plot_w - 80):.1f}" y="{y + 15}" '
-                     f'font-size="10" fill="{_MUTED}">{_e(state)}</text>')
+        parts.append(
+            f'<rect x="{x(start):.1f}" y="{y + 4}" width="{max(x(end) - x(start), 2):.1f}"'
+            f' height="{row_h - 8}" rx="3" fill="{colour}" fill-opacity="0.75">'
+            f"<title>{_e(label)} ({role}): {start:%Y-%m-%d} to {end:%Y-%m-%d}, "
+            f"{_e(state)}</title></rect>"
+        )
+        parts.append(
+            f'<text x="{min(x(end) + 4, label_w + plot_w - 80):.1f}" y="{y + 15}" '
+            f'font-size="10" fill="{_MUTED}">{_e(state)}</text>'
+        )
         text_lines.append(f"{label:<28} {role:<12} {start:%Y-%m-%d} .. {end:%Y-%m-%d}  {state}")
     # the axis: a tick per year (or per month when the span is short)
     axis_y = top + row_h * len(certs) + 4
-    parts.append(f'<line x1="{label_w}" y1="{axis_y}" x2="{label_w + plot_w}" y2="{axis_y}" '
-                 f'stroke="{_MUTED}"/>')
+    parts.append(
+        f'<line x1="{label_w}" y1="{axis_y}" x2="{label_w + plot_w}" y2="{axis_y}" '
+        f'stroke="{_MUTED}"/>'
+    )
     for tick in _ticks(lo, hi):
         tx = x(tick)
-        parts.append(f'<line x1="{tx:.1f}" y1="{axis_y}" x2="{tx:.1f}" y2="{axis_y + 4}" '
-                     f'stroke="{_MUTED}"/><text x="{tx:.1f}" y="{axis_y + 16}" font-size="10" '
-                     f'text-anchor="middle" fill="{_MUTED}">{tick:%Y-%m}</text>')
+        parts.append(
+            f'<line x1="{tx:.1f}" y1="{axis_y}" x2="{tx:.1f}" y2="{axis_y + 4}" '
+            f'stroke="{_MUTED}"/><text x="{tx:.1f}" y="{axis_y + 16}" font-size="10" '
+            f'text-anchor="middle" fill="{_MUTED}">{tick:%Y-%m}</text>'
+        )
     nx = x(at)
-    parts.append(f'<line x1="{nx:.1f}" y1="{top - 6}" x2="{nx:.1f}" y2="{axis_y}" '
-                 f'stroke="{_BAD}" stroke-dasharray="4,3"/><text x="{nx:.1f}" y="{top - 9}" '
-                 f'font-size="10" text-anchor="middle" fill="{_BAD}">today</text>')
+    parts.append(
+        f'<line x1="{nx:.1f}" y1="{top - 6}" x2="{nx:.1f}" y2="{axis_y}" '
+        f'stroke="{_BAD}" stroke-dasharray="4,3"/><text x="{nx:.1f}" y="{top - 9}" '
+        f'font-size="10" text-anchor="middle" fill="{_BAD}">today</text>'
+    )
     parts.append("</svg>")
-    return Rendered(f'<div style="margin:6px 0">{"".join(parts)}</div>',
-                    f"today: {at:%Y-%m-%d}\n" + "\n".join(text_lines))
+    return Rendered(
+        f'<div style="margin:6px 0">{"".join(parts)}</div>',
+        f"today: {at:%Y-%m-%d}\n" + "\n".join(text_lines),
+    )
 
 
 def _ticks(lo: datetime, hi: datetime) -> list[datetime]:
@@ -550,11 +710,17 @@ def key_match(ca: CaResponseResult, params: Params) -> Rendered:
     want, got = spki_sha256(csr.public_key()), spki_sha256(leaf.public_key())
     mismatch = any(f.code == "key-mismatch" for f in ca.findings)
     ok = want == got and not mismatch
-    rows = [{"public key of": "server.csr (and so server.key)", "SPKI sha256": want},
-            {"public key of": f"the leaf, {_cn(leaf)}", "SPKI sha256": got}]
-    verdict = _banner("the certificate belongs to this change's private key" if ok else
-                      "the certificate was issued for another key; it cannot be used with "
-                      "server.key", _OK if ok else _BAD, "Key match")
+    rows = [
+        {"public key of": "server.csr (and so server.key)", "SPKI sha256": want},
+        {"public key of": f"the leaf, {_cn(leaf)}", "SPKI sha256": got},
+    ]
+    verdict = _banner(
+        "the certificate belongs to this change's private key"
+        if ok
+        else "the certificate was issued for another key; it cannot be used with server.key",
+        _OK if ok else _BAD,
+        "Key match",
+    )
     return _join(verdict, _table(rows, mono=("SPKI sha256",)))
 
 
@@ -565,11 +731,18 @@ def host_coverage(ca: CaResponseResult, params: Params) -> Rendered:
     leaf = ca.chain.leaf
     if leaf is None:
         return _banner("no leaf certificate to check", _BAD, "Host names")
-    rows = [{"host": h, "verify-full": "accepted" if matches_host(leaf, h) else "refused",
-             "why": explain(leaf, h)} for h in params.hosts]
-    return _join(_heading("Host names clients use, checked as libpq does with "
-                          "sslmode=verify-full:"),
-                 _table(rows, colour=lambda r: _BAD if r["verify-full"] == "refused" else None))
+    rows = [
+        {
+            "host": h,
+            "verify-full": "accepted" if matches_host(leaf, h) else "refused",
+            "why": explain(leaf, h),
+        }
+        for h in params.hosts
+    ]
+    return _join(
+        _heading("Host names clients use, checked as libpq does with sslmode=verify-full:"),
+        _table(rows, colour=lambda r: _BAD if r["verify-full"] == "refused" else None),
+    )
 
 
 def show_findings(ca: CaResponseResult) -> Rendered:
@@ -577,10 +750,20 @@ def show_findings(ca: CaResponseResult) -> Rendered:
     from pgtls_helpers.findings import CODES
 
     if not ca.findings:
-        return _banner("no findings: the chain is complete, valid, and fits the key and host "
-                       "names", _OK, "Findings")
-    rows = [{"severity": f.severity, "code": f.code, "finding": f.message,
-             "what to do": CODES.get(f.code, "")} for f in ca.findings]
+        return _banner(
+            "no findings: the chain is complete, valid, and fits the key and host names",
+            _OK,
+            "Findings",
+        )
+    rows = [
+        {
+            "severity": f.severity,
+            "code": f.code,
+            "finding": f.message,
+            "what to do": CODES.get(f.code, ""),
+        }
+        for f in ca.findings
+    ]
     colours = {"error": _BAD, "warning": _WARN}
     return _table(rows, colour=lambda r: colours.get(str(r["severity"])))
 
@@ -591,10 +774,18 @@ def stop_on_errors(ca: CaResponseResult) -> Rendered:
 
     errors = [f for f in ca.findings if f.severity == "error"]
     if errors:
-        _display(_banner(f"{len(errors)} error finding(s); the runbook stops here and nothing "
-                         "goes near the server", _BAD, "Stop"))
-        raise PreflightError("the CA's response is not usable: " + "; ".join(
-            f"{f.code}: {f.message}" for f in errors))
+        _display(
+            _banner(
+                f"{len(errors)} error finding(s); the runbook stops here and nothing "
+                "goes near the server",
+                _BAD,
+                "Stop",
+            )
+        )
+        raise PreflightError(
+            "the CA's response is not usable: "
+            + "; ".join(f"{f.code}: {f.message}" for f in errors)
+        )
     return _banner("no error findings: this chain may be installed (step 3)", _OK, "Go")
 
 
@@ -625,26 +816,45 @@ def apply_step(step: Callable[[Params], _T], params: Params) -> _T | None:
 
 
 def _apply_false(what: str) -> Rendered:
-    return _banner(f"apply is false: the runbook stops at the plan; {what}. Set apply: true "
-                   "when the change is approved and run again.", _WARN, "Plan only")
+    return _banner(
+        f"apply is false: the runbook stops at the plan; {what}. Set apply: true "
+        "when the change is approved and run again.",
+        _WARN,
+        "Plan only",
+    )
 
 
 def show_install_plan(plan: InstallStepResult) -> Rendered:
     """Where the files go (from the server's own settings), owners, modes, and the checks."""
     facts = plan.facts
-    about = [{"setting": k, "value": facts.get(k)} for k in
-             ("version", "data_directory", "ssl_cert_file", "ssl_key_file", "hba_file", "ssl")]
-    parts = [_heading("What the server says about itself:"), _table(about, mono=("value",)),
-             _heading("The plan (each replaced file is backed up first):"),
-             _table(plan.plan, ["file", "kind", "action", "owner", "mode", "sha256 (new)"],
-                    mono=("file", "sha256 (new)"))]
+    about = [
+        {"setting": k, "value": facts.get(k)}
+        for k in ("version", "data_directory", "ssl_cert_file", "ssl_key_file", "hba_file", "ssl")
+    ]
+    parts = [
+        _heading("What the server says about itself:"),
+        _table(about, mono=("value",)),
+        _heading("The plan (each replaced file is backed up first):"),
+        _table(
+            plan.plan,
+            ["file", "kind", "action", "owner", "mode", "sha256 (new)"],
+            mono=("file", "sha256 (new)"),
+        ),
+    ]
     if plan.preflight:
-        parts += [_heading("Checks before the install:"), _table(
-            [{"severity": f.severity, "code": f.code, "finding": f.message}
-             for f in plan.preflight])]
+        parts += [
+            _heading("Checks before the install:"),
+            _table(
+                [
+                    {"severity": f.severity, "code": f.code, "finding": f.message}
+                    for f in plan.preflight
+                ]
+            ),
+        ]
     else:
-        parts.append(_banner("the key matches the certificate and the chain is complete",
-                             _OK, "Checks"))
+        parts.append(
+            _banner("the key matches the certificate and the chain is complete", _OK, "Checks")
+        )
     return _join(*parts)
 
 
@@ -653,12 +863,20 @@ def show_installed(installed: InstallStepResult | None) -> Rendered:
     if installed is None:
         return _apply_false("no file was written")
     rows = installed.installed.as_dicts() if installed.installed else []
-    note = ("every file was already in place; nothing was written" if not installed.changed
-            else "installed; the private key's only copies are now the installed file and "
-                 "the backup of the key it replaced")
-    return _join(_banner(note, _OK, "Install"),
-                 _table(rows, ["target", "kind", "action", "sha256", "backup"],
-                        mono=("target", "sha256", "backup")))
+    note = (
+        "every file was already in place; nothing was written"
+        if not installed.changed
+        else "installed; the private key's only copies are now the installed file and "
+        "the backup of the key it replaced"
+    )
+    return _join(
+        _banner(note, _OK, "Install"),
+        _table(
+            rows,
+            ["target", "kind", "action", "sha256", "backup"],
+            mono=("target", "sha256", "backup"),
+        ),
+    )
 
 
 def _diff(text: str) -> Rendered:
@@ -666,30 +884,46 @@ def _diff(text: str) -> Rendered:
         return _banner("pg_hba.conf already has the rules; no change", _OK, "pg_hba.conf")
     lines = []
     for line in text.splitlines():
-        colour = _OK if line.startswith("+") and not line.startswith("+++") else \
-            _BAD if line.startswith("-") and not line.startswith("---") else \
-            _INFO if line.startswith("@@") else "inherit"
+        colour = (
+            _OK
+            if line.startswith("+") and not line.startswith("+++")
+            else _BAD
+            if line.startswith("-") and not line.startswith("---")
+            else _INFO
+            if line.startswith("@@")
+            else "inherit"
+        )
         weight = "600" if colour in (_OK, _BAD) else "400"
         lines.append(f'<span style="color:{colour};font-weight:{weight}">{_e(line)}</span>')
-    return Rendered(f'<pre style="{_BOX}background:#f9fafb;font-size:12px">'
-                    + "\n".join(lines) + "</pre>", text)
+    return Rendered(
+        f'<pre style="{_BOX}background:#f9fafb;font-size:12px">' + "\n".join(lines) + "</pre>", text
+    )
 
 
 def show_ssl_plan(plan: EnableResult) -> Rendered:
     """``SHOW ssl`` now, the setting to change, and the pg_hba.conf diff."""
     ssl = "on" if plan.ssl_before else "off"
-    steps = [{"now": f"SHOW ssl → {ssl}",
-              "planned": "nothing (already on)" if plan.ssl_before else
-              "ALTER SYSTEM SET ssl = on"},
-             {"now": f"{len(plan.hba_added)} line(s) to add to pg_hba.conf",
-              "planned": "write with a backup, then check pg_hba_file_rules"},
-             {"now": "", "planned": "one pg_reload_conf(), then a TLS handshake from outside "
-                                    "to see the new certificate; undo everything if it is not"}]
-    parts = [_table(steps), _heading("pg_hba.conf, current against planned:"),
-             _diff(plan.hba_diff)]
+    steps = [
+        {
+            "now": f"SHOW ssl → {ssl}",
+            "planned": "nothing (already on)" if plan.ssl_before else "ALTER SYSTEM SET ssl = on",
+        },
+        {
+            "now": f"{len(plan.hba_added)} line(s) to add to pg_hba.conf",
+            "planned": "write with a backup, then check pg_hba_file_rules",
+        },
+        {
+            "now": "",
+            "planned": "one pg_reload_conf(), then a TLS handshake from outside "
+            "to see the new certificate; undo everything if it is not",
+        },
+    ]
+    parts = [_table(steps), _heading("pg_hba.conf, current against planned:"), _diff(plan.hba_diff)]
     if plan.presented:
-        parts += [_heading("The server presents now:"),
-                  _table(plan.presented, ["subject", "issuer", "sha256"], mono=("sha256",))]
+        parts += [
+            _heading("The server presents now:"),
+            _table(plan.presented, ["subject", "issuer", "sha256"], mono=("sha256",)),
+        ]
     return _join(*parts)
 
 
@@ -703,10 +937,16 @@ def show_enabled(enabled: EnableResult | None) -> Rendered:
         head = _banner(
             f"pg_hba.conf accepted by the server, ssl {'on' if enabled.ssl_after else 'off'} "
             f"after one reload; a handshake from outside ({enabled.tls_version or 'TLS'}) sees "
-            "the new certificate", _OK if enabled.confirmed else _BAD, "Enabled")
+            "the new certificate",
+            _OK if enabled.confirmed else _BAD,
+            "Enabled",
+        )
     rows = [{"#": i, **r} for i, r in enumerate(enabled.presented)]
-    return _join(head, _heading("The chain the server presents (leaf first):"),
-                 _table(rows, ["#", "subject", "issuer", "sha256"], mono=("sha256",)))
+    return _join(
+        head,
+        _heading("The chain the server presents (leaf first):"),
+        _table(rows, ["#", "subject", "issuer", "sha256"], mono=("sha256",)),
+    )
 
 
 # --------------------------------------------------------------------------- step 5
@@ -716,12 +956,17 @@ def show_checks(verify: VerifyResult) -> Rendered:
     """Every connection check: what must happen, what libpq did, and whether they agree."""
     rows = []
     for c in verify.checks:
-        rows.append({
-            "check": c.check, "sslmode": c.sslmode, "host": c.host,
-            "expected": c.expect + ("" if c.expect == "ok" else f" ({c.expect_reason})"),
-            "observed": c.observed + ("" if c.observed == "ok" else f" ({c.observed_reason})"),
-            "agrees": "✓" if c.passed else "✗",
-            "libpq said": c.detail if len(c.detail) <= 160 else c.detail[:157] + "…"})
+        rows.append(
+            {
+                "check": c.check,
+                "sslmode": c.sslmode,
+                "host": c.host,
+                "expected": c.expect + ("" if c.expect == "ok" else f" ({c.expect_reason})"),
+                "observed": c.observed + ("" if c.observed == "ok" else f" ({c.observed_reason})"),
+                "agrees": "✓" if c.passed else "✗",
+                "libpq said": c.detail if len(c.detail) <= 160 else c.detail[:157] + "…",
+            }
+        )
     return _table(rows, colour=lambda r: _BAD if r["agrees"] == "✗" else None)
 
 
@@ -729,13 +974,23 @@ def require_pass(verify: VerifyResult, params: Params) -> Rendered:
     """The verdict; raises when it is *fail* after an applied change, so the run fails."""
     failed = [c for c in verify.checks if not c.passed]
     if verify.passed:
-        return _banner(f"all {len(verify.checks)} checks behaved as they must: the server "
-                       "accepts verified TLS and refuses what it should", _OK, "Verdict: pass")
-    summary = "; ".join(f"{c.check}: expected {c.expect}, got {c.observed} "
-                        f"({c.observed_reason})" for c in failed)
+        return _banner(
+            f"all {len(verify.checks)} checks behaved as they must: the server "
+            "accepts verified TLS and refuses what it should",
+            _OK,
+            "Verdict: pass",
+        )
+    summary = "; ".join(
+        f"{c.check}: expected {c.expect}, got {c.observed} ({c.observed_reason})" for c in failed
+    )
     if not params.apply:
-        return _banner(f"plan only (apply is false), so this describes the server as it is now: "
-                       f"{summary}", _WARN, "Verdict: fail, not enforced")
+        return _banner(
+            f"plan only (apply is false), so this describes the server as it is now: {summary}",
+            _WARN,
+            "Verdict: fail, not enforced",
+        )
     _display(_banner(summary, _BAD, "Verdict: fail"))
-    raise PgtlsError(f"{len(failed)} of {len(verify.checks)} connection checks did not behave as "
-                     f"they must ({summary}); see the table above")
+    raise PgtlsError(
+        f"{len(failed)} of {len(verify.checks)} connection checks did not behave as "
+        f"they must ({summary}); see the table above"
+    )

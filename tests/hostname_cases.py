@@ -73,61 +73,108 @@ _DNS1 = "dns1.alt-name.pg-ssltest.test"
 
 CASES: tuple[Case, ...] = (
     Case("server-cn-only", "common-name.pg-ssltest.test", True),
-    Case("server-cn-only", "wronghost.test", False,
-         'server certificate for "common-name.pg-ssltest.test" does not match host name '
-         '"wronghost.test"'),
+    Case(
+        "server-cn-only",
+        "wronghost.test",
+        False,
+        'server certificate for "common-name.pg-ssltest.test" does not match host name '
+        '"wronghost.test"',
+    ),
     Case("server-ip-cn-only", "192.0.2.1", True),
-    Case("server-ip-cn-only", "192.000.002.001", False,
-         'server certificate for "192.0.2.1" does not match host name "192.000.002.001"'),
+    Case(
+        "server-ip-cn-only",
+        "192.000.002.001",
+        False,
+        'server certificate for "192.0.2.1" does not match host name "192.000.002.001"',
+    ),
     Case("server-ip-in-dnsname", "192.0.2.1", True),
     Case("server-multiple-alt-names", "dns1.alt-name.pg-ssltest.test", True),
     Case("server-multiple-alt-names", "dns2.alt-name.pg-ssltest.test", True),
     Case("server-multiple-alt-names", "foo.wildcard.pg-ssltest.test", True),
-    Case("server-multiple-alt-names", "wronghost.alt-name.pg-ssltest.test", False,
-         f'server certificate for "{_DNS1}" (and 2 other names) does not match host name '
-         '"wronghost.alt-name.pg-ssltest.test"'),
-    Case("server-multiple-alt-names", "deep.subdomain.wildcard.pg-ssltest.test", False,
-         f'server certificate for "{_DNS1}" (and 2 other names) does not match host name '
-         '"deep.subdomain.wildcard.pg-ssltest.test"'),
+    Case(
+        "server-multiple-alt-names",
+        "wronghost.alt-name.pg-ssltest.test",
+        False,
+        f'server certificate for "{_DNS1}" (and 2 other names) does not match host name '
+        '"wronghost.alt-name.pg-ssltest.test"',
+    ),
+    Case(
+        "server-multiple-alt-names",
+        "deep.subdomain.wildcard.pg-ssltest.test",
+        False,
+        f'server certificate for "{_DNS1}" (and 2 other names) does not match host name '
+        '"deep.subdomain.wildcard.pg-ssltest.test"',
+    ),
     Case("server-single-alt-name", "single.alt-name.pg-ssltest.test", True),
-    Case("server-single-alt-name", "wronghost.alt-name.pg-ssltest.test", False,
-         'server certificate for "single.alt-name.pg-ssltest.test" does not match host name '
-         '"wronghost.alt-name.pg-ssltest.test"'),
-    Case("server-single-alt-name", "deep.subdomain.wildcard.pg-ssltest.test", False,
-         'server certificate for "single.alt-name.pg-ssltest.test" does not match host name '
-         '"deep.subdomain.wildcard.pg-ssltest.test"'),
+    Case(
+        "server-single-alt-name",
+        "wronghost.alt-name.pg-ssltest.test",
+        False,
+        'server certificate for "single.alt-name.pg-ssltest.test" does not match host name '
+        '"wronghost.alt-name.pg-ssltest.test"',
+    ),
+    Case(
+        "server-single-alt-name",
+        "deep.subdomain.wildcard.pg-ssltest.test",
+        False,
+        'server certificate for "single.alt-name.pg-ssltest.test" does not match host name '
+        '"deep.subdomain.wildcard.pg-ssltest.test"',
+    ),
     Case("server-ip-alt-names", "192.0.2.1", True),
     Case("server-ip-alt-names", "192.000.002.001", True),
-    Case("server-ip-alt-names", "192.0.2.2", False,
-         'server certificate for "192.0.2.1" (and 1 other name) does not match host name '
-         '"192.0.2.2"'),
+    Case(
+        "server-ip-alt-names",
+        "192.0.2.2",
+        False,
+        'server certificate for "192.0.2.1" (and 1 other name) does not match host name '
+        '"192.0.2.2"',
+    ),
     Case("server-ip-alt-names", "2001:DB8::1", True),
     Case("server-ip-alt-names", "2001:db8:0:0:0:0:0:1", True),
     Case("server-ip-alt-names", "2001:db8::0.0.0.1", True),
-    Case("server-ip-alt-names", "::1", False,
-         'server certificate for "192.0.2.1" (and 1 other name) does not match host name '
-         '"::1"'),
-    Case("server-ip-alt-names", "2001:DB8::1/128", False,
-         'server certificate for "192.0.2.1" (and 1 other name) does not match host name '
-         '"2001:DB8::1/128"'),
+    Case(
+        "server-ip-alt-names",
+        "::1",
+        False,
+        'server certificate for "192.0.2.1" (and 1 other name) does not match host name "::1"',
+    ),
+    Case(
+        "server-ip-alt-names",
+        "2001:DB8::1/128",
+        False,
+        'server certificate for "192.0.2.1" (and 1 other name) does not match host name '
+        '"2001:DB8::1/128"',
+    ),
     Case("server-cn-and-alt-names", "dns1.alt-name.pg-ssltest.test", True),
     Case("server-cn-and-alt-names", "dns2.alt-name.pg-ssltest.test", True),
-    Case("server-cn-and-alt-names", "common-name.pg-ssltest.test", False,
-         f'server certificate for "{_DNS1}" (and 1 other name) does not match host name '
-         '"common-name.pg-ssltest.test"'),
+    Case(
+        "server-cn-and-alt-names",
+        "common-name.pg-ssltest.test",
+        False,
+        f'server certificate for "{_DNS1}" (and 1 other name) does not match host name '
+        '"common-name.pg-ssltest.test"',
+    ),
     Case("server-cn-and-ip-alt-names", "common-name.pg-ssltest.test", True),
     Case("server-cn-and-ip-alt-names", "192.0.2.1", True),
     Case("server-cn-and-ip-alt-names", "2001:db8::1", True),
     Case("server-ip-cn-and-alt-names", "192.0.2.2", True),
     Case("server-ip-cn-and-alt-names", "2001:db8::1", True),
-    Case("server-ip-cn-and-alt-names", "192.0.2.1", False,
-         'server certificate for "192.0.2.2" (and 1 other name) does not match host name '
-         '"192.0.2.1"'),
+    Case(
+        "server-ip-cn-and-alt-names",
+        "192.0.2.1",
+        False,
+        'server certificate for "192.0.2.2" (and 1 other name) does not match host name '
+        '"192.0.2.1"',
+    ),
     Case("server-ip-cn-and-dns-alt-names", "192.0.2.1", True),
     Case("server-ip-cn-and-dns-alt-names", "dns1.alt-name.pg-ssltest.test", True),
     Case("server-ip-cn-and-dns-alt-names", "dns2.alt-name.pg-ssltest.test", True),
-    Case("server-no-names", "common-name.pg-ssltest.test", False,
-         "could not get server's host name from server certificate"),
+    Case(
+        "server-no-names",
+        "common-name.pg-ssltest.test",
+        False,
+        "could not get server's host name from server certificate",
+    ),
     # Corners: case folding, one-label wildcards, inet_aton forms, IP hosts vs dNSNames.
     Case("wildcard-cn-only", "DB1.EXAMPLE.COM", True),
     Case("wildcard-cn-only", "example.com", False),
@@ -151,10 +198,12 @@ def build(cert_name: str, issuer: certfactory.Issued) -> certfactory.Issued:
     """Issue the server certificate ``cert_name`` from :data:`CERTS` under ``issuer``."""
     cn, sans = CERTS[cert_name]
     if cn is not None and cn.startswith("BMP:"):
-        subject = x509.Name([
-            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, OU),
-            x509.NameAttribute(NameOID.COMMON_NAME, cn[4:], _ASN1Type.BMPString),
-        ])
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, OU),
+                x509.NameAttribute(NameOID.COMMON_NAME, cn[4:], _ASN1Type.BMPString),
+            ]
+        )
     else:
         subject = certfactory.name(cn, organizational_unit_name=OU)
     extra: list[tuple[x509.ExtensionType, bool]] = []

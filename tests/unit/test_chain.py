@@ -209,8 +209,9 @@ def test_tampered_leaf_stops_the_path(art: certfactory.Chain) -> None:
 
 def test_sha1_and_md5_signatures_are_still_ordered() -> None:
     root = certfactory.make_ca("Old Root", key_type="rsa2048")
-    inter = certfactory.make_ca("Old Intermediate", issuer=root, key_type="rsa2048",
-                                hash_name="sha1")
+    inter = certfactory.make_ca(
+        "Old Intermediate", issuer=root, key_type="rsa2048", hash_name="sha1"
+    )
     leaf = certfactory.issue("old.example.com", issuer=inter, hash_name="md5")
     result = order_chain([root.cert, leaf.cert, inter.cert])
     assert cns(result.path) == ["old.example.com", "Old Intermediate", "Old Root"]
@@ -313,6 +314,13 @@ def test_cryptography_rejects_the_wrong_host(art: certfactory.Chain) -> None:
     assert finding.severity == "error" and "db1.example.com" in finding.message
 
 
+def test_cryptography_reads_ip_hosts_as_libpq_does() -> None:
+    chain = certfactory.make_chain(leaf_cn="127.0.0.1", leaf_sans=["127.0.0.1"])
+    result = order_chain(chain.leaf_first())
+    assert verify_with_cryptography(result, "127.1") is None  # inet_aton's short form
+    assert verify_with_cryptography(result, "127.0.0.2") is not None
+
+
 def test_cryptography_rejects_an_expired_leaf() -> None:
     chain = certfactory.article_chain(expired=True)
     finding = verify_with_cryptography(order_chain(chain.leaf_first()), "db1.example.com")
@@ -321,8 +329,9 @@ def test_cryptography_rejects_an_expired_leaf() -> None:
 
 def test_cryptography_judges_at_the_given_time(art: certfactory.Chain) -> None:
     result = order_chain(art.leaf_first())
-    later = art.leaf.cert.not_valid_after_utc.replace(year=art.leaf.cert.not_valid_after_utc.year
-                                                      + 1)
+    later = art.leaf.cert.not_valid_after_utc.replace(
+        year=art.leaf.cert.not_valid_after_utc.year + 1
+    )
     assert verify_with_cryptography(result, "db1.example.com", at=later) is not None
 
 
@@ -362,6 +371,9 @@ def test_pem_round_trip_keeps_order_for_openssl(art: certfactory.Chain, tmp_path
     (tmp_path / "leaf.crt").write_bytes(art.leaf.cert.public_bytes(serialization.Encoding.PEM))
     proc = subprocess.run(
         ["openssl", "verify", "-CAfile", "root.crt", "-untrusted", "server.crt", "leaf.crt"],
-        cwd=tmp_path, capture_output=True, text=True, check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

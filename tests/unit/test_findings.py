@@ -12,8 +12,16 @@ from pgtls_helpers.chain import order_chain
 from pgtls_helpers.findings import CODES, Finding, check_chain, has_errors
 
 REQUIRED = {
-    "missing-issuer", "expired", "not-yet-valid", "expires-soon", "key-mismatch",
-    "hostname-mismatch", "no-server-auth", "not-a-ca", "weak-key", "weak-signature",
+    "missing-issuer",
+    "expired",
+    "not-yet-valid",
+    "expires-soon",
+    "key-mismatch",
+    "hostname-mismatch",
+    "no-server-auth",
+    "not-a-ca",
+    "weak-key",
+    "weak-signature",
     "bad-signature",
 }
 
@@ -69,13 +77,16 @@ def test_missing_issuer_names_the_missing_ca(art: certfactory.Chain) -> None:
 def test_expired_leaf_and_intermediate() -> None:
     root = certfactory.make_ca("Root")
     inter = certfactory.make_ca("Old Intermediate", issuer=root, expired=True)
-    leaf = certfactory.issue("db1.example.com", issuer=inter, sans=["db1.example.com"],
-                             expired=True)
+    leaf = certfactory.issue(
+        "db1.example.com", issuer=inter, sans=["db1.example.com"], expired=True
+    )
     findings = check_chain(order_chain([leaf.cert, inter.cert, root.cert]))
     expired = only(findings, "expired")
     assert len(expired) == 2
-    assert any('leaf certificate "db1.example.com"' in f.message and "new CSR" in f.message
-               for f in expired)
+    assert any(
+        'leaf certificate "db1.example.com"' in f.message and "new CSR" in f.message
+        for f in expired
+    )
     assert any('"Old Intermediate"' in f.message for f in expired)
     assert_actionable(findings)
 
@@ -114,8 +125,9 @@ def test_key_mismatch(art: certfactory.Chain) -> None:
 
 def test_hostname_mismatch_explains_libpq_rule() -> None:
     chain = certfactory.article_chain(leaf_cn="db1.example.com")
-    findings = check_chain(order_chain(chain.leaf_first()),
-                           hosts=["db1.example.com", "db1", "10.0.0.5"])
+    findings = check_chain(
+        order_chain(chain.leaf_first()), hosts=["db1.example.com", "db1", "10.0.0.5"]
+    )
     mismatches = only(findings, "hostname-mismatch")
     assert len(mismatches) == 2
     assert all("verify-full" in f.message for f in mismatches)
@@ -156,12 +168,19 @@ def test_not_a_ca_when_a_server_certificate_signed() -> None:
 def test_not_a_ca_without_key_cert_sign() -> None:
     root = certfactory.make_ca("Root")
     ku = x509.KeyUsage(
-        digital_signature=True, content_commitment=False, key_encipherment=False,
-        data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=True,
-        encipher_only=False, decipher_only=False,
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
     )
-    inter = certfactory.make_ca("No Sign Intermediate", issuer=root, key_usage=False,
-                                extra_extensions=[(ku, True)])
+    inter = certfactory.make_ca(
+        "No Sign Intermediate", issuer=root, key_usage=False, extra_extensions=[(ku, True)]
+    )
     leaf = certfactory.issue("db1.example.com", issuer=inter)
     (f,) = only(check_chain(order_chain([leaf.cert, inter.cert, root.cert])), "not-a-ca")
     assert "keyCertSign" in f.message
@@ -183,8 +202,9 @@ def test_strong_keys_pass() -> None:
 def test_weak_signature(hash_name: str) -> None:
     root = certfactory.make_ca("Root", key_type="rsa2048")
     inter = certfactory.make_ca("Intermediate", issuer=root, key_type="rsa2048")
-    leaf = certfactory.issue("db1.example.com", issuer=inter, hash_name=hash_name,
-                             sans=["db1.example.com"])
+    leaf = certfactory.issue(
+        "db1.example.com", issuer=inter, hash_name=hash_name, sans=["db1.example.com"]
+    )
     findings = check_chain(order_chain([leaf.cert, inter.cert, root.cert]))
     (f,) = only(findings, "weak-signature")
     assert hash_name.upper() in f.message and "SHA-256" in f.message
@@ -193,8 +213,9 @@ def test_weak_signature(hash_name: str) -> None:
 def test_a_sha1_self_signature_on_the_root_is_not_flagged() -> None:
     root = certfactory.make_ca("Old Root", key_type="rsa2048", hash_name="sha1")
     inter = certfactory.make_ca("Intermediate", issuer=root, key_type="rsa2048")
-    leaf = certfactory.issue("db1.example.com", issuer=inter, sans=["db1.example.com"],
-                             eku=[certfactory.SERVER_AUTH])
+    leaf = certfactory.issue(
+        "db1.example.com", issuer=inter, sans=["db1.example.com"], eku=[certfactory.SERVER_AUTH]
+    )
     findings = check_chain(order_chain([leaf.cert, inter.cert, root.cert]), verify=False)
     assert "weak-signature" not in codes(findings)
 
@@ -246,12 +267,26 @@ def test_leaf_is_ca(art: certfactory.Chain) -> None:
     assert "leaf-is-ca" in codes(findings)
 
 
-def test_chain_rejected_when_only_cryptography_objects() -> None:
+def test_cn_only_certificate_is_a_warning_since_libpq_accepts_it() -> None:
     # CN only, no SAN: libpq matches the CN, RFC 5280 verification wants a SAN.
     root = certfactory.make_ca("Root")
     inter = certfactory.make_ca("Intermediate", issuer=root)
     leaf = certfactory.issue("db1.example.com", issuer=inter, eku=[certfactory.SERVER_AUTH])
     result = order_chain([leaf.cert, inter.cert, root.cert])
+    findings = check_chain(result, hosts=["db1.example.com"])
+    assert [(f.severity, f.code) for f in findings] == [("warning", "no-san")]
+    assert "subjectAltName" in findings[0].message and "libpq" in findings[0].message
+    assert check_chain(result, hosts=["db1.example.com"], verify=False) == []
+
+
+def test_chain_rejected_when_only_cryptography_objects() -> None:
+    # A path-length constraint: none of our own checks looks at it, the verifier does.
+    root = certfactory.make_ca("Root")
+    inter = certfactory.make_ca("Intermediate", issuer=root, path_length=0)
+    sub = certfactory.make_ca("Sub", issuer=inter)
+    leaf = certfactory.issue("db1.example.com", issuer=sub, sans=["db1.example.com"],
+                             eku=[certfactory.SERVER_AUTH])
+    result = order_chain([leaf.cert, sub.cert, inter.cert, root.cert])
     findings = check_chain(result, hosts=["db1.example.com"])
     assert [(f.severity, f.code) for f in findings] == [("error", "chain-rejected")]
     assert check_chain(result, hosts=["db1.example.com"], verify=False) == []
@@ -260,8 +295,9 @@ def test_chain_rejected_when_only_cryptography_objects() -> None:
 def test_errors_come_first(art: certfactory.Chain) -> None:
     stray = certfactory.make_ca("Stray CA")
     chain = certfactory.article_chain(days=5)
-    findings = check_chain(order_chain([stray.cert, *chain.leaf_first()]),
-                           hosts=["nope.example.com"])
+    findings = check_chain(
+        order_chain([stray.cert, *chain.leaf_first()]), hosts=["nope.example.com"]
+    )
     order = [f.severity for f in findings]
     assert order == sorted(order, key=["error", "warning", "info"].index)
     assert order[0] == "error" and order[-1] == "info"

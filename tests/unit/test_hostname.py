@@ -95,10 +95,12 @@ def test_cn_with_nul_bytes_fails_like_libpq(certs: dict) -> None:
 def test_only_the_first_cn_counts(ca: certfactory.Issued) -> None:
     from cryptography.x509.oid import NameOID
 
-    subject = x509.Name([
-        x509.NameAttribute(NameOID.COMMON_NAME, "first.example.com"),
-        x509.NameAttribute(NameOID.COMMON_NAME, "second.example.com"),
-    ])
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, "first.example.com"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "second.example.com"),
+        ]
+    )
     cert = certfactory.issue(subject, issuer=ca).cert
     assert matches_host(cert, "first.example.com")
     assert not matches_host(cert, "second.example.com")

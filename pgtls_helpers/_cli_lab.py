@@ -1,0 +1,206 @@
+"""``pgtls lab up|down|status``: a throwaway PostgreSQL cluster to explore the runbook on.
+
+``up`` also writes ``runbook.yaml`` next to the cluster: parameters that point the runbook at
+it, for ``pgtls run``. ``python -m pgtls_helpers._cli_lab notebook`` (``make notebook``) opens
+the notebooks in JupyterLab against a lab cluster, for the interactive path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pgtls_helpers.errors import InputError, PgtlsError
+from pgtls_helpers.lab import LabCluster
+
+_RUNBOOK_YAML = "runbook.yaml"
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _psql(cluster: LabCluster) -> str:
+    conn = f"host={cluster.host} port={cluster.port} user={cluster.superuser} dbname=postgres"
+    return f"PGPASSFILE={shlex.quote(str(cluster.passfile))} psql {shlex.quote(conn)}"
+
+
+def _runbook_params(cluster: LabCluster) -> dict[str, Any]:
+    return {
+        "change_id": "lab-explore",
+        "lab_cluster": False,
+        "ca_mode": "lab",
+        "apply": True,
+        "server_host": cluster.host,
+        "server_port": cluster.port,
+        "server_user": cluster.superuser,
+        "server_dbname": "postgres",
+        "server_log_file": str(cluster.log_path),
+        "common_name": "db1.lab.pgtls.test",
+        "subject_alt_names": ["localhost", cluster.host],
+        "organization": "pgtls lab",
+        "key_type": "ecdsa-p256",
+        "hba_rules": [
+            {
+                "type": "hostssl",
+                "database": "all",
+                "user": "all",
+                "address": f"{cluster.host}/32",
+                "method": "scram-sha-256",
+            }
+        ],
+        "reject_non_ssl": True,
+    }
+
+
+def up(args: argparse.Namespace) -> int:
+    """Create and start a lab cluster in ``--dir``; say how to reach it and run the runbook."""
+    cluster = LabCluster.create(args.dir, port=args.port)
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.remove()
+        raise
+    params_file = cluster.base / _RUNBOOK_YAML
+    params_file.write_text(
+        "# The runbook against the lab cluster in this directory (SSL off until step 4).\n"
+        + yaml.safe_dump(_runbook_params(cluster), sort_keys=False)
+    )
+    env = f"PGPASSFILE={shlex.quote(str(cluster.passfile))}"
+    _out(
+        "\n".join(
+            [
+                f"lab cluster running on {cluster.host}:{cluster.port} (SSL off, stock "
+                "pg_hba.conf)",
+                f"  data directory: {cluster.pgdata}",
+                f"  server log:     {cluster.log_path}",
+                "",
+                "connect (the password is in the passfile, never printed):",
+                f"  {_psql(cluster)}",
+                "",
+                f"run the runbook against it (parameters written to {params_file}):",
+                f"  {env} pgtls run {shlex.quote(str(params_file))}",
+                "",
+                f"stop and remove it:  pgtls lab down --dir {shlex.quote(args.dir)}",
+            ]
+        )
+    )
+    return 0
+
+
+def down(args: argparse.Namespace) -> int:
+    """Stop the lab cluster in ``--dir`` and delete the directory."""
+    cluster = LabCluster.attach(args.dir)
+    cluster.remove()
+    _out(f"lab cluster in {cluster.base} stopped and removed")
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    """Whether the lab cluster in ``--dir`` runs, and how to connect; 1 when it is stopped."""
+    cluster = LabCluster.attach(args.dir)
+    if not cluster.running():
+        _out(
+            f"lab cluster in {cluster.base} is not running; remove it with 'pgtls lab down "
+            f"--dir {args.dir}' and start a new one with 'pgtls lab up --dir {args.dir}'"
+        )
+        return 1
+    _out(f"lab cluster running on {cluster.host}:{cluster.port}, data in {cluster.pgdata}")
+    _out(f"  {_psql(cluster)}")
+    return 0
+
+
+# --------------------------------------------------------------------------- make notebook
+
+
+def _lab_for_notebooks(base: Path) -> tuple[LabCluster, bool]:
+    """The lab cluster in ``base``, started if needed, or a new one; True when new."""
+    if (base / "lab.json").exists():
+        cluster = LabCluster.attach(base)
+        if not cluster.running():
+            cluster.start()
+        return cluster, False
+    cluster = LabCluster.create(base)
+    cluster.start()
+    return cluster, True
+
+
+def notebook(args: argparse.Namespace) -> int:
+    """Prepare the notebooks with a parameters file and open them in JupyterLab.
+
+    With ``lab_cluster: true`` the notebooks point at the lab cluster in ``--dir`` (started,
+    or created, as needed; it keeps running afterwards for ``pgtls lab down``).
+    """
+    from pgtls_helpers.params import load_params, read_params_file
+    from pgtls_helpers.runner import (
+        _injected,
+        _lab_client_user,
+        _resolve_values,
+        prepare_notebooks,
+    )
+
+    values = _resolve_values(read_params_file(args.params), args.work)
+    params = load_params(values, source=str(args.params))
+    env = dict(os.environ)
+    if params.lab_cluster:
+        import shutil
+
+        cluster, new = _lab_for_notebooks(Path(args.dir).resolve())
+        if new:  # whatever an earlier session left belonged to a cluster that is gone
+            shutil.rmtree(params.work, ignore_errors=True)
+        users = list(params.client_system_users)
+        client = _lab_client_user() if new else None
+        if client and client not in users:
+            users.append(client)
+        params = dataclasses.replace(
+            params,
+            server_host=cluster.host,
+            server_port=cluster.port,
+            server_log_file=str(cluster.log_path),
+            client_system_users=tuple(users),
+        )
+        env["PGPASSFILE"] = str(cluster.passfile)
+        _out(f"lab cluster on {cluster.host}:{cluster.port} ({'new' if new else 'reused'})")
+    target = Path(args.work).resolve() / "notebooks" / params.change_id
+    prepare_notebooks(params, target)
+    _out(f"notebooks for change {params.change_id} in {target}")
+    _out(f"parameters: {', '.join(f'{k}={v!r}' for k, v in _injected(params).items() if v)}")
+    if params.lab_cluster:
+        _out(f"when done: pgtls lab down --dir {args.dir}")
+    argv = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={target}"]
+    if os.geteuid() == 0:
+        argv.append("--allow-root")
+    sys.stdout.flush()
+    os.execve(sys.executable, argv, env)
+    return 0  # pragma: no cover - execve does not return
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pgtls_helpers._cli_lab notebook --params P --dir D --work W``."""
+    parser = argparse.ArgumentParser(prog="python -m pgtls_helpers._cli_lab")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    nb = sub.add_parser("notebook", help="JupyterLab on the runbook notebooks")
+    nb.add_argument("--params", default="parameters/lab.yaml", metavar="PARAMS.yaml")
+    nb.add_argument("--dir", default="work/lab", metavar="DIR", help="the lab cluster's directory")
+    nb.add_argument("--work", default="work", metavar="DIR")
+    nb.set_defaults(func=notebook)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except InputError as exc:
+        sys.stderr.write(f"pgtls: {exc}\n")
+        return 2
+    except PgtlsError as exc:
+        sys.stderr.write(f"pgtls: {exc}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
