@@ -35,9 +35,10 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
 
+from pgtls_helpers._probe_wire import SSL_REQUEST, context
 from pgtls_helpers.errors import PgtlsError
 from pgtls_helpers.lab import LabCA, LabCluster
-from pgtls_helpers.probe import _SSL_REQUEST, probe
+from pgtls_helpers.probe import probe
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL = 10.0
@@ -48,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--targets", type=int, default=50, help="host:port arguments / processes")
     parser.add_argument("--repeat", type=int, default=5, help="runs per measurement (median)")
     args = parser.parse_args(argv)
+    if args.targets < 1 or args.repeat < 1:
+        parser.error("--targets and --repeat must be at least 1")
     if shutil.which("openssl") is None:
         print("openssl is not on PATH; the comparison cannot be run.", file=sys.stderr)
         return 2
@@ -83,8 +86,10 @@ def _run(cluster: LabCluster, want: list[str], n: int, repeat: int) -> int:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     out = subprocess.run(ours, capture_output=True, text=True, cwd=REPO, env=env, check=False)
     lines = [json.loads(line) for line in out.stdout.splitlines()]
-    if out.returncode != 0 or len(lines) != n or any(
-        [row["sha256"] for row in obj["chain"]] != want for obj in lines
+    if (
+        out.returncode != 0
+        or len(lines) != n
+        or any([row["sha256"] for row in obj["chain"]] != want for obj in lines)
     ):
         print(f"pgtls probe did not see the served chain: {out.stderr.strip()}", file=sys.stderr)
         return 1
@@ -99,38 +104,81 @@ def _run(cluster: LabCluster, want: list[str], n: int, repeat: int) -> int:
         print("openssl s_client did not show the served chain", file=sys.stderr)
         return 1
 
-    ours_s: list[float] = []
-    theirs_s: list[float] = []
+    ours_runs: list[tuple[float, float]] = []
+    theirs_runs: list[tuple[float, float]] = []
     for _ in range(repeat):  # interleaved, so that other load on the machine hits both
-        ours_s.append(_wall(lambda: _quiet(ours)))
-        theirs_s.append(_wall(lambda: _quiet(theirs)))
-    ours_t, theirs_t = statistics.median(ours_s), statistics.median(theirs_s)
+        ours_runs.append(_timed(ours))
+        theirs_runs.append(_timed(theirs))
+    ours_t, ours_cpu = _medians(ours_runs)
+    theirs_t, theirs_cpu = _medians(theirs_runs)
+    startup_t, _ = _medians([_timed([sys.executable, "-c", "pass"]) for _ in range(repeat)])
+    single_t, _ = _medians([_timed(ours[: len(ours) - n + 1]) for _ in range(repeat)])
 
     seq_probe, seq_floor, server_cpu = _in_process(cluster, n)
 
     cores = os.cpu_count() or 1
-    print(f"{n} probes of {target} (PostgreSQL lab cluster, {len(want)} certificates presented, "
-          f"{lines[0]['tls_version']}), {cores} cores, median of {repeat}")
-    print(f"  (a) pgtls probe, one process, {n} arguments   {ours_t * 1000:8.1f} ms"
-          f"   (min {min(ours_s) * 1000:.1f})")
-    print(f"  (b) openssl s_client, {n} processes          {theirs_t * 1000:8.1f} ms"
-          f"   (min {min(theirs_s) * 1000:.1f})")
     ratio = theirs_t / ours_t
     verdict = "met" if ratio >= GOAL else "NOT met"
-    print(f"  ratio (b)/(a)                               {ratio:8.1f}x   (goal {GOAL:g}x: {verdict})")
+
+    def line(label: str, value: str, note: str = "") -> None:
+        print(f"  {label:<46}{value:>10}{'   ' + note if note else ''}")
+
+    def ms(seconds: float, digits: int = 1) -> str:
+        return f"{seconds * 1000:.{digits}f} ms"
+
+    print(
+        f"{n} probes of {target}: PostgreSQL lab cluster, {len(want)} certificates presented, "
+        f"{lines[0]['tls_version']}; {cores} cores; medians of {repeat} runs"
+    )
+    line(
+        f"(a) pgtls probe, one process, {n} arguments",
+        ms(ours_t),
+        f"client CPU {ms(ours_cpu)}, fastest run {ms(min(w for w, _ in ours_runs))}",
+    )
+    line(
+        f"(b) openssl s_client, {n} processes",
+        ms(theirs_t),
+        f"client CPU {ms(theirs_cpu)}, fastest run {ms(min(w for w, _ in theirs_runs))}",
+    )
+    line("ratio (b)/(a)", f"{ratio:.1f}x", f"goal {GOAL:g}x: {verdict}")
+    print("where (a) goes")
+    line("python start-up alone (python -c pass)", ms(startup_t))
+    line("pgtls probe with one argument", ms(single_t))
+    line(
+        f"server CPU for {n} connections, over {cores} cores",
+        ms(server_cpu * n / cores),
+        "a backend forks, handshakes and exits per probe",
+    )
     print(f"in one process, sequential, per probe (mean of {n})")
-    print(f"  probe()                                     {seq_probe * 1000:8.2f} ms")
-    print(f"  floor: connect + SSLRequest + handshake     {seq_floor * 1000:8.2f} ms"
-          "   (python ssl, no chain, no parsing)")
-    print(f"  of which the server's CPU per connection    {server_cpu * 1000:8.2f} ms"
-          "   (fork, TLS handshake, exit of a backend)")
-    print(f"  probe() over the floor                      {seq_probe / seq_floor:8.2f}x")
+    line("probe()", ms(seq_probe, 2))
+    line(
+        "floor: connect + SSLRequest + handshake",
+        ms(seq_floor, 2),
+        "python ssl, no chain, no parsing",
+    )
+    line("server CPU per connection", ms(server_cpu, 2), "partly alongside the client's")
+    line("probe() / floor", f"{seq_probe / seq_floor:.2f}x")
     return 0
 
 
-def _quiet(argv: list[str]) -> None:
-    subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, cwd=REPO, check=False)
+def _timed(argv: list[str]) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + system, with its children) of one process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=REPO,
+    )
+    _, _, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = 0  # reaped above
+    return wall, usage.ru_utime + usage.ru_stime
+
+
+def _medians(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs)
 
 
 def _wall(fn: Callable[[], object]) -> float:
@@ -148,7 +196,7 @@ def _floor(host: str, port: int, ctx: ssl.SSLContext) -> None:
     """
     with socket.create_connection((host, port), timeout=5) as raw:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        raw.sendall(_SSL_REQUEST)
+        raw.sendall(SSL_REQUEST)
         if raw.recv(1) != b"S":
             raise RuntimeError("the server refused SSL")
         tls = ctx.wrap_socket(raw)
@@ -162,9 +210,8 @@ def _floor(host: str, port: int, ctx: ssl.SSLContext) -> None:
 
 def _in_process(cluster: LabCluster, n: int) -> tuple[float, float, float]:
     """Mean sequential seconds per probe(), per floor handshake, and server CPU per connection."""
-    from pgtls_helpers.probe import _context
 
-    ctx = _context()
+    ctx = context()
     host, port = cluster.host, cluster.port
     for _ in range(3):  # warm: imports, first connections
         probe(host, port)
@@ -174,11 +221,12 @@ def _in_process(cluster: LabCluster, n: int) -> tuple[float, float, float]:
     for _ in range(n):  # interleaved again
         probe_s.append(_wall(lambda: probe(host, port)))
         floor_s.append(_wall(lambda: _floor(host, port, ctx)))
+    connections = max(200, n)  # CPU time is counted in clock ticks (10 ms): take many
     cpu_before = _server_cpu(cluster)
-    for _ in range(n):
+    for _ in range(connections):
         _floor(host, port, ctx)
     time.sleep(0.2)  # the postmaster reaps its backends, which adds their CPU to its children's
-    server = (_server_cpu(cluster) - cpu_before) / n
+    server = (_server_cpu(cluster) - cpu_before) / connections
     return statistics.fmean(probe_s), statistics.fmean(floor_s), server
 
 

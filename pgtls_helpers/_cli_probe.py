@@ -1,40 +1,70 @@
 """``pgtls probe HOST[:PORT]...``: what each server presents, one block or JSON line per host.
 
-Startup stays cheap: no pandas, no psycopg; cryptography is imported by the first finished
-handshake while the other probes are still on the network.
+Built on :mod:`pgtls_helpers._probe_wire` so that the command starts without cryptography,
+dataclasses, pandas or psycopg: with fifty hosts, start-up is otherwise a large share of the run.
+The rows are the same as :func:`pgtls_helpers.probe.chain_rows` gives (the tests hold them
+equal); subject and issuer come from OpenSSL's decoding of the presented certificates, and from
+cryptography only for a certificate OpenSSL cannot render.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from typing import Any
 
+from pgtls_helpers._probe_wire import (
+    Presented,
+    attempt_many,
+    cert_der,
+    cert_names,
+    format_target,
+    parse_target,
+)
 from pgtls_helpers.errors import InputError
-from pgtls_helpers.probe import ProbeResult, chain_rows, parse_target, probe_many
 
-__all__ = ["main", "result_dict"]
+__all__ = ["main", "presented_object"]
+
+_ROWS: dict[bytes, dict[str, str]] = {}
 
 
-def result_dict(result: ProbeResult) -> dict[str, Any]:
+def _row(cert: Any) -> dict[str, str]:
+    der = cert_der(cert)
+    row = _ROWS.get(der)
+    if row is None:
+        names = cert_names(cert)
+        if names is None:
+            from cryptography import x509
+
+            parsed = x509.load_der_x509_certificate(der)
+            names = parsed.subject.rfc4514_string(), parsed.issuer.rfc4514_string()
+        row = {"sha256": hashlib.sha256(der).hexdigest(), "subject": names[0], "issuer": names[1]}
+        _ROWS[der] = row
+    return row
+
+
+def presented_object(host: str, port: int, answer: Presented | str) -> dict[str, Any]:
     """The ``--json`` object for one host, keys in the documented order."""
+    ok = not isinstance(answer, str)
+    version, cipher, certs = answer if not isinstance(answer, str) else (None, None, [])
     return {
-        "host": result.host,
-        "port": result.port,
-        "tls_version": result.tls_version,
-        "cipher": result.cipher,
-        "chain": chain_rows(result),
-        "error": result.error,
+        "host": host,
+        "port": port,
+        "tls_version": version,
+        "cipher": cipher,
+        "chain": [_row(c) for c in certs],
+        "error": None if ok else answer,
     }
 
 
-def _block(result: ProbeResult) -> str:
-    count = len(result.chain)
+def _block(obj: dict[str, Any]) -> str:
+    count = len(obj["chain"])
     lines = [
-        f"{result.target}  {result.tls_version}  {result.cipher}  "
+        f"{format_target(obj['host'], obj['port'])}  {obj['tls_version']}  {obj['cipher']}  "
         f"{count} certificate{'' if count == 1 else 's'} presented"
     ]
-    for index, row in enumerate(chain_rows(result)):
+    for index, row in enumerate(obj["chain"]):
         lines.append(f"  {index}  subject  {row['subject']}")
         lines.append(f"     issuer   {row['issuer']}")
         lines.append(f"     sha256   {row['sha256']}")
@@ -45,25 +75,23 @@ def main(args: argparse.Namespace) -> int:
     """Probe every target (concurrently), print in the order given; 1 when any failed."""
     if not args.timeout > 0:
         raise InputError(f"--timeout {args.timeout:g}: give a number of seconds above zero")
-    targets = [parse_target(text) for text in args.targets]
-    results = probe_many(targets, timeout=args.timeout, max_workers=16)
+    pairs = [parse_target(text) for text in args.targets]
+    answers = attempt_many(pairs, timeout=args.timeout, max_workers=16)
+    objects = [presented_object(h, p, a) for (h, p), a in zip(pairs, answers, strict=True)]
     out = sys.stdout
     if args.json:
         import json
 
-        for result in results:
-            out.write(json.dumps(result_dict(result)) + "\n")
+        out.writelines(json.dumps(obj) + "\n" for obj in objects)
     else:
         first = True
-        for result in results:
-            if result.error is not None:
+        for obj in objects:
+            if obj["error"] is not None:
                 out.flush()
-                sys.stderr.write(f"pgtls: {result.error}\n")
+                sys.stderr.write(f"pgtls: {obj['error']}\n")
                 sys.stderr.flush()
                 continue
-            if not first:
-                out.write("\n")
-            out.write(_block(result) + "\n")
+            out.write(("" if first else "\n") + _block(obj) + "\n")
             first = False
     out.flush()
-    return 0 if all(result.ok for result in results) else 1
+    return 0 if all(obj["error"] is None for obj in objects) else 1

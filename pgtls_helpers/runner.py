@@ -22,8 +22,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -286,8 +287,152 @@ def _lab_client_user() -> str | None:
 # --------------------------------------------------------------------------- running
 
 
+# Each notebook starts with an empty namespace and In [1]; imported modules stay loaded.
+_RESET = "get_ipython().reset(new_session=False)\nget_ipython().execution_count = 1\n"
+# What the notebooks import, loaded while the lab cluster starts.
+_WARM = """\
+import importlib
+for _name in ("pgtls_helpers.widgets", "pgtls_helpers.runbook", "pgtls_helpers.chain",
+              "pgtls_helpers.findings", "pgtls_helpers.intake", "pgtls_helpers.csr",
+              "pgtls_helpers.server", "pgtls_helpers.probe", "pgtls_helpers.clients",
+              "pgtls_helpers.hba", "pgtls_helpers.files", "pandas", "ipywidgets"):
+    importlib.import_module(_name)
+"""
+_KERNEL_ARGS = ["--IPKernelApp.log_level=CRITICAL"]
+_ENGINE = "pgtls-shared-kernel"
+
+
+def _register_engine() -> None:
+    """A papermill engine that runs every notebook of a run in one kernel.
+
+    Starting a kernel and importing the package costs more than most steps do; the runner pays
+    it once per run. Each notebook still begins with an empty namespace (and ``In [1]``), so no
+    notebook can lean on a name another one defined, and each reads as if it ran alone.
+    """
+    from papermill.clientwrap import PapermillNotebookClient
+    from papermill.engines import NBClientEngine, papermill_engines
+    from papermill.log import logger
+    from papermill.utils import merge_kwargs, remove_args
+
+    if _ENGINE in papermill_engines._engines:
+        return
+
+    class SharedKernelEngine(NBClientEngine):
+        @classmethod
+        def execute_managed_notebook(
+            cls,
+            nb_man: Any,
+            kernel_name: str,
+            log_output: bool = False,
+            stdout_file: Any = None,
+            stderr_file: Any = None,
+            start_timeout: int = 60,
+            execution_timeout: int | None = None,
+            **kwargs: Any,
+        ) -> Any:
+            kernel: _Kernel = kwargs.pop("pgtls_kernel")
+            kwargs = remove_args(["input_path"], **kwargs)
+            safe_kwargs = remove_args(["timeout", "startup_timeout"], **kwargs)
+            final_kwargs = merge_kwargs(
+                safe_kwargs,
+                timeout=execution_timeout or kwargs.get("timeout"),
+                startup_timeout=start_timeout,
+                kernel_name=kernel_name,
+                log=logger,
+                log_output=log_output,
+                stdout_file=stdout_file,
+                stderr_file=stderr_file,
+                km=kernel.km,
+            )
+            client = PapermillNotebookClient(nb_man, **final_kwargs)
+            client.kc = kernel.fresh_namespace()
+            return client.execute()
+
+    papermill_engines.register(_ENGINE, SharedKernelEngine)
+
+
+class _Kernel:
+    """The run's kernel and one connection to it, shared by the five notebooks."""
+
+    def __init__(self, name: str) -> None:
+        from jupyter_client.manager import AsyncKernelManager
+
+        _register_engine()
+        self.name = name
+        self.km = AsyncKernelManager(kernel_name=name)
+        self.kc: Any = None
+
+    def start_in_background(self) -> Callable[[], None]:
+        """Start the kernel and import the package in a thread; returns a join that connects
+        to the kernel, or raises :class:`PgtlsError` when it did not come up."""
+        import asyncio
+        import threading
+
+        problem: list[BaseException] = []
+
+        async def start() -> None:
+            await self.km.start_kernel(extra_arguments=_KERNEL_ARGS, cwd=os.getcwd())
+            kc = self.km.client()
+            kc.start_channels()
+            try:
+                await kc.wait_for_ready(timeout=60)
+                await kc.execute_interactive(
+                    _WARM, silent=True, store_history=False, timeout=60, output_hook=lambda m: None
+                )
+            finally:
+                kc.stop_channels()
+
+        def target() -> None:
+            try:
+                asyncio.run(start())
+            except BaseException as exc:  # handed to the caller by join()
+                problem.append(exc)
+
+        thread = threading.Thread(target=target, name="pgtls-kernel", daemon=True)
+        thread.start()
+
+        def join() -> None:
+            from jupyter_core.utils import run_sync
+
+            thread.join()
+            try:
+                if problem:
+                    raise problem[0]
+                # the connection lives in this thread's event loop, where papermill runs
+                self.kc = self.km.client()
+                self.kc.start_channels()
+                run_sync(self.kc.wait_for_ready)(timeout=60)
+                self.kc.allow_stdin = False
+            except Exception as exc:
+                raise PgtlsError(
+                    f"the Jupyter kernel '{self.name}' did not start ({exc}); check "
+                    f"'{sys.executable} -m jupyter kernelspec list'"
+                ) from exc
+
+        return join
+
+    def fresh_namespace(self) -> Any:
+        """Empty the kernel's namespace for the next notebook; returns the connection."""
+        from jupyter_core.utils import run_sync
+
+        reply = run_sync(self.kc.execute_interactive)(
+            _RESET, silent=True, store_history=False, timeout=60, output_hook=lambda m: None
+        )
+        if reply["content"]["status"] != "ok":
+            raise RuntimeError(f"the kernel's namespace was not reset: {reply['content']}")
+        return self.kc
+
+    def close(self) -> None:
+        from jupyter_core.utils import run_sync
+
+        if self.kc is not None:
+            self.kc.stop_channels()
+        if self.km.has_kernel:
+            run_sync(self.km.shutdown_kernel)(now=True)
+
+
 def _run_notebook(
-    src: Path, out: Path, parameters: dict[str, Any], kernel: str, progress: bool, desc: str
+    src: Path, out: Path, parameters: dict[str, Any], kernel: _Kernel, progress: bool, desc: str
 ) -> tuple[str | None, Any]:
     """Execute one notebook; returns (error or None, the executed notebook)."""
     import nbformat
@@ -295,12 +440,15 @@ def _run_notebook(
     from papermill.exceptions import PapermillExecutionError
 
     error: str | None = None
+    nb = None
     try:
-        papermill.execute_notebook(
+        nb = papermill.execute_notebook(
             str(src),
             str(out),
             parameters=parameters,
-            kernel_name=kernel,
+            engine_name=_ENGINE,
+            kernel_name=kernel.name,
+            pgtls_kernel=kernel,
             progress_bar={"desc": desc, "leave": False} if progress else False,
             request_save_on_cell_execute=False,
             log_output=False,
@@ -308,14 +456,15 @@ def _run_notebook(
             start_timeout=60,
             execution_timeout=600,
             # the kernel's own log (transport notices, shutdown chatter) is not the record's
-            extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
+            extra_arguments=_KERNEL_ARGS,
         )
     except PapermillExecutionError as exc:
         evalue = _ANSI.sub("", str(exc.evalue)).strip()
         error = f"{exc.ename}: {evalue}"
     except Exception as exc:  # a kernel that died, a cell that timed out, an unreadable file
         error = f"{type(exc).__name__}: {_ANSI.sub('', str(exc)).strip().splitlines()[0]}"
-    nb = nbformat.read(out, as_version=4) if out.exists() else None
+    if nb is None and out.exists():  # papermill wrote the failed notebook before raising
+        nb = nbformat.read(out, as_version=4)
     return error, nb
 
 
@@ -554,27 +703,35 @@ def run(
     steps: list[StepOutcome] = []
     lab_info: dict[str, Any] | None = None
     cluster: Any = None
-    env: dict[str, str | None] = {}
+    kernel: _Kernel | None = None
     error: str | None = None
-    exit_code = 1
-    outcome = "failed"
+    exit_code, outcome = 1, "failed"
+    # the lab cluster's passfile is known before the cluster exists, so the kernel can start
+    # (with PGPASSFILE in its environment) while initdb runs
+    lab_base = Path(tempfile.mkdtemp(prefix="pgtls-lab-")) if params.lab_cluster else None
+    env = {"PGPASSFILE": str(lab_base / "pgpass")} if lab_base else {}
     try:
-        try:
-            if params.lab_cluster:
-                params, cluster, lab_info = _start_lab(params)
-                env["PGPASSFILE"] = str(cluster.passfile)
-            kernel = kernel_name()
-        except PgtlsError as exc:
-            error = f"set-up failed: {exc}"
-            exit_code = 2 if isinstance(exc, InputError) else 1
-            steps = [StepOutcome(s, t, "not-run") for s, t in STEPS]
-        else:
-            with _environ(**env):
+        with _environ(**env):
+            try:
+                kernel = _Kernel(kernel_name())
+                kernel_ready = kernel.start_in_background()
+                if lab_base is not None:
+                    params, cluster, lab_info = _start_lab(params, lab_base)
+                kernel_ready()
+            except PgtlsError as exc:
+                error = f"set-up failed: {exc}"
+                exit_code = 2 if isinstance(exc, InputError) else 1
+                steps = [StepOutcome(s, t, "not-run") for s, t in STEPS]
+            else:
                 steps, outcome = _run_steps(params, record, nb_dir, kernel, progress)
-            exit_code = 0 if outcome in ("ok", "waiting-for-ca") else 1
+                exit_code = 0 if outcome in ("ok", "waiting-for-ca") else 1
     finally:
+        if kernel is not None:
+            kernel.close()
         if cluster is not None:
             cluster.remove()
+        elif lab_base is not None:
+            shutil.rmtree(lab_base, ignore_errors=True)
         if not steps:  # interrupted before the first step ended
             steps = [StepOutcome(s, t, "not-run") for s, t in STEPS]
             error = error or "interrupted"
@@ -595,13 +752,13 @@ def run(
     return RunOutcome(record, outcome, exit_code, tuple(steps), manifest)
 
 
-def _start_lab(params: Params) -> tuple[Params, Any, dict[str, Any]]:
+def _start_lab(params: Params, base: Path) -> tuple[Params, Any, dict[str, Any]]:
     """A throwaway cluster for this run; the change's work directory starts empty, since
     whatever an earlier lab run left there belonged to a server that no longer exists."""
     from pgtls_helpers.lab import LabCluster
 
     shutil.rmtree(params.work, ignore_errors=True)
-    cluster = LabCluster.create()
+    cluster = LabCluster.create(base)
     try:
         cluster.start()
     except BaseException:
@@ -623,45 +780,63 @@ def _start_lab(params: Params) -> tuple[Params, Any, dict[str, Any]]:
 
 
 def _run_steps(
-    params: Params, record: Path, nb_dir: Path, kernel: str, progress: bool
+    params: Params, record: Path, nb_dir: Path, kernel: _Kernel, progress: bool
 ) -> tuple[list[StepOutcome], str]:
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     parameters = _injected(params)
     phase_one = params.ca_mode == "files" and not params.ca_files
     steps: list[StepOutcome] = []
-    for i, (step, title) in enumerate(STEPS):
-        if phase_one and i > 0:
-            steps.append(
-                StepOutcome(
-                    step, title, "not-run", note="waiting for the CA's response (ca_files is empty)"
+    # HTML is rendered while the next notebook runs (the kernel is another process)
+    html = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgtls-html")
+    rendering: dict[str, Future[None]] = {}
+    try:
+        for i, (step, title) in enumerate(STEPS):
+            if phase_one and i > 0:
+                steps.append(
+                    StepOutcome(
+                        step,
+                        title,
+                        "not-run",
+                        note="waiting for the CA's response (ca_files is empty)",
+                    )
                 )
-            )
-            continue
-        if i == 4 and not params.apply:
-            steps.append(
-                StepOutcome(
-                    step,
-                    title,
-                    "skipped",
-                    note="apply is false: nothing was changed, so there is nothing to verify",
+                continue
+            if i == 4 and not params.apply:
+                steps.append(
+                    StepOutcome(
+                        step,
+                        title,
+                        "skipped",
+                        note="apply is false: nothing was changed, so there is nothing to verify",
+                    )
                 )
+                continue
+            if any(s.status == "failed" for s in steps):
+                steps.append(StepOutcome(step, title, "not-run"))
+                continue
+            if progress:
+                print(f"[{i + 1}/{len(STEPS)}] {step}", file=sys.stderr, flush=True)
+            t = time.monotonic()
+            error, nb = _run_notebook(
+                nb_dir / f"{step}.ipynb",
+                record / f"{step}.ipynb",
+                parameters,
+                kernel,
+                progress,
+                title,
             )
-            continue
-        if any(s.status == "failed" for s in steps):
-            steps.append(StepOutcome(step, title, "not-run"))
-            continue
-        if progress:
-            print(f"[{i + 1}/{len(STEPS)}] {step}", file=sys.stderr, flush=True)
-        t = time.monotonic()
-        error, nb = _run_notebook(
-            nb_dir / f"{step}.ipynb", record / f"{step}.ipynb", parameters, kernel, progress, title
-        )
-        seconds = time.monotonic() - t
-        if nb is not None:
-            try:
-                _write_html(nb, record / f"{step}.html")
-            except Exception as exc:  # the notebook itself is the record; the HTML is a view
-                error = error or f"HTML rendering failed: {exc}"
-        steps.append(StepOutcome(step, title, "failed" if error else "ok", seconds, error))
+            seconds = time.monotonic() - t
+            if nb is not None:
+                rendering[step] = html.submit(_write_html, nb, record / f"{step}.html")
+            steps.append(StepOutcome(step, title, "failed" if error else "ok", seconds, error))
+    finally:
+        html.shutdown(wait=True)
+    for i, outcome in enumerate(steps):
+        future = rendering.get(outcome.step)
+        problem = future.exception() if future is not None else None
+        if problem is not None:  # the notebook itself is the record; the HTML is a view of it
+            steps[i] = dataclasses.replace(outcome, note=f"HTML rendering failed: {problem}")
     if any(s.status == "failed" for s in steps):
         return steps, "failed"
     return steps, "waiting-for-ca" if phase_one else "ok"

@@ -14,11 +14,15 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.name import _ASN1Type
+from cryptography.x509.oid import NameOID
 from support import skip_or_fail
 
 from pgtls_helpers.errors import InputError, PgtlsError
@@ -26,6 +30,7 @@ from pgtls_helpers.lab import LabCA, LabCluster, free_port
 from pgtls_helpers.probe import ProbeResult, chain_rows, probe, probe_many
 
 REPO = Path(__file__).resolve().parents[2]
+PrivateKey = ec.EllipticCurvePrivateKey
 JSON_KEYS = ["host", "port", "tls_version", "cipher", "chain", "error"]
 
 
@@ -145,11 +150,9 @@ def s_then_garbage(conn: socket.socket) -> None:
     conn.sendall(b"this is not TLS\r\n" * 4)
 
 
-@pytest.fixture(scope="module")
-def tls_files(lab_ca: LabCA, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Key and chain files for a tiny TLS server (localhost leaf + both intermediates)."""
-    key, leaf = lab_ca.issue(["localhost"])
-    directory = tmp_path_factory.mktemp("tls")
+def write_tls_files(
+    directory: Path, key: PrivateKey, chain: list[x509.Certificate]
+) -> tuple[Path, Path]:
     key_path, chain_path = directory / "server.key", directory / "server.crt"
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
@@ -160,10 +163,15 @@ def tls_files(lab_ca: LabCA, tmp_path_factory: pytest.TempPathFactory) -> tuple[
                 serialization.NoEncryption(),
             )
         )
-    chain_path.write_bytes(
-        b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (leaf, *lab_ca.intermediates))
-    )
+    chain_path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain))
     return key_path, chain_path
+
+
+@pytest.fixture(scope="module")
+def tls_files(lab_ca: LabCA, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Key and chain files for a tiny TLS server (localhost leaf + both intermediates)."""
+    key, leaf = lab_ca.issue(["localhost"])
+    return write_tls_files(tmp_path_factory.mktemp("tls"), key, [leaf, *lab_ca.intermediates])
 
 
 def tls_server(
@@ -388,14 +396,48 @@ def test_json_shape(ssl_server) -> None:
     assert proc.stderr == ""
     lines = proc.stdout.splitlines()
     assert len(lines) == 2
+    expected = chain_rows(probe(cluster.host, cluster.port))
     for line, host in zip(lines, (cluster.host, "localhost"), strict=True):
         obj = json.loads(line)
         assert list(obj) == JSON_KEYS
         assert (obj["host"], obj["port"], obj["error"]) == (host, cluster.port, None)
         assert obj["tls_version"].startswith("TLSv1") and obj["cipher"]
         assert [list(row) for row in obj["chain"]] == [["sha256", "subject", "issuer"]] * 3
+        assert obj["chain"] == expected
         assert [row["sha256"] for row in obj["chain"]] == [sha256(c) for c in served]
-        assert obj["chain"][0]["issuer"] == served[1].subject.rfc4514_string()
+
+
+def test_json_rows_for_names_beyond_ascii(lab_ca: LabCA, tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    odd = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COUNTRY_NAME, "CH"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, 'Zürich Ärzte, "AG"'),
+            x509.NameAttribute(
+                NameOID.ORGANIZATIONAL_UNIT_NAME, "caf\xe9", _type=_ASN1Type.T61String
+            ),
+            x509.NameAttribute(NameOID.COMMON_NAME, "localhost"),
+        ]
+    )
+    now = datetime.now(timezone.utc)
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(odd)
+        .issuer_name(odd)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    served = [leaf, lab_ca.intermediates[0]]
+    with listener(tls_server(*write_tls_files(tmp_path, key, served), [])) as port:
+        proc = run_cli("--json", f"127.0.0.1:{port}")
+        result = probe("127.0.0.1", port)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["chain"] == chain_rows(result)
+    assert chain_rows(result)[0]["subject"] == leaf.subject.rfc4514_string()
+    assert "Zürich" in chain_rows(result)[0]["subject"]
 
 
 def test_readable_output(ssl_server) -> None:

@@ -18,7 +18,6 @@ from records import (
     STEP_NAMES,
     assert_no_secrets,
     assert_record_shape,
-    manifest,
     params_for,
     run_into,
     statuses,
@@ -27,7 +26,7 @@ from records import (
 
 from pgtls_helpers.cli import main as cli_main
 from pgtls_helpers.lab import LabCA, LabCluster
-from pgtls_helpers.runner import _new_record_dir, kernel_name
+from pgtls_helpers.runner import _new_record_dir, kernel_name, run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -253,3 +252,37 @@ def test_the_kernel_is_this_interpreter() -> None:
     name = kernel_name()
     argv0 = KernelSpecManager().get_kernel_spec(name).argv[0]
     assert argv0 in ("python", "python3") or Path(argv0).resolve() == Path(sys.executable).resolve()
+
+
+def test_each_notebook_starts_with_an_empty_namespace(tmp_path: Path) -> None:
+    """The five notebooks share a kernel, never names: each starts at In [1], alone."""
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    for i, step in enumerate(STEP_NAMES):
+        nb = new_notebook(
+            cells=[
+                new_markdown_cell(f"# {step}"),
+                new_code_cell("change_id: str = 'x'  # id", metadata={"tags": ["parameters"]}),
+                new_code_cell(f"assert 'defined_by_{i - 1}' not in globals()\ndefined_by_{i} = 1"),
+                new_code_cell("import sys\nsys.version_info >= (3, 11)"),
+            ]
+        )
+        nb.metadata["kernelspec"] = {"name": "python3", "language": "python", "display_name": "P"}
+        nbformat.write(nb, notebooks / f"{step}.ipynb")
+    params = write_params(
+        tmp_path / "p.yaml",
+        change_id="CHG-ns",
+        common_name="db1.example.com",
+        ca_mode="lab",
+        apply=True,
+    )
+    outcome = run(
+        params, tmp_path / "records", tmp_path / "work", progress=False, notebooks_dir=notebooks
+    )
+    assert statuses(outcome) == ["ok"] * 5, outcome.summary()
+    for step in STEP_NAMES:
+        nb = nbformat.read(outcome.record_dir / f"{step}.ipynb", as_version=4)
+        counts = [c.execution_count for c in nb.cells if c.cell_type == "code"]
+        assert counts == list(range(1, len(counts) + 1)), (step, counts)

@@ -1,16 +1,27 @@
-"""The pure parts of ``probe``: targets, rows and the CLI's JSON object (no network)."""
+"""The pure parts of ``probe``: targets, names, rows and the CLI's JSON object (no network)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import ssl
+from pathlib import Path
 
 import certfactory
 import pytest
-from cryptography.hazmat.primitives import hashes
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.name import _ASN1Type
+from cryptography.x509.oid import NameOID
 
-from pgtls_helpers._cli_probe import result_dict
+from pgtls_helpers._cli_probe import presented_object
+from pgtls_helpers._probe_wire import rfc4514
 from pgtls_helpers.errors import InputError
 from pgtls_helpers.probe import ProbeResult, chain_rows, format_target, parse_target
+
+A = x509.NameAttribute
+RDN = x509.RelativeDistinguishedName
 
 
 @pytest.mark.parametrize(
@@ -60,7 +71,7 @@ def test_format_target_round_trips(target: str) -> None:
     assert format_target(*parse_target(target)) == target
 
 
-def test_chain_rows_and_json_object() -> None:
+def test_chain_rows() -> None:
     chain = certfactory.article_chain()
     presented = tuple(c.cert for c in (chain.leaf, *chain.intermediates))
     result = ProbeResult("db1.example.com", 5432, "TLSv1.3", "TLS_AES_256_GCM_SHA384", presented)
@@ -74,29 +85,127 @@ def test_chain_rows_and_json_object() -> None:
         for c in presented
     ]
     assert all(len(r["sha256"]) == 64 and r["sha256"] == r["sha256"].lower() for r in rows)
-    obj = result_dict(result)
+
+
+def test_json_object_from_der_equals_chain_rows() -> None:
+    chain = certfactory.article_chain()
+    presented = [c.cert for c in (chain.leaf, *chain.intermediates)]
+    ders = [c.public_bytes(serialization.Encoding.DER) for c in presented]
+    obj = presented_object("db1.example.com", 5432, ("TLSv1.3", "TLS_AES_128_GCM_SHA256", ders))
     assert list(obj) == ["host", "port", "tls_version", "cipher", "chain", "error"]
+    expected = chain_rows(ProbeResult("db1.example.com", 5432, chain=tuple(presented)))
     assert json.loads(json.dumps(obj)) == {
         "host": "db1.example.com",
         "port": 5432,
         "tls_version": "TLSv1.3",
-        "cipher": "TLS_AES_256_GCM_SHA384",
-        "chain": rows,
+        "cipher": "TLS_AES_128_GCM_SHA256",
+        "chain": expected,
         "error": None,
     }
 
 
 def test_a_failed_probe_as_json() -> None:
-    failed = ProbeResult("::1", 5433, error="[::1]:5433: the server refused SSL (ssl = off?)")
+    error = "[::1]:5433: the server refused SSL (ssl = off?)"
+    failed = ProbeResult("::1", 5433, error=error)
     assert not failed.ok and failed.target == "[::1]:5433"
-    assert result_dict(failed) == {
+    assert presented_object("::1", 5433, error) == {
         "host": "::1",
         "port": 5433,
         "tls_version": None,
         "cipher": None,
         "chain": [],
-        "error": failed.error,
+        "error": error,
     }
+
+
+_KEY = ec.generate_private_key(ec.SECP256R1())
+
+# Names OpenSSL's decoding must render exactly as cryptography does (ASCII text values).
+SAME = {
+    "article": x509.Name([A(NameOID.COUNTRY_NAME, "US"), A(NameOID.COMMON_NAME, "RootCA")]),
+    "escapes": x509.Name(
+        [
+            A(NameOID.COMMON_NAME, '#a,b+c"d\\e<f>g;h '),
+            A(NameOID.ORGANIZATION_NAME, " lead"),
+            A(NameOID.ORGANIZATIONAL_UNIT_NAME, " "),
+            A(NameOID.LOCALITY_NAME, "nul\0inside"),
+        ]
+    ),
+    "multi-valued": x509.Name(
+        [
+            RDN([A(NameOID.ORGANIZATIONAL_UNIT_NAME, "z"), A(NameOID.COMMON_NAME, "a")]),
+            RDN([A(NameOID.COUNTRY_NAME, "US")]),
+        ]
+    ),
+    "types": x509.Name(
+        [
+            A(NameOID.DOMAIN_COMPONENT, "example"),
+            A(NameOID.USER_ID, "u"),
+            A(NameOID.STREET_ADDRESS, "1 Main"),
+            A(NameOID.STATE_OR_PROVINCE_NAME, "NY"),
+            A(NameOID.EMAIL_ADDRESS, "dba@example.com"),
+            A(NameOID.SERIAL_NUMBER, "42"),
+            A(NameOID.JURISDICTION_COUNTRY_NAME, "US"),
+            A(NameOID.BUSINESS_CATEGORY, "y"),
+            A(NameOID.ORGANIZATION_IDENTIFIER, "oi"),
+            A(x509.ObjectIdentifier("1.2.3.4.5"), "private"),
+            A(NameOID.COMMON_NAME, "db1.example.com", _type=_ASN1Type.BMPString),
+        ]
+    ),
+    "empty": x509.Name([]),
+}
+# Names where the two decoders can differ: OpenSSL's answer must be withheld.
+WITHHELD = {
+    "t61 accents": x509.Name([A(NameOID.COMMON_NAME, "caf\xe9", _type=_ASN1Type.T61String)]),
+    "utf8 accents": x509.Name([A(NameOID.ORGANIZATION_NAME, "Zürich")]),
+    "bit string": x509.Name(
+        [
+            A(NameOID.X500_UNIQUE_IDENTIFIER, b"\x00\x01", _type=_ASN1Type.BitString),
+            A(NameOID.COMMON_NAME, "a"),
+        ]
+    ),
+}
+
+
+def _self_signed(name: x509.Name) -> x509.Certificate:
+    now = dt.datetime.now(dt.timezone.utc)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(_KEY.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(_KEY, hashes.SHA256())
+    )
+
+
+def _openssl_subject(cert: x509.Certificate, tmp_path: Path) -> object:
+    """The subject as OpenSSL decodes it for Python's ssl module (the shape of get_info())."""
+    path = tmp_path / "cert.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return ssl._ssl._test_decode_cert(str(path))["subject"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("case", sorted(SAME))
+def test_openssl_names_render_as_cryptography_does(case: str, tmp_path: Path) -> None:
+    cert = _self_signed(SAME[case])
+    assert rfc4514(_openssl_subject(cert, tmp_path)) == cert.subject.rfc4514_string()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("case", sorted(WITHHELD))
+def test_names_the_decoders_may_disagree_on_go_to_cryptography(case: str, tmp_path: Path) -> None:
+    cert = _self_signed(WITHHELD[case])
+    try:
+        subject = _openssl_subject(cert, tmp_path)
+    except (ssl.SSLError, TypeError, ValueError):
+        subject = None  # OpenSSL cannot decode it at all: also withheld
+    if subject is not None:
+        assert rfc4514(subject) is None  # type: ignore[arg-type]
+    der = cert.public_bytes(serialization.Encoding.DER)
+    [row] = presented_object("h", 1, ("TLSv1.3", "x", [der]))["chain"]
+    assert row["subject"] == cert.subject.rfc4514_string()
 
 
 def test_probe_result_is_frozen() -> None:

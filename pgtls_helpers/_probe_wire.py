@@ -1,0 +1,394 @@
+"""The network half of :mod:`pgtls_helpers.probe`, on the standard library alone.
+
+PostgreSQL's SSLRequest, a TLS handshake without verification, and the chain the server sent,
+as OpenSSL holds it. ``pgtls probe`` is built on this module directly, so that a command probing
+fifty servers starts without importing cryptography (about 40 ms of CPU, as much as twenty
+probes cost the client); :mod:`pgtls_helpers.probe` turns the same answers into
+``x509.Certificate`` objects for everything else.
+
+Python's ``ssl`` module exposes the unverified peer chain publicly only from 3.13
+(``SSLSocket.get_unverified_chain``, DER bytes); 3.11 and 3.12 have the same call on the
+socket's internal ``_sslobj``, which returns ``_ssl.Certificate`` objects (``public_bytes``,
+``get_info``) on every version. They are used through :func:`cert_der` and :func:`cert_names`
+only.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pgtls_helpers.errors import InputError
+
+DEFAULT_PORT = 5432
+SSL_REQUEST = struct.pack("!ii", 8, 80877103)  # length 8, code 1234 << 16 | 5679
+
+#: What a completed handshake gives: TLS version, cipher, and the presented chain in the order
+#: the server sent it (``_ssl.Certificate`` objects, or DER bytes where only those are exposed).
+Presented = tuple[str | None, str | None, list[Any]]
+
+
+def format_target(host: str, port: int) -> str:
+    """``host:port`` as a user would type it.
+
+    >>> format_target("db1.example.com", 5432)
+    'db1.example.com:5432'
+    >>> format_target("::1", 5433)
+    '[::1]:5433'
+    """
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6, text.split("%", 1)[0])
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET, host)
+    except (OSError, ValueError):
+        return _is_ipv6(host)
+    return True
+
+
+def parse_target(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """Split ``HOST[:PORT]`` (IPv6 as ``[addr]:port``, ``[addr]`` or a bare address).
+
+    >>> parse_target("db1.example.com:6432")
+    ('db1.example.com', 6432)
+    >>> parse_target("db1.example.com")
+    ('db1.example.com', 5432)
+    >>> parse_target("[::1]:5433")
+    ('::1', 5433)
+    >>> parse_target("::1")
+    ('::1', 5432)
+    >>> parse_target("db1:http")
+    Traceback (most recent call last):
+    ...
+    pgtls_helpers.errors.InputError: 'db1:http': the port must be a number from 1 to 65535; write HOST:PORT, with IPv6 addresses as [ADDRESS]:PORT
+    """  # noqa: E501
+    raw = text.strip()
+    host, port_text = raw, ""
+    if raw.startswith("["):
+        close = raw.find("]")
+        rest = raw[close + 1 :] if close > 0 else "?"
+        if close < 0 or (rest and not rest.startswith(":")) or not _is_ipv6(raw[1:close]):
+            raise InputError(
+                f"{text!r}: an IPv6 address is written [ADDRESS]:PORT, for example [::1]:5432"
+            )
+        host, port_text = raw[1:close], rest[1:]
+    elif raw.count(":") == 1:
+        host, port_text = raw.split(":")
+    elif raw.count(":") > 1 and not _is_ipv6(raw):
+        raise InputError(f"{text!r}: not HOST:PORT; write IPv6 addresses as [ADDRESS]:PORT")
+    if not host:
+        raise InputError(f"{text!r}: the host is missing; write HOST:PORT")
+    if not port_text and raw.endswith(":"):
+        port_text = "?"
+    port = default_port
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise InputError(
+                f"{text!r}: the port must be a number from 1 to 65535; write "
+                "HOST:PORT, with IPv6 addresses as [ADDRESS]:PORT"
+            )
+        port = int(port_text)
+    return host, port
+
+
+_CONTEXT: ssl.SSLContext | None = None
+
+
+def context() -> ssl.SSLContext:
+    """The client context of every probe: accepts whatever the server offers, verifies nothing."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        # Old protocol versions and weak keys are findings to show, not reasons to stop looking.
+        ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+        ctx.set_ciphers("ALL:@SECLEVEL=0")
+        _CONTEXT = ctx
+    return _CONTEXT
+
+
+class WireError(Exception):
+    """One sentence (without the ``host:port:`` prefix) saying what went wrong."""
+
+
+def _peer_chain(tls: ssl.SSLSocket) -> list[Any]:
+    """The peer chain as sent, leaf first (OpenSSL's ``SSL_get_peer_cert_chain``)."""
+    internal = getattr(tls._sslobj, "get_unverified_chain", None)  # type: ignore[attr-defined]
+    if internal is not None:
+        return list(internal() or ())
+    return [bytes(der) for der in tls.get_unverified_chain()]  # type: ignore[attr-defined]
+
+
+def cert_der(cert: Any) -> bytes:
+    """The DER encoding of one presented certificate."""
+    if isinstance(cert, bytes):
+        return cert
+    return bytes(cert.public_bytes(ssl._ssl.ENCODING_DER))  # type: ignore[attr-defined]
+
+
+# cryptography's short names (x509.name._NAMEOID_TO_NAME); every other type is its dotted OID.
+_SHORT = {
+    "2.5.4.3": "CN",
+    "2.5.4.7": "L",
+    "2.5.4.8": "ST",
+    "2.5.4.10": "O",
+    "2.5.4.11": "OU",
+    "2.5.4.6": "C",
+    "2.5.4.9": "STREET",
+    "0.9.2342.19200300.100.1.25": "DC",
+    "0.9.2342.19200300.100.1.1": "UID",
+}
+_OIDS: dict[str, str] = {}
+
+
+def _attribute_type(name: str) -> str:
+    oid = _OIDS.get(name)
+    if oid is None:
+        if name[:1].isdigit():
+            oid = name
+        else:
+            oid = ssl._ssl.txt2obj(name, True)[3]  # type: ignore[attr-defined]
+        _OIDS[name] = oid
+    return _SHORT.get(oid, oid)
+
+
+def _escape(value: str) -> str:
+    # RFC 4514 section 2.4, exactly as cryptography's Name.rfc4514_string escapes.
+    if not value:
+        return ""
+    for char, escaped in (
+        ("\\", "\\\\"),
+        ('"', '\\"'),
+        ("+", "\\+"),
+        (",", "\\,"),
+        (";", "\\;"),
+        ("<", "\\<"),
+        (">", "\\>"),
+        ("\0", "\\00"),
+    ):
+        value = value.replace(char, escaped)
+    if value[0] == "#" or (value[0] == " " and len(value) > 1):
+        value = "\\" + value
+    if value[-1] == " ":
+        value = value[:-1] + "\\ "
+    return value
+
+
+def rfc4514(name: Sequence[Sequence[tuple[str, str]]]) -> str | None:
+    """An OpenSSL-decoded name (``get_info()["subject"]``) as cryptography's RFC 4514 string.
+
+    None when a value is not ASCII text: OpenSSL and cryptography decode some string types
+    differently (a T61String with accents, a BIT STRING), so only cryptography answers then.
+
+    >>> print(rfc4514(((("countryName", "US"),), (("commonName", "db1, primary"),))))
+    CN=db1\\, primary,C=US
+    >>> rfc4514(((("commonName", "Zürich"),),)) is None
+    True
+    """
+    if not all(isinstance(v, str) and v.isascii() for rdn in name for _, v in rdn):
+        return None
+    return ",".join(
+        "+".join(f"{_attribute_type(t)}={_escape(v)}" for t, v in rdn) for rdn in reversed(name)
+    )
+
+
+def cert_names(cert: Any) -> tuple[str, str] | None:
+    """Subject and issuer as RFC 4514 strings, from OpenSSL's decoding of the certificate.
+
+    None when OpenSSL's decoding cannot be taken as cryptography's (DER bytes only, a value
+    that is not ASCII text, a name OpenSSL cannot decode); the caller then asks cryptography.
+    """
+    if isinstance(cert, bytes):
+        return None
+    try:
+        info = cert.get_info()
+        subject, issuer = rfc4514(info["subject"]), rfc4514(info["issuer"])
+    except (ssl.SSLError, ValueError, KeyError, TypeError):
+        return None
+    return (subject, issuer) if subject is not None and issuer is not None else None
+
+
+def _close_politely(tls: ssl.SSLSocket) -> None:
+    # close_notify tells the backend we are gone; without it the server logs "could not receive
+    # data from client: Connection reset by peer" for every probe. Its own close_notify is not
+    # awaited (the socket is non-blocking by then): that would only time the backend's exit.
+    try:
+        tls.setblocking(False)
+        tls.unwrap()
+    except (OSError, ValueError):
+        pass
+    finally:
+        tls.close()
+
+
+def _error_text(raw: socket.socket) -> str:
+    """The message of an ErrorResponse that follows an ``E`` byte (v3 or the old v2 form)."""
+    data = b""
+    try:
+        raw.settimeout(0.5)
+        while len(data) < 2048:
+            chunk = raw.recv(2048)
+            if not chunk:
+                break
+            data += chunk
+            if len(data) >= 4 and len(data) >= int.from_bytes(data[:4], "big"):
+                break
+    except OSError:
+        pass
+    if len(data) >= 5 and 4 <= int.from_bytes(data[:4], "big") <= 10_000:
+        for field in data[4:].split(b"\0"):
+            if field[:1] == b"M":
+                return field[1:].decode("utf-8", "replace")
+    text = data.split(b"\0", 1)[0].decode("utf-8", "replace")
+    return " ".join(text.split())[:300] or "no message"
+
+
+def _connect(host: str, port: int, timeout: float) -> socket.socket:
+    try:
+        return socket.create_connection((host, port), timeout=timeout)
+    except socket.gaierror as exc:
+        raise WireError(
+            f"cannot resolve the host name ({exc.strerror}); check the spelling and DNS"
+        ) from exc
+    except ConnectionRefusedError as exc:
+        raise WireError(
+            "connection refused; is PostgreSQL listening on this address "
+            "and port (listen_addresses, port)?"
+        ) from exc
+    except TimeoutError as exc:
+        raise WireError(
+            f"no connection within {timeout:g} s; check the host, the port "
+            "and any firewall in between"
+        ) from exc
+    except OSError as exc:
+        raise WireError(
+            f"cannot connect ({exc.strerror or exc}); check the host and the port"
+        ) from exc
+
+
+def _ssl_request(raw: socket.socket, timeout: float) -> None:
+    try:
+        raw.sendall(SSL_REQUEST)
+        answer = raw.recv(1)
+    except TimeoutError as exc:
+        raise WireError(
+            f"no answer to the SSLRequest within {timeout:g} s; is this a PostgreSQL server?"
+        ) from exc
+    except OSError as exc:
+        raise WireError(
+            f"the connection failed before an answer to the SSLRequest "
+            f"({exc.strerror or exc}); is this a PostgreSQL server?"
+        ) from exc
+    if answer == b"S":
+        return
+    if answer == b"N":
+        raise WireError("the server refused SSL (ssl = off?)")
+    if answer == b"":
+        raise WireError(
+            "the server closed the connection without answering the "
+            "SSLRequest; is this a PostgreSQL server?"
+        )
+    if answer == b"E":
+        raise WireError(f"the server answered the SSLRequest with an error: {_error_text(raw)}")
+    raise WireError(
+        f"the server answered the SSLRequest with {answer!r}, not "
+        "'S' or 'N'; is this a PostgreSQL server?"
+    )
+
+
+def handshake(host: str, port: int, timeout: float) -> Presented:
+    """SSLRequest and an unverified TLS handshake with ``host:port``.
+
+    Raises:
+        WireError: no handshake; the message says why in one sentence.
+    """
+    deadline = time.monotonic() + timeout
+    with _connect(host, port, timeout) as raw:
+        # Small writes in a row (SSLRequest, handshake, close_notify) must not wait for
+        # delayed ACKs; libpq sets the same option.
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw.settimeout(max(0.001, deadline - time.monotonic()))
+        _ssl_request(raw, timeout)
+        raw.settimeout(max(0.001, deadline - time.monotonic()))
+        try:
+            tls = context().wrap_socket(raw, server_hostname=None if _is_ip(host) else host)
+        except TimeoutError as exc:
+            raise WireError(f"the TLS handshake did not finish within {timeout:g} s") from exc
+        except ssl.SSLError as exc:
+            reason = exc.reason or exc.strerror or str(exc)
+            raise WireError(
+                f"the TLS handshake failed ({reason}); see the server log for its side"
+            ) from exc
+        except OSError as exc:
+            raise WireError(
+                f"the connection failed during the TLS handshake "
+                f"({exc.strerror or exc}); see the server log"
+            ) from exc
+        try:
+            cipher = tls.cipher()
+            return tls.version(), cipher[0] if cipher else None, _peer_chain(tls)
+        finally:
+            _close_politely(tls)
+
+
+def attempt(host: str, port: int, timeout: float) -> Presented | str:
+    """:func:`handshake`, or its error as ``"host:port: sentence"``."""
+    try:
+        return handshake(host, port, timeout)
+    except WireError as exc:
+        return f"{format_target(host, port)}: {exc}"
+
+
+def attempt_many(
+    pairs: Sequence[tuple[str, int]], timeout: float, max_workers: int
+) -> list[Presented | str]:
+    """:func:`attempt` for every pair, ``max_workers`` at a time, answers in the order given."""
+    if len(pairs) <= 1 or max_workers <= 1:
+        return [attempt(host, port, timeout) for host, port in pairs]
+    import threading
+
+    context()  # built once, before the threads share it
+    answers: list[Presented | str | BaseException | None] = [None] * len(pairs)
+    todo = iter(range(len(pairs)))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                index = next(todo, None)
+            if index is None:
+                return
+            try:
+                answers[index] = attempt(*pairs[index], timeout)
+            except BaseException as exc:  # re-raised in the caller's thread below
+                answers[index] = exc
+
+    threads = [
+        threading.Thread(target=work, name=f"pgtls-probe-{n}", daemon=True)
+        for n in range(min(max_workers, len(pairs)))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    done: list[Presented | str] = []
+    for answer in answers:
+        if isinstance(answer, BaseException):
+            raise answer
+        assert answer is not None
+        done.append(answer)
+    return done

@@ -1,0 +1,211 @@
+"""The interactive path as a DBA meets it: JupyterLab, the CSR form, Chromium.
+
+JupyterLab runs from this interpreter on a free port with a token, on copies of the notebooks
+prepared with lab parameters; Debian's Chromium (never a downloaded browser) is driven by
+Playwright.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbformat
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from support import skip_or_fail
+
+from pgtls_helpers.lab import LabCluster, free_port
+from pgtls_helpers.params import load_params
+from pgtls_helpers.runner import prepare_notebooks
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture
+def jupyterlab(tmp_path: Path, fresh_cluster: LabCluster) -> Iterator[tuple[str, Path, Path]]:
+    """(URL of 01_key_and_csr with the token, the notebooks' directory, the work directory)."""
+    if not Path(CHROMIUM).exists():
+        skip_or_fail(f"{CHROMIUM} is not installed (Debian: apt-get install chromium)")
+    work = tmp_path / "work"
+    params = load_params(
+        {
+            "change_id": "CHG-browser",
+            "common_name": "db1.lab.pgtls.test",
+            "subject_alt_names": ["localhost", "127.0.0.1"],
+            "country": "US",
+            "organization": "pgtls lab",
+            "key_type": "ecdsa-p256",
+            "ca_mode": "lab",
+            "apply": True,
+            "server_host": fresh_cluster.host,
+            "server_port": fresh_cluster.port,
+            "server_log_file": str(fresh_cluster.log_path),
+            "work_dir": str(work),
+        }
+    )
+    notebooks = tmp_path / "notebooks"
+    prepare_notebooks(params, notebooks)
+    port, token = free_port(), secrets.token_hex(16)
+    home = tmp_path / "jupyter"
+    env = {
+        **os.environ,
+        "PGPASSFILE": str(fresh_cluster.passfile),
+        "JUPYTER_CONFIG_DIR": str(home / "config"),
+        "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
+        "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"),
+        "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
+    }
+    argv = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        f"--ServerApp.token={token}",
+        f"--ServerApp.root_dir={notebooks}",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        "--LabApp.news_url=",
+    ]
+    if os.geteuid() == 0:
+        argv.append("--allow-root")
+    log = (tmp_path / "jupyterlab.log").open("w")
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(
+                        "JupyterLab did not start: "
+                        + (tmp_path / "jupyterlab.log").read_text()[-2000:]
+                    )
+                time.sleep(0.3)
+        yield f"{base}/lab/tree/01_key_and_csr.ipynb?token={token}", notebooks, work
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _run_menu(page: object, item: str) -> None:
+    """Click Run → ``item`` (the accessible name may end with the item's shortcut)."""
+    page.get_by_role("menuitem", name="Run", exact=True).click()  # type: ignore[attr-defined]
+    name = re.compile("^" + re.escape(item) + r"(\s|$)")
+    page.get_by_role("menuitem", name=name).first.click()  # type: ignore[attr-defined]
+
+
+def _cell(page: object, text: str) -> object:
+    """The notebook's code cell whose source contains ``text``."""
+    return page.locator(".jp-CodeCell", has_text=text).first  # type: ignore[attr-defined]
+
+
+def _wait_idle(page: object, timeout: float = 90.0) -> None:
+    page.wait_for_function(  # type: ignore[attr-defined]
+        "() => !document.querySelector('.jp-Notebook .jp-InputPrompt')"
+        " || ![...document.querySelectorAll('.jp-InputPrompt')]"
+        ".some(p => p.textContent.includes('*'))",
+        timeout=timeout * 1000,
+    )
+
+
+def test_the_dba_fills_the_csr_form_and_gets_a_key_and_csr(
+    jupyterlab: tuple[str, Path, Path],
+) -> None:
+    playwright_sync = pytest.importorskip("playwright.sync_api")
+    url, notebooks, work = jupyterlab
+    with playwright_sync.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(url)
+            page.locator(".jp-Notebook .jp-Cell").first.wait_for()
+            page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for()
+
+            # run down to the form, as a DBA would: select the form's cell, run what is above
+            form_cell = _cell(page, "csr_form(params)")
+            form_cell.locator(".jp-InputPrompt").click()  # type: ignore[attr-defined]
+            _run_menu(page, "Run All Above Selected Cell")
+            _wait_idle(page)
+            form_cell.locator(".jp-InputPrompt").click()  # type: ignore[attr-defined]
+            _run_menu(page, "Run Selected Cell and Do not Advance")
+            cn = page.get_by_label("Common name (CN)")
+            cn.wait_for()
+            assert cn.input_value() == "db1.lab.pgtls.test"  # prefilled from the parameters
+
+            # a mistake is caught inline, then corrected
+            page.get_by_label("Country (C)").fill("Germany")
+            page.get_by_text("must be two letters").wait_for()
+            page.get_by_label("Country (C)").fill("DE")
+            page.get_by_text("must be two letters").wait_for(state="detached")
+            cn.fill("db7.lab.pgtls.test")
+            page.get_by_label("Alternative names").fill("localhost\n127.0.0.1\ndb7")
+            page.get_by_label("Key type").select_option("ecdsa-p384")
+            page.get_by_role("button", name="Use these values").click()
+            page.get_by_text("the next cells use these values").wait_for()
+
+            # and the rest of the notebook
+            values_cell = _cell(page, "form.params")
+            values_cell.locator(".jp-InputPrompt").click()  # type: ignore[attr-defined]
+            _run_menu(page, "Run Selected Cell and All Below")
+            page.get_by_text("What to send to the CA").wait_for(timeout=90_000)
+            _wait_idle(page)
+            stderr = page.locator(
+                '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'
+            )
+            assert stderr.count() == 0, stderr.all_inner_texts()
+            page.keyboard.press("Control+s")
+            page.wait_for_timeout(1500)
+        finally:
+            browser.close()
+
+    key = work / "CHG-browser" / "server.key"
+    csr_path = work / "CHG-browser" / "server.csr"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    csr = x509.load_pem_x509_csr(csr_path.read_bytes())
+    assert csr.subject.rfc4514_string().startswith("CN=db7.lab.pgtls.test")
+    assert "C=DE" in csr.subject.rfc4514_string()
+    sans = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "db7" in sans.get_values_for_type(x509.DNSName)
+    public = csr.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == "secp384r1"
+
+    saved = nbformat.read(notebooks / "01_key_and_csr.ipynb", as_version=4)
+    outputs = [o for c in saved.cells for o in c.get("outputs", [])]
+    assert outputs, "the notebook was saved with its outputs"
+    assert not [o for o in outputs if o["output_type"] == "error"]
+    assert not [o for o in outputs if o.get("name") == "stderr"]
+    texts = " ".join(str(o.get("data", {}).get("text/html", "")) for o in outputs)
+    assert "The CSR is made from the form" in texts
