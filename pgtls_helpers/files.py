@@ -28,6 +28,7 @@ __all__ = [
     "PlannedFile",
     "apply_plan",
     "atomic_write",
+    "fsync_dir",
     "key_file_problem",
     "plan_file",
     "rollback",
@@ -238,10 +239,11 @@ def atomic_write(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (best effort where directories cannot be opened)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:

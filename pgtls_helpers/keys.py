@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 
 from pgtls_helpers.errors import InputError
+from pgtls_helpers.files import fsync_dir
 
 __all__ = [
     "KEY_TYPES",
@@ -269,7 +270,7 @@ def write_private_key(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     return target
 
 
@@ -357,15 +358,3 @@ def _link_no_clobber(src: Path, dst: Path) -> None:
         os.replace(src, dst)
         return
     os.unlink(src)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
