@@ -9,7 +9,10 @@ the article-shaped throwaway CA, an RSA 4096 key) goes through the change twice:
     ``step5_verify_clients``) on another throwaway cluster, with no notebook, kernel or record.
 
 It prints both, step by step, and the share of (a) spent on notebook execution, which is
-(a) − (b). Goals: (a) under 30 s on a 2-core machine, the notebooks' share under half. Run::
+(a) − (b). The same comparison is made once more with each side as a fresh process (``python
+-m pgtls_helpers run`` against a process that imports the package and calls the five steps), so
+that start-up and imports count as they do for ``make demo``. Goals: (a) under 30 s on a 2-core
+machine, the notebooks' share under half. Run::
 
     .venv/bin/python bench/bench_runbook.py [--repeat 3] [--params parameters/lab.yaml]
 
@@ -23,6 +26,7 @@ import dataclasses
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -93,18 +97,62 @@ def direct(params_file: Path, scratch: Path) -> dict[str, float]:
     return times
 
 
+def cold(params_file: Path, scratch: Path) -> tuple[float, float]:
+    """Both sides as fresh processes: (notebooks, direct) wall-clock seconds."""
+    t = time.perf_counter()
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pgtls_helpers",
+            "run",
+            str(params_file),
+            "--no-progress",
+            "--records",
+            str(scratch / "records"),
+            "--work",
+            str(scratch / "work"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    notebooks = time.perf_counter() - t
+    t = time.perf_counter()
+    subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--direct-once",
+            "--params",
+            str(params_file),
+            "--scratch",
+            str(scratch),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return notebooks, time.perf_counter() - t
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=1, help="runs of each (median)")
     parser.add_argument("--params", default=str(REPO / "parameters" / "lab.yaml"))
+    parser.add_argument("--direct-once", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     params_file = Path(args.params).resolve()
+    if args.direct_once:  # the direct side of the fresh-process comparison
+        direct(params_file, Path(args.scratch))
+        return 0
     nb_runs: list[dict[str, float]] = []
     py_runs: list[dict[str, float]] = []
+    cold_runs: list[tuple[float, float]] = []
     with tempfile.TemporaryDirectory(prefix="pgtls-bench-") as tmp:
         for i in range(args.repeat):
             scratch = Path(tmp) / str(i)
             scratch.mkdir()
+            cold_runs.append(cold(params_file, scratch / "cold"))
             nb_runs.append(through_notebooks(params_file, scratch))
             py_runs.append(direct(params_file, scratch))
             shutil.rmtree(scratch, ignore_errors=True)
@@ -128,10 +176,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"notebook execution (kernels, papermill, HTML, record): {overhead:.2f} s, "
         f"{share:.0%} of the notebook run"
     )
+    cold_nb = statistics.median(c[0] for c in cold_runs)
+    cold_py = statistics.median(c[1] for c in cold_runs)
+    cold_share = (cold_nb - cold_py) / cold_nb if cold_nb else 0.0
     print(
-        f"goals: whole lab runbook under 30 s: {'yes' if total_nb < 30 else 'NO'} "
-        f"({total_nb:.1f} s); notebook share under half: {'yes' if share < 0.5 else 'NO'} "
-        f"({share:.0%})"
+        f"as fresh processes: pgtls run {cold_nb:.2f} s, direct {cold_py:.2f} s; notebook "
+        f"execution {cold_nb - cold_py:.2f} s, {cold_share:.0%} of the notebook run"
+    )
+    worst = max(total_nb, cold_nb)
+    worst_share = max(share, cold_share)
+    print(
+        f"goals: whole lab runbook under 30 s: {'yes' if worst < 30 else 'NO'} "
+        f"({worst:.1f} s); notebook share under half: {'yes' if worst_share < 0.5 else 'NO'} "
+        f"({worst_share:.0%})"
     )
     return 0
 

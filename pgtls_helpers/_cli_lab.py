@@ -139,12 +139,7 @@ def notebook(args: argparse.Namespace) -> int:
     or created, as needed; it keeps running afterwards for ``pgtls lab down``).
     """
     from pgtls_helpers.params import load_params, read_params_file
-    from pgtls_helpers.runner import (
-        _injected,
-        _lab_client_user,
-        _resolve_values,
-        prepare_notebooks,
-    )
+    from pgtls_helpers.runner import _lab_client_user, _resolve_values, prepare_notebooks
 
     values = _resolve_values(read_params_file(args.params), args.work)
     params = load_params(values, source=str(args.params))
@@ -171,7 +166,10 @@ def notebook(args: argparse.Namespace) -> int:
     target = Path(args.work).resolve() / "notebooks" / params.change_id
     prepare_notebooks(params, target)
     _out(f"notebooks for change {params.change_id} in {target}")
-    _out(f"parameters: {', '.join(f'{k}={v!r}' for k, v in _injected(params).items() if v)}")
+    _out(
+        f"  server {params.server_host}:{params.server_port}, ca_mode {params.ca_mode}, "
+        f"apply {str(params.apply).lower()}"
+    )
     if params.lab_cluster:
         _out(f"when done: pgtls lab down --dir {args.dir}")
     argv = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={target}"]

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -164,7 +165,7 @@ def _new_record_dir(records: Path, change_id: str) -> tuple[Path, datetime]:
     )
 
 
-def _check_input(params: Params, values: dict[str, Any]) -> None:
+def _check_input(params: Params) -> None:
     """What would make the run fail for a reason the parameters file can fix (exit 2)."""
     for name in ("key_passphrase_env",) + (
         ("ca_files_password_env",) if params.ca_mode == "files" and params.ca_files else ()
@@ -237,9 +238,9 @@ def kernel_name() -> str:
         check=False,
     )
     if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise PgtlsError(
-            f"no Jupyter kernel runs {sys.executable} and installing one failed "
-            f"({proc.stderr.strip().splitlines()[-1:]}); run "
+            f"no Jupyter kernel runs {sys.executable} and installing one failed ({last}); run "
             f"'{sys.executable} -m ipykernel install --sys-prefix --name pgtls'"
         )
     return "pgtls"
@@ -302,6 +303,15 @@ _KERNEL_ARGS = ["--IPKernelApp.log_level=CRITICAL"]
 _ENGINE = "pgtls-shared-kernel"
 
 
+def _skip_slow_optional_imports() -> None:
+    """jsonschema (which nbformat imports) loads ``rfc3987_syntax`` when it is installed, and
+    that builds a parser grammar at import time: about a second on a small machine, for IRI
+    formats notebook validation never checks. Mark it absent (``sys.modules[name] = None`` makes
+    the import fail, and jsonschema treats it as optional)."""
+    if "jsonschema" not in sys.modules:
+        sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]
+
+
 def _register_engine() -> None:
     """A papermill engine that runs every notebook of a run in one kernel.
 
@@ -357,16 +367,15 @@ class _Kernel:
     def __init__(self, name: str) -> None:
         from jupyter_client.manager import AsyncKernelManager
 
-        _register_engine()
         self.name = name
         self.km = AsyncKernelManager(kernel_name=name)
         self.kc: Any = None
+        self._starting: threading.Thread | None = None
 
     def start_in_background(self) -> Callable[[], None]:
         """Start the kernel and import the package in a thread; returns a join that connects
         to the kernel, or raises :class:`PgtlsError` when it did not come up."""
         import asyncio
-        import threading
 
         problem: list[BaseException] = []
 
@@ -385,11 +394,14 @@ class _Kernel:
         def target() -> None:
             try:
                 asyncio.run(start())
+                _skip_slow_optional_imports()
+                _register_engine()  # importing papermill is not free either: do it here too
             except BaseException as exc:  # handed to the caller by join()
                 problem.append(exc)
 
         thread = threading.Thread(target=target, name="pgtls-kernel", daemon=True)
         thread.start()
+        self._starting = thread
 
         def join() -> None:
             from jupyter_core.utils import run_sync
@@ -425,6 +437,8 @@ class _Kernel:
     def close(self) -> None:
         from jupyter_core.utils import run_sync
 
+        if self._starting is not None:  # a set-up that failed early: let the start finish
+            self._starting.join(timeout=90)
         if self.kc is not None:
             self.kc.stop_channels()
         if self.km.has_kernel:
@@ -449,7 +463,10 @@ def _run_notebook(
             engine_name=_ENGINE,
             kernel_name=kernel.name,
             pgtls_kernel=kernel,
-            progress_bar={"desc": desc, "leave": False} if progress else False,
+            # a bar per notebook on a terminal; in a log, the "[n/5] step" lines are enough
+            progress_bar={"desc": desc, "leave": False}
+            if progress and sys.stderr.isatty()
+            else False,
             request_save_on_cell_execute=False,
             log_output=False,
             cwd=os.getcwd(),
@@ -689,7 +706,7 @@ def run(
     values = read_params_file(params_file)
     values = _resolve_values(values, work_dir)
     params = load_params(values, source=str(params_path))
-    _check_input(params, values)
+    _check_input(params)
     nb_dir = Path(notebooks_dir or NOTEBOOKS_DIR)
     missing = [s for s, _ in STEPS if not (nb_dir / f"{s}.ipynb").exists()]
     if missing:

@@ -65,8 +65,12 @@ _T = TypeVar("_T")
 _OK, _BAD, _WARN, _INFO, _MUTED = "#1a7f37", "#b42318", "#b54708", "#175cd3", "#667085"
 _ROLE_COLOURS = {"root": "#6941c6", "intermediate": "#175cd3", "leaf": "#1a7f37"}
 _BOX = "border:1px solid #d0d5dd;border-radius:6px;padding:8px 12px;margin:6px 0;"
+_MONO = "font-family:monospace;font-size:12px;line-height:1.4;"
 _TABLE = "border-collapse:collapse;font-size:13px;margin:4px 0;"
-_CELL = "border:1px solid #d0d5dd;padding:3px 8px;text-align:left;vertical-align:top;"
+_CELL = (
+    "border:1px solid #d0d5dd;padding:3px 8px;text-align:left;vertical-align:top;"
+    "overflow-wrap:break-word;"
+)
 
 
 @dataclass(frozen=True)
@@ -109,10 +113,11 @@ def _table(
     *,
     colour: Callable[[Mapping[str, Any]], str | None] | None = None,
     mono: Iterable[str] = (),
+    nowrap: Iterable[str] = (),
 ) -> Rendered:
     """A plain HTML table (no pandas needed for a handful of rows) and its text form."""
     cols = list(columns or (list(rows[0]) if rows else []))
-    mono_cols = set(mono)
+    mono_cols, nowrap_cols = set(mono), set(nowrap)
     if not rows:
         return Rendered(f'<div style="color:{_MUTED}">(none)</div>', "(none)")
     head = "".join(f'<th style="{_CELL}background:#f2f4f7">{_e(c)}</th>' for c in cols)
@@ -121,11 +126,11 @@ def _table(
         style = f"color:{c};" if colour and (c := colour(row)) else ""
         cells = []
         for col in cols:
-            font = (
-                "font-family:monospace;font-size:12px;word-break:break-all;"
-                if col in mono_cols
-                else ""
-            )
+            font = "font-family:monospace;font-size:12px;" if col in mono_cols else ""
+            if col in nowrap_cols:
+                font += "white-space:nowrap;"
+            elif col in mono_cols:
+                font += "word-break:break-all;"
             cells.append(f'<td style="{_CELL}{font}">{_e(_plain(row.get(col)))}</td>')
         body.append(f'<tr style="{style}">{"".join(cells)}</tr>')
     widths = [max(len(c), *(len(_plain(r.get(c))) for r in rows)) for c in cols]
@@ -156,7 +161,7 @@ def _plain(value: object) -> str:
 
 def _pre(text: str) -> Rendered:
     return Rendered(
-        f'<pre style="{_BOX}background:#f9fafb;white-space:pre-wrap">{_e(text)}</pre>', text
+        f'<pre style="{_BOX}{_MONO}background:#f9fafb;white-space:pre-wrap">{_e(text)}</pre>', text
     )
 
 
@@ -515,9 +520,13 @@ def show_sources(ca: CaResponseResult) -> Rendered:
 def inspection_table(ca: CaResponseResult) -> Rendered:
     """The chain inspection table: one column per certificate, leaf first, unused ones last."""
     from pgtls_helpers.chain import inspection_table as frame_of
+    from pgtls_helpers.csr import format_name
 
     frame = frame_of(ca.chain).astype(object)
     certs = frame.where(frame.notna(), None).to_dict("records")
+    # the names as people write them (emailAddress, not 1.2.840.113549.1.9.1)
+    for row, cert in zip(certs, [*ca.chain.path, *ca.chain.unused], strict=True):
+        row["subject"], row["issuer"] = format_name(cert.subject), format_name(cert.issuer)
     fields = [
         ("subject", "subject"),
         ("issuer", "issuer"),
@@ -544,7 +553,9 @@ def inspection_table(ca: CaResponseResult) -> Rendered:
         for c in certs:
             value = c.get(key)
             style = (
-                "font-family:monospace;font-size:11px;word-break:break-all;" if key in mono else ""
+                "font-family:monospace;font-size:11px;word-break:break-all;"
+                if key in mono
+                else "overflow-wrap:anywhere;"
             )
             if key == "days_left" and isinstance(value, int) and value < 0:
                 style += f"color:{_BAD};font-weight:600;"
@@ -624,14 +635,14 @@ def validity_timeline(
     lo -= timedelta(seconds=span * 0.02)
     hi += timedelta(seconds=span * 0.02)
     span = (hi - lo).total_seconds()
-    label_w, plot_w, row_h, top = 210, 560, 24, 22
+    label_w, plot_w, row_h, top, right = 210, 540, 24, 22, 120
     height = top + row_h * len(certs) + 26
 
     def x(t: datetime) -> float:
         return label_w + plot_w * (t - lo).total_seconds() / span
 
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + plot_w + 20}" '
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + plot_w + right}" '
         f'height="{height}" font-family="sans-serif" font-size="12">'
     ]
     text_lines = []
@@ -655,7 +666,7 @@ def validity_timeline(
             f"{_e(state)}</title></rect>"
         )
         parts.append(
-            f'<text x="{min(x(end) + 4, label_w + plot_w - 80):.1f}" y="{y + 15}" '
+            f'<text x="{x(end) + 4:.1f}" y="{y + 15}" '
             f'font-size="10" fill="{_MUTED}">{_e(state)}</text>'
         )
         text_lines.append(f"{label:<28} {role:<12} {start:%Y-%m-%d} .. {end:%Y-%m-%d}  {state}")
@@ -828,7 +839,7 @@ def show_install_plan(plan: InstallStepResult) -> Rendered:
     """Where the files go (from the server's own settings), owners, modes, and the checks."""
     facts = plan.facts
     about = [
-        {"setting": k, "value": facts.get(k)}
+        {"setting": k, "value": ("on" if facts.get(k) else "off") if k == "ssl" else facts.get(k)}
         for k in ("version", "data_directory", "ssl_cert_file", "ssl_key_file", "hba_file", "ssl")
     ]
     parts = [
@@ -866,8 +877,8 @@ def show_installed(installed: InstallStepResult | None) -> Rendered:
     note = (
         "every file was already in place; nothing was written"
         if not installed.changed
-        else "installed; the private key's only copies are now the installed file and "
-        "the backup of the key it replaced"
+        else "installed, nothing reloaded yet; the key was removed from the work directory, so "
+        "the installed file (and the backup of a key it replaced) holds it now"
     )
     return _join(
         _banner(note, _OK, "Install"),
@@ -896,7 +907,7 @@ def _diff(text: str) -> Rendered:
         weight = "600" if colour in (_OK, _BAD) else "400"
         lines.append(f'<span style="color:{colour};font-weight:{weight}">{_e(line)}</span>')
     return Rendered(
-        f'<pre style="{_BOX}background:#f9fafb;font-size:12px">' + "\n".join(lines) + "</pre>", text
+        f'<pre style="{_BOX}{_MONO}background:#f9fafb">' + "\n".join(lines) + "</pre>", text
     )
 
 
@@ -922,7 +933,7 @@ def show_ssl_plan(plan: EnableResult) -> Rendered:
     if plan.presented:
         parts += [
             _heading("The server presents now:"),
-            _table(plan.presented, ["subject", "issuer", "sha256"], mono=("sha256",)),
+            _presented(plan.presented),
         ]
     return _join(*parts)
 
@@ -941,12 +952,34 @@ def show_enabled(enabled: EnableResult | None) -> Rendered:
             _OK if enabled.confirmed else _BAD,
             "Enabled",
         )
-    rows = [{"#": i, **r} for i, r in enumerate(enabled.presented)]
     return _join(
         head,
         _heading("The chain the server presents (leaf first):"),
-        _table(rows, ["#", "subject", "issuer", "sha256"], mono=("sha256",)),
+        _presented(enabled.presented),
     )
+
+
+def _name_text(rfc4514: str) -> str:
+    """An RFC 4514 name as people write it (``emailAddress=``, not the dotted OID)."""
+    from pgtls_helpers.csr import format_name
+
+    try:
+        return format_name(x509.Name.from_rfc4514_string(rfc4514))
+    except ValueError:
+        return rfc4514
+
+
+def _presented(rows: Sequence[Mapping[str, str]]) -> Rendered:
+    shown = [
+        {
+            "#": i,
+            "subject": _name_text(r["subject"]),
+            "issuer": _name_text(r["issuer"]),
+            "sha256": r["sha256"],
+        }
+        for i, r in enumerate(rows)
+    ]
+    return _table(shown, ["#", "subject", "issuer", "sha256"], mono=("sha256",), nowrap=("sha256",))
 
 
 # --------------------------------------------------------------------------- step 5
@@ -967,7 +1000,9 @@ def show_checks(verify: VerifyResult) -> Rendered:
                 "libpq said": c.detail if len(c.detail) <= 160 else c.detail[:157] + "…",
             }
         )
-    return _table(rows, colour=lambda r: _BAD if r["agrees"] == "✗" else None)
+    return _table(
+        rows, colour=lambda r: _BAD if r["agrees"] == "✗" else None, nowrap=("sslmode", "agrees")
+    )
 
 
 def require_pass(verify: VerifyResult, params: Params) -> Rendered:
