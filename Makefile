@@ -35,7 +35,7 @@ lab: $(STAMP)
 # JupyterLab on copies of the notebooks prepared with PARAMS; with lab parameters they point at
 # the lab cluster in work/lab (started if needed; `pgtls lab down --dir work/lab` removes it).
 notebook: $(STAMP)
-	$(BIN)/python -m pgtls_helpers._cli_lab notebook --params $(PARAMS) --dir work/lab --work work
+	$(BIN)/python -m pgtls_helpers lab notebook --params $(PARAMS) --dir work/lab --work work
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_chain.py

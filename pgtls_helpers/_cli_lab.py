@@ -1,8 +1,8 @@
-"""``pgtls lab up|down|status``: a throwaway PostgreSQL cluster to explore the runbook on.
+"""``pgtls lab up|down|status|notebook``: a throwaway PostgreSQL cluster to explore the runbook on.
 
 ``up`` also writes ``runbook.yaml`` next to the cluster: parameters that point the runbook at
-it, for ``pgtls run``. ``python -m pgtls_helpers._cli_lab notebook`` (``make notebook``) opens
-the notebooks in JupyterLab against a lab cluster, for the interactive path.
+it, for ``pgtls run``. ``notebook`` (``make notebook``) opens the notebooks in JupyterLab
+against a lab cluster, for the interactive path.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import Any
 
 import yaml
 
-from pgtls_helpers.errors import InputError, PgtlsError
 from pgtls_helpers.lab import LabCluster
 
 _RUNBOOK_YAML = "runbook.yaml"
@@ -178,27 +177,3 @@ def notebook(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     os.execve(sys.executable, argv, env)
     return 0  # pragma: no cover - execve does not return
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pgtls_helpers._cli_lab notebook --params P --dir D --work W``."""
-    parser = argparse.ArgumentParser(prog="python -m pgtls_helpers._cli_lab")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    nb = sub.add_parser("notebook", help="JupyterLab on the runbook notebooks")
-    nb.add_argument("--params", default="parameters/lab.yaml", metavar="PARAMS.yaml")
-    nb.add_argument("--dir", default="work/lab", metavar="DIR", help="the lab cluster's directory")
-    nb.add_argument("--work", default="work", metavar="DIR")
-    nb.set_defaults(func=notebook)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except InputError as exc:
-        sys.stderr.write(f"pgtls: {exc}\n")
-        return 2
-    except PgtlsError as exc:
-        sys.stderr.write(f"pgtls: {exc}\n")
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

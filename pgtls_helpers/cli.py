@@ -24,12 +24,25 @@ def _add_chain(sub: argparse._SubParsersAction) -> None:
     ins = csub.add_parser("inspect", help="order a chain leaf first and list findings")
     ins.add_argument("paths", nargs="+", metavar="FILE_OR_DIR")
     ins.add_argument("--key", metavar="KEYFILE", help="private key the leaf must match")
-    ins.add_argument("--host", action="append", default=[], metavar="NAME",
-                     help="host name clients use with verify-full (repeatable)")
-    ins.add_argument("--pool", action="append", default=[], metavar="DIR_OR_FILE",
-                     help="extra certificates to complete the chain from (repeatable)")
-    ins.add_argument("--password-env", metavar="VAR",
-                     help="environment variable holding the PKCS#12 or key password")
+    ins.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="host name clients use with verify-full (repeatable)",
+    )
+    ins.add_argument(
+        "--pool",
+        action="append",
+        default=[],
+        metavar="DIR_OR_FILE",
+        help="extra certificates to complete the chain from (repeatable)",
+    )
+    ins.add_argument(
+        "--password-env",
+        metavar="VAR",
+        help="environment variable holding the PKCS#12 or key password",
+    )
     ins.add_argument("--expires-soon-days", type=int, default=30, metavar="DAYS")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
     ins.set_defaults(func=_lazy("pgtls_helpers._cli_chain", "inspect"))
@@ -46,18 +59,29 @@ def _add_chain(sub: argparse._SubParsersAction) -> None:
 def _add_csr(sub: argparse._SubParsersAction) -> None:
     csr = sub.add_parser("csr", help="generate server.key (0600) and server.csr")
     csr.add_argument("--cn", required=True, help="common name: the host name clients use")
-    csr.add_argument("--san", action="append", default=[], metavar="NAME",
-                     help="subject alternative name, DNS name or IP (repeatable)")
+    csr.add_argument(
+        "--san",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="subject alternative name, DNS name or IP (repeatable)",
+    )
     csr.add_argument("--country", "-C", metavar="CC")
     csr.add_argument("--state", "-ST")
     csr.add_argument("--locality", "-L")
     csr.add_argument("--organization", "-O")
     csr.add_argument("--organizational-unit", "-OU")
     csr.add_argument("--email")
-    csr.add_argument("--key-type", default="rsa4096",
-                     help="rsa2048, rsa3072, rsa4096 (default), ecdsa-p256, ecdsa-p384")
-    csr.add_argument("--passphrase-env", metavar="VAR",
-                     help="encrypt the key with the passphrase in this environment variable")
+    csr.add_argument(
+        "--key-type",
+        default="rsa4096",
+        help="rsa2048, rsa3072, rsa4096 (default), ecdsa-p256, ecdsa-p384",
+    )
+    csr.add_argument(
+        "--passphrase-env",
+        metavar="VAR",
+        help="encrypt the key with the passphrase in this environment variable",
+    )
     csr.add_argument("--out-dir", required=True, metavar="DIR")
     csr.add_argument("--force", action="store_true", help="replace existing files (kept as .bak)")
     csr.set_defaults(func=_lazy("pgtls_helpers._cli_csr", "main"))
@@ -75,8 +99,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="run the five runbook notebooks and archive the record")
     run.add_argument("params", metavar="PARAMS.yaml")
     run.add_argument("--records", default="records", metavar="DIR")
-    run.add_argument("--work", default="work", metavar="DIR",
-                     help="private per-change work directories (keys, CSRs, CA files)")
+    run.add_argument(
+        "--work",
+        default="work",
+        metavar="DIR",
+        help="private per-change work directories (keys, CSRs, CA files)",
+    )
     run.add_argument("--no-progress", action="store_true")
     run.set_defaults(func=_lazy("pgtls_helpers._cli_run", "main"))
 
@@ -94,6 +122,15 @@ def _add_lab(sub: argparse._SubParsersAction) -> None:
     status = lsub.add_parser("status", help="show the throwaway cluster's connection string")
     status.add_argument("--dir", default="work/lab", metavar="DIR")
     status.set_defaults(func=_lazy("pgtls_helpers._cli_lab", "status"))
+    nb = lsub.add_parser(
+        "notebook",
+        help="JupyterLab on the runbook notebooks, prepared with "
+        "a parameters file (with lab parameters, on the lab cluster)",
+    )
+    nb.add_argument("--params", default="parameters/lab.yaml", metavar="PARAMS.yaml")
+    nb.add_argument("--dir", default="work/lab", metavar="DIR", help="the lab cluster's directory")
+    nb.add_argument("--work", default="work", metavar="DIR")
+    nb.set_defaults(func=_lazy("pgtls_helpers._cli_lab", "notebook"))
 
 
 def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:

@@ -166,8 +166,12 @@ def _attempt(conninfo: Mapping[str, Any]) -> tuple[Outcome, str, str]:
     except psycopg.OperationalError as exc:
         text = " ".join(str(exc).split())
         # libpq prefixes every error with where it tried; the reason is what follows
-        text = re.sub(r'^(connection failed: )?connection to server at "[^"]*"(, port \d+)? '
-                      r'failed: ', "", text)
+        text = re.sub(
+            r'^(connection failed: )?connection to server at "[^"]*"(, port \d+)? '
+            r"failed: ",
+            "",
+            text,
+        )
         return "fail", classify_error(text), text
 
 

@@ -70,8 +70,12 @@ class Params:
     def conninfo(self) -> dict[str, Any]:
         """libpq keywords for the runbook's own connection (password from libpq's usual
         places: ``PGPASSFILE``, ``~/.pgpass`` or ``PGPASSWORD``)."""
-        return {"host": self.server_host, "port": self.server_port, "user": self.server_user,
-                "dbname": self.server_dbname}
+        return {
+            "host": self.server_host,
+            "port": self.server_port,
+            "user": self.server_user,
+            "dbname": self.server_dbname,
+        }
 
 
 PARAMETER_NAMES = tuple(f.name for f in fields(Params) if f.name != "extra")
@@ -95,8 +99,7 @@ def load_params(values: Mapping[str, Any], *, source: str = "parameters") -> Par
     name is caught because the required ones would then be missing.
     """
     known = {k: v for k, v in values.items() if k in PARAMETER_NAMES}
-    extra = {k: v for k, v in values.items()
-             if k not in PARAMETER_NAMES and not k.startswith("_")}
+    extra = {k: v for k, v in values.items() if k not in PARAMETER_NAMES and not k.startswith("_")}
     for name in ("change_id", "common_name"):
         if not known.get(name):
             raise InputError(f"{source}: '{name}' is missing; set it in the parameters file")
@@ -124,9 +127,19 @@ def load_params(values: Mapping[str, Any], *, source: str = "parameters") -> Par
     for flag in ("apply", "reject_non_ssl", "lab_cluster", "client_root_merge"):
         if flag in known and not isinstance(known[flag], bool):
             raise InputError(f"{source}: {flag} must be true or false")
-    for name in ("pgdata", "key_passphrase_env", "ca_files_password_env", "server_log_file",
-                 "record_dir", "email", "country", "state", "locality", "organization",
-                 "organizational_unit"):
+    for name in (
+        "pgdata",
+        "key_passphrase_env",
+        "ca_files_password_env",
+        "server_log_file",
+        "record_dir",
+        "email",
+        "country",
+        "state",
+        "locality",
+        "organization",
+        "organizational_unit",
+    ):
         if known.get(name) == "":
             known[name] = None
     return Params(**known, extra=extra)

@@ -66,8 +66,11 @@ def _state(params: Params) -> dict[str, Any]:
 
 def _save_state(params: Params, **updates: Any) -> dict[str, Any]:
     state = {**_state(params), **updates}
-    files.atomic_write(work_dir(params) / STATE_NAME,
-                       (json.dumps(state, indent=2, sort_keys=True) + "\n").encode(), mode=0o600)
+    files.atomic_write(
+        work_dir(params) / STATE_NAME,
+        (json.dumps(state, indent=2, sort_keys=True) + "\n").encode(),
+        mode=0o600,
+    )
     return state
 
 
@@ -81,8 +84,9 @@ def save_step(params: Params, step: str, summary: dict[str, Any]) -> None:
 
 
 def _passphrase(params: Params) -> bytes | None:
-    return keys.passphrase_from_env(params.key_passphrase_env) if params.key_passphrase_env \
-        else None
+    return (
+        keys.passphrase_from_env(params.key_passphrase_env) if params.key_passphrase_env else None
+    )
 
 
 def _pem(cert: x509.Certificate) -> bytes:
@@ -112,9 +116,12 @@ class KeyCsrResult:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "key_type": self.key_type, "key_encrypted": self.encrypted,
-            "subject": dict(self.subject_fields), "csr_file": str(self.csr_path),
-            "csr_sha256": self.csr_sha256, "public_key_sha256": self.public_key_sha256,
+            "key_type": self.key_type,
+            "key_encrypted": self.encrypted,
+            "subject": dict(self.subject_fields),
+            "csr_file": str(self.csr_path),
+            "csr_sha256": self.csr_sha256,
+            "public_key_sha256": self.public_key_sha256,
             "reused": self.reused,
         }
 
@@ -123,16 +130,21 @@ def subject_of(params: Params) -> Any:
     from pgtls_helpers.subject import make_subject
 
     return make_subject(
-        params.common_name, country=params.country, state=params.state,
-        locality=params.locality, organization=params.organization,
-        organizational_unit=params.organizational_unit, email=params.email,
+        params.common_name,
+        country=params.country,
+        state=params.state,
+        locality=params.locality,
+        organization=params.organization,
+        organizational_unit=params.organizational_unit,
+        email=params.email,
         sans=params.subject_alt_names,
     )
 
 
 def _spki_sha256(public_key: Any) -> str:
-    der = public_key.public_bytes(serialization.Encoding.DER,
-                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+    der = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     return files.sha256_hex(der)
 
 
@@ -168,13 +180,17 @@ def step1_key_and_csr(params: Params) -> KeyCsrResult:
         del key
     encrypted = key_path.exists() and keys.is_encrypted_pem(key_path.read_bytes())
     result = KeyCsrResult(
-        key_path=key_path, csr_path=csr_path, key_type=params.key_type, encrypted=encrypted,
-        subject_fields=subject.fields(), csr_text=render_csr(csr),
+        key_path=key_path,
+        csr_path=csr_path,
+        key_type=params.key_type,
+        encrypted=encrypted,
+        subject_fields=subject.fields(),
+        csr_text=render_csr(csr),
         csr_sha256=files.sha256_hex(csr_path.read_bytes()),
-        public_key_sha256=_spki_sha256(csr.public_key()), reused=reused,
+        public_key_sha256=_spki_sha256(csr.public_key()),
+        reused=reused,
     )
-    _save_state(params, csr_sha256=result.csr_sha256,
-                public_key_sha256=result.public_key_sha256)
+    _save_state(params, csr_sha256=result.csr_sha256, public_key_sha256=result.public_key_sha256)
     save_step(params, "01_key_and_csr", result.summary())
     return result
 
@@ -190,7 +206,8 @@ def _csr_sans(csr: x509.CertificateSigningRequest) -> set[str]:
     except x509.ExtensionNotFound:
         return set()
     return {str(v).lower() for v in ext.get_values_for_type(x509.DNSName)} | {
-        str(v).lower() for v in ext.get_values_for_type(x509.IPAddress)}
+        str(v).lower() for v in ext.get_values_for_type(x509.IPAddress)
+    }
 
 
 # --------------------------------------------------------------------------- step 2
@@ -214,10 +231,16 @@ class CaResponseResult:
     def summary(self) -> dict[str, Any]:
         return {
             "sources": self.sources,
-            "chain": [{"role": r, "subject": c.subject.rfc4514_string(),
-                       "issuer": c.issuer.rfc4514_string(), "sha256": _fp(c),
-                       "not_after": c.not_valid_after_utc.isoformat()}
-                      for c, r in zip(self.chain.path, self.chain.roles, strict=True)],
+            "chain": [
+                {
+                    "role": r,
+                    "subject": c.subject.rfc4514_string(),
+                    "issuer": c.issuer.rfc4514_string(),
+                    "sha256": _fp(c),
+                    "not_after": c.not_valid_after_utc.isoformat(),
+                }
+                for c, r in zip(self.chain.path, self.chain.roles, strict=True)
+            ],
             "unused": [_fp(c) for c in self.chain.unused],
             "findings": [f.__dict__ for f in self.findings],
             "notes": self.notes,
@@ -257,8 +280,9 @@ def step2_ca_response(params: Params, *, check: bool = True) -> CaResponseResult
     wd = work_dir(params)
     csr_path = wd / CSR_NAME
     if not csr_path.exists():
-        raise PreflightError(f"{csr_path}: no CSR for change {params.change_id}; run step 1 "
-                             "(01_key_and_csr) first")
+        raise PreflightError(
+            f"{csr_path}: no CSR for change {params.change_id}; run step 1 (01_key_and_csr) first"
+        )
     if params.ca_mode == "lab":
         paths: list[Path] = _lab_sign(params, csr_path, wd / "ca")
     else:
@@ -268,8 +292,11 @@ def step2_ca_response(params: Params, *, check: bool = True) -> CaResponseResult
                 "listing the files it returned"
             )
         paths = [Path(p) for p in params.ca_files]
-    p12_password = (keys.passphrase_from_env(params.ca_files_password_env)
-                    if params.ca_files_password_env else None)
+    p12_password = (
+        keys.passphrase_from_env(params.ca_files_password_env)
+        if params.ca_files_password_env
+        else None
+    )
     intake = read_ca_response(paths, password=p12_password)
     certs = [s.cert for s in intake.certificates]
     from pgtls_helpers.csr import load_csr
@@ -284,8 +311,11 @@ def step2_ca_response(params: Params, *, check: bool = True) -> CaResponseResult
         )
     result = chainmod.order_chain(certs, leaf=leaf)
     findings = check_chain(result, key=csr.public_key(), hosts=params.hosts)
-    notes = [*intake.private_keys, *(f"{d}: duplicate, ignored" for d in intake.duplicates),
-             *intake.skipped]
+    notes = [
+        *intake.private_keys,
+        *(f"{d}: duplicate, ignored" for d in intake.duplicates),
+        *intake.skipped,
+    ]
     bundle = wd / "server.crt"
     root_path: Path | None = wd / "root.crt"
     files.atomic_write(bundle, chainmod.bundle_pem(result), mode=0o644)
@@ -294,8 +324,7 @@ def step2_ca_response(params: Params, *, check: bool = True) -> CaResponseResult
     else:
         root_path = None
     out = CaResponseResult([str(p) for p in paths], result, findings, notes, bundle, root_path)
-    _save_state(params, leaf_sha256=_fp(leaf), bundle_sha256=files.sha256_hex(
-        bundle.read_bytes()))
+    _save_state(params, leaf_sha256=_fp(leaf), bundle_sha256=files.sha256_hex(bundle.read_bytes()))
     save_step(params, "02_ca_response", out.summary())
     if out.errors and check:
         raise PreflightError(
@@ -323,10 +352,14 @@ class InstallStepResult:
         return bool(self.installed and self.installed.changed)
 
     def summary(self) -> dict[str, Any]:
-        return {"facts": self.facts, "plan": self.plan,
-                "preflight": [f.__dict__ for f in self.preflight], "applied": self.applied,
-                "changed": self.changed,
-                "installed": self.installed.as_dicts() if self.installed else []}
+        return {
+            "facts": self.facts,
+            "plan": self.plan,
+            "preflight": [f.__dict__ for f in self.preflight],
+            "applied": self.applied,
+            "changed": self.changed,
+            "installed": self.installed.as_dicts() if self.installed else [],
+        }
 
 
 def _server(params: Params) -> Any:
@@ -353,8 +386,10 @@ def _load_bundle(params: Params) -> tuple[list[x509.Certificate], x509.Certifica
     wd = params.work
     bundle = wd / "server.crt"
     if not bundle.exists():
-        raise PreflightError(f"{bundle}: no checked chain for change {params.change_id}; run "
-                             "step 2 (02_ca_response) first")
+        raise PreflightError(
+            f"{bundle}: no checked chain for change {params.change_id}; run "
+            "step 2 (02_ca_response) first"
+        )
     certs = x509.load_pem_x509_certificates(bundle.read_bytes())
     root_path = wd / "root.crt"
     root = x509.load_pem_x509_certificate(root_path.read_bytes()) if root_path.exists() else None
@@ -381,9 +416,13 @@ def step3_install_files(params: Params) -> InstallStepResult:
     key_bytes: bytes | None = key_path.read_bytes() if key_path.exists() else None
     if key_bytes is None:
         if installed_key.exists() and keys.public_key_matches(
-                keys.load_key(installed_key.read_bytes(),
-                              _passphrase_or_none(params, installed_key),
-                              source=str(installed_key)), leaf):
+            keys.load_key(
+                installed_key.read_bytes(),
+                _passphrase_or_none(params, installed_key),
+                source=str(installed_key),
+            ),
+            leaf,
+        ):
             key_bytes = installed_key.read_bytes()
         else:
             raise PreflightError(
@@ -391,17 +430,20 @@ def step3_install_files(params: Params) -> InstallStepResult:
                 "installed); start a new change from step 1"
             )
     encrypted = keys.is_encrypted_pem(key_bytes)
-    key = keys.load_key(key_bytes, _passphrase(params) if encrypted else None,
-                        source=str(key_path))
+    key = keys.load_key(key_bytes, _passphrase(params) if encrypted else None, source=str(key_path))
     result = chainmod.order_chain([*certs, *([root] if root else [])], leaf=leaf)
     preflight = check_chain(result, key=key, hosts=params.hosts)
     del key
     if encrypted and not facts.ssl_passphrase_command:
-        preflight.append(Finding(
-            "error", "encrypted-key",
-            f"{key_path.name} is encrypted but ssl_passphrase_command is not set, so the server "
-            "could not read it at reload or restart; set ssl_passphrase_command first, or "
-            "generate the key without a passphrase"))
+        preflight.append(
+            Finding(
+                "error",
+                "encrypted-key",
+                f"{key_path.name} is encrypted but ssl_passphrase_command is not set, so the "
+                "server could not read it at reload or restart; set ssl_passphrase_command, or "
+                "generate the key without a passphrase",
+            )
+        )
     # keep a root-owned 0640 key scheme (Debian's ssl-cert group) when that is what is there
     key_owner, key_mode = owner, 0o600
     if installed_key.exists():
@@ -410,17 +452,28 @@ def step3_install_files(params: Params) -> InstallStepResult:
             key_owner, key_mode = (0, st.st_gid), 0o640
     server_uid = owner[0]
     if problem := files.key_file_problem(key_mode, key_owner[0], key_owner[1], server_uid):
-        preflight.append(Finding("error", "key-permissions",
-                                 f"{installed_key} {problem}; the server would refuse it"))
+        preflight.append(
+            Finding(
+                "error", "key-permissions", f"{installed_key} {problem}; the server would refuse it"
+            )
+        )
     plan = [
         files.plan_file(installed_key, key_bytes, kind="key", mode=key_mode, owner=key_owner),
-        files.plan_file(facts.ssl_cert_file, chainmod.bundle_pem(result), kind="certificate",
-                        mode=0o644, owner=owner),
+        files.plan_file(
+            facts.ssl_cert_file,
+            chainmod.bundle_pem(result),
+            kind="certificate",
+            mode=0o644,
+            owner=owner,
+        ),
     ]
     users = resolve_client_users(params.client_system_users)
     if users and root is None:
-        preflight.append(Finding("error", "missing-issuer",
-                                 "the chain has no root certificate to give the clients"))
+        preflight.append(
+            Finding(
+                "error", "missing-issuer", "the chain has no root certificate to give the clients"
+            )
+        )
     if root is not None:
         plan += [plan_root_crt(u, _pem(root), merge=params.client_root_merge) for u in users]
     rows = [p.describe() for p in plan]
@@ -429,8 +482,9 @@ def step3_install_files(params: Params) -> InstallStepResult:
     if errors:
         res = InstallStepResult(out_facts, rows, preflight, None, False)
         save_step(params, "03_install_files", res.summary())
-        raise PreflightError("nothing was installed: " + "; ".join(
-            f"{f.code}: {f.message}" for f in errors))
+        raise PreflightError(
+            "nothing was installed: " + "; ".join(f"{f.code}: {f.message}" for f in errors)
+        )
     if not params.apply:
         res = InstallStepResult(out_facts, rows, preflight, None, False)
         save_step(params, "03_install_files", res.summary())
@@ -440,9 +494,11 @@ def step3_install_files(params: Params) -> InstallStepResult:
     stamp = files.utc_stamp()
     server_part = files.apply_plan(plan[:2], stamp=stamp)
     try:
-        client_part = install_root_crt(users, _pem(root), merge=params.client_root_merge,
-                                       stamp=stamp) if root and users else \
-            files.InstallResult(())
+        client_part = (
+            install_root_crt(users, _pem(root), merge=params.client_root_merge, stamp=stamp)
+            if root and users
+            else files.InstallResult(())
+        )
     except BaseException:
         files.rollback(server_part)
         raise
@@ -451,8 +507,12 @@ def step3_install_files(params: Params) -> InstallStepResult:
     # After the install the only copies of the key are the installed one and its backup.
     if key_path.exists():
         key_path.unlink()
-    _save_state(params, installed_cert_sha256=files.sha256_hex(chainmod.bundle_pem(result)),
-                key_file=str(installed_key), cert_file=str(facts.ssl_cert_file))
+    _save_state(
+        params,
+        installed_cert_sha256=files.sha256_hex(chainmod.bundle_pem(result)),
+        key_file=str(installed_key),
+        cert_file=str(facts.ssl_cert_file),
+    )
     res = InstallStepResult(out_facts, rows, preflight, installed, True)
     save_step(params, "03_install_files", res.summary())
     return res
@@ -504,8 +564,13 @@ def _probe_until(host: str, port: int, want_sha: str, timeout: float = 15.0) -> 
     return result
 
 
-_LOG_PATTERNS = ("could not load", "private key file", "SSL configuration was not reloaded",
-                 "pg_hba.conf was not reloaded", "FATAL")
+_LOG_PATTERNS = (
+    "could not load",
+    "private key file",
+    "SSL configuration was not reloaded",
+    "pg_hba.conf was not reloaded",
+    "FATAL",
+)
 
 
 def _log_offset(params: Params) -> int:
@@ -558,21 +623,38 @@ def step4_enable_ssl(params: Params) -> EnableResult:
     try:
         facts = server.facts()
         hba_text = facts.hba_file.read_text()
-        plan = hba.plan_hba(hba_text, rules, reject_non_ssl=params.reject_non_ssl,
-                            path=str(facts.hba_file), label=f"pgtls {params.change_id}")
+        plan = hba.plan_hba(
+            hba_text,
+            rules,
+            reject_non_ssl=params.reject_non_ssl,
+            path=str(facts.hba_file),
+            label=f"pgtls {params.change_id}",
+        )
         before = probe(host_ip, params.server_port, timeout=5.0) if facts.ssl else None
-        serving_new = bool(before and before.error is None and before.chain
-                           and _fp(before.chain[0]) == want_sha)
+        serving_new = bool(
+            before and before.error is None and before.chain and _fp(before.chain[0]) == want_sha
+        )
         needs_ssl = not facts.ssl or not serving_new
         if not params.apply or not (needs_ssl or plan.changed):
             nothing = not (needs_ssl or plan.changed)
             res = EnableResult(
-                facts.ssl, facts.ssl, plan.diff(), plan.added, False,
-                _chain_rows(before) if before else [], before.tls_version if before else None,
-                confirmed=nothing, changed=False, applied=params.apply,
-                messages=["nothing to change: SSL is on, pg_hba.conf has the rules and the "
-                          "server presents the new certificate"] if nothing
-                else ["plan only (apply: false): nothing was changed"])
+                facts.ssl,
+                facts.ssl,
+                plan.diff(),
+                plan.added,
+                False,
+                _chain_rows(before) if before else [],
+                before.tls_version if before else None,
+                confirmed=nothing,
+                changed=False,
+                applied=params.apply,
+                messages=[
+                    "nothing to change: SSL is on, pg_hba.conf has the rules and the "
+                    "server presents the new certificate"
+                ]
+                if nothing
+                else ["plan only (apply: false): nothing was changed"],
+            )
             save_step(params, "04_enable_ssl", res.summary())
             return res
 
@@ -592,28 +674,46 @@ def step4_enable_ssl(params: Params) -> EnableResult:
             setting_errors = server.file_setting_errors()
             if setting_errors:
                 undo.run(reload=False)
-                raise PreflightError(f"configuration errors: {'; '.join(setting_errors)}; "
-                                     "the setting was restored and nothing was reloaded")
+                raise PreflightError(
+                    f"configuration errors: {'; '.join(setting_errors)}; "
+                    "the setting was restored and nothing was reloaded"
+                )
             server.reload_and_wait()
             after = _probe_until(host_ip, params.server_port, want_sha, timeout=2.0)
-            if not (after.error is None and after.chain and _fp(after.chain[0]) == want_sha
-                    and _chain_matches_bundle(params, after)):
+            if not (
+                after.error is None
+                and after.chain
+                and _fp(after.chain[0]) == want_sha
+                and _chain_matches_bundle(params, after)
+            ):
                 undo.run()
                 seen = after.error or (
                     f"it presents {after.chain[0].subject.rfc4514_string()} "
                     f"({_fp(after.chain[0])[:16]}…), not the new certificate"
-                    if after.chain else "no certificate")
+                    if after.chain
+                    else "no certificate"
+                )
                 line = _server_log_line(params, server, log_at)
                 raise ServerError(
                     f"{params.server_host}:{params.server_port} did not take the new "
                     f"certificate ({seen}); files and settings were rolled back and the server "
-                    "reloaded" + (f"; the server log says: {line}" if line else ""))
+                    "reloaded" + (f"; the server log says: {line}" if line else "")
+                )
 
         hba_write = files.InstallResult(())
         if plan.changed:
-            hba_write = files.apply_plan([files.plan_file(
-                facts.hba_file, plan.after.encode(), kind="hba", mode=hba_mode,
-                owner=hba_owner)], stamp=stamp)
+            hba_write = files.apply_plan(
+                [
+                    files.plan_file(
+                        facts.hba_file,
+                        plan.after.encode(),
+                        kind="hba",
+                        mode=hba_mode,
+                        owner=hba_owner,
+                    )
+                ],
+                stamp=stamp,
+            )
             undo.hba = hba_write
             problems = server.hba_errors()
             if not problems:
@@ -623,11 +723,22 @@ def step4_enable_ssl(params: Params) -> EnableResult:
                 undo.run()
                 raise ServerError(
                     f"{facts.hba_file}: {'; '.join(problems)}; pg_hba.conf, settings and files "
-                    "were rolled back and the server reloaded")
+                    "were rolled back and the server reloaded"
+                )
         assert after is not None
-        res = EnableResult(facts.ssl, True, plan.diff(), plan.added, True,
-                           _chain_rows(after), after.tls_version, confirmed=True, changed=True,
-                           applied=True, installed=hba_write.as_dicts())
+        res = EnableResult(
+            facts.ssl,
+            True,
+            plan.diff(),
+            plan.added,
+            True,
+            _chain_rows(after),
+            after.tls_version,
+            confirmed=True,
+            changed=True,
+            applied=True,
+            installed=hba_write.as_dicts(),
+        )
         _save_state(params, enabled=True, presented_sha256=want_sha)
         save_step(params, "04_enable_ssl", res.summary())
         return res
@@ -635,8 +746,9 @@ def step4_enable_ssl(params: Params) -> EnableResult:
         server.close()
 
 
-def _validate_hba(server: Any, facts: Any, plan: hba.HbaPlan, mode: int,
-                  owner: tuple[int, int], stamp: str) -> None:
+def _validate_hba(
+    server: Any, facts: Any, plan: hba.HbaPlan, mode: int, owner: tuple[int, int], stamp: str
+) -> None:
     """Let the server parse the planned pg_hba.conf, then put the current one back.
 
     While SSL is off the server reports every hostssl line as "cannot match" and parses no
@@ -644,11 +756,14 @@ def _validate_hba(server: Any, facts: Any, plan: hba.HbaPlan, mode: int,
     No reload happens in between: the running server never sees this text.
     """
     check_text = plan.after if facts.ssl else _as_host_lines(plan)
-    trial = files.apply_plan([files.plan_file(facts.hba_file, check_text.encode(), kind="hba",
-                                              mode=mode, owner=owner)], stamp=stamp)
+    trial = files.apply_plan(
+        [files.plan_file(facts.hba_file, check_text.encode(), kind="hba", mode=mode, owner=owner)],
+        stamp=stamp,
+    )
     try:
-        problems = [e for e in server.hba_errors()
-                    if not (not facts.ssl and "because SSL is disabled" in e)]
+        problems = [
+            e for e in server.hba_errors() if not (not facts.ssl and "because SSL is disabled" in e)
+        ]
     finally:
         files.rollback(trial)
         for item in trial.installed:
@@ -699,8 +814,9 @@ def _keep_key_for_retry(params: Params, installed: files.InstallResult) -> None:
 def _as_host_lines(plan: hba.HbaPlan) -> str:
     added = set(plan.added)
     return "".join(
-        ("host   " + line[len("hostssl"):]) if line.rstrip("\n") in added
-        and line.startswith("hostssl") else line
+        ("host   " + line[len("hostssl") :])
+        if line.rstrip("\n") in added and line.startswith("hostssl")
+        else line
         for line in plan.after.splitlines(keepends=True)
     )
 
@@ -729,8 +845,10 @@ def _address(host: str) -> str:
     try:
         return str(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0])
     except socket.gaierror:
-        raise InputError(f"server_host '{host}' does not resolve; use a name this machine can "
-                         "resolve, or an IP address") from None
+        raise InputError(
+            f"server_host '{host}' does not resolve; use a name this machine can "
+            "resolve, or an IP address"
+        ) from None
 
 
 # --------------------------------------------------------------------------- step 5
@@ -762,14 +880,21 @@ def step5_verify_clients(params: Params) -> VerifyResult:
     if not root_crt.exists():
         raise PreflightError(f"{root_crt}: no root certificate for this change; run step 2")
     unrelated = wd / "unrelated-root.crt"
-    files.atomic_write(unrelated, _pem(LabCA.create(root_name="Unrelated Root CA").root),
-                       mode=0o644)
+    files.atomic_write(
+        unrelated, _pem(LabCA.create(root_name="Unrelated Root CA").root), mode=0o644
+    )
     info = params.conninfo()
     if passfile := os.environ.get("PGPASSFILE"):
         info["passfile"] = passfile
     hostaddr = _address(params.server_host)
-    checks = connection_checks(info, hosts=params.hosts, hostaddr=hostaddr, root_crt=root_crt,
-                               unrelated_root=unrelated, reject_non_ssl=params.reject_non_ssl)
+    checks = connection_checks(
+        info,
+        hosts=params.hosts,
+        hostaddr=hostaddr,
+        root_crt=root_crt,
+        unrelated_root=unrelated,
+        reject_non_ssl=params.reject_non_ssl,
+    )
     for user in resolve_client_users(params.client_system_users):
         checks.append(psql_as_user(user, info, host=params.hosts[0], hostaddr=hostaddr))
     verdict = "pass" if all(c.passed for c in checks) else "fail"

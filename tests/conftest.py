@@ -84,20 +84,17 @@ def client_user() -> Iterator[str]:
     try:
         pwd.getpwnam(CLIENT_USER)
     except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", CLIENT_USER],
-                       check=True)
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", CLIENT_USER], check=True)
         created = True
     home = Path(pwd.getpwnam(CLIENT_USER).pw_dir)
     shutil.rmtree(home / ".postgresql", ignore_errors=True)
     yield CLIENT_USER
     if created:
-        subprocess.run(["userdel", "--remove", CLIENT_USER], check=False,
-                       capture_output=True)
+        subprocess.run(["userdel", "--remove", CLIENT_USER], check=False, capture_output=True)
 
 
 @pytest.fixture
-def runbook_params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                   ) -> Callable[..., Params]:
+def runbook_params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Params]:
     """Parameters for a change on ``cluster``; PGPASSFILE points at its password."""
 
     def make(cluster: LabCluster, **overrides: Any) -> Params:
@@ -113,8 +110,15 @@ def runbook_params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
             "server_port": cluster.port,
             "server_log_file": str(cluster.log_path),
             "apply": True,
-            "hba_rules": [{"type": "hostssl", "database": "all", "user": "all",
-                           "address": "127.0.0.1/32", "method": "scram-sha-256"}],
+            "hba_rules": [
+                {
+                    "type": "hostssl",
+                    "database": "all",
+                    "user": "all",
+                    "address": "127.0.0.1/32",
+                    "method": "scram-sha-256",
+                }
+            ],
         }
         values.update(overrides)
         return load_params(values)

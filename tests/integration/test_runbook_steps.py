@@ -43,7 +43,8 @@ def _run_all(params: Params) -> runbook.VerifyResult:
 
 
 def test_whole_change_then_a_second_run_changes_nothing(
-        fresh_cluster: LabCluster, runbook_params: ParamsFactory) -> None:
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory
+) -> None:
     params = runbook_params(fresh_cluster)
     assert _show_ssl(fresh_cluster) == "off"
     verdict = _run_all(params)
@@ -53,8 +54,10 @@ def test_whole_change_then_a_second_run_changes_nothing(
     key = fresh_cluster.pgdata / "server.key"
     st = key.stat()
     assert stat.S_IMODE(st.st_mode) == 0o600
-    assert (st.st_uid, st.st_gid) == (fresh_cluster.pgdata.stat().st_uid,
-                                      fresh_cluster.pgdata.stat().st_gid)
+    assert (st.st_uid, st.st_gid) == (
+        fresh_cluster.pgdata.stat().st_uid,
+        fresh_cluster.pgdata.stat().st_gid,
+    )
     # the key left the work directory once installed
     assert not (params.work / "server.key").exists()
     # server.crt is leaf + FOO + BAR: the root is not appended
@@ -73,22 +76,26 @@ def test_whole_change_then_a_second_run_changes_nothing(
 
 
 def test_every_must_fail_connection_fails_for_its_reason(
-        fresh_cluster: LabCluster, runbook_params: ParamsFactory) -> None:
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory
+) -> None:
     verdict = _run_all(runbook_params(fresh_cluster))
     failing = {c.check: c for c in verdict.checks if c.expect == "fail"}
-    assert failing["sslmode=disable (non-SSL)"].observed_reason == \
-        "non-SSL rejected by pg_hba.conf"
-    assert failing["verify-full with a name not in the certificate"].observed_reason == \
-        "host name not in certificate"
-    assert failing["verify-ca against an unrelated root"].observed_reason == \
-        "certificate not trusted"
+    assert failing["sslmode=disable (non-SSL)"].observed_reason == "non-SSL rejected by pg_hba.conf"
+    assert (
+        failing["verify-full with a name not in the certificate"].observed_reason
+        == "host name not in certificate"
+    )
+    assert (
+        failing["verify-ca against an unrelated root"].observed_reason == "certificate not trusted"
+    )
     assert all(c.passed for c in failing.values())
     require = next(c for c in verdict.checks if c.sslmode == "require")
     assert require.observed == "ok"  # require accepts a server it never verified
 
 
-def test_apply_false_changes_nothing(fresh_cluster: LabCluster,
-                                     runbook_params: ParamsFactory) -> None:
+def test_apply_false_changes_nothing(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory
+) -> None:
     params = runbook_params(fresh_cluster, apply=False)
     before = _snapshot(fresh_cluster)
     runbook.step1_key_and_csr(params)
@@ -104,7 +111,8 @@ def test_apply_false_changes_nothing(fresh_cluster: LabCluster,
 
 
 def test_wrong_key_is_refused_before_any_file_changes(
-        fresh_cluster: LabCluster, runbook_params: ParamsFactory) -> None:
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory
+) -> None:
     params = runbook_params(fresh_cluster)
     runbook.step1_key_and_csr(params)
     runbook.step2_ca_response(params)
@@ -122,10 +130,20 @@ def test_wrong_key_is_refused_before_any_file_changes(
 
 
 def test_the_eject_typo_never_reaches_the_server(
-        fresh_cluster: LabCluster, runbook_params: ParamsFactory) -> None:
-    params = runbook_params(fresh_cluster, hba_rules=[
-        {"type": "hostnossl", "database": "all", "user": "all", "address": "all",
-         "method": "eject"}])
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory
+) -> None:
+    params = runbook_params(
+        fresh_cluster,
+        hba_rules=[
+            {
+                "type": "hostnossl",
+                "database": "all",
+                "user": "all",
+                "address": "all",
+                "method": "eject",
+            }
+        ],
+    )
     runbook.step1_key_and_csr(params)
     runbook.step2_ca_response(params)
     runbook.step3_install_files(params)
@@ -137,11 +155,22 @@ def test_the_eject_typo_never_reaches_the_server(
 
 
 def test_a_line_the_server_rejects_is_restored_before_any_reload(
-        fresh_cluster: LabCluster, runbook_params: ParamsFactory) -> None:
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory
+) -> None:
     # well-formed for a parser, refused by PostgreSQL itself: only pg_hba_file_rules knows
-    params = runbook_params(fresh_cluster, hba_rules=[
-        {"type": "hostssl", "database": "all", "user": "all", "address": "127.0.0.1/32",
-         "method": "scram-sha-256", "options": ["clientcert=maybe"]}])
+    params = runbook_params(
+        fresh_cluster,
+        hba_rules=[
+            {
+                "type": "hostssl",
+                "database": "all",
+                "user": "all",
+                "address": "127.0.0.1/32",
+                "method": "scram-sha-256",
+                "options": ["clientcert=maybe"],
+            }
+        ],
+    )
     runbook.step1_key_and_csr(params)
     runbook.step2_ca_response(params)
     runbook.step3_install_files(params)
@@ -156,7 +185,8 @@ def test_a_line_the_server_rejects_is_restored_before_any_reload(
 
 
 def test_a_certificate_the_server_cannot_load_is_rolled_back_with_its_log_line(
-        fresh_cluster: LabCluster, runbook_params: ParamsFactory) -> None:
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory
+) -> None:
     params = runbook_params(fresh_cluster)
     runbook.step1_key_and_csr(params)
     runbook.step2_ca_response(params)
@@ -165,8 +195,7 @@ def test_a_certificate_the_server_cannot_load_is_rolled_back_with_its_log_line(
     runbook.step3_install_files(params)
     # the installed certificate is damaged between install and reload
     crt = fresh_cluster.pgdata / "server.crt"
-    crt.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot a certificate\n"
-                    b"-----END CERTIFICATE-----\n")
+    crt.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n")
     with pytest.raises(ServerError) as err:
         runbook.step4_enable_ssl(params)
     message = str(err.value)
@@ -182,7 +211,8 @@ def test_a_certificate_the_server_cannot_load_is_rolled_back_with_its_log_line(
 
 
 def test_replacing_an_existing_certificate_keeps_backups_and_rollback_restores(
-        fresh_cluster: LabCluster, runbook_params: ParamsFactory, lab_ca: object) -> None:
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory, lab_ca: object
+) -> None:
     from pgtls_helpers.lab import LabCA
 
     ca = LabCA.create(root_name="Old Root")
@@ -208,8 +238,8 @@ def test_replacing_an_existing_certificate_keeps_backups_and_rollback_restores(
 
 
 def test_encrypted_key_needs_ssl_passphrase_command(
-        fresh_cluster: LabCluster, runbook_params: ParamsFactory,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("PGTLS_TEST_PASSPHRASE", "correct horse battery staple")
     params = runbook_params(fresh_cluster, key_passphrase_env="PGTLS_TEST_PASSPHRASE")
     runbook.step1_key_and_csr(params)
@@ -223,7 +253,8 @@ def test_encrypted_key_needs_ssl_passphrase_command(
 
 
 def test_client_user_gets_root_crt_and_psql_connects_verify_full(
-        fresh_cluster: LabCluster, runbook_params: ParamsFactory, client_user: str) -> None:
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory, client_user: str
+) -> None:
     import pwd
 
     params = runbook_params(fresh_cluster, client_system_users=[client_user])
@@ -239,7 +270,8 @@ def test_client_user_gets_root_crt_and_psql_connects_verify_full(
 
 
 def test_psql_as_client_user_without_root_crt_is_refused(
-        fresh_cluster: LabCluster, runbook_params: ParamsFactory, client_user: str) -> None:
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory, client_user: str
+) -> None:
     from pgtls_helpers.clients import psql_as_user, resolve_client_users
 
     params = runbook_params(fresh_cluster)
@@ -247,13 +279,18 @@ def test_psql_as_client_user_without_root_crt_is_refused(
     user = resolve_client_users([client_user])[0]
     if user.root_crt.exists():
         user.root_crt.unlink()
-    check = psql_as_user(user, {**params.conninfo(), "passfile": str(fresh_cluster.passfile)},
-                         host="db1.lab.pgtls.test", hostaddr="127.0.0.1")
+    check = psql_as_user(
+        user,
+        {**params.conninfo(), "passfile": str(fresh_cluster.passfile)},
+        host="db1.lab.pgtls.test",
+        hostaddr="127.0.0.1",
+    )
     assert check.observed == "fail" and check.observed_reason == "certificate not trusted"
 
 
 def test_after_a_rollback_the_key_is_back_in_the_work_directory_for_a_retry(
-        fresh_cluster: LabCluster, runbook_params: ParamsFactory) -> None:
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory
+) -> None:
     params = runbook_params(fresh_cluster)
     runbook.step1_key_and_csr(params)
     runbook.step2_ca_response(params)

@@ -54,6 +54,7 @@ def test_merge_keeps_the_old_root_and_adds_the_new_once(tmp_path: Path) -> None:
 
 def test_error_classes_follow_libpq_messages() -> None:
     assert classify_error("SSL error: certificate verify failed") == "certificate not trusted"
-    assert classify_error('server does not support SSL, but SSL was required') == \
-        "server has SSL off"
+    assert (
+        classify_error("server does not support SSL, but SSL was required") == "server has SSL off"
+    )
     assert classify_error('password authentication failed for user "x"') == "password refused"

@@ -62,8 +62,10 @@ def test_failed_write_rolls_back_the_writes_before_it(tmp_path: Path) -> None:
     good.write_bytes(b"original")
     missing_dir = tmp_path / "gone"
     missing_dir.mkdir()
-    plan = [files.plan_file(good, b"changed", kind="certificate", mode=0o644),
-            files.plan_file(missing_dir / "b.crt", b"new", kind="certificate", mode=0o644)]
+    plan = [
+        files.plan_file(good, b"changed", kind="certificate", mode=0o644),
+        files.plan_file(missing_dir / "b.crt", b"new", kind="certificate", mode=0o644),
+    ]
     missing_dir.rmdir()
     with pytest.raises(files.PgtlsError, match="nothing was changed"):
         files.apply_plan(plan)
@@ -73,14 +75,14 @@ def test_failed_write_rolls_back_the_writes_before_it(tmp_path: Path) -> None:
 def test_journal_round_trip(tmp_path: Path) -> None:
     target = tmp_path / "server.crt"
     target.write_bytes(b"before")
-    result = files.apply_plan([files.plan_file(target, b"after", kind="certificate",
-                                               mode=0o644)])
+    result = files.apply_plan([files.plan_file(target, b"after", kind="certificate", mode=0o644)])
     files.save_journal(result, tmp_path / "install.json")
     files.rollback(files.load_journal(tmp_path / "install.json"))
     assert target.read_bytes() == b"before"
 
 
 def test_plan_describes_without_content(tmp_path: Path) -> None:
-    item = files.plan_file(tmp_path / "server.key", b"-----BEGIN PRIVATE KEY-----",
-                           kind="key", mode=0o600)
+    item = files.plan_file(
+        tmp_path / "server.key", b"-----BEGIN PRIVATE KEY-----", kind="key", mode=0o600
+    )
     assert "PRIVATE" not in repr(item) and "PRIVATE" not in str(item.describe())

@@ -284,8 +284,9 @@ def test_chain_rejected_when_only_cryptography_objects() -> None:
     root = certfactory.make_ca("Root")
     inter = certfactory.make_ca("Intermediate", issuer=root, path_length=0)
     sub = certfactory.make_ca("Sub", issuer=inter)
-    leaf = certfactory.issue("db1.example.com", issuer=sub, sans=["db1.example.com"],
-                             eku=[certfactory.SERVER_AUTH])
+    leaf = certfactory.issue(
+        "db1.example.com", issuer=sub, sans=["db1.example.com"], eku=[certfactory.SERVER_AUTH]
+    )
     result = order_chain([leaf.cert, sub.cert, inter.cert, root.cert])
     findings = check_chain(result, hosts=["db1.example.com"])
     assert [(f.severity, f.code) for f in findings] == [("error", "chain-rejected")]

@@ -25,8 +25,11 @@ APP = HbaRule("hostssl", "mydb", "enterprisedb", "10.0.0.0/24", "scram-sha-256")
 
 
 def _record_lines(text: str) -> list[str]:
-    return [ln.split()[0] + " " + " ".join(ln.split()[1:]) for ln in text.splitlines()
-            if ln.strip() and not ln.lstrip().startswith("#")]
+    return [
+        ln.split()[0] + " " + " ".join(ln.split()[1:])
+        for ln in text.splitlines()
+        if ln.strip() and not ln.lstrip().startswith("#")
+    ]
 
 
 def test_rejects_and_rules_go_before_the_first_tcp_line_and_nothing_else_moves() -> None:
@@ -68,7 +71,8 @@ def test_a_specific_host_line_is_never_sorted_above_the_reject() -> None:
     text = "host all all 0.0.0.0/0 md5\nhost mydb bob 10.1.2.3/32 trust\n"
     records = _record_lines(plan_hba(text, [APP]).after)
     assert records.index("hostnossl all all all reject") < records.index(
-        "host mydb bob 10.1.2.3/32 trust")
+        "host mydb bob 10.1.2.3/32 trust"
+    )
     assert records[-2:] == ["host all all 0.0.0.0/0 md5", "host mydb bob 10.1.2.3/32 trust"]
 
 
@@ -86,8 +90,17 @@ def test_without_reject_only_the_client_rules_are_added() -> None:
 
 def test_the_articles_eject_typo_is_caught_with_a_suggestion() -> None:
     with pytest.raises(InputError, match="'eject' is not an authentication method.*'reject'"):
-        parse_rules([{"type": "hostnossl", "database": "all", "user": "all",
-                      "address": "all", "method": "eject"}])
+        parse_rules(
+            [
+                {
+                    "type": "hostnossl",
+                    "database": "all",
+                    "user": "all",
+                    "address": "all",
+                    "method": "eject",
+                }
+            ]
+        )
 
 
 def test_a_typo_already_in_the_file_is_reported_with_its_line() -> None:
@@ -98,12 +111,27 @@ def test_a_typo_already_in_the_file_is_reported_with_its_line() -> None:
 @pytest.mark.parametrize(
     ("rule", "message"),
     [
-        ({"type": "hostsll", "database": "all", "user": "all", "address": "all",
-          "method": "md5"}, "connection type 'hostsll'"),
-        ({"type": "hostssl", "database": "all", "user": "all", "address": "10.0.0.0/33",
-          "method": "md5"}, "not a valid CIDR"),
-        ({"type": "hostssl", "database": "all", "user": "all", "method": "md5"},
-         "missing address"),
+        (
+            {
+                "type": "hostsll",
+                "database": "all",
+                "user": "all",
+                "address": "all",
+                "method": "md5",
+            },
+            "connection type 'hostsll'",
+        ),
+        (
+            {
+                "type": "hostssl",
+                "database": "all",
+                "user": "all",
+                "address": "10.0.0.0/33",
+                "method": "md5",
+            },
+            "not a valid CIDR",
+        ),
+        ({"type": "hostssl", "database": "all", "user": "all", "method": "md5"}, "missing address"),
     ],
 )
 def test_bad_rules_get_one_sentence(rule: dict[str, str], message: str) -> None:

@@ -54,7 +54,8 @@ def test_lower_bounds_agree() -> None:
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     pip_reqs = list(project["dependencies"]) + [
-        r for extra in project["optional-dependencies"].values() for r in extra]
+        r for extra in project["optional-dependencies"].values() for r in extra
+    ]
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     conda_reqs = [d for d in env["dependencies"] if isinstance(d, str)]
     pb, cb = bounds(pip_reqs), bounds(conda_reqs)

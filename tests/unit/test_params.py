@@ -30,8 +30,13 @@ def test_shipped_parameter_files_load(name: str) -> None:
 
 
 def test_verify_hosts_default_to_cn_and_sans_without_duplicates() -> None:
-    params = load_params({"change_id": "c1", "common_name": "db1.example.com",
-                          "subject_alt_names": ["DB1.example.com", "db1", "10.0.0.5"]})
+    params = load_params(
+        {
+            "change_id": "c1",
+            "common_name": "db1.example.com",
+            "subject_alt_names": ["DB1.example.com", "db1", "10.0.0.5"],
+        }
+    )
     assert params.hosts == ("db1.example.com", "db1", "10.0.0.5")
 
 
@@ -41,8 +46,10 @@ def test_verify_hosts_default_to_cn_and_sans_without_duplicates() -> None:
         ({"common_name": "db1"}, "'change_id' is missing"),
         ({"change_id": "../x", "common_name": "db1"}, "must be letters"),
         ({"change_id": "c", "common_name": "db1", "ca_mode": "mail"}, "ca_mode must be"),
-        ({"change_id": "c", "common_name": "db1", "key_passphrase_env": "hunter2 secret"},
-         "name of an environment variable"),
+        (
+            {"change_id": "c", "common_name": "db1", "key_passphrase_env": "hunter2 secret"},
+            "name of an environment variable",
+        ),
         ({"change_id": "c", "common_name": "db1", "apply": "yes"}, "apply must be true or false"),
         ({"change_id": "c", "common_name": "db1", "server_port": "five"}, "server_port"),
     ],
