@@ -8,9 +8,13 @@ ipywidgets or pandas.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
+# typing costs a few milliseconds at start-up, which every `pgtls probe` would pay; mypy reads
+# any constant named TYPE_CHECKING as true.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from pgtls_helpers.runbook import (
         step1_key_and_csr,
         step2_ca_response,

@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
-from typing import Any
 
 from pgtls_helpers._probe_wire import (
-    Presented,
     attempt_many,
     cert_der,
     cert_names,
@@ -23,6 +21,12 @@ from pgtls_helpers._probe_wire import (
     parse_target,
 )
 from pgtls_helpers.errors import InputError
+
+TYPE_CHECKING = False  # typing costs start-up time on every probe; mypy reads this as true
+if TYPE_CHECKING:
+    from typing import Any
+
+    from pgtls_helpers._probe_wire import Presented
 
 __all__ = ["main", "presented_object"]
 

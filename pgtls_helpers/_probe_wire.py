@@ -20,16 +20,20 @@ import ssl
 import struct
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from pgtls_helpers.errors import InputError
 
+TYPE_CHECKING = False  # typing costs start-up time on every probe; mypy reads this as true
+if TYPE_CHECKING:
+    from typing import Any, TypeAlias
+
+    #: What a completed handshake gives: TLS version, cipher, and the presented chain in the
+    #: order the server sent it (``_ssl.Certificate`` objects, or DER bytes where only those
+    #: are exposed).
+    Presented: TypeAlias = tuple[str | None, str | None, list[Any]]
+
 DEFAULT_PORT = 5432
 SSL_REQUEST = struct.pack("!ii", 8, 80877103)  # length 8, code 1234 << 16 | 5679
-
-#: What a completed handshake gives: TLS version, cipher, and the presented chain in the order
-#: the server sent it (``_ssl.Certificate`` objects, or DER bytes where only those are exposed).
-Presented = tuple[str | None, str | None, list[Any]]
 
 
 def format_target(host: str, port: int) -> str:

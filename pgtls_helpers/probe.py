@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 from pgtls_helpers._probe_wire import (
     DEFAULT_PORT,
-    Presented,
     attempt,
     attempt_many,
     cert_der,
@@ -26,6 +25,8 @@ from pgtls_helpers._probe_wire import (
 
 if TYPE_CHECKING:
     from cryptography import x509
+
+    from pgtls_helpers._probe_wire import Presented
 
 __all__ = [
     "DEFAULT_PORT",
