@@ -165,6 +165,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PgtlsError as exc:
         print(f"pgtls: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a path we were told to use cannot be used
+        where = exc.filename or "a file"
+        print(
+            f"pgtls: {where}: {exc.strerror or exc}; check the path and its permissions",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print("pgtls: interrupted", file=sys.stderr)
         return 130

@@ -28,6 +28,7 @@ __all__ = [
     "PlannedFile",
     "apply_plan",
     "atomic_write",
+    "backup_copy",
     "fsync_dir",
     "key_file_problem",
     "plan_file",
@@ -254,7 +255,8 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _backup(path: Path, stamp: str) -> Path:
+def backup_copy(path: Path, stamp: str) -> Path:
+    """Copy ``path`` to ``NAME.pgtls-backup-<stamp>`` beside it, same owner and mode."""
     st = path.stat()
     backup = path.with_name(f"{path.name}.pgtls-backup-{stamp}")
     n = 1
@@ -283,7 +285,7 @@ def apply_plan(plan: Sequence[PlannedFile], *, stamp: str | None = None) -> Inst
                     )
                 )
                 continue
-            backup = _backup(item.target, stamp) if item.target.exists() else None
+            backup = backup_copy(item.target, stamp) if item.target.exists() else None
             prev = item.current_sha256
             atomic_write(item.target, item.data, mode=item.mode, uid=item.uid, gid=item.gid)
             done.append(

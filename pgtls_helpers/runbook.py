@@ -668,9 +668,14 @@ def step4_enable_ssl(params: Params) -> EnableResult:
         previous_ssl = server.auto_conf_value("ssl")
         undo = _Undo(params, server, previous_ssl, facts.ssl)
         after = before
+        settings_write = files.InstallResult(())
         if needs_ssl:
             if not facts.ssl:
-                server.alter_system("ssl", "on")
+                auto_conf = _auto_conf_change(
+                    facts, stamp, lambda: server.alter_system("ssl", "on")
+                )
+                if auto_conf is not None:
+                    settings_write = files.InstallResult((auto_conf,))
             setting_errors = server.file_setting_errors()
             if setting_errors:
                 undo.run(reload=False)
@@ -737,13 +742,33 @@ def step4_enable_ssl(params: Params) -> EnableResult:
             confirmed=True,
             changed=True,
             applied=True,
-            installed=hba_write.as_dicts(),
+            installed=settings_write.as_dicts() + hba_write.as_dicts(),
         )
         _save_state(params, enabled=True, presented_sha256=want_sha)
         save_step(params, "04_enable_ssl", res.summary())
         return res
     finally:
         server.close()
+
+
+def _auto_conf_change(facts: Any, stamp: str, change: Any) -> files.Installed | None:
+    """Run an ``ALTER SYSTEM`` with a backup of ``postgresql.auto.conf`` taken first.
+
+    ``ALTER SYSTEM RESET`` undoes the setting; the backup is for the reviewer and for a DBA
+    who wants the file back byte for byte. None when the file is not readable from here.
+    """
+    path = Path(facts.data_directory) / "postgresql.auto.conf"
+    try:
+        before = path.read_bytes()
+        backup = files.backup_copy(path, stamp)
+    except OSError:
+        change()
+        return None
+    change()
+    after = path.read_bytes()
+    return files.Installed(
+        path, "other", "replace", files.sha256_hex(after), files.sha256_hex(before), backup
+    )
 
 
 def _validate_hba(

@@ -58,6 +58,9 @@ def test_whole_change_then_a_second_run_changes_nothing(
         fresh_cluster.pgdata.stat().st_uid,
         fresh_cluster.pgdata.stat().st_gid,
     )
+    # ALTER SYSTEM rewrote postgresql.auto.conf: its old bytes are kept beside it
+    (auto_backup,) = fresh_cluster.pgdata.glob("postgresql.auto.conf.pgtls-backup-*")
+    assert b"ssl" not in auto_backup.read_bytes()
     # the key left the work directory once installed
     assert not (params.work / "server.key").exists()
     # server.crt is leaf + FOO + BAR: the root is not appended

@@ -130,3 +130,16 @@ def test_as_a_process_no_traceback(tmp_path: Path) -> None:
     assert ok.returncode == 0, ok.stderr
     assert "RSA 4096 bits" in ok.stdout  # the article's key size is the default
     assert "BEGIN" not in ok.stdout
+
+
+def test_an_unusable_output_directory_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgtls_helpers", "csr", "--cn", "db1.example.com",
+         "--key-type", "ecdsa-p256", "--out-dir", str(blocker / "sub")],
+        capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert str(blocker / "sub") in proc.stderr
