@@ -7,7 +7,7 @@ import sys
 
 from pgtls_helpers.csr import load_csr, render_csr, write_key_and_csr
 from pgtls_helpers.errors import InputError
-from pgtls_helpers.keys import KEY_TYPES, passphrase_from_env
+from pgtls_helpers.keys import KEY_TYPES, passphrase_from_env, passphrase_from_prompt
 from pgtls_helpers.subject import make_subject
 
 __all__ = ["main"]
@@ -29,7 +29,15 @@ def main(args: argparse.Namespace) -> int:
         email=args.email,
         sans=args.san,
     )
-    passphrase = passphrase_from_env(args.passphrase_env) if args.passphrase_env else None
+    if args.passphrase_env and args.passphrase_prompt:
+        raise InputError("Give --passphrase-env or --passphrase-prompt, not both.")
+    passphrase = (
+        passphrase_from_env(args.passphrase_env)
+        if args.passphrase_env
+        else passphrase_from_prompt()
+        if args.passphrase_prompt
+        else None
+    )
     key_path, csr_path = write_key_and_csr(
         args.out_dir, subject, args.key_type, passphrase=passphrase, overwrite=args.force
     )

@@ -82,6 +82,11 @@ def _add_csr(sub: argparse._SubParsersAction) -> None:
         metavar="VAR",
         help="encrypt the key with the passphrase in this environment variable",
     )
+    csr.add_argument(
+        "--passphrase-prompt",
+        action="store_true",
+        help="encrypt the key with a passphrase typed at the terminal",
+    )
     csr.add_argument("--out-dir", required=True, metavar="DIR")
     csr.add_argument("--force", action="store_true", help="replace existing files (kept as .bak)")
     csr.set_defaults(func=_lazy("pgtls_helpers._cli_csr", "main"))

@@ -232,6 +232,28 @@ def passphrase_from_env(var_name: str) -> bytes:
     return value.encode("utf-8")
 
 
+def passphrase_from_prompt(prompt: str = "Key passphrase: ") -> bytes:
+    """Ask for a new passphrase twice on the terminal, without echo.
+
+    Raises:
+        InputError: no terminal, an empty answer, or the two answers differ.
+    """
+    import getpass
+    import sys
+
+    if not sys.stdin.isatty():
+        raise InputError(
+            "A passphrase prompt needs a terminal; give the passphrase through an environment "
+            "variable (--passphrase-env) instead."
+        )
+    first = getpass.getpass(prompt)
+    if not first:
+        raise InputError("The passphrase is empty; leave the key unencrypted or type one.")
+    if getpass.getpass("Again: ") != first:
+        raise InputError("The two passphrases differ; nothing was written, try again.")
+    return first.encode("utf-8")
+
+
 def write_private_key(
     path: str | os.PathLike[str], data: bytes, *, overwrite: bool = False
 ) -> Path:

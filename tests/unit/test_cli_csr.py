@@ -136,10 +136,97 @@ def test_an_unusable_output_directory_is_one_line_not_a_traceback(tmp_path: Path
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     proc = subprocess.run(
-        [sys.executable, "-m", "pgtls_helpers", "csr", "--cn", "db1.example.com",
-         "--key-type", "ecdsa-p256", "--out-dir", str(blocker / "sub")],
-        capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "pgtls_helpers",
+            "csr",
+            "--cn",
+            "db1.example.com",
+            "--key-type",
+            "ecdsa-p256",
+            "--out-dir",
+            str(blocker / "sub"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert str(blocker / "sub") in proc.stderr
+
+
+def test_passphrase_prompt_on_a_terminal_encrypts_the_key_and_echoes_nothing(
+    tmp_path: Path,
+) -> None:
+    import pty
+
+    secret = "tty-only passphrase 42"
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the CLI on a real terminal
+        os.execv(
+            sys.executable,
+            [
+                sys.executable,
+                "-m",
+                "pgtls_helpers",
+                "csr",
+                "--cn",
+                "db1.example.com",
+                "--key-type",
+                "ecdsa-p256",
+                "--passphrase-prompt",
+                "--out-dir",
+                str(tmp_path),
+            ],
+        )
+    seen = b""
+
+    def read_until(marker: bytes) -> None:
+        nonlocal seen
+        while marker not in seen:
+            chunk = os.read(fd, 1024)
+            assert chunk, seen
+            seen += chunk
+
+    read_until(b"passphrase: ")
+    os.write(fd, secret.encode() + b"\n")
+    read_until(b"Again: ")
+    os.write(fd, secret.encode() + b"\n")
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, seen
+    assert secret.encode() not in seen
+    key = (tmp_path / "server.key").read_bytes()
+    assert b"ENCRYPTED" in key
+    load_key(key, secret.encode())
+
+
+def test_passphrase_prompt_without_a_terminal_is_refused(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pgtls_helpers",
+            "csr",
+            "--cn",
+            "db1.example.com",
+            "--passphrase-prompt",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert proc.returncode == 2 and "needs a terminal" in proc.stderr
+    assert not (tmp_path / "server.key").exists()
