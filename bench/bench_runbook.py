@@ -22,7 +22,6 @@ It prints figures; it asserts nothing.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shutil
 import statistics
@@ -36,7 +35,7 @@ from pathlib import Path
 from pgtls_helpers import runbook
 from pgtls_helpers.lab import LabCluster
 from pgtls_helpers.params import load_params, read_params_file
-from pgtls_helpers.runner import STEPS, _lab_client_user, run
+from pgtls_helpers.runner import STEPS, _lab_client_user, on_lab_cluster, run
 
 REPO = Path(__file__).resolve().parents[1]
 STEP_FUNCTIONS = (
@@ -70,16 +69,7 @@ def direct(params_file: Path, scratch: Path) -> dict[str, float]:
     cluster = LabCluster.create()
     try:
         cluster.start()
-        users = [*params.client_system_users]
-        if client := _lab_client_user():
-            users.append(client)
-        params = dataclasses.replace(
-            params,
-            server_host=cluster.host,
-            server_port=cluster.port,
-            server_log_file=str(cluster.log_path),
-            client_system_users=tuple(users),
-        )
+        params = on_lab_cluster(params, cluster, client_user=_lab_client_user())
         os.environ["PGPASSFILE"] = str(cluster.passfile)
         times = {"set-up and record": time.perf_counter() - t0}
         for (step, _), func in zip(STEPS, STEP_FUNCTIONS, strict=True):

@@ -8,7 +8,6 @@ against a lab cluster, for the interactive path.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shlex
 import sys
@@ -138,7 +137,12 @@ def notebook(args: argparse.Namespace) -> int:
     or created, as needed; it keeps running afterwards for ``pgtls lab down``).
     """
     from pgtls_helpers.params import load_params, read_params_file
-    from pgtls_helpers.runner import _lab_client_user, _resolve_values, prepare_notebooks
+    from pgtls_helpers.runner import (
+        _lab_client_user,
+        _resolve_values,
+        on_lab_cluster,
+        prepare_notebooks,
+    )
 
     values = _resolve_values(read_params_file(args.params), args.work)
     params = load_params(values, source=str(args.params))
@@ -149,17 +153,7 @@ def notebook(args: argparse.Namespace) -> int:
         cluster, new = _lab_for_notebooks(Path(args.dir).resolve())
         if new:  # whatever an earlier session left belonged to a cluster that is gone
             shutil.rmtree(params.work, ignore_errors=True)
-        users = list(params.client_system_users)
-        client = _lab_client_user() if new else None
-        if client and client not in users:
-            users.append(client)
-        params = dataclasses.replace(
-            params,
-            server_host=cluster.host,
-            server_port=cluster.port,
-            server_log_file=str(cluster.log_path),
-            client_system_users=tuple(users),
-        )
+        params = on_lab_cluster(params, cluster, client_user=_lab_client_user() if new else None)
         env["PGPASSFILE"] = str(cluster.passfile)
         _out(f"lab cluster on {cluster.host}:{cluster.port} ({'new' if new else 'reused'})")
     target = Path(args.work).resolve() / "notebooks" / params.change_id

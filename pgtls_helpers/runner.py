@@ -285,6 +285,20 @@ def _lab_client_user() -> str | None:
     return LAB_CLIENT_USER
 
 
+def on_lab_cluster(params: Params, cluster: Any, *, client_user: str | None) -> Params:
+    """``params`` pointed at a lab cluster, with the lab's client OS user added."""
+    users = list(params.client_system_users)
+    if client_user and client_user not in users:
+        users.append(client_user)
+    return dataclasses.replace(
+        params,
+        server_host=cluster.host,
+        server_port=cluster.port,
+        server_log_file=str(cluster.log_path),
+        client_system_users=tuple(users),
+    )
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -781,17 +795,8 @@ def _start_lab(params: Params, base: Path) -> tuple[Params, Any, dict[str, Any]]
     except BaseException:
         cluster.remove()
         raise
-    users = list(params.client_system_users)
     client = _lab_client_user()
-    if client and client not in users:
-        users.append(client)
-    params = dataclasses.replace(
-        params,
-        server_host=cluster.host,
-        server_port=cluster.port,
-        server_log_file=str(cluster.log_path),
-        client_system_users=tuple(users),
-    )
+    params = on_lab_cluster(params, cluster, client_user=client)
     info = {"port": cluster.port, "pgdata": str(cluster.pgdata), "client_user": client}
     return params, cluster, info
 
