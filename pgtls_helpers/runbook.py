@@ -420,6 +420,7 @@ def step3_install_files(params: Params) -> InstallStepResult:
                 installed_key.read_bytes(),
                 _passphrase_or_none(params, installed_key),
                 source=str(installed_key),
+                validate=False,
             ),
             leaf,
         ):
@@ -430,7 +431,14 @@ def step3_install_files(params: Params) -> InstallStepResult:
                 "installed); start a new change from step 1"
             )
     encrypted = keys.is_encrypted_pem(key_bytes)
-    key = keys.load_key(key_bytes, _passphrase(params) if encrypted else None, source=str(key_path))
+    # Only the public halves are compared here, as the server's own check does; a key whose
+    # private half were damaged fails the handshake in step 4, which then rolls back.
+    key = keys.load_key(
+        key_bytes,
+        _passphrase(params) if encrypted else None,
+        source=str(key_path),
+        validate=False,
+    )
     result = chainmod.order_chain([*certs, *([root] if root else [])], leaf=leaf)
     preflight = check_chain(result, key=key, hosts=params.hosts)
     del key
