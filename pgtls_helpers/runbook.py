@@ -396,6 +396,29 @@ def _load_bundle(params: Params) -> tuple[list[x509.Certificate], x509.Certifica
     return certs, root
 
 
+def _is_shared(path: Path) -> bool:
+    """A certificate or key other services use too: Debian's snakeoil pair, /etc/ssl."""
+    return "snakeoil" in path.name or str(path).startswith("/etc/ssl/")
+
+
+def ssl_targets(facts: Any) -> tuple[Path, Path, dict[str, str]]:
+    """Where the certificate and key go, and the settings that must change to point there.
+
+    Files shared with other services are never replaced: the new pair goes into the data
+    directory as ``server.crt``/``server.key`` and step 4 points ``ssl_cert_file`` and
+    ``ssl_key_file`` at it.
+    """
+    cert, key = Path(facts.ssl_cert_file), Path(facts.ssl_key_file)
+    if not (_is_shared(cert) or _is_shared(key)):
+        return cert, key, {}
+    data = Path(facts.data_directory)
+    return (
+        data / "server.crt",
+        data / "server.key",
+        {"ssl_cert_file": str(data / "server.crt"), "ssl_key_file": str(data / "server.key")},
+    )
+
+
 def step3_install_files(params: Params) -> InstallStepResult:
     """Plan and make the installs: key and certificate where the server's settings point,
     ``root.crt`` for each client OS user. Preflight first; backups of all that is replaced."""
@@ -411,8 +434,8 @@ def step3_install_files(params: Params) -> InstallStepResult:
     _check_pgdata(params, facts)
     owner = facts.data_directory_owner or (os.geteuid(), os.getegid())
 
+    cert_target, installed_key, _ = ssl_targets(facts)
     # the key: from the work directory, or already installed by an earlier run
-    installed_key = facts.ssl_key_file
     key_bytes: bytes | None = key_path.read_bytes() if key_path.exists() else None
     if key_bytes is None:
         if installed_key.exists() and keys.public_key_matches(
@@ -468,7 +491,7 @@ def step3_install_files(params: Params) -> InstallStepResult:
     plan = [
         files.plan_file(installed_key, key_bytes, kind="key", mode=key_mode, owner=key_owner),
         files.plan_file(
-            facts.ssl_cert_file,
+            cert_target,
             chainmod.bundle_pem(result),
             kind="certificate",
             mode=0o644,
@@ -519,7 +542,7 @@ def step3_install_files(params: Params) -> InstallStepResult:
         params,
         installed_cert_sha256=files.sha256_hex(chainmod.bundle_pem(result)),
         key_file=str(installed_key),
-        cert_file=str(facts.ssl_cert_file),
+        cert_file=str(cert_target),
     )
     res = InstallStepResult(out_facts, rows, preflight, installed, True)
     save_step(params, "03_install_files", res.summary())
@@ -642,7 +665,14 @@ def step4_enable_ssl(params: Params) -> EnableResult:
         serving_new = bool(
             before and before.error is None and before.chain and _fp(before.chain[0]) == want_sha
         )
-        needs_ssl = not facts.ssl or not serving_new
+        settings = {} if facts.ssl else {"ssl": "on"}
+        settings.update(ssl_targets(facts)[2])
+        needs_ssl = bool(settings) or not serving_new
+        planned = [
+            f"ALTER SYSTEM SET {name} = '{value}' (now: "
+            f"'{'off' if name == 'ssl' else facts.as_dict().get(name, '')}')"
+            for name, value in settings.items()
+        ]
         if not params.apply or not (needs_ssl or plan.changed):
             nothing = not (needs_ssl or plan.changed)
             res = EnableResult(
@@ -661,7 +691,7 @@ def step4_enable_ssl(params: Params) -> EnableResult:
                     "server presents the new certificate"
                 ]
                 if nothing
-                else ["plan only (apply: false): nothing was changed"],
+                else ["plan only (apply: false): nothing was changed", *planned],
             )
             save_step(params, "04_enable_ssl", res.summary())
             return res
@@ -673,15 +703,17 @@ def step4_enable_ssl(params: Params) -> EnableResult:
             _validate_hba(server, facts, plan, hba_mode, hba_owner, stamp)
 
         log_at = _log_offset(params)
-        previous_ssl = server.auto_conf_value("ssl")
-        undo = _Undo(params, server, previous_ssl, facts.ssl)
+        undo = _Undo(params, server, {name: server.auto_conf_value(name) for name in settings})
         after = before
         settings_write = files.InstallResult(())
         if needs_ssl:
-            if not facts.ssl:
-                auto_conf = _auto_conf_change(
-                    facts, stamp, lambda: server.alter_system("ssl", "on")
-                )
+            if settings:
+
+                def alter() -> None:
+                    for name, value in settings.items():
+                        server.alter_system(name, value)
+
+                auto_conf = _auto_conf_change(facts, stamp, alter)
                 if auto_conf is not None:
                     settings_write = files.InstallResult((auto_conf,))
             setting_errors = server.file_setting_errors()
@@ -750,6 +782,7 @@ def step4_enable_ssl(params: Params) -> EnableResult:
             confirmed=True,
             changed=True,
             applied=True,
+            messages=planned,
             installed=settings_write.as_dicts() + hba_write.as_dicts(),
         )
         _save_state(params, enabled=True, presented_sha256=want_sha)
@@ -812,9 +845,10 @@ def _validate_hba(
 class _Undo:
     """Everything step 4 changed, and step 3's files, undone on the one open connection."""
 
-    def __init__(self, params: Params, server: Any, previous_ssl: str | None, ssl_was_on: bool):
-        self.params, self.server = params, server
-        self.previous_ssl, self.ssl_was_on = previous_ssl, ssl_was_on
+    def __init__(self, params: Params, server: Any, previous: dict[str, str | None]):
+        """``previous``: each setting step 4 changes, and its value in postgresql.auto.conf
+        before (None: not set there, so RESET)."""
+        self.params, self.server, self.previous = params, server, previous
         self.hba: files.InstallResult = files.InstallResult(())
 
     def run(self, *, reload: bool = True) -> None:
@@ -825,8 +859,8 @@ class _Undo:
             _keep_key_for_retry(self.params, installed)
             files.rollback(installed)
             journal.rename(journal.with_name(f"install.rolled-back-{files.utc_stamp()}.json"))
-        if not self.ssl_was_on:
-            self.server.alter_system("ssl", self.previous_ssl)
+        for name, value in self.previous.items():
+            self.server.alter_system(name, value)
         if reload:
             self.server.reload_and_wait()
 

@@ -312,3 +312,84 @@ def test_after_a_rollback_the_key_is_back_in_the_work_directory_for_a_retry(
     runbook.step3_install_files(params)
     assert runbook.step4_enable_ssl(params).confirmed
     assert runbook.step5_verify_clients(params).passed
+
+
+def _serve_snakeoil(cluster: LabCluster) -> dict[Path, bytes]:
+    """SSL on with a shared pair outside the data directory, as Debian's packages set it up."""
+    import pwd
+
+    from cryptography.hazmat.primitives import serialization
+
+    from pgtls_helpers.lab import LabCA
+
+    key, cert = LabCA.create(root_name="snakeoil").issue(["localhost"])
+    pair = {
+        cluster.base / "ssl-cert-snakeoil.pem": cert.public_bytes(serialization.Encoding.PEM),
+        cluster.base / "ssl-cert-snakeoil.key": key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    }
+    owner = pwd.getpwuid(cluster.pgdata.stat().st_uid)
+    for path, data in pair.items():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chown(path, owner.pw_uid, owner.pw_gid)
+    with open(cluster.pgdata / "postgresql.conf", "a") as conf:
+        conf.write(
+            "ssl = on\n"
+            f"ssl_cert_file = '{cluster.base / 'ssl-cert-snakeoil.pem'}'\n"
+            f"ssl_key_file = '{cluster.base / 'ssl-cert-snakeoil.key'}'\n"
+        )
+    cluster.restart()
+    return pair
+
+
+def _show(cluster: LabCluster, name: str) -> str:
+    with psycopg.connect(**cluster.conninfo()) as conn:  # type: ignore[arg-type]
+        return str(conn.execute(f"SHOW {name}").fetchone()[0])  # type: ignore[index]
+
+
+def test_a_shared_snakeoil_pair_is_left_alone_and_the_settings_move(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory
+) -> None:
+    pair = _serve_snakeoil(fresh_cluster)
+    params = runbook_params(fresh_cluster)
+    runbook.step1_key_and_csr(params)
+    runbook.step2_ca_response(params)
+    plan = runbook.step3_install_files(runbook_params(fresh_cluster, apply=False))
+    assert {row["file"] for row in plan.plan} == {
+        str(fresh_cluster.pgdata / "server.key"),
+        str(fresh_cluster.pgdata / "server.crt"),
+    }
+    enable_plan = runbook.step4_enable_ssl(runbook_params(fresh_cluster, apply=False))
+    assert any("ssl_cert_file" in m for m in enable_plan.messages)
+
+    verdict = _run_all(params)
+    assert verdict.passed
+    for path, data in pair.items():
+        assert path.read_bytes() == data
+    assert _show(fresh_cluster, "ssl_cert_file") == str(fresh_cluster.pgdata / "server.crt")
+    assert _show(fresh_cluster, "ssl_key_file") == str(fresh_cluster.pgdata / "server.key")
+    # and once moved, a second run has nothing to change
+    assert not runbook.step4_enable_ssl(params).changed
+
+
+def test_a_failed_move_puts_the_snakeoil_settings_back(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory
+) -> None:
+    _serve_snakeoil(fresh_cluster)
+    params = runbook_params(fresh_cluster)
+    runbook.step1_key_and_csr(params)
+    runbook.step2_ca_response(params)
+    runbook.step3_install_files(params)
+    (fresh_cluster.pgdata / "server.crt").write_bytes(b"damaged")
+    with pytest.raises(ServerError, match="rolled back"):
+        runbook.step4_enable_ssl(params)
+    assert _show(fresh_cluster, "ssl_cert_file") == str(
+        fresh_cluster.base / "ssl-cert-snakeoil.pem"
+    )
+    assert _show(fresh_cluster, "ssl") == "on"
+    assert "ssl_cert_file" not in (fresh_cluster.pgdata / "postgresql.auto.conf").read_text()
