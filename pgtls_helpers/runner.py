@@ -313,7 +313,7 @@ for _name in ("pgtls_helpers.widgets", "pgtls_helpers.runbook", "pgtls_helpers.c
               "pgtls_helpers.hba", "pgtls_helpers.files", "pandas", "ipywidgets"):
     importlib.import_module(_name)
 """
-_KERNEL_ARGS = ["--IPKernelApp.log_level=CRITICAL"]
+_KERNEL_ARGS = ["--IPKernelApp.log_level=CRITICAL", "--HistoryManager.enabled=False"]
 _ENGINE = "pgtls-shared-kernel"
 
 

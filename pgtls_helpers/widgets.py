@@ -914,19 +914,24 @@ def _diff(text: str) -> Rendered:
 def show_ssl_plan(plan: EnableResult) -> Rendered:
     """``SHOW ssl`` now, the setting to change, and the pg_hba.conf diff."""
     ssl = "on" if plan.ssl_before else "off"
-    steps = [
-        {
-            "now": f"SHOW ssl → {ssl}",
-            "planned": "nothing (already on)" if plan.ssl_before else "ALTER SYSTEM SET ssl = on",
-        },
+    settings = [m for m in plan.messages if m.startswith("ALTER SYSTEM")]
+    steps = [{"now": f"SHOW ssl → {ssl}", "planned": s} for s in settings] or [
+        {"now": f"SHOW ssl → {ssl}", "planned": "no setting to change"}
+    ]
+    steps += [
         {
             "now": f"{len(plan.hba_added)} line(s) to add to pg_hba.conf",
-            "planned": "write with a backup, then check pg_hba_file_rules",
+            "planned": "let the server parse the planned file (pg_hba_file_rules) before "
+            "anything is reloaded",
         },
         {
             "now": "",
-            "planned": "one pg_reload_conf(), then a TLS handshake from outside "
-            "to see the new certificate; undo everything if it is not",
+            "planned": "pg_reload_conf(), then a TLS handshake from outside must see the new "
+            "certificate and chain; undo everything if it does not",
+        },
+        {
+            "now": "",
+            "planned": "only then write pg_hba.conf (with a backup) and reload it",
         },
     ]
     parts = [_table(steps), _heading("pg_hba.conf, current against planned:"), _diff(plan.hba_diff)]
@@ -946,9 +951,10 @@ def show_enabled(enabled: EnableResult | None) -> Rendered:
         head = _banner("; ".join(enabled.messages) or "nothing to change", _OK, "No change")
     else:
         head = _banner(
-            f"pg_hba.conf accepted by the server, ssl {'on' if enabled.ssl_after else 'off'} "
-            f"after one reload; a handshake from outside ({enabled.tls_version or 'TLS'}) sees "
-            "the new certificate",
+            f"ssl {'on' if enabled.ssl_after else 'off'}; a handshake from outside "
+            f"({enabled.tls_version or 'TLS'}) sees the new certificate and chain; "
+            f"pg_hba.conf accepted by the server and reloaded"
+            + (f" ({'; '.join(enabled.messages)})" if enabled.messages else ""),
             _OK if enabled.confirmed else _BAD,
             "Enabled",
         )
