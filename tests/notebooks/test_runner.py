@@ -14,7 +14,7 @@ import nbformat
 import psycopg
 import pytest
 from cryptography.hazmat.primitives import hashes
-from records import (
+from record_checks import (
     STEP_NAMES,
     assert_no_secrets,
     assert_record_shape,
