@@ -38,8 +38,16 @@ def main(args: argparse.Namespace) -> int:
         if args.passphrase_prompt
         else None
     )
+    challenge = (
+        passphrase_from_env(args.challenge_password_env) if args.challenge_password_env else None
+    )
     key_path, csr_path = write_key_and_csr(
-        args.out_dir, subject, args.key_type, passphrase=passphrase, overwrite=args.force
+        args.out_dir,
+        subject,
+        args.key_type,
+        passphrase=passphrase,
+        overwrite=args.force,
+        challenge_password=challenge,
     )
     csr = load_csr(csr_path.read_bytes(), str(csr_path))
     protection = "encrypted with the passphrase" if passphrase else "not encrypted"

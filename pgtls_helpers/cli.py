@@ -87,6 +87,11 @@ def _add_csr(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="encrypt the key with a passphrase typed at the terminal",
     )
+    csr.add_argument(
+        "--challenge-password-env",
+        metavar="VAR",
+        help="add a challenge password attribute (only if your CA asks for one)",
+    )
     csr.add_argument("--out-dir", required=True, metavar="DIR")
     csr.add_argument("--force", action="store_true", help="replace existing files (kept as .bak)")
     csr.set_defaults(func=_lazy("pgtls_helpers._cli_csr", "main"))

@@ -3,7 +3,7 @@
 A CSR carries the subject, the SANs and the public key, signed with the private key to prove
 possession. The "challenge password" an interactive ``openssl req`` asks for is a CSR attribute
 meant for revocation requests at some CAs; it is not the key's passphrase and PostgreSQL has no
-use for it, so :func:`build_csr` leaves it out.
+use for it, so :func:`build_csr` leaves it out unless a CA's process asks for one.
 """
 
 from __future__ import annotations
@@ -59,11 +59,14 @@ _SHORT_NAMES = {
 }
 
 
-def build_csr(subject: Subject, key: PrivateKey) -> x509.CertificateSigningRequest:
+def build_csr(
+    subject: Subject, key: PrivateKey, *, challenge_password: bytes | None = None
+) -> x509.CertificateSigningRequest:
     """A CSR for ``subject`` signed by ``key`` (SHA-256 for RSA and ECDSA).
 
     The subject's SANs (the CN included) go into a non-critical SubjectAlternativeName
-    extension. No challenge password attribute is added: PostgreSQL cannot use it.
+    extension. A challenge password attribute is added only when given: PostgreSQL cannot use
+    it, and it travels to the CA in clear text inside the CSR.
 
     Raises:
         InputError: a subject field is out of bounds (the subject is re-checked here).
@@ -73,6 +76,8 @@ def build_csr(subject: Subject, key: PrivateKey) -> x509.CertificateSigningReque
     san = checked.san_extension()
     if len(san):
         builder = builder.add_extension(san, critical=False)
+    if challenge_password is not None:
+        builder = builder.add_attribute(AttributeOID.CHALLENGE_PASSWORD, challenge_password)
     algorithm = (
         None
         if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey)
@@ -180,6 +185,7 @@ def write_key_and_csr(
     key_type: str = "rsa4096",
     passphrase: bytes | None = None,
     overwrite: bool = False,
+    challenge_password: bytes | None = None,
 ) -> tuple[Path, Path]:
     """Generate a key, build the CSR, and write ``server.key`` (0600) and ``server.csr``.
 
@@ -206,7 +212,7 @@ def write_key_and_csr(
         )
 
     key = generate_key(key_type)
-    csr = build_csr(subject.validate(), key)
+    csr = build_csr(subject.validate(), key, challenge_password=challenge_password)
     key_bytes = serialize_key(key, passphrase)
     csr_bytes = csr_pem(csr)
 

@@ -230,3 +230,52 @@ def test_passphrase_prompt_without_a_terminal_is_refused(tmp_path: Path) -> None
     )
     assert proc.returncode == 2 and "needs a terminal" in proc.stderr
     assert not (tmp_path / "server.key").exists()
+
+
+def test_a_challenge_password_only_when_asked_and_never_printed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cryptography.x509.oid import AttributeOID
+
+    plain = tmp_path / "plain"
+    assert (
+        main(
+            ["csr", "--cn", "db1.example.com", "--key-type", "ecdsa-p256", "--out-dir", str(plain)]
+        )
+        == 0
+    )
+    csr = load_csr((plain / "server.csr").read_bytes())
+    assert not [a for a in csr.attributes if a.oid == AttributeOID.CHALLENGE_PASSWORD]
+
+    monkeypatch.setenv("PGTLS_TEST_CHALLENGE", "ca-revocation-secret")
+    asked = tmp_path / "asked"
+    assert (
+        main(
+            [
+                "csr",
+                "--cn",
+                "db1.example.com",
+                "--key-type",
+                "ecdsa-p256",
+                "--challenge-password-env",
+                "PGTLS_TEST_CHALLENGE",
+                "--out-dir",
+                str(asked),
+            ]
+        )
+        == 0
+    )
+    csr = load_csr((asked / "server.csr").read_bytes())
+    attr = csr.attributes.get_attribute_for_oid(AttributeOID.CHALLENGE_PASSWORD)
+    assert attr.value == b"ca-revocation-secret"
+    out = capsys.readouterr()
+    assert "ca-revocation-secret" not in out.out + out.err
+    assert "challengePassword" in out.out
+    # openssl agrees that the request is intact and carries the attribute
+    proc = subprocess.run(
+        ["openssl", "req", "-in", str(asked / "server.csr"), "-noout", "-verify", "-text"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "challengePassword" in proc.stdout
