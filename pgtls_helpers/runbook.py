@@ -572,6 +572,7 @@ class EnableResult:
     applied: bool
     messages: list[str] = field(default_factory=list)
     installed: list[dict[str, object]] = field(default_factory=list)
+    runbook_connection: str | None = None  # pg_stat_ssl of a new connection afterwards
 
     def summary(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -771,6 +772,7 @@ def step4_enable_ssl(params: Params) -> EnableResult:
                     "were rolled back and the server reloaded"
                 )
         assert after is not None
+        own = _runbook_tls(params)
         res = EnableResult(
             facts.ssl,
             True,
@@ -784,12 +786,25 @@ def step4_enable_ssl(params: Params) -> EnableResult:
             applied=True,
             messages=planned,
             installed=settings_write.as_dicts() + hba_write.as_dicts(),
+            runbook_connection=own,
         )
         _save_state(params, enabled=True, presented_sha256=want_sha)
         save_step(params, "04_enable_ssl", res.summary())
         return res
     finally:
         server.close()
+
+
+def _runbook_tls(params: Params) -> str | None:
+    """What ``pg_stat_ssl`` says of a new connection of the runbook's own, after the change."""
+    try:
+        with _server(params) as fresh:
+            status = fresh.ssl_status()
+    except PgtlsError:
+        return None
+    if not status.ssl:
+        return "no TLS"
+    return f"{status.version} {status.cipher} ({status.bits} bits)"
 
 
 def _auto_conf_change(facts: Any, stamp: str, change: Any) -> files.Installed | None:

@@ -954,7 +954,12 @@ def show_enabled(enabled: EnableResult | None) -> Rendered:
             f"ssl {'on' if enabled.ssl_after else 'off'}; a handshake from outside "
             f"({enabled.tls_version or 'TLS'}) sees the new certificate and chain; "
             f"pg_hba.conf accepted by the server and reloaded"
-            + (f" ({'; '.join(enabled.messages)})" if enabled.messages else ""),
+            + (f" ({'; '.join(enabled.messages)})" if enabled.messages else "")
+            + (
+                f"; the runbook's own new connection: {enabled.runbook_connection}"
+                if enabled.runbook_connection
+                else ""
+            ),
             _OK if enabled.confirmed else _BAD,
             "Enabled",
         )
