@@ -285,7 +285,13 @@ def find_bindir() -> Path:
     """
     candidates: list[Path] = []
     if env := os.environ.get("PGTLS_PG_BINDIR"):
-        candidates.append(Path(env))
+        chosen = Path(env)
+        if not ((chosen / "initdb").is_file() and (chosen / "pg_ctl").is_file()):
+            raise PgtlsError(
+                f"PGTLS_PG_BINDIR={env} holds no initdb and pg_ctl; point it at the directory "
+                "of the PostgreSQL server binaries, or unset it"
+            )
+        return chosen
     if shutil.which("pg_config"):
         try:
             out = subprocess.run(
