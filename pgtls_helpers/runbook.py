@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 
 from pgtls_helpers import chain as chainmod
 from pgtls_helpers import files, hba, keys
+from pgtls_helpers.csr import spki_sha256
 from pgtls_helpers.errors import InputError, PgtlsError, PreflightError, ServerError
 from pgtls_helpers.findings import Finding
 from pgtls_helpers.params import Params
@@ -48,7 +49,7 @@ STATE_NAME = "state.json"
 
 
 def work_dir(params: Params) -> Path:
-    """``work/<change_id>/``, created 0700; refuses one that others can read."""
+    """``work/<change_id>/``, created 0700; one that others could read is tightened."""
     path = params.work
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     mode = path.stat().st_mode & 0o777
@@ -141,13 +142,6 @@ def subject_of(params: Params) -> Any:
     )
 
 
-def _spki_sha256(public_key: Any) -> str:
-    der = public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return files.sha256_hex(der)
-
-
 def step1_key_and_csr(params: Params) -> KeyCsrResult:
     """Generate the server key (0600 from its first byte) and the CSR to send to the CA.
 
@@ -162,16 +156,21 @@ def step1_key_and_csr(params: Params) -> KeyCsrResult:
     reused = False
     if csr_path.exists():
         csr = load_csr(csr_path.read_bytes(), source=str(csr_path))
-        wanted = build_subject_name(subject)
+        wanted = subject.to_x509_name()
         sans = _csr_sans(csr)
-        if csr.subject == wanted and sans == set(n.lower() for n in subject.alt_names()):
-            reused = True
-        else:
+        if csr.subject != wanted or sans != {n.lower() for n in subject.alt_names()}:
             raise PreflightError(
                 f"{csr_path}: a CSR for a different subject is already in this change's work "
                 "directory; use a new change_id, or delete that directory if the CSR was never "
                 "sent"
             )
+        have, want = keys.describe_key(csr.public_key()), _key_label(params.key_type)
+        if have != want:
+            raise PreflightError(
+                f"{csr_path}: the CSR already made for this change has an {have} key, not "
+                f"{want}; set key_type back, or use a new change_id for a new key"
+            )
+        reused = True
     if not reused:
         key = keys.generate_key(params.key_type)
         csr = build_csr(subject, key)
@@ -187,7 +186,7 @@ def step1_key_and_csr(params: Params) -> KeyCsrResult:
         subject_fields=subject.fields(),
         csr_text=render_csr(csr),
         csr_sha256=files.sha256_hex(csr_path.read_bytes()),
-        public_key_sha256=_spki_sha256(csr.public_key()),
+        public_key_sha256=spki_sha256(csr.public_key()),
         reused=reused,
     )
     _save_state(params, csr_sha256=result.csr_sha256, public_key_sha256=result.public_key_sha256)
@@ -195,9 +194,15 @@ def step1_key_and_csr(params: Params) -> KeyCsrResult:
     return result
 
 
-def build_subject_name(subject: Any) -> x509.Name:
-    name: x509.Name = subject.to_x509_name()
-    return name
+def _key_label(key_type: str) -> str:
+    """``rsa4096`` → ``RSA 4096``, ``ecdsa-p256`` → ``ECDSA P-256``, as describe_key says it.
+
+    >>> _key_label("ecdsa-p384"), _key_label("rsa2048")
+    ('ECDSA P-384', 'RSA 2048')
+    """
+    if key_type.startswith("rsa"):
+        return f"RSA {key_type[3:]}"
+    return f"ECDSA {key_type.split('-', 1)[1].upper().replace('P', 'P-')}"
 
 
 def _csr_sans(csr: x509.CertificateSigningRequest) -> set[str]:
@@ -253,12 +258,12 @@ def _lab_sign(params: Params, csr_path: Path, ca_dir: Path) -> list[Path]:
     from pgtls_helpers.lab import LabCA
 
     csr = load_csr(csr_path.read_bytes(), source=str(csr_path))
-    want = _spki_sha256(csr.public_key())
+    want = spki_sha256(csr.public_key())
     if ca_dir.is_dir():
         from pgtls_helpers.intake import read_ca_response
 
         existing = read_ca_response([ca_dir])
-        if any(_spki_sha256(s.cert.public_key()) == want for s in existing.certificates):
+        if any(spki_sha256(s.cert.public_key()) == want for s in existing.certificates):
             return sorted(ca_dir.iterdir())
     ca = LabCA.create()
     leaf = ca.sign_csr(csr)
@@ -302,8 +307,8 @@ def step2_ca_response(params: Params, *, check: bool = True) -> CaResponseResult
     from pgtls_helpers.csr import load_csr
 
     csr = load_csr(csr_path.read_bytes(), source=str(csr_path))
-    want = _spki_sha256(csr.public_key())
-    leaf = next((c for c in certs if _spki_sha256(c.public_key()) == want), None)
+    want = spki_sha256(csr.public_key())
+    leaf = next((c for c in certs if spki_sha256(c.public_key()) == want), None)
     if leaf is None:
         raise PreflightError(
             f"none of the CA's files ({', '.join(p.name for p in paths)}) holds a certificate "

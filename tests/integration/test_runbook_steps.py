@@ -398,3 +398,15 @@ def test_a_failed_move_puts_the_snakeoil_settings_back(
     )
     assert _show(fresh_cluster, "ssl") == "on"
     assert "ssl_cert_file" not in (fresh_cluster.pgdata / "postgresql.auto.conf").read_text()
+
+
+def test_step1_never_reuses_a_csr_for_other_names_or_another_key_type(
+    tmp_path: Path, runbook_params: ParamsFactory, lab_cluster: LabCluster
+) -> None:
+    params = runbook_params(lab_cluster)
+    first = runbook.step1_key_and_csr(params)
+    with pytest.raises(PreflightError, match="different subject"):
+        runbook.step1_key_and_csr(runbook_params(lab_cluster, common_name="db9.lab.pgtls.test"))
+    with pytest.raises(PreflightError, match="has an ECDSA P-256 key, not RSA 2048"):
+        runbook.step1_key_and_csr(runbook_params(lab_cluster, key_type="rsa2048"))
+    assert runbook.step1_key_and_csr(params).csr_sha256 == first.csr_sha256
