@@ -161,7 +161,7 @@ def _attempt(conninfo: Mapping[str, Any]) -> tuple[Outcome, str, str]:
             row = conn.execute(
                 "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
             ).fetchone()
-        detail = f"connected, TLS {row[1]}" if row and row[0] else "connected without TLS"
+        detail = f"connected over {row[1]}" if row and row[0] else "connected without TLS"
         return "ok", "connected", detail
     except psycopg.OperationalError as exc:
         text = " ".join(str(exc).split())
@@ -376,7 +376,7 @@ def psql_as_user(
             "connected",
             "ok",
             "connected",
-            f"connected, TLS {proc.stdout.strip()}",
+            f"connected over {proc.stdout.strip()}",
         )
     text = " ".join(proc.stderr.split())
     return ConnCheck(label, sslmode, host, "ok", "connected", "fail", classify_error(text), text)
