@@ -119,6 +119,21 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     run.set_defaults(func=_lazy("pgtls_helpers._cli_run", "main"))
 
 
+def _add_rollback(sub: argparse._SubParsersAction) -> None:
+    back = sub.add_parser(
+        "rollback",
+        help="back out an applied change: pg_hba.conf, settings and files from their backups",
+    )
+    back.add_argument("params", metavar="PARAMS.yaml", help="the parameters file of the change")
+    back.add_argument(
+        "--work",
+        default="work",
+        metavar="DIR",
+        help="where the change's work directory (its journals) lives",
+    )
+    back.set_defaults(func=_lazy("pgtls_helpers._cli_rollback", "main"))
+
+
 def _add_lab(sub: argparse._SubParsersAction) -> None:
     lab = sub.add_parser("lab", help="throwaway CA and PostgreSQL cluster to explore")
     lsub = lab.add_subparsers(dest="lab_cmd", required=True)
@@ -161,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_csr(sub)
     _add_probe(sub)
     _add_run(sub)
+    _add_rollback(sub)
     _add_lab(sub)
     return parser
 

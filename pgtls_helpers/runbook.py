@@ -32,7 +32,9 @@ __all__ = [
     "EnableResult",
     "InstallStepResult",
     "KeyCsrResult",
+    "RollbackResult",
     "VerifyResult",
+    "rollback_change",
     "step1_key_and_csr",
     "step2_ca_response",
     "step3_install_files",
@@ -43,6 +45,8 @@ __all__ = [
 KEY_NAME = "server.key"
 CSR_NAME = "server.csr"
 STATE_NAME = "state.json"
+INSTALL_JOURNAL = "install.json"  # step 3: files written, their backups
+ENABLE_JOURNAL = "enable.json"  # step 4: settings before, pg_hba.conf backup
 
 
 # --------------------------------------------------------------------------- work directory
@@ -539,7 +543,9 @@ def step3_install_files(params: Params) -> InstallStepResult:
         files.rollback(server_part)
         raise
     installed = files.InstallResult(server_part.installed + client_part.installed)
-    files.save_journal(installed, wd / "install.json")
+    if installed.changed or not (wd / INSTALL_JOURNAL).exists():
+        # a run that changed nothing must not replace the journal of the one that did
+        files.save_journal(installed, wd / INSTALL_JOURNAL)
     # After the install the only copies of the key are the installed one and its backup.
     if key_path.exists():
         key_path.unlink()
@@ -794,10 +800,91 @@ def step4_enable_ssl(params: Params) -> EnableResult:
             runbook_connection=own,
         )
         _save_state(params, enabled=True, presented_sha256=want_sha)
+        _save_enable_journal(params, undo.previous, settings_write, hba_write)
         save_step(params, "04_enable_ssl", res.summary())
         return res
     finally:
         server.close()
+
+
+def _save_enable_journal(
+    params: Params,
+    previous: dict[str, str | None],
+    settings_write: files.InstallResult,
+    hba_write: files.InstallResult,
+) -> None:
+    """What step 4 changed, for a back-out days later: settings' old values, file backups."""
+    path = params.work / ENABLE_JOURNAL
+    journal = {
+        "settings_previous": previous,
+        "files": settings_write.as_dicts() + hba_write.as_dicts(),
+    }
+    files.atomic_write(path, (json.dumps(journal, indent=2) + "\n").encode(), mode=0o600)
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    """What a back-out restored, and how the server answers afterwards."""
+
+    restored: list[str]
+    settings: dict[str, str | None]
+    ssl_after: bool
+    presented: list[dict[str, str]]
+
+    def summary(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def rollback_change(params: Params) -> RollbackResult:
+    """Back out a completed (or half-done) change: pg_hba.conf and the settings step 4 changed,
+    the files step 3 installed, each put back from its backup (bytes, owner, mode); then one
+    reload. The installed key goes back to the work directory, so the change can be redone
+    without a new CSR. Raises :class:`PreflightError` when there is nothing to back out.
+    """
+    from pgtls_helpers.probe import probe
+
+    enable_path = params.work / ENABLE_JOURNAL
+    install_path = params.work / INSTALL_JOURNAL
+    if not enable_path.exists() and not install_path.exists():
+        raise PreflightError(
+            f"{params.work}: no install or enable journal for change {params.change_id}; "
+            "nothing was applied, or it was already rolled back"
+        )
+    restored: list[str] = []
+    previous: dict[str, str | None] = {}
+    stamp = files.utc_stamp()
+    with _server(params) as server:
+        if enable_path.exists():
+            journal = json.loads(enable_path.read_text())
+            previous = dict(journal["settings_previous"])
+            hba_items = [
+                files.Installed(
+                    Path(i["target"]),
+                    i["kind"],
+                    i["action"],
+                    i["sha256"],
+                    i["previous_sha256"],
+                    Path(i["backup"]) if i["backup"] else None,
+                )
+                for i in journal["files"]
+                if i["kind"] == "hba"
+            ]
+            restored += [str(p) for p in files.rollback(hba_items)]
+            for name, value in previous.items():
+                server.alter_system(name, value)
+            enable_path.rename(enable_path.with_name(f"enable.rolled-back-{stamp}.json"))
+        if install_path.exists():
+            installed = files.load_journal(install_path)
+            _keep_key_for_retry(params, installed)
+            restored += [str(p) for p in files.rollback(installed)]
+            install_path.rename(install_path.with_name(f"install.rolled-back-{stamp}.json"))
+        server.reload_and_wait()
+        ssl_after = server.facts().ssl
+    after = probe(_address(params.server_host), params.server_port, timeout=5.0)
+    _save_state(params, enabled=False, rolled_back=stamp)
+    res = RollbackResult(restored, previous, ssl_after, _chain_rows(after) if after.ok else [])
+    save_step(params, "rollback", res.summary())
+    return res
 
 
 def _runbook_tls(params: Params) -> str | None:
@@ -873,7 +960,7 @@ class _Undo:
 
     def run(self, *, reload: bool = True) -> None:
         files.rollback(self.hba)
-        journal = self.params.work / "install.json"
+        journal = self.params.work / INSTALL_JOURNAL
         if journal.exists():
             installed = files.load_journal(journal)
             _keep_key_for_retry(self.params, installed)

@@ -410,3 +410,61 @@ def test_step1_never_reuses_a_csr_for_other_names_or_another_key_type(
     with pytest.raises(PreflightError, match="has an ECDSA P-256 key, not RSA 2048"):
         runbook.step1_key_and_csr(runbook_params(lab_cluster, key_type="rsa2048"))
     assert runbook.step1_key_and_csr(params).csr_sha256 == first.csr_sha256
+
+
+def test_a_completed_change_backs_out_to_the_server_as_it_was(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    hba_before = (fresh_cluster.pgdata / "pg_hba.conf").read_bytes()
+    params = runbook_params(fresh_cluster)
+    assert _run_all(params).passed
+    installed_key = (fresh_cluster.pgdata / "server.key").read_bytes()
+    # a later run that changes nothing must keep the journals of the one that did
+    runbook.step3_install_files(params)
+    runbook.step4_enable_ssl(params)
+
+    values = {k: v for k, v in params.__dict__.items() if k not in ("extra",) and v is not None}
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    values["hba_rules"] = [dict(r) for r in params.hba_rules]
+    params_file = tmp_path / "change.yaml"
+    params_file.write_text(yaml.safe_dump(values))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgtls_helpers", "rollback", str(params_file)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PGPASSFILE": str(fresh_cluster.passfile)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "ssl off" in proc.stdout and "ALTER SYSTEM: ssl back to" in proc.stdout
+    assert (fresh_cluster.pgdata / "pg_hba.conf").read_bytes() == hba_before
+    assert not (fresh_cluster.pgdata / "server.crt").exists()
+    assert not (fresh_cluster.pgdata / "server.key").exists()
+    assert _show_ssl(fresh_cluster) == "off"
+    with psycopg.connect(**fresh_cluster.conninfo(sslmode="disable")) as conn:  # type: ignore[arg-type]
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    # the key is back in the work directory: the change can be redone without a new CSR
+    assert (params.work / "server.key").read_bytes() == installed_key
+    assert _run_all(params).passed
+
+    again = subprocess.run(
+        [sys.executable, "-m", "pgtls_helpers", "rollback", str(params_file)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PGPASSFILE": str(fresh_cluster.passfile)},
+    )
+    assert again.returncode == 0  # the redo made new journals
+    nothing = subprocess.run(
+        [sys.executable, "-m", "pgtls_helpers", "rollback", str(params_file)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PGPASSFILE": str(fresh_cluster.passfile)},
+    )
+    assert nothing.returncode == 1 and "nothing was applied" in nothing.stderr
