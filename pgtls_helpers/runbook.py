@@ -98,6 +98,13 @@ def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+def _rfc4514(name: x509.Name) -> str:
+    """RFC 4514, with ``emailAddress=`` rather than its dotted OID."""
+    from cryptography.x509.oid import NameOID
+
+    return name.rfc4514_string({NameOID.EMAIL_ADDRESS: "emailAddress"})
+
+
 def _fp(cert: x509.Certificate) -> str:
     return chainmod.fingerprint(cert)
 
@@ -243,8 +250,8 @@ class CaResponseResult:
             "chain": [
                 {
                     "role": r,
-                    "subject": c.subject.rfc4514_string(),
-                    "issuer": c.issuer.rfc4514_string(),
+                    "subject": _rfc4514(c.subject),
+                    "issuer": _rfc4514(c.issuer),
                     "sha256": _fp(c),
                     "not_after": c.not_valid_after_utc.isoformat(),
                 }
