@@ -15,10 +15,10 @@ import os
 import pwd
 import stat
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pgtls_helpers.errors import PgtlsError, PreflightError
 
@@ -88,6 +88,18 @@ class Installed:
     sha256: str
     previous_sha256: str | None
     backup: Path | None
+
+    @classmethod
+    def from_dict(cls, item: dict[str, Any]) -> Installed:
+        """The inverse of :meth:`as_dict` (a journal entry read back)."""
+        return cls(
+            Path(item["target"]),
+            item["kind"],
+            item["action"],
+            item["sha256"],
+            item["previous_sha256"],
+            Path(item["backup"]) if item["backup"] else None,
+        )
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -336,20 +348,4 @@ def save_journal(result: InstallResult, path: str | Path) -> None:
 
 def load_journal(path: str | Path) -> InstallResult:
     items = json.loads(Path(path).read_text())
-    return InstallResult(
-        tuple(
-            Installed(
-                Path(i["target"]),
-                i["kind"],
-                i["action"],
-                i["sha256"],
-                i["previous_sha256"],
-                Path(i["backup"]) if i["backup"] else None,
-            )
-            for i in items
-        )
-    )
-
-
-def with_owner(item: PlannedFile, uid: int, gid: int) -> PlannedFile:
-    return replace(item, uid=uid, gid=gid)
+    return InstallResult(tuple(Installed.from_dict(i) for i in items))

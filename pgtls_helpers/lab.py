@@ -8,7 +8,6 @@ scram-sha-256 for TCP), which is what a real server looks like before the change
 
 from __future__ import annotations
 
-import getpass
 import ipaddress
 import json
 import os
@@ -19,8 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -637,18 +635,3 @@ class LabCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
-
-
-@contextmanager
-def running_cluster(base: str | Path | None = None) -> Iterator[LabCluster]:
-    """A started throwaway cluster that is stopped and removed afterwards."""
-    cluster = LabCluster.create(base)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.remove()
-
-
-def current_user() -> str:
-    return getpass.getuser()

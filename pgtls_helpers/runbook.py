@@ -865,16 +865,7 @@ def rollback_change(params: Params) -> RollbackResult:
             journal = json.loads(enable_path.read_text())
             previous = dict(journal["settings_previous"])
             hba_items = [
-                files.Installed(
-                    Path(i["target"]),
-                    i["kind"],
-                    i["action"],
-                    i["sha256"],
-                    i["previous_sha256"],
-                    Path(i["backup"]) if i["backup"] else None,
-                )
-                for i in journal["files"]
-                if i["kind"] == "hba"
+                files.Installed.from_dict(i) for i in journal["files"] if i["kind"] == "hba"
             ]
             restored += [str(p) for p in files.rollback(hba_items)]
             for name, value in previous.items():
