@@ -206,11 +206,11 @@ def _timed_process(argv: list[str]) -> float:
 
 
 def _in_process(paths: Sequence[Path], key_path: Path, runs: int = 20) -> float:
-    from pgtls_helpers._cli_chain import load_key_for_matching
-    from pgtls_helpers.chain import order_chain
-    from pgtls_helpers.findings import check_chain
-    from pgtls_helpers.intake import read_ca_response
-    from pgtls_helpers.keys import public_key_matches
+    from pgtls_helpers.cli.chain import load_key_for_matching
+    from pgtls_helpers.pki.chain import order_chain
+    from pgtls_helpers.pki.findings import check_chain
+    from pgtls_helpers.pki.intake import read_ca_response
+    from pgtls_helpers.pki.keys import public_key_matches
 
     def once() -> float:
         start = time.perf_counter()

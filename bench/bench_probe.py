@@ -35,10 +35,10 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
 
-from pgtls_helpers._probe_wire import SSL_REQUEST, context
 from pgtls_helpers.errors import PgtlsError
 from pgtls_helpers.lab import LabCA, LabCluster
-from pgtls_helpers.probe import probe
+from pgtls_helpers.postgres.probe import probe
+from pgtls_helpers.postgres.wire import SSL_REQUEST, context
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL = 10.0

@@ -32,10 +32,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pgtls_helpers import runbook
+from pgtls_helpers import notebook as runbook
 from pgtls_helpers.lab import LabCluster
-from pgtls_helpers.params import load_params, read_params_file
-from pgtls_helpers.runner import STEPS, _lab_client_user, on_lab_cluster, run
+from pgtls_helpers.runbook.params import load_params, read_params_file
+from pgtls_helpers.runbook.runner import STEPS, lab_client_user, on_lab_cluster, run
 
 REPO = Path(__file__).resolve().parents[1]
 STEP_FUNCTIONS = (
@@ -69,7 +69,7 @@ def direct(params_file: Path, scratch: Path) -> dict[str, float]:
     cluster = LabCluster.create()
     try:
         cluster.start()
-        params = on_lab_cluster(params, cluster, client_user=_lab_client_user())
+        params = on_lab_cluster(params, cluster, client_user=lab_client_user())
         os.environ["PGPASSFILE"] = str(cluster.passfile)
         times = {"set-up and record": time.perf_counter() - t0}
         for (step, _), func in zip(STEPS, STEP_FUNCTIONS, strict=True):

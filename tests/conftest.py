@@ -22,7 +22,7 @@ from support import skip_or_fail  # noqa: E402
 
 from pgtls_helpers.errors import PgtlsError  # noqa: E402
 from pgtls_helpers.lab import LabCA, LabCluster, find_bindir  # noqa: E402
-from pgtls_helpers.params import Params, load_params  # noqa: E402
+from pgtls_helpers.runbook.params import Params, load_params  # noqa: E402
 
 
 def _bindir_or_skip() -> None:

@@ -21,8 +21,8 @@ import pytest
 from psycopg import pq
 from support import skip_or_fail
 
-from pgtls_helpers.hostname import explain, matches_host
 from pgtls_helpers.lab import LabCluster
+from pgtls_helpers.pki.hostname import explain, matches_host
 
 Connect = Callable[[str], tuple[bool, str]]
 

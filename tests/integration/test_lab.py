@@ -13,11 +13,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from pgtls_helpers.csr import build_csr
 from pgtls_helpers.errors import PgtlsError
-from pgtls_helpers.keys import generate_key
 from pgtls_helpers.lab import LabCA, LabCluster, find_bindir
-from pgtls_helpers.subject import make_subject
+from pgtls_helpers.pki.csr import build_csr
+from pgtls_helpers.pki.keys import generate_key
+from pgtls_helpers.pki.subject import make_subject
 
 
 def test_the_ca_signs_a_csr_the_way_the_article_receives_it(lab_ca: LabCA, tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from support import skip_or_fail
 
 from pgtls_helpers.errors import InputError, PgtlsError
 from pgtls_helpers.lab import LabCA, LabCluster, free_port
-from pgtls_helpers.probe import ProbeResult, chain_rows, probe, probe_many
+from pgtls_helpers.postgres.probe import ProbeResult, chain_rows, probe, probe_many
 
 REPO = Path(__file__).resolve().parents[2]
 PrivateKey = ec.EllipticCurvePrivateKey

@@ -11,11 +11,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pgtls_helpers import runbook
+from pgtls_helpers import notebook as runbook
 from pgtls_helpers.errors import InputError, PreflightError, ServerError
-from pgtls_helpers.keys import generate_key, serialize_key
 from pgtls_helpers.lab import LabCluster
-from pgtls_helpers.params import Params
+from pgtls_helpers.pki.keys import generate_key, serialize_key
+from pgtls_helpers.runbook.params import Params
+from pgtls_helpers.runbook.verify import VerifyResult
 
 ParamsFactory = Callable[..., Params]
 
@@ -34,7 +35,7 @@ def _show_ssl(cluster: LabCluster) -> str:
         return str(conn.execute("SHOW ssl").fetchone()[0])  # type: ignore[index]
 
 
-def _run_all(params: Params) -> runbook.VerifyResult:
+def _run_all(params: Params) -> VerifyResult:
     runbook.step1_key_and_csr(params)
     runbook.step2_ca_response(params)
     runbook.step3_install_files(params)
@@ -67,7 +68,7 @@ def test_whole_change_then_a_second_run_changes_nothing(
     (auto_backup,) = fresh_cluster.pgdata.glob("postgresql.auto.conf.pgtls-backup-*")
     assert b"ssl" not in auto_backup.read_bytes()
     # the key left the work directory once installed
-    assert not (params.work / "server.key").exists()
+    assert not (params.work.key).exists()
     # server.crt is leaf + FOO + BAR: the root is not appended
     assert (fresh_cluster.pgdata / "server.crt").read_bytes().count(b"BEGIN CERTIFICATE") == 3
 
@@ -115,7 +116,7 @@ def test_apply_false_changes_nothing(
     assert "+hostnossl all" in enable.hba_diff and not enable.reloaded
     assert _snapshot(fresh_cluster) == before
     assert _show_ssl(fresh_cluster) == "off"
-    assert (params.work / "server.key").exists()  # still waiting for the real run
+    assert (params.work.key).exists()  # still waiting for the real run
 
 
 def test_wrong_key_is_refused_before_any_file_changes(
@@ -125,7 +126,7 @@ def test_wrong_key_is_refused_before_any_file_changes(
     runbook.step1_key_and_csr(params)
     runbook.step2_ca_response(params)
     # someone put another key in the work directory
-    other = params.work / "server.key"
+    other = params.work.key
     other.unlink()
     fd = os.open(other, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
@@ -134,7 +135,7 @@ def test_wrong_key_is_refused_before_any_file_changes(
     with pytest.raises(PreflightError, match="key-mismatch"):
         runbook.step3_install_files(params)
     assert _snapshot(fresh_cluster) == before
-    assert not (params.work / "install.json").exists()
+    assert not (params.work.install_journal).exists()
 
 
 def test_the_eject_typo_never_reaches_the_server(
@@ -238,9 +239,9 @@ def test_replacing_an_existing_certificate_keeps_backups_and_rollback_restores(
     key_backup = next(fresh_cluster.pgdata.glob("server.key.pgtls-backup-*"))
     assert stat.S_IMODE(key_backup.stat().st_mode) == 0o600
 
-    from pgtls_helpers import files
+    from pgtls_helpers.postgres import files
 
-    files.rollback(files.load_journal(params.work / "install.json"))
+    files.rollback(files.load_journal(params.work.install_journal))
     for name, data in old.items():
         assert (fresh_cluster.pgdata / name).read_bytes() == data
 
@@ -251,7 +252,7 @@ def test_encrypted_key_needs_ssl_passphrase_command(
     monkeypatch.setenv("PGTLS_TEST_PASSPHRASE", "correct horse battery staple")
     params = runbook_params(fresh_cluster, key_passphrase_env="PGTLS_TEST_PASSPHRASE")
     runbook.step1_key_and_csr(params)
-    assert b"ENCRYPTED" in (params.work / "server.key").read_bytes()
+    assert b"ENCRYPTED" in (params.work.key).read_bytes()
     runbook.step2_ca_response(params)
     before = _snapshot(fresh_cluster)
     with pytest.raises(PreflightError, match="ssl_passphrase_command") as err:
@@ -269,7 +270,7 @@ def test_client_user_gets_root_crt_and_psql_connects_verify_full(
     verdict = _run_all(params)
     home = Path(pwd.getpwnam(client_user).pw_dir)
     root_crt = home / ".postgresql" / "root.crt"
-    assert root_crt.read_bytes() == (params.work / "root.crt").read_bytes()
+    assert root_crt.read_bytes() == (params.work.root).read_bytes()
     assert stat.S_IMODE(root_crt.parent.stat().st_mode) == 0o700
     assert root_crt.parent.stat().st_uid == pwd.getpwnam(client_user).pw_uid
     psql = next(c for c in verdict.checks if c.check.startswith("psql as OS user"))
@@ -280,7 +281,7 @@ def test_client_user_gets_root_crt_and_psql_connects_verify_full(
 def test_psql_as_client_user_without_root_crt_is_refused(
     fresh_cluster: LabCluster, runbook_params: ParamsFactory, client_user: str
 ) -> None:
-    from pgtls_helpers.clients import psql_as_user, resolve_client_users
+    from pgtls_helpers.postgres.clients import psql_as_user, resolve_client_users
 
     params = runbook_params(fresh_cluster)
     _run_all(params)
@@ -304,11 +305,11 @@ def test_after_a_rollback_the_key_is_back_in_the_work_directory_for_a_retry(
     runbook.step2_ca_response(params)
     runbook.step3_install_files(params)
     installed_key = (fresh_cluster.pgdata / "server.key").read_bytes()
-    assert not (params.work / "server.key").exists()
+    assert not (params.work.key).exists()
     (fresh_cluster.pgdata / "server.crt").write_bytes(b"damaged")
     with pytest.raises(ServerError):
         runbook.step4_enable_ssl(params)
-    work_key = params.work / "server.key"
+    work_key = params.work.key
     assert work_key.read_bytes() == installed_key
     assert stat.S_IMODE(work_key.stat().st_mode) == 0o600
     # the retry goes through with the same key and CSR
@@ -449,7 +450,7 @@ def test_a_completed_change_backs_out_to_the_server_as_it_was(
     with psycopg.connect(**fresh_cluster.conninfo(sslmode="disable")) as conn:  # type: ignore[arg-type]
         assert conn.execute("SELECT 1").fetchone() == (1,)
     # the key is back in the work directory: the change can be redone without a new CSR
-    assert (params.work / "server.key").read_bytes() == installed_key
+    assert (params.work.key).read_bytes() == installed_key
     assert _run_all(params).passed
 
     again = subprocess.run(

@@ -8,7 +8,7 @@ import pytest
 
 from pgtls_helpers.errors import ServerError
 from pgtls_helpers.lab import LabCA, LabCluster
-from pgtls_helpers.server import Server
+from pgtls_helpers.postgres.server import Server
 
 
 def _server(cluster: LabCluster, **overrides: object) -> Server:

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from pgtls_helpers.lab import LabCluster
-from pgtls_helpers.runner import STEPS, RunOutcome, run
+from pgtls_helpers.runbook.runner import STEPS, RunOutcome, run
 
 HBA_RULE = {
     "type": "hostssl",

@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from support import skip_or_fail
 
 from pgtls_helpers.lab import LabCluster, free_port
-from pgtls_helpers.params import load_params
-from pgtls_helpers.runner import prepare_notebooks
+from pgtls_helpers.runbook.params import load_params
+from pgtls_helpers.runbook.runner import prepare_notebooks
 
 pytestmark = pytest.mark.browser
 

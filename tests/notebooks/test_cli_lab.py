@@ -15,7 +15,7 @@ from support import skip_or_fail
 from pgtls_helpers.cli import main as cli_main
 from pgtls_helpers.errors import PgtlsError
 from pgtls_helpers.lab import LabCluster, find_bindir
-from pgtls_helpers.params import load_params
+from pgtls_helpers.runbook.params import load_params
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from pgtls_helpers.params import PARAMETER_NAMES
-from pgtls_helpers.runner import STEPS
+from pgtls_helpers.runbook.params import PARAMETER_NAMES
+from pgtls_helpers.runbook.runner import STEPS
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 _DECLARED = re.compile(r"^(\w+): ([^=]+?) = (.+?)  # \S.*$")
@@ -38,7 +38,8 @@ def test_committed_notebook_follows_the_conventions(step: str) -> None:
         declared[match.group(1)] = match.group(2)
     assert set(declared) == set(PARAMETER_NAMES)
     # then one call turns them into Params, and the rest stays thin
-    assert "pgtls_helpers.notebook_params(globals())" in code[1].source
+    assert "from pgtls_helpers import notebook as pgtls" in code[1].source
+    assert "pgtls.notebook_params(globals())" in code[1].source
     for cell in code[2:]:
         statements = ast.parse(cell.source).body
         assert 1 <= len(statements) <= 2, cell.source

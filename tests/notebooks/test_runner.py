@@ -26,7 +26,7 @@ from record_checks import (
 
 from pgtls_helpers.cli import main as cli_main
 from pgtls_helpers.lab import LabCA, LabCluster
-from pgtls_helpers.runner import _new_record_dir, kernel_name, run
+from pgtls_helpers.runbook.runner import kernel_name, new_record_dir, run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -123,7 +123,7 @@ def test_ca_mode_files_stops_after_the_csr_then_installs_what_the_ca_returned(
     assert _show_ssl(fresh_cluster) == "off"
 
     # days later, the CA answers with the article's four files
-    from pgtls_helpers.csr import load_csr
+    from pgtls_helpers.pki.csr import load_csr
 
     leaf = lab_ca.sign_csr(load_csr((work / "server.csr").read_bytes()))
     reply = lab_ca.write_response(leaf, tmp_path / "ca-reply")
@@ -243,8 +243,8 @@ def test_unusable_input_exits_2_with_one_line_and_no_record(
 
 
 def test_a_record_directory_is_never_reused(tmp_path: Path) -> None:
-    first, _ = _new_record_dir(tmp_path, "CHG-1")
-    second, _ = _new_record_dir(tmp_path, "CHG-1")
+    first, _ = new_record_dir(tmp_path, "CHG-1")
+    second, _ = new_record_dir(tmp_path, "CHG-1")
     assert first != second and first.is_dir() and second.is_dir()
 
 

@@ -7,12 +7,12 @@ from pathlib import Path
 import certfactory
 import pytest
 
-from pgtls_helpers import widgets
-from pgtls_helpers.chain import order_chain
+from pgtls_helpers import notebook as widgets
 from pgtls_helpers.errors import InputError, PreflightError
-from pgtls_helpers.findings import CODES, check_chain
-from pgtls_helpers.params import load_params
-from pgtls_helpers.runbook import CaResponseResult
+from pgtls_helpers.pki.chain import order_chain
+from pgtls_helpers.pki.findings import CODES, check_chain
+from pgtls_helpers.runbook.ca_response import CaResponseResult
+from pgtls_helpers.runbook.params import load_params
 
 
 def _params(**overrides: object) -> object:

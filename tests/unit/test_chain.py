@@ -13,21 +13,21 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import NameOID
 
-from pgtls_helpers.chain import (
+from pgtls_helpers.errors import InputError
+from pgtls_helpers.pki.chain import (
     TABLE_COLUMNS,
     ChainResult,
-    _raw_names,
     bundle_pem,
     fingerprint,
     inspection_table,
     is_self_signed,
     order_chain,
+    raw_names,
     root_pem,
     same_name,
     signed_by,
-    verify_with_cryptography,
 )
-from pgtls_helpers.errors import InputError
+from pgtls_helpers.pki.findings import verify_with_cryptography
 
 
 def cn(cert: x509.Certificate) -> str:
@@ -238,7 +238,7 @@ def test_names_that_differ_only_in_encoding_and_case_still_chain() -> None:
         .not_valid_after(root.cert.not_valid_after_utc)
         .sign(root.key, certfactory._HASHES["sha256"])
     )
-    assert _raw_names(leaf)[0] != _raw_names(root.cert)[1]
+    assert raw_names(leaf)[0] != raw_names(root.cert)[1]
     assert same_name(leaf.issuer, root.cert.subject)
     result = order_chain([root.cert, leaf])
     assert result.path == (leaf, root.cert) and result.complete
@@ -275,12 +275,12 @@ def test_raw_names_match_the_parsed_names(art: certfactory.Chain) -> None:
     certs = art.leaf_first()
     store = Path("/etc/ssl/certs")
     if store.is_dir():
-        from pgtls_helpers.intake import load_pool
+        from pgtls_helpers.pki.intake import load_pool
 
         certs += load_pool([store])
     assert len(certs) >= 4
     for cert in certs:
-        assert _raw_names(cert) == (cert.issuer.public_bytes(), cert.subject.public_bytes())
+        assert raw_names(cert) == (cert.issuer.public_bytes(), cert.subject.public_bytes())
 
 
 def test_bundle_pem_is_leaf_then_intermediates_in_signing_order(art: certfactory.Chain) -> None:

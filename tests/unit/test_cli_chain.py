@@ -14,8 +14,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from pgtls_helpers.chain import fingerprint
 from pgtls_helpers.cli import main
+from pgtls_helpers.pki.chain import fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -281,6 +281,6 @@ def test_startup_imports_stay_small(response: Path) -> None:
         for line in proc.stderr.splitlines()
         if line.startswith("import time:")
     }
-    assert "pgtls_helpers.chain" in imported
+    assert "pgtls_helpers.pki.chain" in imported
     for heavy in ("pandas", "numpy", "psycopg", "papermill", "nbformat", "IPython"):
         assert heavy not in imported, f"chain inspect imports {heavy}"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from pgtls_helpers.cli import main
-from pgtls_helpers.csr import load_csr
-from pgtls_helpers.keys import load_key, public_key_matches
+from pgtls_helpers.pki.csr import load_csr
+from pgtls_helpers.pki.keys import load_key, public_key_matches
 
 
 def test_csr_command_writes_files_and_explains(

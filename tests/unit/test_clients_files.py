@@ -6,8 +6,8 @@ import os
 import stat
 from pathlib import Path
 
-from pgtls_helpers.clients import ClientUser, classify_error, install_root_crt
 from pgtls_helpers.lab import LabCA
+from pgtls_helpers.postgres.clients import ClientUser, classify_error, install_root_crt
 
 ROOT_A = LabCA.create(root_name="Root A").root
 ROOT_B = LabCA.create(root_name="Root B").root

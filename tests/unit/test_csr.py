@@ -15,18 +15,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import AttributeOID
 
-from pgtls_helpers.csr import (
+from pgtls_helpers.errors import InputError
+from pgtls_helpers.pki.csr import (
     build_csr,
     csr_pem,
     format_name,
     load_csr,
     render_csr,
     spki_sha256,
-    write_key_and_csr,
 )
-from pgtls_helpers.errors import InputError
-from pgtls_helpers.keys import generate_key, load_key, public_key_matches
-from pgtls_helpers.subject import Subject, make_subject
+from pgtls_helpers.pki.keys import generate_key, load_key, public_key_matches
+from pgtls_helpers.pki.subject import Subject, make_subject
+from pgtls_helpers.postgres.keyfiles import write_key_and_csr
 
 SUBJECT = make_subject(
     "db1.example.com",

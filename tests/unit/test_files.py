@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pgtls_helpers import files
+from pgtls_helpers.postgres import files
 
 
 def _mode(path: Path) -> int:

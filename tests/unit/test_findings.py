@@ -8,8 +8,8 @@ import certfactory
 import pytest
 from cryptography import x509
 
-from pgtls_helpers.chain import order_chain
-from pgtls_helpers.findings import CODES, Finding, check_chain, has_errors
+from pgtls_helpers.pki.chain import order_chain
+from pgtls_helpers.pki.findings import CODES, Finding, check_chain, has_errors
 
 REQUIRED = {
     "missing-issuer",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pgtls_helpers.errors import InputError
-from pgtls_helpers.hba import HbaRule, parse_rules, plan_hba
+from pgtls_helpers.postgres.hba import HbaRule, parse_rules, plan_hba
 
 STOCK = """\
 # PostgreSQL Client Authentication Configuration File

@@ -7,7 +7,7 @@ import hostname_cases
 import pytest
 from cryptography import x509
 
-from pgtls_helpers.hostname import check_host, explain, is_ip_literal, matches_host
+from pgtls_helpers.pki.hostname import check_host, explain, is_ip_literal, matches_host
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from pgtls_helpers.errors import InputError
-from pgtls_helpers.intake import Intake, load_pool, read_ca_response, read_pool
+from pgtls_helpers.pki.intake import Intake, load_pool, read_ca_response, read_pool
 
 
 @pytest.fixture(scope="module")
@@ -348,7 +348,7 @@ def test_a_thousand_files_in_well_under_a_second(tmp_path: Path) -> None:
 
 
 def _csr(issued: certfactory.Issued) -> bytes:
-    from pgtls_helpers.csr import build_csr, csr_pem
-    from pgtls_helpers.subject import make_subject
+    from pgtls_helpers.pki.csr import build_csr, csr_pem
+    from pgtls_helpers.pki.subject import make_subject
 
     return csr_pem(build_csr(make_subject("db1.example.com"), issued.key))  # type: ignore[arg-type]

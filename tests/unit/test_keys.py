@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from pgtls_helpers.errors import InputError
-from pgtls_helpers.keys import (
+from pgtls_helpers.pki.keys import (
     KEY_TYPES,
     describe_key,
     generate_key,
@@ -25,8 +25,8 @@ from pgtls_helpers.keys import (
     passphrase_from_env,
     public_key_matches,
     serialize_key,
-    write_private_key,
 )
+from pgtls_helpers.postgres.keyfiles import write_private_key
 
 PASSPHRASE = b"correct horse battery staple"
 
@@ -315,7 +315,7 @@ def _self_signed(key: object) -> object:
 
 
 def _csr_pem(key: object) -> bytes:
-    from pgtls_helpers.csr import build_csr, csr_pem
-    from pgtls_helpers.subject import make_subject
+    from pgtls_helpers.pki.csr import build_csr, csr_pem
+    from pgtls_helpers.pki.subject import make_subject
 
     return csr_pem(build_csr(make_subject("db1.example.com"), key))  # type: ignore[arg-type]

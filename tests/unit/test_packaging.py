@@ -60,3 +60,31 @@ def test_lower_bounds_agree() -> None:
     conda_reqs = [d for d in env["dependencies"] if isinstance(d, str)]
     pb, cb = bounds(pip_reqs), bounds(conda_reqs)
     assert {k: v for k, v in pb.items() if k in cb} == {k: v for k, v in cb.items() if k in pb}
+
+
+def test_the_wheel_carries_the_package_layers_and_the_notebooks(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+    )
+    (wheel,) = tmp_path.glob("pgtls-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for layer in ("cli", "display", "pki", "postgres", "runbook"):
+        assert f"pgtls_helpers/{layer}/__init__.py" in names
+    notebooks = sorted(n for n in names if n.startswith("pgtls_helpers/notebooks/"))
+    committed = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
+    assert [n.rsplit("/", 1)[1] for n in notebooks] == committed

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pgtls_helpers.errors import InputError
-from pgtls_helpers.params import PARAMETER_NAMES, load_params, read_params_file, redacted
+from pgtls_helpers.runbook.params import PARAMETER_NAMES, load_params, read_params_file, redacted
 
 ROOT = Path(__file__).resolve().parents[2]
 ISSUE_NAMES = (

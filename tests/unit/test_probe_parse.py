@@ -15,10 +15,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import NameOID
 
-from pgtls_helpers._cli_probe import presented_object
-from pgtls_helpers._probe_wire import rfc4514
+from pgtls_helpers.cli.probe import presented_object
 from pgtls_helpers.errors import InputError
-from pgtls_helpers.probe import ProbeResult, chain_rows, format_target, parse_target
+from pgtls_helpers.postgres.probe import ProbeResult, chain_rows, format_target, parse_target
+from pgtls_helpers.postgres.wire import rfc4514
 
 A = x509.NameAttribute
 RDN = x509.RelativeDistinguishedName

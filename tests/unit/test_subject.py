@@ -9,7 +9,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from pgtls_helpers.errors import InputError
-from pgtls_helpers.subject import Subject, is_dns_name, is_ip_literal, make_subject
+from pgtls_helpers.pki.subject import Subject, is_dns_name, is_ip_literal, make_subject
 
 
 def test_full_subject_is_normalized() -> None:

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pgtls_helpers._probe_wire import (
+from pgtls_helpers.postgres.wire import (
     DEFAULT_PORT,
     attempt,
     attempt_many,
@@ -26,7 +26,7 @@ from pgtls_helpers._probe_wire import (
 if TYPE_CHECKING:
     from cryptography import x509
 
-    from pgtls_helpers._probe_wire import Presented
+    from pgtls_helpers.postgres.wire import Presented
 
 __all__ = [
     "DEFAULT_PORT",

@@ -6,7 +6,7 @@ test CA, an attacker's copy). Here a certificate's issuer is the one whose *key 
 signature*, among those with the right name; the Authority/Subject Key Identifiers only decide
 which candidate is tried first.
 
->>> from pgtls_helpers.chain import order_chain
+>>> from pgtls_helpers.pki.chain import order_chain
 >>> order_chain([]).path
 ()
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
-import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -27,12 +26,10 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, p
 from cryptography.x509.oid import NameOID
 
 from pgtls_helpers.errors import InputError
-from pgtls_helpers.keys import describe_key
+from pgtls_helpers.pki.keys import describe_key
 
 if TYPE_CHECKING:
     import pandas
-
-    from pgtls_helpers.findings import Finding
 
 __all__ = [
     "TABLE_COLUMNS",
@@ -48,7 +45,6 @@ __all__ = [
     "same_name",
     "signed_by",
     "table_rows",
-    "verify_with_cryptography",
 ]
 
 Role = str  # "leaf" | "intermediate" | "root"
@@ -181,76 +177,13 @@ def root_pem(result: ChainResult) -> bytes:
     """
     root = result.root
     if root is None:
-        missing = _name_label(result.missing_issuer) if result.missing_issuer else "its root"
+        missing = name_label(result.missing_issuer) if result.missing_issuer else "its root"
         raise InputError(
             f"the chain stops below {missing}, so there is no root certificate to write; "
             "add the CA's root certificate file or pass --pool with it (for example "
             "/etc/ssl/certs)"
         )
     return root.public_bytes(serialization.Encoding.PEM)
-
-
-def verify_with_cryptography(
-    result: ChainResult, host: str | None = None, at: _dt.datetime | None = None
-) -> Finding | None:
-    """cryptography's own RFC 5280 verdict on the chain, as a finding, or None when it passes.
-
-    The path's root is the only trust anchor, its intermediates are offered as untrusted
-    certificates. ``host`` is the server name to check (an IP literal becomes an iPAddress);
-    when None, the leaf's first SAN is used so that only the chain is judged.
-    """
-    from cryptography.x509 import DNSName, IPAddress
-    from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
-
-    from pgtls_helpers.findings import Finding
-
-    leaf, root = result.leaf, result.root
-    if leaf is None:
-        return Finding("error", "chain-rejected", "There is no certificate to verify.")
-    if root is None:
-        return Finding(
-            "error",
-            "chain-rejected",
-            f"The chain of {cert_label(leaf)} cannot be verified because it does not reach a "
-            "self-signed root; add the root certificate (or --pool it).",
-        )
-    subject = _verifier_subject(leaf, host)
-    if subject is None:
-        # libpq accepts a CN-only certificate: only clients with RFC 5280 rules refuse it
-        return Finding(
-            "warning",
-            "no-san",
-            f"The certificate {cert_label(leaf)} has no subjectAltName: libpq still matches "
-            "its CN, but RFC 5280 verifiers refuse it; ask the CA to reissue it with the "
-            "server's host names as SANs.",
-        )
-    when = at if at is not None else _dt.datetime.now(_dt.UTC)
-    try:
-        verifier = (
-            PolicyBuilder()
-            .store(Store([root]))
-            .time(when)
-            .build_server_verifier(
-                DNSName(subject) if isinstance(subject, str) else IPAddress(subject)
-            )
-        )
-        verifier.verify(leaf, list(result.path[1:-1]))
-    except VerificationError as exc:
-        return Finding(
-            "error",
-            "chain-rejected",
-            f"The RFC 5280 verifier (cryptography) rejects the chain of {cert_label(leaf)} for "
-            f"{host or subject}: {exc}; fix what it names or ask the CA for a conforming "
-            "certificate.",
-        )
-    except (ValueError, TypeError) as exc:
-        return Finding(
-            "error",
-            "chain-rejected",
-            f"The RFC 5280 verifier (cryptography) cannot check the chain of "
-            f"{cert_label(leaf)}: {exc}.",
-        )
-    return None
 
 
 def table_rows(result: ChainResult, *, include_unused: bool = True) -> list[dict[str, Any]]:
@@ -330,7 +263,7 @@ def cert_label(cert: x509.Certificate) -> str:
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if cns:
         return f'"{cns[0].value!s}"'
-    return _name_label(cert.subject)
+    return name_label(cert.subject)
 
 
 def is_ca(cert: x509.Certificate) -> bool:
@@ -344,7 +277,7 @@ def is_ca(cert: x509.Certificate) -> bool:
 
 def is_self_signed(cert: x509.Certificate) -> bool:
     """Subject equals issuer and the certificate's own key verifies its signature."""
-    return same_name(cert.issuer, cert.subject, _raw_names(cert)) and signed_by(cert, cert)
+    return same_name(cert.issuer, cert.subject, raw_names(cert)) and signed_by(cert, cert)
 
 
 def same_name(a: x509.Name, b: x509.Name, raw: tuple[bytes, bytes] | None = None) -> bool:
@@ -404,7 +337,7 @@ def _issuer_key(cert: x509.Certificate) -> _NameKey:
 
 
 @functools.lru_cache(maxsize=8192)
-def _raw_names(cert: x509.Certificate) -> tuple[bytes, bytes]:
+def raw_names(cert: x509.Certificate) -> tuple[bytes, bytes]:
     """The DER of the issuer and subject names, cut out of the to-be-signed bytes.
 
     Parsing ``cert.subject`` builds Python objects for every attribute; a pool of thousands
@@ -448,7 +381,7 @@ class _Index:
         self.certs = certs
         self.by_der: dict[bytes, list[x509.Certificate]] = {}
         for c in certs:
-            self.by_der.setdefault(_raw_names(c)[1], []).append(c)
+            self.by_der.setdefault(raw_names(c)[1], []).append(c)
         self._by_key: dict[_NameKey, list[x509.Certificate]] | None = None
 
     def exact(self, issuer_der: bytes) -> list[x509.Certificate]:
@@ -466,10 +399,10 @@ def _pick_leaf(given: list[x509.Certificate], own: _Index, pooled: _Index) -> x5
     # Count, per issuer name, how many *other* certificates name it (cheap: by DER bytes).
     issued: dict[bytes, int] = {}
     for c in given:
-        issuer, subject = _raw_names(c)
+        issuer, subject = raw_names(c)
         if issuer != subject:
             issued[issuer] = issued.get(issuer, 0) + 1
-    candidates = [c for c in given if issued.get(_raw_names(c)[1], 0) == 0] or given
+    candidates = [c for c in given if issued.get(raw_names(c)[1], 0) == 0] or given
 
     def rank(item: tuple[int, x509.Certificate]) -> tuple[bool, int, int]:
         pos, cert = item
@@ -481,10 +414,10 @@ def _pick_leaf(given: list[x509.Certificate], own: _Index, pooled: _Index) -> x5
 def _name_depth(cert: x509.Certificate, own: _Index, pooled: _Index) -> int:
     """How far issuer names lead up from ``cert`` (cheap: no signatures are checked)."""
     depth = 0
-    seen = {_raw_names(cert)[1]}
+    seen = {raw_names(cert)[1]}
     cur = cert
     while True:
-        issuer = _raw_names(cur)[0]
+        issuer = raw_names(cur)[0]
         if issuer in seen:
             return depth
         found = own.exact(issuer) or pooled.exact(issuer)
@@ -499,8 +432,8 @@ def _name_depth(cert: x509.Certificate, own: _Index, pooled: _Index) -> int:
 def _find_issuer(
     child: x509.Certificate, own: _Index, pooled: _Index, seen: set[x509.Certificate]
 ) -> x509.Certificate | None:
-    issuer_der = _raw_names(child)[0]
-    aki = _aki_bytes(child)
+    issuer_der = raw_names(child)[0]
+    aki = aki_bytes(child)
     tried: set[x509.Certificate] = {child}
     # Exact names first, the input before the pool; then names equal only once canonicalized.
     for group in (
@@ -520,7 +453,7 @@ def _find_issuer(
     return None
 
 
-def _aki_bytes(cert: x509.Certificate) -> bytes | None:
+def aki_bytes(cert: x509.Certificate) -> bytes | None:
     try:
         aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
     except (x509.ExtensionNotFound, ValueError):
@@ -528,7 +461,7 @@ def _aki_bytes(cert: x509.Certificate) -> bytes | None:
     return aki.key_identifier
 
 
-def _ski_bytes(cert: x509.Certificate) -> bytes | None:
+def ski_bytes(cert: x509.Certificate) -> bytes | None:
     try:
         return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
     except (x509.ExtensionNotFound, ValueError):
@@ -536,7 +469,7 @@ def _ski_bytes(cert: x509.Certificate) -> bytes | None:
 
 
 def _ski_matches(cert: x509.Certificate, aki: bytes) -> bool | None:
-    ski = _ski_bytes(cert)
+    ski = ski_bytes(cert)
     return None if ski is None else ski == aki
 
 
@@ -567,30 +500,7 @@ def _verify_with_key(child: x509.Certificate, pub: object) -> bool:
     return True
 
 
-def _verifier_subject(
-    leaf: x509.Certificate, host: str | None
-) -> str | ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    if host is not None:
-        # An IP literal as libpq reads it (inet_aton accepts "127.1" too).
-        from pgtls_helpers.hostname import _inet_aton, _inet_pton6
-
-        packed4, packed6 = _inet_aton(host), _inet_pton6(host)
-        if packed4 is not None:
-            return ipaddress.IPv4Address(packed4)
-        if packed6 is not None:
-            return ipaddress.IPv6Address(packed6)
-        return host
-    for gn in _sans(leaf):
-        if isinstance(gn, x509.DNSName):
-            return gn.value.replace("*.", "wildcard.", 1) if gn.value.startswith("*.") else gn.value
-        if isinstance(gn, x509.IPAddress) and not isinstance(
-            gn.value, ipaddress.IPv4Network | ipaddress.IPv6Network
-        ):
-            return gn.value
-    return None
-
-
-def _sans(cert: x509.Certificate) -> list[x509.GeneralName]:
+def san_entries(cert: x509.Certificate) -> list[x509.GeneralName]:
     try:
         return list(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
     except (x509.ExtensionNotFound, ValueError):
@@ -599,7 +509,7 @@ def _sans(cert: x509.Certificate) -> list[x509.GeneralName]:
 
 def _san_strings(cert: x509.Certificate) -> list[str]:
     out: list[str] = []
-    for gn in _sans(cert):
+    for gn in san_entries(cert):
         if isinstance(gn, x509.DNSName):
             out.append(f"DNS:{gn.value}")
         elif isinstance(gn, x509.IPAddress):
@@ -612,12 +522,12 @@ def _san_strings(cert: x509.Certificate) -> list[str]:
 
 
 def _ski(cert: x509.Certificate) -> str:
-    ski = _ski_bytes(cert)
+    ski = ski_bytes(cert)
     return ski.hex(":") if ski else ""
 
 
 def _aki(cert: x509.Certificate) -> str:
-    aki = _aki_bytes(cert)
+    aki = aki_bytes(cert)
     return aki.hex(":") if aki else ""
 
 
@@ -633,7 +543,7 @@ def _describe_key(cert: x509.Certificate) -> str:
         return "unsupported key"
 
 
-def _name_label(name: x509.Name) -> str:
+def name_label(name: x509.Name) -> str:
     cns = name.get_attributes_for_oid(NameOID.COMMON_NAME)
     if cns:
         return f'"{cns[0].value!s}"'

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pgtls_helpers.errors import InputError
-from pgtls_helpers.files import InstallResult, PlannedFile, apply_plan, plan_file
+from pgtls_helpers.postgres.files import InstallResult, PlannedFile, apply_plan, plan_file
 
 __all__ = [
     "ClientUser",

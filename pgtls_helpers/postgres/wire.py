@@ -1,9 +1,9 @@
-"""The network half of :mod:`pgtls_helpers.probe`, on the standard library alone.
+"""The network half of :mod:`pgtls_helpers.postgres.probe`, on the standard library alone.
 
 PostgreSQL's SSLRequest, a TLS handshake without verification, and the chain the server sent,
 as OpenSSL holds it. ``pgtls probe`` is built on this module directly, so that a command probing
 fifty servers starts without importing cryptography (about 40 ms of CPU, as much as twenty
-probes cost the client); :mod:`pgtls_helpers.probe` turns the same answers into
+probes cost the client); :mod:`pgtls_helpers.postgres.probe` turns the same answers into
 ``x509.Certificate`` objects for everything else.
 
 Python's ``ssl`` module exposes the unverified peer chain publicly only from 3.13

@@ -9,10 +9,7 @@ use for it, so :func:`build_csr` leaves it out unless a CA's process asks for on
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import hashlib
-import os
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -21,15 +18,12 @@ from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
 from cryptography.x509.oid import AttributeOID, NameOID
 
 from pgtls_helpers.errors import InputError
-from pgtls_helpers.keys import (
+from pgtls_helpers.pki.keys import (
     PrivateKey,
     describe_key,
-    generate_key,
     key_size_bits,
-    serialize_key,
-    write_private_key,
 )
-from pgtls_helpers.subject import Subject
+from pgtls_helpers.pki.subject import Subject
 
 __all__ = [
     "build_csr",
@@ -38,7 +32,6 @@ __all__ = [
     "load_csr",
     "render_csr",
     "spki_sha256",
-    "write_key_and_csr",
 ]
 
 _EXTENSION_REQUEST = x509.ObjectIdentifier("1.2.840.113549.1.9.14")
@@ -126,7 +119,7 @@ def spki_sha256(public_key: object) -> str:
 def format_name(name: x509.Name) -> str:
     """A name the way ``openssl -subject`` prints it, in certificate order.
 
-    >>> from pgtls_helpers.subject import make_subject
+    >>> from pgtls_helpers.pki.subject import make_subject
     >>> format_name(make_subject("db1.example.com", country="DE").to_x509_name())
     'C=DE, CN=db1.example.com'
     """
@@ -179,65 +172,6 @@ def render_csr(csr: x509.CertificateSigningRequest) -> str:
     return "\n".join(lines)
 
 
-def write_key_and_csr(
-    out_dir: str | os.PathLike[str],
-    subject: Subject,
-    key_type: str = "rsa4096",
-    passphrase: bytes | None = None,
-    overwrite: bool = False,
-    challenge_password: bytes | None = None,
-) -> tuple[Path, Path]:
-    """Generate a key, build the CSR, and write ``server.key`` (0600) and ``server.csr``.
-
-    ``out_dir`` is created with mode 0700 when missing. Existing files are refused unless
-    ``overwrite``; then each is first renamed to ``NAME.bak-<UTC stamp>``. Nothing is written
-    until the key and the CSR exist in memory; if writing the CSR fails, the new key is removed
-    and the old files are put back.
-
-    Returns:
-        ``(key_path, csr_path)``.
-
-    Raises:
-        InputError: a file exists and ``overwrite`` is false, or an argument is unusable.
-    """
-    directory = Path(out_dir)
-    key_path, csr_path = directory / KEY_FILE, directory / CSR_FILE
-    if directory.exists() and not directory.is_dir():
-        raise InputError(f"{directory} exists and is not a directory; choose another --out-dir.")
-    existing = [p for p in (key_path, csr_path) if p.exists() or p.is_symlink()]
-    if existing and not overwrite:
-        raise InputError(
-            f"{existing[0]} already exists; use --force to replace it (the old files are kept "
-            "as NAME.bak-<UTC time>)."
-        )
-
-    key = generate_key(key_type)
-    csr = build_csr(subject.validate(), key, challenge_password=challenge_password)
-    key_bytes = serialize_key(key, passphrase)
-    csr_bytes = csr_pem(csr)
-
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    backups: list[tuple[Path, Path]] = []
-    for path in existing:
-        bak = _free_name(path.with_name(f"{path.name}.bak-{stamp}"))
-        os.rename(path, bak)
-        backups.append((path, bak))
-    try:
-        write_private_key(key_path, key_bytes)
-        try:
-            _write_public_file(csr_path, csr_bytes)
-        except BaseException:
-            key_path.unlink()
-            raise
-    except BaseException:
-        for path, bak in backups:
-            with contextlib.suppress(OSError):
-                os.rename(bak, path)
-        raise
-    return key_path, csr_path
-
-
 # --- internals -------------------------------------------------------------------------------
 
 
@@ -282,30 +216,3 @@ def _not_a_csr_reason(data: bytes) -> str:
             x509.load_der_x509_certificate(data)
             return "is a certificate, not a certificate signing request"
     return "is not a PEM or DER certificate signing request"
-
-
-def _free_name(path: Path) -> Path:
-    candidate, n = path, 1
-    while candidate.exists() or candidate.is_symlink():
-        n += 1
-        candidate = path.with_name(f"{path.name}.{n}")
-    return candidate
-
-
-def _write_public_file(path: Path, data: bytes) -> None:
-    """Write a non-secret file atomically (temporary name, fsync, rename), mode 0644."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

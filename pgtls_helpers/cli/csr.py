@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pgtls_helpers.csr import load_csr, render_csr, write_key_and_csr
 from pgtls_helpers.errors import InputError
-from pgtls_helpers.keys import KEY_TYPES, passphrase_from_env, passphrase_from_prompt
-from pgtls_helpers.subject import make_subject
+from pgtls_helpers.pki.csr import load_csr, render_csr
+from pgtls_helpers.pki.keys import KEY_TYPES, passphrase_from_env, passphrase_from_prompt
+from pgtls_helpers.pki.subject import make_subject
+from pgtls_helpers.postgres.keyfiles import write_key_and_csr
 
 __all__ = ["main"]
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -19,21 +20,21 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from pgtls_helpers import hostname
-from pgtls_helpers.chain import (
+from pgtls_helpers.pki import hostname
+from pgtls_helpers.pki.chain import (
     ChainResult,
-    _aki_bytes,
-    _name_label,
-    _raw_names,
-    _ski_bytes,
+    aki_bytes,
     cert_label,
     fingerprint,
     is_ca,
+    name_label,
+    raw_names,
     same_name,
+    san_entries,
     signed_by,
-    verify_with_cryptography,
+    ski_bytes,
 )
-from pgtls_helpers.keys import PrivateKey, PublicKey, public_key_matches
+from pgtls_helpers.pki.keys import PrivateKey, PublicKey, public_key_matches
 
 __all__ = ["CODES", "Finding", "Severity", "check_chain", "has_errors"]
 
@@ -171,6 +172,67 @@ def has_errors(findings: Iterable[Finding]) -> bool:
 # --- the checks --------------------------------------------------------------------------------
 
 
+def verify_with_cryptography(
+    result: ChainResult, host: str | None = None, at: _dt.datetime | None = None
+) -> Finding | None:
+    """cryptography's own RFC 5280 verdict on the chain, as a finding, or None when it passes.
+
+    The path's root is the only trust anchor, its intermediates are offered as untrusted
+    certificates. ``host`` is the server name to check (an IP literal becomes an iPAddress);
+    when None, the leaf's first SAN is used so that only the chain is judged.
+    """
+    from cryptography.x509 import DNSName, IPAddress
+    from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+    leaf, root = result.leaf, result.root
+    if leaf is None:
+        return Finding("error", "chain-rejected", "There is no certificate to verify.")
+    if root is None:
+        return Finding(
+            "error",
+            "chain-rejected",
+            f"The chain of {cert_label(leaf)} cannot be verified because it does not reach a "
+            "self-signed root; add the root certificate (or --pool it).",
+        )
+    subject = _verifier_subject(leaf, host)
+    if subject is None:
+        # libpq accepts a CN-only certificate: only clients with RFC 5280 rules refuse it
+        return Finding(
+            "warning",
+            "no-san",
+            f"The certificate {cert_label(leaf)} has no subjectAltName: libpq still matches "
+            "its CN, but RFC 5280 verifiers refuse it; ask the CA to reissue it with the "
+            "server's host names as SANs.",
+        )
+    when = at if at is not None else _dt.datetime.now(_dt.UTC)
+    try:
+        verifier = (
+            PolicyBuilder()
+            .store(Store([root]))
+            .time(when)
+            .build_server_verifier(
+                DNSName(subject) if isinstance(subject, str) else IPAddress(subject)
+            )
+        )
+        verifier.verify(leaf, list(result.path[1:-1]))
+    except VerificationError as exc:
+        return Finding(
+            "error",
+            "chain-rejected",
+            f"The RFC 5280 verifier (cryptography) rejects the chain of {cert_label(leaf)} for "
+            f"{host or subject}: {exc}; fix what it names or ask the CA for a conforming "
+            "certificate.",
+        )
+    except (ValueError, TypeError) as exc:
+        return Finding(
+            "error",
+            "chain-rejected",
+            f"The RFC 5280 verifier (cryptography) cannot check the chain of "
+            f"{cert_label(leaf)}: {exc}.",
+        )
+    return None
+
+
 def _structure(result: ChainResult) -> list[Finding]:
     out: list[Finding] = []
     path = result.path
@@ -181,7 +243,7 @@ def _structure(result: ChainResult) -> list[Finding]:
         return out
     missing = result.missing_issuer
     same = [c for c in result.unused if same_name(c.subject, missing)]
-    if same_name(last.subject, last.issuer, _raw_names(last)) and not signed_by(last, last):
+    if same_name(last.subject, last.issuer, raw_names(last)) and not signed_by(last, last):
         out.append(
             Finding(
                 "error",
@@ -190,15 +252,15 @@ def _structure(result: ChainResult) -> list[Finding]:
                 "or altered; get the certificate again from the CA.",
             )
         )
-    aki = _aki_bytes(last)
+    aki = aki_bytes(last)
     for other in same:
-        if aki is not None and aki == _ski_bytes(other):
+        if aki is not None and aki == ski_bytes(other):
             out.append(
                 Finding(
                     "error",
                     "bad-signature",
                     f"The signature of {cert_label(last)} does not verify with the key of its "
-                    f"issuer {_name_label(missing)} (the key identifiers match), so the "
+                    f"issuer {name_label(missing)} (the key identifiers match), so the "
                     "certificate is damaged or altered; get it again from the CA.",
                 )
             )
@@ -208,22 +270,22 @@ def _structure(result: ChainResult) -> list[Finding]:
                     "error",
                     "bad-signature",
                     f"The signature of {cert_label(last)} does not verify with the key of the "
-                    f"certificate named {_name_label(missing)} "
+                    f"certificate named {name_label(missing)} "
                     f"(sha256 {fingerprint(other)[:16]}…), "
                     "which has the right name but a different key; get the matching "
-                    f"{_name_label(missing)} certificate from the CA and drop this one.",
+                    f"{name_label(missing)} certificate from the CA and drop this one.",
                 )
             )
     if same:
         text = (
             f"No certificate among the files signed {cert_label(last)}, so the chain stops "
-            f"there; add the {_name_label(missing)} certificate that belongs to it (or pass "
+            f"there; add the {name_label(missing)} certificate that belongs to it (or pass "
             "--pool with a folder or bundle that holds it)."
         )
     else:
         text = (
-            f"The issuer {_name_label(missing)} of {cert_label(last)} is not among the files, "
-            f"so the chain stops there; add the CA certificate {_name_label(missing)} (or pass "
+            f"The issuer {name_label(missing)} of {cert_label(last)} is not among the files, "
+            f"so the chain stops there; add the CA certificate {name_label(missing)} (or pass "
             "--pool with a folder or bundle that holds it, such as /etc/ssl/certs)."
         )
     out.append(Finding("error", "missing-issuer", text))
@@ -376,12 +438,12 @@ def _server_use(leaf: x509.Certificate, path_len: int) -> list[Finding]:
 
 def _unused(result: ChainResult) -> list[Finding]:
     out: list[Finding] = []
-    on_path = {_raw_names(c)[1] for c in result.path}
+    on_path = {raw_names(c)[1] for c in result.path}
     on_path_names = [c.subject for c in result.path]
     leaf = cert_label(result.path[0])
     for cert in result.unused:
         label = f"The certificate {cert_label(cert)}"
-        if _raw_names(cert)[1] in on_path or (
+        if raw_names(cert)[1] in on_path or (
             len(result.unused) <= _CANON_LIMIT
             and any(same_name(cert.subject, n) for n in on_path_names)
         ):
@@ -425,3 +487,24 @@ def _cap(text: str) -> str:
 
 def _lower_first(text: str) -> str:
     return text[:1].lower() + text[1:] if text[:1].isupper() else text
+
+
+def _verifier_subject(
+    leaf: x509.Certificate, host: str | None
+) -> str | ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if host is not None:
+        # An IP literal as libpq reads it (inet_aton accepts "127.1" too).
+        packed4, packed6 = hostname.inet_aton(host), hostname.inet_pton6(host)
+        if packed4 is not None:
+            return ipaddress.IPv4Address(packed4)
+        if packed6 is not None:
+            return ipaddress.IPv6Address(packed6)
+        return host
+    for gn in san_entries(leaf):
+        if isinstance(gn, x509.DNSName):
+            return gn.value.replace("*.", "wildcard.", 1) if gn.value.startswith("*.") else gn.value
+        if isinstance(gn, x509.IPAddress) and not isinstance(
+            gn.value, ipaddress.IPv4Network | ipaddress.IPv6Network
+        ):
+            return gn.value
+    return None

@@ -33,7 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from pgtls_helpers.errors import InputError, PgtlsError
-from pgtls_helpers.params import PARAMETER_NAMES, Params, load_params, read_params_file, redacted
+from pgtls_helpers.runbook.params import (
+    PARAMETER_NAMES,
+    Params,
+    load_params,
+    read_params_file,
+    redacted,
+    resolve_paths,
+)
 
 __all__ = ["STEPS", "RunOutcome", "StepOutcome", "kernel_name", "prepare_notebooks", "run"]
 
@@ -44,7 +51,17 @@ STEPS: tuple[tuple[str, str], ...] = (
     ("04_enable_ssl", "Enable SSL"),
     ("05_verify_clients", "Verify clients"),
 )
-NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def _notebooks_dir() -> Path:
+    """``notebooks/`` of a checkout, or the copy that the wheel carries as package data."""
+    checkout = Path(__file__).resolve().parents[2] / "notebooks"
+    if checkout.is_dir():
+        return checkout
+    return Path(__file__).resolve().parents[1] / "notebooks"
+
+
+NOTEBOOKS_DIR = _notebooks_dir()
 LAB_CLIENT_USER = "pgtls_client"
 _OPTIONAL_TEXT = (
     "pgdata",
@@ -147,7 +164,7 @@ def _stamp(at: datetime) -> str:
     return at.strftime("%Y%m%dT%H%M%SZ")
 
 
-def _new_record_dir(records: Path, change_id: str) -> tuple[Path, datetime]:
+def new_record_dir(records: Path, change_id: str) -> tuple[Path, datetime]:
     """``records/<change_id>/<stamp>/``, created new; waits for the next second if taken."""
     parent = records / change_id
     parent.mkdir(parents=True, exist_ok=True)
@@ -184,7 +201,7 @@ def _check_input(params: Params) -> None:
 
 
 def _key_types() -> tuple[str, ...]:
-    from pgtls_helpers.keys import KEY_TYPES
+    from pgtls_helpers.pki.keys import KEY_TYPES
 
     return tuple(KEY_TYPES)
 
@@ -264,7 +281,7 @@ def _environ(**changes: str | None) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _lab_client_user() -> str | None:
+def lab_client_user() -> str | None:
     """As root: the throwaway OS user ``pgtls_client`` (created once), with no old roots."""
     if os.geteuid() != 0:
         return None
@@ -307,10 +324,7 @@ _RESET = "get_ipython().reset(new_session=False)\nget_ipython().execution_count 
 # What the notebooks import, loaded while the lab cluster starts.
 _WARM = """\
 import importlib
-for _name in ("pgtls_helpers.widgets", "pgtls_helpers.runbook", "pgtls_helpers.chain",
-              "pgtls_helpers.findings", "pgtls_helpers.intake", "pgtls_helpers.csr",
-              "pgtls_helpers.server", "pgtls_helpers.probe", "pgtls_helpers.clients",
-              "pgtls_helpers.hba", "pgtls_helpers.files", "pandas", "ipywidgets"):
+for _name in ("pgtls_helpers.notebook", "pandas", "ipywidgets"):
     importlib.import_module(_name)
 """
 _KERNEL_ARGS = ["--IPKernelApp.log_level=CRITICAL", "--HistoryManager.enabled=False"]
@@ -594,7 +608,7 @@ def _versions() -> dict[str, str | None]:
 
 
 def _sha256(path: Path) -> str:
-    from pgtls_helpers.files import sha256_hex
+    from pgtls_helpers.postgres.files import sha256_hex
 
     return sha256_hex(path.read_bytes())
 
@@ -659,7 +673,7 @@ def _manifest(
             }
             for s in steps
         ],
-        "csr_file": s1.get("csr_file") or str(params.work / "server.csr"),
+        "csr_file": s1.get("csr_file") or str(params.work.csr),
         "csr_sha256": s1.get("csr_sha256"),
         "public_key_sha256": s1.get("public_key_sha256"),
         "certificates": s2.get("chain", []),
@@ -691,17 +705,6 @@ def _seal(record: Path, manifest: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- run
 
 
-def _resolve_values(values: dict[str, Any], work_dir: str | Path) -> dict[str, Any]:
-    out = dict(values)
-    out["work_dir"] = str(Path(out.get("work_dir") or work_dir).resolve())
-    if out.get("ca_files"):
-        files = out["ca_files"]
-        if isinstance(files, str):
-            files = [f.strip() for f in files.split(",") if f.strip()]
-        out["ca_files"] = [str(Path(f).expanduser().resolve()) for f in files]
-    return out
-
-
 def run(
     params_path: str | Path,
     records_dir: str | Path = "records",
@@ -718,7 +721,7 @@ def run(
     t0 = time.monotonic()
     params_file = Path(params_path).resolve()
     values = read_params_file(params_file)
-    values = _resolve_values(values, work_dir)
+    values = resolve_paths(values, params_file, work_dir)
     params = load_params(values, source=str(params_path))
     _check_input(params)
     nb_dir = Path(notebooks_dir or NOTEBOOKS_DIR)
@@ -729,7 +732,7 @@ def run(
             "run from a checkout of pgtls"
         )
 
-    record, started = _new_record_dir(Path(records_dir), params.change_id)
+    record, started = new_record_dir(Path(records_dir), params.change_id)
     params = dataclasses.replace(params, record_dir=str(record))
     steps: list[StepOutcome] = []
     lab_info: dict[str, Any] | None = None
@@ -788,14 +791,14 @@ def _start_lab(params: Params, base: Path) -> tuple[Params, Any, dict[str, Any]]
     whatever an earlier lab run left there belonged to a server that no longer exists."""
     from pgtls_helpers.lab import LabCluster
 
-    shutil.rmtree(params.work, ignore_errors=True)
+    shutil.rmtree(params.work.path, ignore_errors=True)
     cluster = LabCluster.create(base)
     try:
         cluster.start()
     except BaseException:
         cluster.remove()
         raise
-    client = _lab_client_user()
+    client = lab_client_user()
     params = on_lab_cluster(params, cluster, client_user=client)
     info = {"port": cluster.port, "pgdata": str(cluster.pgdata), "client_user": client}
     return params, cluster, info

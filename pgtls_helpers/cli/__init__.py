@@ -45,7 +45,7 @@ def _add_chain(sub: argparse._SubParsersAction) -> None:
     )
     ins.add_argument("--expires-soon-days", type=int, default=30, metavar="DAYS")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
-    ins.set_defaults(func=_lazy("pgtls_helpers._cli_chain", "inspect"))
+    ins.set_defaults(func=_lazy("pgtls_helpers.cli.chain", "inspect"))
 
     bun = csub.add_parser("bundle", help="write server.crt (leaf + intermediates) and root.crt")
     bun.add_argument("paths", nargs="+", metavar="FILE_OR_DIR")
@@ -53,7 +53,7 @@ def _add_chain(sub: argparse._SubParsersAction) -> None:
     bun.add_argument("--root-out", metavar="root.crt")
     bun.add_argument("--pool", action="append", default=[], metavar="DIR_OR_FILE")
     bun.add_argument("--password-env", metavar="VAR")
-    bun.set_defaults(func=_lazy("pgtls_helpers._cli_chain", "bundle"))
+    bun.set_defaults(func=_lazy("pgtls_helpers.cli.chain", "bundle"))
 
 
 def _add_csr(sub: argparse._SubParsersAction) -> None:
@@ -94,7 +94,7 @@ def _add_csr(sub: argparse._SubParsersAction) -> None:
     )
     csr.add_argument("--out-dir", required=True, metavar="DIR")
     csr.add_argument("--force", action="store_true", help="replace existing files (kept as .bak)")
-    csr.set_defaults(func=_lazy("pgtls_helpers._cli_csr", "main"))
+    csr.set_defaults(func=_lazy("pgtls_helpers.cli.csr", "main"))
 
 
 def _add_probe(sub: argparse._SubParsersAction) -> None:
@@ -102,7 +102,7 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
     probe.add_argument("targets", nargs="+", metavar="HOST[:PORT]")
     probe.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
     probe.add_argument("--json", action="store_true", help="one JSON object per host per line")
-    probe.set_defaults(func=_lazy("pgtls_helpers._cli_probe", "main"))
+    probe.set_defaults(func=_lazy("pgtls_helpers.cli.probe", "main"))
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
@@ -116,7 +116,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         help="private per-change work directories (keys, CSRs, CA files)",
     )
     run.add_argument("--no-progress", action="store_true")
-    run.set_defaults(func=_lazy("pgtls_helpers._cli_run", "main"))
+    run.set_defaults(func=_lazy("pgtls_helpers.cli.run", "main"))
 
 
 def _add_rollback(sub: argparse._SubParsersAction) -> None:
@@ -131,7 +131,7 @@ def _add_rollback(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="where the change's work directory (its journals) lives",
     )
-    back.set_defaults(func=_lazy("pgtls_helpers._cli_rollback", "main"))
+    back.set_defaults(func=_lazy("pgtls_helpers.cli.rollback", "main"))
 
 
 def _add_lab(sub: argparse._SubParsersAction) -> None:
@@ -140,13 +140,13 @@ def _add_lab(sub: argparse._SubParsersAction) -> None:
     up = lsub.add_parser("up", help="create and start a throwaway cluster (SSL off)")
     up.add_argument("--dir", default="work/lab", metavar="DIR")
     up.add_argument("--port", type=int, default=None)
-    up.set_defaults(func=_lazy("pgtls_helpers._cli_lab", "up"))
+    up.set_defaults(func=_lazy("pgtls_helpers.cli.lab", "up"))
     down = lsub.add_parser("down", help="stop and remove the throwaway cluster")
     down.add_argument("--dir", default="work/lab", metavar="DIR")
-    down.set_defaults(func=_lazy("pgtls_helpers._cli_lab", "down"))
+    down.set_defaults(func=_lazy("pgtls_helpers.cli.lab", "down"))
     status = lsub.add_parser("status", help="show the throwaway cluster's connection string")
     status.add_argument("--dir", default="work/lab", metavar="DIR")
-    status.set_defaults(func=_lazy("pgtls_helpers._cli_lab", "status"))
+    status.set_defaults(func=_lazy("pgtls_helpers.cli.lab", "status"))
     nb = lsub.add_parser(
         "notebook",
         help="JupyterLab on the runbook notebooks, prepared with "
@@ -155,7 +155,7 @@ def _add_lab(sub: argparse._SubParsersAction) -> None:
     nb.add_argument("--params", default="parameters/lab.yaml", metavar="PARAMS.yaml")
     nb.add_argument("--dir", default="work/lab", metavar="DIR", help="the lab cluster's directory")
     nb.add_argument("--work", default="work", metavar="DIR")
-    nb.set_defaults(func=_lazy("pgtls_helpers._cli_lab", "notebook"))
+    nb.set_defaults(func=_lazy("pgtls_helpers.cli.lab", "notebook"))
 
 
 def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from pgtls_helpers.errors import InputError
-from pgtls_helpers.params import load_params, read_params_file
+from pgtls_helpers.runbook.params import load_params, read_params_file, resolve_paths
 
 __all__ = ["main"]
 
 
 def main(args: argparse.Namespace) -> int:
     """Restore what steps 3 and 4 changed, reload, and say how the server answers now."""
-    from pgtls_helpers.runbook import rollback_change
-    from pgtls_helpers.runner import _resolve_values
+    from pgtls_helpers.runbook.rollback import rollback_change
 
-    values = _resolve_values(read_params_file(args.params), args.work)
+    values = resolve_paths(read_params_file(args.params), Path(args.params), args.work)
     params = load_params(values, source=str(args.params))
     if params.lab_cluster:
         raise InputError(

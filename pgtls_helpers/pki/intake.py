@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7, pkcs12
 from cryptography.utils import CryptographyDeprecationWarning
 
 from pgtls_helpers.errors import InputError
-from pgtls_helpers.keys import describe_key
+from pgtls_helpers.pki.keys import describe_key
 
 __all__ = ["Intake", "PoolRead", "SourcedCert", "load_pool", "read_ca_response", "read_pool"]
 

@@ -1,6 +1,6 @@
 """``pgtls probe HOST[:PORT]...``: what each server presents, one block or JSON line per host.
 
-Built on :mod:`pgtls_helpers._probe_wire` so that the command starts without cryptography,
+Built on :mod:`pgtls_helpers.postgres.wire` so that the command starts without cryptography,
 dataclasses, pandas or psycopg: with fifty hosts, start-up is otherwise a large share of the run.
 The rows are the same as :func:`pgtls_helpers.probe.chain_rows` gives (the tests hold them
 equal); subject and issuer come from OpenSSL's decoding of the presented certificates, and from
@@ -13,20 +13,20 @@ import argparse
 import hashlib
 import sys
 
-from pgtls_helpers._probe_wire import (
+from pgtls_helpers.errors import InputError
+from pgtls_helpers.postgres.wire import (
     attempt_many,
     cert_der,
     cert_names,
     format_target,
     parse_target,
 )
-from pgtls_helpers.errors import InputError
 
 TYPE_CHECKING = False  # typing costs start-up time on every probe; mypy reads this as true
 if TYPE_CHECKING:
     from typing import Any
 
-    from pgtls_helpers._probe_wire import Presented
+    from pgtls_helpers.postgres.wire import Presented
 
 __all__ = ["main", "presented_object"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pgtls_helpers.runner import run
+from pgtls_helpers.runbook.runner import run
 
 
 def main(args: argparse.Namespace) -> int:

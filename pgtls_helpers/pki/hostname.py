@@ -24,7 +24,7 @@ PostgreSQL 15 and later (15, 16, 17 and 18 share these rules):
 PostgreSQL 14 and older differ: they ignore iPAddress SANs entirely and consult the CN only
 when the certificate has no dNSName SAN at all (even for an IP host).
 
->>> from pgtls_helpers.hostname import _wildcard_match
+>>> from pgtls_helpers.pki.hostname import _wildcard_match
 >>> _wildcard_match(b"*.example.com", b"DB1.Example.COM")
 True
 >>> _wildcard_match(b"*.example.com", b"a.b.example.com")
@@ -85,7 +85,7 @@ def is_ip_literal(host: str) -> bool:
     >>> is_ip_literal("[::1]"), is_ip_literal("2001:DB8::1/128"), is_ip_literal("1.2.3.")
     (False, False, False)
     """
-    return _inet_aton(host) is not None or _inet_pton6(host) is not None
+    return inet_aton(host) is not None or inet_pton6(host) is not None
 
 
 def matches_host(cert: x509.Certificate, host: str) -> bool:
@@ -286,20 +286,20 @@ def _wildcard_match(pattern: bytes, string: bytes) -> bool:
 
 def _ip_match(value: _IPAddr, host: str) -> bool:
     if isinstance(value, ipaddress.IPv4Address):
-        packed = _inet_aton(host)
+        packed = inet_aton(host)
     else:
-        packed = _inet_pton6(host)
+        packed = inet_pton6(host)
     return packed is not None and packed == value.packed
 
 
-def _inet_aton(host: str) -> bytes | None:
+def inet_aton(host: str) -> bytes | None:
     try:
         return socket.inet_aton(host)
     except (OSError, ValueError, UnicodeError):
         return None
 
 
-def _inet_pton6(host: str) -> bytes | None:
+def inet_pton6(host: str) -> bytes | None:
     try:
         return socket.inet_pton(socket.AF_INET6, host)
     except (OSError, ValueError, UnicodeError):

@@ -24,7 +24,8 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.x509.oid import NameOID
 
-from pgtls_helpers.chain import (
+from pgtls_helpers.errors import InputError
+from pgtls_helpers.pki.chain import (
     ChainResult,
     bundle_pem,
     cert_label,
@@ -33,10 +34,9 @@ from pgtls_helpers.chain import (
     order_chain,
     root_pem,
 )
-from pgtls_helpers.errors import InputError
-from pgtls_helpers.findings import Finding, check_chain, has_errors
-from pgtls_helpers.intake import load_pool, read_ca_response
-from pgtls_helpers.keys import (
+from pgtls_helpers.pki.findings import Finding, check_chain, has_errors
+from pgtls_helpers.pki.intake import load_pool, read_ca_response
+from pgtls_helpers.pki.keys import (
     PrivateKey,
     describe_key,
     load_key,

@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import errno
 import os
 import re
-import secrets
-from pathlib import Path
 from typing import TypeAlias, cast
 
 from cryptography import x509
@@ -35,7 +32,6 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 
 from pgtls_helpers.errors import InputError
-from pgtls_helpers.files import fsync_dir
 
 __all__ = [
     "KEY_TYPES",
@@ -49,7 +45,6 @@ __all__ = [
     "passphrase_from_env",
     "public_key_matches",
     "serialize_key",
-    "write_private_key",
 ]
 
 PrivateKey: TypeAlias = PrivateKeyTypes
@@ -254,48 +249,6 @@ def passphrase_from_prompt(prompt: str = "Key passphrase: ") -> bytes:
     return first.encode("utf-8")
 
 
-def write_private_key(
-    path: str | os.PathLike[str], data: bytes, *, overwrite: bool = False
-) -> Path:
-    """Write key bytes to ``path``, mode 0600 from the first byte, atomically.
-
-    The bytes go to a temporary file in the same directory, created with ``O_EXCL`` and mode
-    0600, are fsync-ed, and only then take the final name; a failure leaves nothing behind.
-
-    Raises:
-        InputError: ``path`` exists and ``overwrite`` is false, or the directory is missing.
-    """
-    target = Path(path)
-    if not overwrite and target.exists():
-        raise InputError(
-            f"{target} already exists; refusing to replace a private key (use --force to "
-            "replace it)."
-        )
-    if not target.parent.is_dir():
-        raise InputError(f"{target.parent} is not a directory; create it first.")
-    tmp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(6)}")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(tmp, flags, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if overwrite:
-            os.replace(tmp, target)
-        else:
-            _link_no_clobber(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(target.parent)
-    return target
-
-
 # --- internals -------------------------------------------------------------------------------
 
 
@@ -360,23 +313,3 @@ def _not_a_key_reason(data: bytes) -> str:
         base64.b64decode(data, validate=True)
         return "is base64 text without PEM header lines, not a private key"
     return "is not a PEM or DER private key"
-
-
-def _link_no_clobber(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except FileExistsError as exc:
-        raise InputError(
-            f"{dst} already exists; refusing to replace a private key (use --force to replace it)."
-        ) from exc
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-            raise
-        # Filesystems without hard links: the existence check above is the best we have.
-        if dst.exists():
-            raise InputError(
-                f"{dst} already exists; refusing to replace a private key (use --force)."
-            ) from exc
-        os.replace(src, dst)
-        return
-    os.unlink(src)

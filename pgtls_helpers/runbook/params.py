@@ -9,8 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from pgtls_helpers.errors import InputError
+from pgtls_helpers.runbook.workdir import WorkDir
 
-__all__ = ["PARAMETER_NAMES", "Params", "load_params", "read_params_file", "redacted"]
+__all__ = [
+    "PARAMETER_NAMES",
+    "Params",
+    "load_params",
+    "read_params_file",
+    "redacted",
+    "resolve_paths",
+]
 
 _CHANGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -52,9 +60,9 @@ class Params:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
-    def work(self) -> Path:
-        """This change's private work directory (keys, CSR, CA files)."""
-        return Path(self.work_dir) / self.change_id
+    def work(self) -> WorkDir:
+        """This change's private work directory (keys, CSR, CA files, journals)."""
+        return WorkDir(Path(self.work_dir).resolve() / self.change_id)
 
     @property
     def hosts(self) -> tuple[str, ...]:
@@ -174,4 +182,31 @@ def redacted(values: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = "<redacted>"
         else:
             out[key] = value
+    return out
+
+
+def resolve_paths(
+    values: Mapping[str, Any], params_file: Path, work_option: str | Path = "work"
+) -> dict[str, Any]:
+    """Make the paths of a parameters file absolute, so no later step depends on the
+    directory a command or a kernel happened to start in.
+
+    A ``work_dir`` written in the file is relative to the file's folder; without one, the
+    command's ``--work`` option is used, relative to where the command was typed. ``ca_files``
+    are relative to where the command was typed, like any path given on a command line.
+    """
+    out = dict(values)
+    written = out.get("work_dir")
+    if written:
+        work = Path(str(written)).expanduser()
+        if not work.is_absolute():
+            work = params_file.resolve().parent / work
+    else:
+        work = Path(work_option).expanduser()
+    out["work_dir"] = str(work.resolve())
+    if out.get("ca_files"):
+        files = out["ca_files"]
+        if isinstance(files, str):
+            files = [f.strip() for f in files.split(",") if f.strip()]
+        out["ca_files"] = [str(Path(f).expanduser().resolve()) for f in files]
     return out

@@ -136,15 +136,14 @@ def notebook(args: argparse.Namespace) -> int:
     With ``lab_cluster: true`` the notebooks point at the lab cluster in ``--dir`` (started,
     or created, as needed; it keeps running afterwards for ``pgtls lab down``).
     """
-    from pgtls_helpers.params import load_params, read_params_file
-    from pgtls_helpers.runner import (
-        _lab_client_user,
-        _resolve_values,
+    from pgtls_helpers.runbook.params import load_params, read_params_file, resolve_paths
+    from pgtls_helpers.runbook.runner import (
+        lab_client_user,
         on_lab_cluster,
         prepare_notebooks,
     )
 
-    values = _resolve_values(read_params_file(args.params), args.work)
+    values = resolve_paths(read_params_file(args.params), Path(args.params), args.work)
     params = load_params(values, source=str(args.params))
     env = dict(os.environ)
     if params.lab_cluster:
@@ -152,8 +151,8 @@ def notebook(args: argparse.Namespace) -> int:
 
         cluster, new = _lab_for_notebooks(Path(args.dir).resolve())
         if new:  # whatever an earlier session left belonged to a cluster that is gone
-            shutil.rmtree(params.work, ignore_errors=True)
-        params = on_lab_cluster(params, cluster, client_user=_lab_client_user() if new else None)
+            shutil.rmtree(params.work.path, ignore_errors=True)
+        params = on_lab_cluster(params, cluster, client_user=lab_client_user() if new else None)
         env["PGPASSFILE"] = str(cluster.passfile)
         _out(f"lab cluster on {cluster.host}:{cluster.port} ({'new' if new else 'reused'})")
     target = Path(args.work).resolve() / "notebooks" / params.change_id

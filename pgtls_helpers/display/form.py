@@ -1,0 +1,364 @@
+"""Parameters and step 1: the CSR form (ipywidgets) and the values a step actually used.
+
+The form serves the interactive path; the values are always shown as a plain table too, because
+a record has no live kernel to draw widgets with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pgtls_helpers.errors import InputError
+from pgtls_helpers.runbook.params import PARAMETER_NAMES, Params, load_params, redacted
+
+if TYPE_CHECKING:
+    from pgtls_helpers.runbook.key_and_csr import KeyCsrResult
+from pgtls_helpers.display.html import (
+    BAD,
+    INFO,
+    OK,
+    WARN,
+    Rendered,
+    banner,
+    esc,
+    heading,
+    join,
+    plain,
+    pre,
+    table,
+)
+
+# --------------------------------------------------------------------------- parameters
+
+
+def notebook_params(namespace: Mapping[str, Any]) -> Params:
+    """The parameters cell's values (and papermill's injected ones) as one checked object.
+
+    Only the runbook's parameter names are read from ``namespace`` (a notebook passes
+    ``globals()``). Also makes errors print as one line (``%xmode Minimal``): the messages are
+    written for people, the traceback adds nothing for them.
+    """
+    values = {name: namespace[name] for name in PARAMETER_NAMES if name in namespace}
+    params = load_params(values, source="the parameters cell")
+    if not Path(params.work_dir).is_absolute():
+        raise InputError(
+            f"the parameters cell: work_dir '{params.work_dir}' is relative, and a notebook "
+            "cannot tell what it is relative to; start JupyterLab with `make notebook` (it "
+            "injects your parameters file) or give an absolute work_dir"
+        )
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+    except ImportError:  # pragma: no cover - IPython comes with ipykernel
+        shell = None
+    if shell is not None:
+        with contextlib.redirect_stdout(io.StringIO()):  # %xmode announces itself
+            shell.run_line_magic("xmode", "Minimal")
+    return params
+
+
+def plan_only(params: Params) -> Params:
+    """The same parameters with ``apply`` false: the step plans and writes nothing."""
+    return dataclasses.replace(params, apply=False)
+
+
+def _param_rows(params: Params, names: Iterable[str] | None = None) -> list[dict[str, str]]:
+    values = {
+        f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.name != "extra"
+    }
+    safe = redacted(values)
+    rows = []
+    for name in names or PARAMETER_NAMES:
+        value = safe.get(name)
+        if name == "hba_rules":
+            text = "; ".join(
+                " ".join(
+                    str(r.get(k, "")) for k in ("type", "database", "user", "address", "method")
+                )
+                for r in value or ()
+            )
+        else:
+            text = plain(value)
+        rows.append({"parameter": name, "value": text})
+    return rows
+
+
+def show_parameters(params: Params, names: Iterable[str] | None = None) -> Rendered:
+    """The parameters this notebook runs with (names of secret variables, never values)."""
+    mode = (
+        "apply: the change is made"
+        if params.apply
+        else "apply is false: plan only, nothing on the server changes"
+    )
+    rows = _param_rows(params, names)
+    half = (len(rows) + 1) // 2
+    pairs = [
+        {
+            "parameter": left["parameter"],
+            "value": left["value"],
+            " parameter": right["parameter"] if right else "",
+            " value": right["value"] if right else "",
+        }
+        for left, right in zip(rows[:half], [*rows[half:], None], strict=False)
+    ]
+    return join(
+        banner(
+            f"change {params.change_id} · {params.server_host}:{params.server_port} · {mode}",
+            OK if params.apply else WARN,
+            "Parameters",
+        ),
+        table(pairs),
+    )
+
+
+# --------------------------------------------------------------------------- step 1: the form
+
+_FORM_FIELDS = (
+    ("common_name", "Common name (CN)", "db1.example.com"),
+    ("country", "Country (C)", "US"),
+    ("state", "State or province (ST)", "Pennsylvania"),
+    ("locality", "Locality (L)", "Malvern"),
+    ("organization", "Organization (O)", "Example Corp"),
+    ("organizational_unit", "Organizational unit (OU)", "Databases"),
+    ("email", "Email address", "dba@example.com"),
+)
+_PROBE_CN = "probe.example.com"
+
+
+def _field_problem(name: str, value: str) -> str | None:
+    """The form's inline check: what :func:`make_subject` says about this one field."""
+    from pgtls_helpers.pki.subject import make_subject
+
+    try:
+        if name == "common_name":
+            make_subject(value)
+        elif name == "subject_alt_names":
+            make_subject(_PROBE_CN, sans=_lines(value))
+        else:
+            one: dict[str, Any] = {name: value}
+            make_subject(_PROBE_CN, **one)
+    except InputError as exc:
+        return str(exc)
+    return None
+
+
+def _lines(text: str) -> list[str]:
+    return [part.strip() for line in text.splitlines() for part in line.split(",") if part.strip()]
+
+
+class CsrForm:
+    """The CSR subject form, prefilled from the parameters; each field is checked as it is typed.
+
+    The values are taken only when the DBA presses *Use these values*; until then (and always
+    in a headless run) :attr:`params` are the notebook's parameters unchanged. Build it with
+    :func:`csr_form`.
+    """
+
+    def __init__(self, params: Params) -> None:
+        import ipywidgets as w
+
+        from pgtls_helpers.pki.keys import KEY_TYPES
+
+        self._given = params
+        self._chosen: Params | None = None
+        style = {"description_width": "190px"}
+        wide = w.Layout(width="560px")
+        self.inputs: dict[str, Any] = {}
+        self._errors: dict[str, Any] = {}
+        rows = []
+        for name, label, example in _FORM_FIELDS:
+            text = w.Text(
+                value=getattr(params, name) or "",
+                description=label,
+                placeholder=example,
+                style=style,
+                layout=wide,
+            )
+            self.inputs[name] = text
+            self._errors[name] = w.HTML()
+            rows += [text, self._errors[name]]
+        self.inputs["subject_alt_names"] = w.Textarea(
+            value="\n".join(params.subject_alt_names),
+            description="Alternative names",
+            placeholder="one host name or IP address a line",
+            style=style,
+            layout=w.Layout(width="560px", height="80px"),
+        )
+        self._errors["subject_alt_names"] = w.HTML()
+        options = list(KEY_TYPES) if params.key_type in KEY_TYPES else [*KEY_TYPES, params.key_type]
+        self.inputs["key_type"] = w.Dropdown(
+            options=options, value=params.key_type, description="Key type", style=style
+        )
+        self.button = w.Button(
+            description="Use these values",
+            button_style="primary",
+            icon="check",
+            layout=w.Layout(width="200px"),
+        )
+        self.status = w.HTML()
+        rows += [
+            self.inputs["subject_alt_names"],
+            self._errors["subject_alt_names"],
+            self.inputs["key_type"],
+            w.HBox([self.button, self.status]),
+        ]
+        for name, widget in self.inputs.items():
+            if name != "key_type":
+                widget.observe(self._on_change, names="value")
+                self._check(name)
+        self.button.on_click(self._on_use)
+        self.box = w.VBox([w.HTML("<b>CSR subject</b>"), *rows])
+
+    # the interactive part
+    def _check(self, name: str) -> bool:
+        problem = _field_problem(name, self.inputs[name].value)
+        self._errors[name].value = (
+            ""
+            if problem is None
+            else f'<span style="color:{BAD};margin-left:196px">{esc(problem)}</span>'
+        )
+        return problem is None
+
+    def _on_change(self, change: Mapping[str, Any]) -> None:
+        owner = change["owner"]
+        name = next(n for n, wdg in self.inputs.items() if wdg is owner)
+        self._check(name)
+        if self._chosen is not None:
+            self.status.value = (
+                f'<span style="color:{WARN}">changed since "Use these values" '
+                "was pressed; press it again to use the changes</span>"
+            )
+
+    def _on_use(self, _button: object = None) -> None:
+        try:
+            self._chosen = self.values()
+        except InputError as exc:
+            self._chosen = None
+            self.status.value = f'<span style="color:{BAD}">{esc(exc)}</span>'
+            return
+        self.status.value = f'<span style="color:{OK}">the next cells use these values</span>'
+
+    def values(self) -> Params:
+        """The form's values as parameters (checked; raises :class:`InputError`)."""
+        from pgtls_helpers.pki.subject import make_subject
+
+        for name in self.inputs:
+            if name != "key_type" and not self._check(name):
+                raise InputError(_field_problem(name, self.inputs[name].value) or "invalid value")
+        fields: dict[str, Any] = {
+            name: (self.inputs[name].value.strip() or None) for name, _, _ in _FORM_FIELDS
+        }
+        sans = tuple(_lines(self.inputs["subject_alt_names"].value))
+        subject = make_subject(str(fields.pop("common_name") or ""), sans=sans, **fields)
+        return dataclasses.replace(
+            self._given,
+            common_name=subject.common_name,
+            country=subject.country,
+            state=subject.state,
+            locality=subject.locality,
+            organization=subject.organization,
+            organizational_unit=subject.organizational_unit,
+            email=subject.email,
+            subject_alt_names=sans,
+            key_type=str(self.inputs["key_type"].value),
+        )
+
+    @property
+    def params(self) -> Params:
+        """The parameters the next cells use: the form's after *Use these values*, else the
+        notebook's parameters."""
+        return self._chosen or self._given
+
+    @property
+    def source(self) -> str:
+        """Where :attr:`params` came from: ``"the form"`` or ``"the parameters"``."""
+        return "the form" if self._chosen is not None else "the parameters"
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        bundle = dict(self.box._repr_mimebundle_(**kwargs) or {})
+        bundle["text/plain"] = (
+            "[CSR form: interactive in JupyterLab; the values used are listed below]"
+        )
+        return bundle
+
+
+def csr_form(params: Params) -> CsrForm:
+    """The CSR subject form for step 1, prefilled from ``params``."""
+    return CsrForm(params)
+
+
+def show_values(form: CsrForm) -> Rendered:
+    """The subject and key type step 1 uses, as a plain table, and where they came from."""
+    from pgtls_helpers.runbook.key_and_csr import subject_of
+
+    params = form.params
+    subject = subject_of(params)
+    rows = [{"field": label, "value": value} for label, value in subject.fields()]
+    rows.append({"field": "Key type", "value": params.key_type})
+    rows.append(
+        {
+            "field": "Key passphrase",
+            "value": f"from ${params.key_passphrase_env}"
+            if params.key_passphrase_env
+            else "none (the server reads the key at start without a prompt)",
+        }
+    )
+    return join(heading(f"The CSR is made from {form.source}:"), table(rows))
+
+
+# --------------------------------------------------------------------------- step 1: the result
+
+
+def _mode(path: Path) -> str:
+    try:
+        return f"{path.stat().st_mode & 0o777:04o}"
+    except FileNotFoundError:
+        return "(gone)"
+
+
+def show_key_and_csr(result: KeyCsrResult, params: Params) -> Rendered:
+    """Where the key and CSR are, the CSR as a reviewer reads it, and what to send to the CA."""
+    files = [
+        {
+            "file": str(result.key_path),
+            "what": "private key" + (" (encrypted)" if result.encrypted else ""),
+            "mode": _mode(result.key_path),
+            "leaves this machine": "never",
+        },
+        {
+            "file": str(result.csr_path),
+            "what": "certificate signing request",
+            "mode": _mode(result.csr_path),
+            "leaves this machine": "yes: send it to the CA",
+        },
+    ]
+    state = (
+        "The key and CSR from an earlier run are kept (the CSR may already be with the "
+        "CA); nothing was generated."
+        if result.reused
+        else f"A new {result.key_type} key and its CSR were written."
+    )
+    if params.ca_mode == "lab":
+        todo = (
+            "Lab mode: the throwaway CA signs this CSR in step 2; nothing needs to be "
+            "sent anywhere."
+        )
+    else:
+        todo = (
+            f"Send {result.csr_path} (and only that file) to your CA. When the signed "
+            "certificate and the CA's intermediate and root certificates come back, list "
+            "them in ca_files and run the next steps. The private key stays where it is."
+        )
+    return join(
+        banner(state, OK, "Key and CSR"),
+        table(files, mono=("file",)),
+        heading("The CSR, as the CA will read it:"),
+        pre(result.csr_text),
+        banner(todo, INFO, "What to send to the CA"),
+    )

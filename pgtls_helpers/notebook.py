@@ -1,0 +1,66 @@
+"""What the runbook notebooks call, and nothing more: the five steps and the displays of their
+evidence. Notebooks import this one module (``from pgtls_helpers import notebook as pgtls``)."""
+
+from __future__ import annotations
+
+from pgtls_helpers.display.chain import (
+    chain_picture,
+    host_coverage,
+    inspection_table,
+    key_match,
+    show_findings,
+    show_sources,
+    stop_on_errors,
+    validity_timeline,
+)
+from pgtls_helpers.display.changes import (
+    apply_step,
+    require_pass,
+    show_checks,
+    show_enabled,
+    show_install_plan,
+    show_installed,
+    show_ssl_plan,
+)
+from pgtls_helpers.display.form import (
+    csr_form,
+    notebook_params,
+    plan_only,
+    show_key_and_csr,
+    show_parameters,
+    show_values,
+)
+from pgtls_helpers.runbook.ca_response import step2_ca_response
+from pgtls_helpers.runbook.enable import step4_enable_ssl
+from pgtls_helpers.runbook.install import step3_install_files
+from pgtls_helpers.runbook.key_and_csr import step1_key_and_csr
+from pgtls_helpers.runbook.verify import step5_verify_clients
+
+__all__ = [
+    "apply_step",
+    "chain_picture",
+    "csr_form",
+    "host_coverage",
+    "inspection_table",
+    "key_match",
+    "notebook_params",
+    "plan_only",
+    "require_pass",
+    "show_checks",
+    "show_enabled",
+    "show_findings",
+    "show_install_plan",
+    "show_installed",
+    "show_key_and_csr",
+    "show_parameters",
+    "show_sources",
+    "show_ssl_plan",
+    "show_values",
+    "step1_key_and_csr",
+    "step2_ca_response",
+    "step3_install_files",
+    "step4_enable_ssl",
+    "step5_verify_clients",
+    "stop_on_errors",
+    "validity_timeline",
+]

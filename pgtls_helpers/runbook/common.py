@@ -1,0 +1,118 @@
+"""What every step shares: the work directory's state, the server's facts and
+where its TLS files go, and small certificate helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from pgtls_helpers.errors import InputError, PreflightError
+from pgtls_helpers.pki import chain as chainmod
+from pgtls_helpers.pki import keys
+from pgtls_helpers.runbook.params import Params
+
+
+def save_step(params: Params, step: str, summary: dict[str, Any]) -> None:
+    """Leave a step's archivable summary in the run's record directory, when there is one."""
+    if not params.record_dir:
+        return
+    out = Path(params.record_dir) / "steps"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{step}.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def key_passphrase(params: Params) -> bytes | None:
+    return (
+        keys.passphrase_from_env(params.key_passphrase_env) if params.key_passphrase_env else None
+    )
+
+
+def pem_of(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def rfc4514(name: x509.Name) -> str:
+    """RFC 4514, with ``emailAddress=`` rather than its dotted OID."""
+    from cryptography.x509.oid import NameOID
+
+    return name.rfc4514_string({NameOID.EMAIL_ADDRESS: "emailAddress"})
+
+
+def fingerprint_of(cert: x509.Certificate) -> str:
+    return chainmod.fingerprint(cert)
+
+
+def open_server(params: Params) -> Any:
+    from pgtls_helpers.postgres.server import Server
+
+    return Server(params.conninfo())
+
+
+def check_pgdata(params: Params, facts: Any) -> None:
+    if params.pgdata and Path(params.pgdata).resolve() != Path(facts.data_directory).resolve():
+        raise PreflightError(
+            f"pgdata is {params.pgdata} but the server on {params.server_host}:"
+            f"{params.server_port} says its data directory is {facts.data_directory}; fix pgdata "
+            "or the connection parameters"
+        )
+    if not Path(facts.data_directory).is_dir():
+        raise PreflightError(
+            f"{facts.data_directory}: the server's data directory is not visible here; run the "
+            "runbook on the database host as root or as the server's OS user"
+        )
+
+
+def load_bundle(params: Params) -> tuple[list[x509.Certificate], x509.Certificate | None]:
+    bundle = params.work.bundle
+    if not bundle.exists():
+        raise PreflightError(
+            f"{bundle}: no checked chain for change {params.change_id}; run "
+            "step 2 (02_ca_response) first"
+        )
+    certs = x509.load_pem_x509_certificates(bundle.read_bytes())
+    root_path = params.work.root
+    root = x509.load_pem_x509_certificate(root_path.read_bytes()) if root_path.exists() else None
+    return certs, root
+
+
+def _is_shared(path: Path) -> bool:
+    """A certificate or key other services use too: Debian's snakeoil pair, /etc/ssl."""
+    return "snakeoil" in path.name or str(path).startswith("/etc/ssl/")
+
+
+def ssl_targets(facts: Any) -> tuple[Path, Path, dict[str, str]]:
+    """Where the certificate and key go, and the settings that must change to point there.
+
+    Files shared with other services are never replaced: the new pair goes into the data
+    directory as ``server.crt``/``server.key`` and step 4 points ``ssl_cert_file`` and
+    ``ssl_key_file`` at it.
+    """
+    cert, key = Path(facts.ssl_cert_file), Path(facts.ssl_key_file)
+    if not (_is_shared(cert) or _is_shared(key)):
+        return cert, key, {}
+    data = Path(facts.data_directory)
+    return (
+        data / "server.crt",
+        data / "server.key",
+        {"ssl_cert_file": str(data / "server.crt"), "ssl_key_file": str(data / "server.key")},
+    )
+
+
+def passphrase_or_none(params: Params, path: Path) -> bytes | None:
+    return key_passphrase(params) if keys.is_encrypted_pem(path.read_bytes()) else None
+
+
+def address_of(host: str) -> str:
+    try:
+        return str(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0])
+    except socket.gaierror:
+        raise InputError(
+            f"server_host '{host}' does not resolve; use a name this machine can "
+            "resolve, or an IP address"
+        ) from None

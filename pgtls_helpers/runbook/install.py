@@ -1,0 +1,176 @@
+"""Step 3: put the key, the certificate chain and the clients' root in place, with backups."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from pgtls_helpers.errors import PreflightError
+from pgtls_helpers.pki import chain as chainmod
+from pgtls_helpers.pki import keys
+from pgtls_helpers.pki.findings import Finding
+from pgtls_helpers.postgres import files
+from pgtls_helpers.runbook.common import (
+    check_pgdata,
+    key_passphrase,
+    load_bundle,
+    open_server,
+    passphrase_or_none,
+    pem_of,
+    save_step,
+    ssl_targets,
+)
+from pgtls_helpers.runbook.params import Params
+
+# --------------------------------------------------------------------------- step 3
+
+
+@dataclass(frozen=True)
+class InstallStepResult:
+    """Step 3: the plan (always) and what was written (when ``apply``)."""
+
+    facts: dict[str, Any]
+    plan: list[dict[str, object]]
+    preflight: list[Finding]
+    installed: files.InstallResult | None
+    applied: bool
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.installed and self.installed.changed)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "facts": self.facts,
+            "plan": self.plan,
+            "preflight": [f.__dict__ for f in self.preflight],
+            "applied": self.applied,
+            "changed": self.changed,
+            "installed": self.installed.as_dicts() if self.installed else [],
+        }
+
+
+def step3_install_files(params: Params) -> InstallStepResult:
+    """Plan and make the installs: key and certificate where the server's settings point,
+    ``root.crt`` for each client OS user. Preflight first; backups of all that is replaced."""
+    from pgtls_helpers.pki.findings import check_chain
+    from pgtls_helpers.postgres.clients import plan_root_crt, resolve_client_users
+
+    certs, root = load_bundle(params)
+    leaf = certs[0]
+    key_path = params.work.key
+    with open_server(params) as server:
+        facts = server.facts()
+    check_pgdata(params, facts)
+    owner = facts.data_directory_owner or (os.geteuid(), os.getegid())
+
+    cert_target, installed_key, _ = ssl_targets(facts)
+    # the key: from the work directory, or already installed by an earlier run
+    key_bytes: bytes | None = key_path.read_bytes() if key_path.exists() else None
+    if key_bytes is None:
+        if installed_key.exists() and keys.public_key_matches(
+            keys.load_key(
+                installed_key.read_bytes(),
+                passphrase_or_none(params, installed_key),
+                source=str(installed_key),
+                validate=False,
+            ),
+            leaf,
+        ):
+            key_bytes = installed_key.read_bytes()
+        else:
+            raise PreflightError(
+                f"{key_path}: the private key for this change is gone (it is removed once "
+                "installed); start a new change from step 1"
+            )
+    encrypted = keys.is_encrypted_pem(key_bytes)
+    # Only the public halves are compared here, as the server's own check does; a key whose
+    # private half were damaged fails the handshake in step 4, which then rolls back.
+    key = keys.load_key(
+        key_bytes,
+        key_passphrase(params) if encrypted else None,
+        source=str(key_path),
+        validate=False,
+    )
+    result = chainmod.order_chain([*certs, *([root] if root else [])], leaf=leaf)
+    preflight = check_chain(result, key=key, hosts=params.hosts)
+    del key
+    if encrypted and not facts.ssl_passphrase_command:
+        preflight.append(
+            Finding(
+                "error",
+                "encrypted-key",
+                f"{key_path.name} is encrypted but ssl_passphrase_command is not set, so the "
+                "server could not read it at reload or restart; set ssl_passphrase_command, or "
+                "generate the key without a passphrase",
+            )
+        )
+    # keep a root-owned 0640 key scheme (Debian's ssl-cert group) when that is what is there
+    key_owner, key_mode = owner, 0o600
+    if installed_key.exists():
+        st = installed_key.stat()
+        if st.st_uid == 0 and (st.st_mode & 0o777) == 0o640:
+            key_owner, key_mode = (0, st.st_gid), 0o640
+    server_uid = owner[0]
+    if problem := files.key_file_problem(key_mode, key_owner[0], key_owner[1], server_uid):
+        preflight.append(
+            Finding(
+                "error", "key-permissions", f"{installed_key} {problem}; the server would refuse it"
+            )
+        )
+    plan = [
+        files.plan_file(installed_key, key_bytes, kind="key", mode=key_mode, owner=key_owner),
+        files.plan_file(
+            cert_target,
+            chainmod.bundle_pem(result),
+            kind="certificate",
+            mode=0o644,
+            owner=owner,
+        ),
+    ]
+    users = resolve_client_users(params.client_system_users)
+    if users and root is None:
+        preflight.append(
+            Finding(
+                "error", "missing-issuer", "the chain has no root certificate to give the clients"
+            )
+        )
+    if root is not None:
+        plan += [plan_root_crt(u, pem_of(root), merge=params.client_root_merge) for u in users]
+    rows = [p.describe() for p in plan]
+    errors = [f for f in preflight if f.severity == "error"]
+    out_facts = facts.as_dict()
+    if errors:
+        res = InstallStepResult(out_facts, rows, preflight, None, False)
+        save_step(params, "03_install_files", res.summary())
+        raise PreflightError(
+            "nothing was installed: " + "; ".join(f"{f.code}: {f.message}" for f in errors)
+        )
+    if not params.apply:
+        res = InstallStepResult(out_facts, rows, preflight, None, False)
+        save_step(params, "03_install_files", res.summary())
+        return res
+    from pgtls_helpers.postgres.clients import install_root_crt
+
+    stamp = files.utc_stamp()
+    server_part = files.apply_plan(plan[:2], stamp=stamp)
+    try:
+        client_part = (
+            install_root_crt(users, pem_of(root), merge=params.client_root_merge, stamp=stamp)
+            if root and users
+            else files.InstallResult(())
+        )
+    except BaseException:
+        files.rollback(server_part)
+        raise
+    installed = files.InstallResult(server_part.installed + client_part.installed)
+    if installed.changed or not params.work.install_journal.exists():
+        # a run that changed nothing must not replace the journal of the one that did
+        files.save_journal(installed, params.work.install_journal)
+    # After the install the only copies of the key are the installed one and its backup.
+    if key_path.exists():
+        key_path.unlink()
+    res = InstallStepResult(out_facts, rows, preflight, installed, True)
+    save_step(params, "03_install_files", res.summary())
+    return res

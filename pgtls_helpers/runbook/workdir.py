@@ -1,0 +1,74 @@
+"""One change's private work directory, and the name of every file in it, defined once.
+
+``work/<change_id>/`` (mode 0700) holds what must not be archived: the new private key until it
+is installed, the CSR, the CA's answer as a checked chain, the lab CA, and the journals that
+rollback reads. Records never point into it for key bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["WorkDir"]
+
+
+@dataclass(frozen=True)
+class WorkDir:
+    """``path`` is absolute: it is resolved when the parameters are read, from the parameters
+    file's folder (or given absolute), never from the directory a kernel happens to start in."""
+
+    path: Path
+
+    @property
+    def key(self) -> Path:
+        """The new private key, from step 1 until step 3 installs it."""
+        return self.path / "server.key"
+
+    @property
+    def csr(self) -> Path:
+        """The signing request sent to the CA."""
+        return self.path / "server.csr"
+
+    @property
+    def subject(self) -> Path:
+        """The subject chosen in the interactive form ("Use these values")."""
+        return self.path / "subject.json"
+
+    @property
+    def bundle(self) -> Path:
+        """Leaf and intermediates in signing order, checked by step 2."""
+        return self.path / "server.crt"
+
+    @property
+    def root(self) -> Path:
+        """The CA's root, for the clients' ``~/.postgresql/root.crt``."""
+        return self.path / "root.crt"
+
+    @property
+    def unrelated_root(self) -> Path:
+        """A root that did not sign the chain: step 5 proves verify-ca refuses it."""
+        return self.path / "unrelated-root.crt"
+
+    @property
+    def lab_ca(self) -> Path:
+        """The throwaway CA of ``ca_mode: lab``."""
+        return self.path / "ca"
+
+    @property
+    def install_journal(self) -> Path:
+        """Step 3: every file written, its backup and hashes."""
+        return self.path / "install.json"
+
+    @property
+    def enable_journal(self) -> Path:
+        """Step 4: the settings and ``pg_hba.conf`` before the change."""
+        return self.path / "enable.json"
+
+    def create(self) -> Path:
+        """Create the directory 0700 (tightening one that others could read) and return it."""
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.path.stat().st_mode & 0o077:
+            os.chmod(self.path, 0o700)
+        return self.path
