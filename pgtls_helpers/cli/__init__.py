@@ -131,6 +131,11 @@ def _add_rollback(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="where the change's work directory (its journals) lives",
     )
+    back.add_argument(
+        "--force",
+        action="store_true",
+        help="restore even files someone changed after the change (their edits are lost)",
+    )
     back.set_defaults(func=_lazy("pgtls_helpers.cli.rollback", "main"))
 
 

@@ -14,7 +14,7 @@ __all__ = ["main"]
 
 def main(args: argparse.Namespace) -> int:
     """Restore what steps 3 and 4 changed, reload, and say how the server answers now."""
-    from pgtls_helpers.runbook.rollback import rollback_change
+    from pgtls_helpers.runbook.rollback import RollbackConflict, rollback_change
 
     values = resolve_paths(read_params_file(args.params), Path(args.params), args.work)
     params = load_params(values, source=str(args.params))
@@ -23,16 +23,26 @@ def main(args: argparse.Namespace) -> int:
             f"{args.params}: lab_cluster runs remove their throwaway cluster at the end, so "
             "there is nothing to roll back"
         )
-    result = rollback_change(params)
+    try:
+        result = rollback_change(params, force=bool(getattr(args, "force", False)))
+    except RollbackConflict as conflict:
+        sys.stderr.write(conflict.diff)
+        raise
     out = sys.stdout
-    for path in result.restored:
-        out.write(f"restored {path}\n")
+    for row in result.files:
+        out.write(f"{row['action']}: {row['file']}\n")
     for name, value in result.settings.items():
         shown = f"'{value}'" if value is not None else "its postgresql.conf value (RESET)"
         out.write(f"ALTER SYSTEM: {name} back to {shown}\n")
+    if result.ssl_after is None:
+        out.write(f"{result.reloaded}\n")
+        return 0
     state = "on" if result.ssl_after else "off"
     leaf = result.presented[0]["subject"] if result.presented else "no certificate"
     out.write(
-        f"reloaded; {params.server_host}:{params.server_port} has ssl {state} and presents {leaf}\n"
+        f"{result.reloaded}; {params.server_host}:{params.server_port} has ssl {state} and "
+        f"presents {leaf}\n"
     )
-    return 0
+    for problem in result.problems:
+        sys.stderr.write(f"not as before: {problem}\n")
+    return 0 if result.ok else 1

@@ -11,6 +11,7 @@ import os
 import pwd
 import re
 import shutil
+import stat
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -74,6 +75,7 @@ def _pem_blocks(data: bytes) -> list[bytes]:
 def plan_root_crt(user: ClientUser, root_pem: bytes, *, merge: bool = False) -> PlannedFile:
     """The root.crt write for one user; an existing different file is replaced (with a
     backup) or, with ``merge``, kept and the new root appended to it."""
+    check_client_path(user)
     data = root_pem
     if merge and user.root_crt.exists():
         current = user.root_crt.read_bytes()
@@ -86,16 +88,47 @@ def plan_root_crt(user: ClientUser, root_pem: bytes, *, merge: bool = False) -> 
     return plan_file(user.root_crt, data, kind="root.crt", mode=0o644, owner=(user.uid, user.gid))
 
 
+def prepare_client_dir(user: ClientUser) -> None:
+    """Make ``~/.postgresql`` (0700, the user's) when missing; refuse a symlinked one."""
+    directory = user.root_crt.parent
+    check_client_path(user)
+    if not directory.exists():
+        directory.mkdir(mode=0o700, parents=False)
+        if os.geteuid() == 0:
+            os.chown(directory, user.uid, user.gid)
+
+
+def check_client_path(user: ClientUser) -> None:
+    """Refuse to work through a link: ``~/.postgresql`` must be a real directory the user
+    owns, and ``root.crt`` a regular file (or absent)."""
+    directory = user.root_crt.parent
+    try:
+        st = directory.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != user.uid:
+        raise InputError(
+            f"{directory}: not a real directory owned by {user.name} (a symbolic link or "
+            "another owner); the runbook will not write through it, so replace it with a "
+            "directory of the user's own"
+        )
+    try:
+        fst = user.root_crt.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(fst.st_mode) or fst.st_uid != user.uid:
+        raise InputError(
+            f"{user.root_crt}: not a regular file owned by {user.name} (a symbolic link or "
+            "another owner); the runbook will not read or replace it, so remove it first"
+        )
+
+
 def install_root_crt(
     users: Sequence[ClientUser], root_pem: bytes, *, merge: bool = False, stamp: str | None = None
 ) -> InstallResult:
     """Give each user ``~/.postgresql/root.crt`` (directory 0700, owned by the user)."""
     for user in users:
-        directory = user.root_crt.parent
-        if not directory.exists():
-            directory.mkdir(mode=0o700, parents=False)
-            if os.geteuid() == 0:
-                os.chown(directory, user.uid, user.gid)
+        prepare_client_dir(user)
     return apply_plan([plan_root_crt(u, root_pem, merge=merge) for u in users], stamp=stamp)
 
 

@@ -37,7 +37,7 @@ __all__ = [
     "utc_stamp",
 ]
 
-Kind = Literal["key", "certificate", "hba", "root.crt", "other"]
+Kind = Literal["key", "certificate", "hba", "root.crt", "auto.conf", "other"]
 
 
 def sha256_hex(data: bytes) -> str:
@@ -267,14 +267,16 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def backup_copy(path: Path, stamp: str) -> Path:
-    """Copy ``path`` to ``NAME.pgtls-backup-<stamp>`` beside it, same owner and mode."""
+def backup_copy(path: Path, stamp: str, *, directory: Path | None = None) -> Path:
+    """Copy ``path`` to ``NAME.pgtls-backup-<stamp>`` beside it (or in ``directory``), same
+    owner and mode."""
     st = path.stat()
-    backup = path.with_name(f"{path.name}.pgtls-backup-{stamp}")
+    where = directory if directory is not None else path.parent
+    backup = where / f"{path.name}.pgtls-backup-{stamp}"
     n = 1
     while backup.exists():
         n += 1
-        backup = path.with_name(f"{path.name}.pgtls-backup-{stamp}.{n}")
+        backup = where / f"{path.name}.pgtls-backup-{stamp}.{n}"
     atomic_write(
         backup, path.read_bytes(), mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid
     )

@@ -11,6 +11,7 @@ import difflib
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from pgtoolkit.hba import HBARecord
 
@@ -69,7 +70,44 @@ class HbaRule:
         return (self.type, self.database, self.user, self.address, self.method, *self.options)
 
 
+def _check_field(value: str, name: str, where: str) -> None:
+    """One pg_hba.conf field: no whitespace, control characters, '#' or quotes, which would
+    end the field, start a comment or add a line."""
+    bad = [c for c in value if c.isspace() or ord(c) < 32 or ord(c) == 127 or c in '#"']
+    if not value or bad:
+        shown = repr(bad[0]) if bad else "an empty value"
+        raise InputError(
+            f"{where}: {name} '{value.encode('unicode_escape').decode()}' contains {shown}, "
+            "which pg_hba.conf would read as the end of the field or a new line; give a plain "
+            "name without spaces, quotes, '#' or line breaks"
+        )
+
+
+INSECURE_METHODS = ("trust", "password")
+
+
+def insecure_reason(rule: HbaRule) -> str | None:
+    """Why a rule would let clients in without TLS or without authentication, or None."""
+    if rule.method == "reject":
+        return None
+    if rule.method == "trust":
+        return f"'{rule.line()}' lets anyone in without a password (trust)"
+    if rule.type in ("host", "hostnossl"):
+        return f"'{rule.line()}' accepts connections without TLS ({rule.type})"
+    return None
+
+
 def _check_rule(rule: HbaRule, where: str) -> None:
+    for name, value in (
+        ("type", rule.type),
+        ("database", rule.database),
+        ("user", rule.user),
+        ("address", rule.address),
+        ("method", rule.method),
+    ):
+        _check_field(value, name, where)
+    for option in rule.options:
+        _check_field(option, "option", where)
     if rule.type not in TCP_TYPES:
         raise InputError(
             f"{where}: connection type '{rule.type}' is not one of {', '.join(TCP_TYPES)}; "
@@ -126,6 +164,44 @@ def parse_rules(
         _check_rule(rule, here)
         parsed.append(rule)
     return parsed
+
+
+_INCLUDES = ("include_if_exists", "include_dir", "include")
+
+
+def included_tcp_lines(hba_file: Path, text: str) -> dict[int, bool]:
+    """For each include line of ``text`` (PostgreSQL 16+), whether what it brings in holds
+    TCP lines (nested includes followed; a missing ``include_if_exists`` file holds none)."""
+    out: dict[int, bool] = {}
+    for i, line in enumerate(text.splitlines(), start=1):
+        words = line.split("#", 1)[0].split()
+        if len(words) >= 2 and words[0] in _INCLUDES:
+            out[i] = _has_tcp(hba_file.parent, words[0], words[1].strip('"'), depth=0)
+    return out
+
+
+def _has_tcp(base: Path, kind: str, name: str, *, depth: int) -> bool:
+    if depth > 10:
+        return True
+    target = Path(name) if Path(name).is_absolute() else base / name
+    paths = sorted(target.glob("*.conf")) if kind == "include_dir" else [target]
+    for path in paths:
+        try:
+            text = path.read_text()
+        except OSError:
+            if kind == "include":
+                return True  # the server will refuse it anyway; be safe
+            continue
+        for line in text.splitlines():
+            words = line.split("#", 1)[0].split()
+            if not words:
+                continue
+            if words[0] in TCP_TYPES:
+                return True
+            if words[0] in _INCLUDES and len(words) >= 2:
+                if _has_tcp(path.parent, words[0], words[1].strip('"'), depth=depth + 1):
+                    return True
+    return False
 
 
 def reject_rules() -> list[HbaRule]:
@@ -203,10 +279,14 @@ def plan_hba(
     reject_non_ssl: bool = True,
     path: str = "pg_hba.conf",
     label: str = "pgtls",
+    included: Mapping[int, bool] | None = None,
 ) -> HbaPlan:
     """Add ``rules`` (and the non-SSL rejects) before the first TCP line that would shadow them.
 
-    Idempotent: rules already present before that point are not added again.
+    Idempotent: rules already present before that point are not added again. ``included``
+    maps the line numbers of ``include``/``include_dir``/``include_if_exists`` lines to whether
+    the files they bring in hold TCP lines (see :func:`included_tcp_lines`): such an include
+    counts as a TCP line. The file's line ending (LF or CRLF) is kept.
 
     >>> stock = "local all all peer\\nhost all all 127.0.0.1/32 scram-sha-256\\n"
     >>> plan = plan_hba(stock, [HbaRule("hostssl", "all", "all", "127.0.0.1/32",
@@ -228,16 +308,24 @@ def plan_hba(
     wanted_keys = {r.key() for r in wanted}
     records = _records(text, path)
     lines = text.splitlines(keepends=True)
+    eol = "\r\n" if "\r\n" in text else "\n"
+    tcp_includes = sorted(n for n, has_tcp in (included or {}).items() if has_tcp)
 
     # The first TCP record that is not one we want: everything we add must come before it.
     insert_line = len(lines) + 1
     present: set[tuple[str, ...]] = set()
     for lineno, record in records:
+        if tcp_includes and tcp_includes[0] < lineno:
+            insert_line = tcp_includes[0]
+            break
         key = _record_key(record)
         if record.conntype in TCP_TYPES and key not in wanted_keys:
             insert_line = lineno
             break
         present.add(key)
+    else:
+        if tcp_includes:
+            insert_line = min(insert_line, tcp_includes[0])
     missing = [r for r in wanted if r.key() not in present]
     if not missing:
         return HbaPlan(path, text, text, (), insert_line)
@@ -248,12 +336,12 @@ def plan_hba(
         while at > 0 and lines[at - 1].lstrip().startswith("#"):
             at -= 1
     block = (
-        [f"# {label}: TLS only; non-SSL TCP connections are rejected before any other TCP line\n"]
+        [f"# {label}: TLS only; non-SSL TCP connections are rejected before any other TCP line"]
         if reject_non_ssl
-        else [f"# {label}: client TLS rules\n"]
+        else [f"# {label}: client TLS rules"]
     )
-    block += [r.line() + "\n" for r in missing]
+    block = [b + eol for b in block] + [r.line() + eol for r in missing]
     if at > 0 and not lines[at - 1].endswith("\n"):
-        lines[at - 1] += "\n"
+        lines[at - 1] += eol
     after = "".join(lines[:at] + block + lines[at:])
     return HbaPlan(path, text, after, tuple(r.line() for r in missing), at + 1)

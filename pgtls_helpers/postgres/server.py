@@ -10,11 +10,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pgtls_helpers.postgres.hbacheck import OwnConnection
 
 from pgtls_helpers.errors import ServerError
 
-__all__ = ["HbaRuleRow", "Server", "ServerFacts", "SslStatus"]
+__all__ = ["HbaRuleRow", "Server", "ServerFacts", "SslStatus", "signal_reload"]
 
 _FACT_SETTINGS = (
     "ssl",
@@ -84,6 +87,19 @@ class SslStatus:
 def _resolve(value: str, data_directory: Path) -> Path:
     path = Path(value)
     return path if path.is_absolute() else data_directory / path
+
+
+def signal_reload(data_directory: Path) -> bool:
+    """Ask the postmaster to reload by signal (what ``pg_ctl reload`` does), for when no
+    connection is possible; False when no postmaster runs for ``data_directory``."""
+    import signal
+
+    try:
+        pid = int((data_directory / "postmaster.pid").read_text().splitlines()[0])
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
 
 
 class Server:
@@ -220,21 +236,59 @@ class Server:
     def reload_and_wait(self, *, timeout: float = 15.0) -> bool:
         """``pg_reload_conf()``, then wait until the postmaster has processed it.
 
-        Returns False when no new backend saw a newer load time within ``timeout``.
+        Confirmed on this same connection: the postmaster re-reads its files (pg_hba.conf
+        included) before it passes the reload on to the backends, so once this backend's
+        ``pg_conf_load_time()`` moves, the postmaster has finished. No new login is needed, so
+        rules that would refuse a new connection cannot hide the outcome. Returns False when
+        nothing moved within ``timeout``; see :meth:`reload_confirmed`.
         """
         import time
 
-        before = self.conf_load_time(fresh=True)
+        before = self.conf_load_time()
         self.reload()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                if self.conf_load_time(fresh=True) > before:
-                    return True
-            except ServerError:
-                pass
+            if self.conf_load_time() > before:
+                return True
             time.sleep(0.02)
         return False
+
+    def reload_confirmed(self, *, timeout: float = 15.0) -> None:
+        """:meth:`reload_and_wait`, raising :class:`ServerError` when it is not confirmed."""
+        if not self.reload_and_wait(timeout=timeout):
+            where = f"{self.conninfo.get('host')}:{self.conninfo.get('port')}"
+            raise ServerError(
+                f"{where}: the server did not confirm the reload within {timeout:.0f} s; check "
+                "its log for 'received SIGHUP'"
+            )
+
+    def advisory_lock(self, key: int, *, timeout: float) -> bool:
+        """``pg_try_advisory_lock(key)`` on this connection, retried until ``timeout``."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if bool(self._query("SELECT pg_try_advisory_lock(%s)", (key,))[0][0]):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+
+    def advisory_unlock(self, key: int) -> None:
+        """Release advisory lock ``key``; a lost connection has released it already."""
+        try:
+            self._query("SELECT pg_advisory_unlock(%s)", (key,))
+        except ServerError:
+            pass
+
+    def advisory_holder(self, key: int) -> str | None:
+        """Who holds advisory lock ``key`` (application name and pid), if anyone."""
+        rows = self._query(
+            "SELECT a.pid, a.application_name FROM pg_locks l JOIN pg_stat_activity a "
+            "USING (pid) WHERE l.locktype = 'advisory' AND l.objid = %s AND l.granted",
+            (key,),
+        )
+        return f"{rows[0][1] or 'a session'} (pid {rows[0][0]})" if rows else None
 
     def file_setting_errors(self) -> list[str]:
         """Errors in the configuration files as the server would read them now."""
@@ -261,6 +315,23 @@ class Server:
         )
         ssl, version, cipher, bits = rows[0]
         return SslStatus(bool(ssl), version, cipher, bits)
+
+    def own_connection(self, *, tls: bool) -> OwnConnection:
+        """This connection as pg_hba.conf sees it (``tls``: whether it will use TLS)."""
+        from pgtls_helpers.postgres.hbacheck import OwnConnection
+
+        rows = self._query(
+            "SELECT session_user, current_database(), host(inet_client_addr()), "
+            "array(SELECT rolname FROM pg_roles WHERE pg_has_role(session_user, oid, 'member'))"
+        )
+        user, database, address, roles = rows[0]
+        return OwnConnection(
+            user=str(user),
+            database=str(database),
+            address=str(address) if address else None,
+            tls=tls,
+            roles=tuple(roles or ()),
+        )
 
     def current_logfile(self) -> str | None:
         rows = self._query("SELECT pg_current_logfile()")

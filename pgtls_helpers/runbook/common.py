@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from pgtls_helpers.errors import InputError, PreflightError
 from pgtls_helpers.pki import chain as chainmod
 from pgtls_helpers.pki import keys
+from pgtls_helpers.postgres.server import Server, ServerFacts
 from pgtls_helpers.runbook.params import Params
 
 
@@ -48,13 +49,28 @@ def fingerprint_of(cert: x509.Certificate) -> str:
     return chainmod.fingerprint(cert)
 
 
-def open_server(params: Params) -> Any:
-    from pgtls_helpers.postgres.server import Server
+def open_server(params: Params) -> Server:
+    """The runbook's connection; its application name names the change (lock holders)."""
+    return Server({**params.conninfo(), "application_name": f"pgtls {params.change_id}"[:63]})
 
-    return Server(params.conninfo())
+
+def server_before(params: Params, facts: ServerFacts) -> dict[str, object]:
+    """How the server is before a change touches it: what rollback must find again."""
+    from pgtls_helpers.postgres.probe import probe
+
+    served: str | None = None
+    if facts.ssl:
+        result = probe(address_of(params.server_host), params.server_port, timeout=5.0)
+        if result.error is None and result.chain:
+            served = fingerprint_of(result.chain[0])
+    return {
+        "ssl": facts.ssl,
+        "served_sha256": served,
+        "data_directory": str(facts.data_directory),
+    }
 
 
-def check_pgdata(params: Params, facts: Any) -> None:
+def check_pgdata(params: Params, facts: ServerFacts) -> None:
     if params.pgdata and Path(params.pgdata).resolve() != Path(facts.data_directory).resolve():
         raise PreflightError(
             f"pgdata is {params.pgdata} but the server on {params.server_host}:"
@@ -86,7 +102,7 @@ def _is_shared(path: Path) -> bool:
     return "snakeoil" in path.name or str(path).startswith("/etc/ssl/")
 
 
-def ssl_targets(facts: Any) -> tuple[Path, Path, dict[str, str]]:
+def ssl_targets(facts: ServerFacts) -> tuple[Path, Path, dict[str, str]]:
     """Where the certificate and key go, and the settings that must change to point there.
 
     Files shared with other services are never replaced: the new pair goes into the data

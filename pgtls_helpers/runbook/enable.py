@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
-import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 
 from pgtls_helpers.errors import PgtlsError, PreflightError, ServerError
-from pgtls_helpers.postgres import files, hba, keyfiles
+from pgtls_helpers.postgres import files, hba, hbacheck
+from pgtls_helpers.postgres.lock import change_lock
+from pgtls_helpers.postgres.probe import ProbeResult
+from pgtls_helpers.postgres.server import Server, ServerFacts
 from pgtls_helpers.runbook.common import (
     address_of,
     fingerprint_of,
     load_bundle,
     open_server,
     save_step,
+    server_before,
     ssl_targets,
 )
+from pgtls_helpers.runbook.journal import Journal
 from pgtls_helpers.runbook.params import Params
+from pgtls_helpers.runbook.undo import undo_change
 
 # --------------------------------------------------------------------------- step 4
 
@@ -43,7 +48,7 @@ class EnableResult:
     installed: list[dict[str, object]] = field(default_factory=list)
     runbook_connection: str | None = None  # pg_stat_ssl of a new connection afterwards
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> dict[str, object]:
         return dict(self.__dict__)
 
 
@@ -52,7 +57,7 @@ def _expected_leaf(params: Params) -> x509.Certificate:
     return certs[0]
 
 
-def _probe_until(host: str, port: int, want_sha: str, timeout: float = 15.0) -> Any:
+def _probe_until(host: str, port: int, want_sha: str, timeout: float = 15.0) -> ProbeResult:
     from pgtls_helpers.postgres.probe import probe
 
     deadline = time.monotonic() + timeout
@@ -81,7 +86,7 @@ def _log_offset(params: Params) -> int:
         return 0
 
 
-def _server_log_line(params: Params, server: Any, since: int = 0) -> str | None:
+def _server_log_line(params: Params, server: Server, since: int = 0) -> str | None:
     """What the server logged about the failure: the cause and its verdict, in order."""
     lines: list[str] = []
     if params.server_log_file:
@@ -103,183 +108,264 @@ def _server_log_line(params: Params, server: Any, since: int = 0) -> str | None:
     return " / ".join(dict.fromkeys(hits[-3:])) or None
 
 
+@dataclass(frozen=True)
+class EnablePlan:
+    """What step 4 would change on this server, decided before anything is touched."""
+
+    facts: ServerFacts
+    hba: hba.HbaPlan
+    hba_mode: int
+    hba_owner: tuple[int, int]
+    settings: dict[str, str]
+    before: ProbeResult | None
+    serving_new: bool
+    want_sha: str
+    host_ip: str
+
+    @property
+    def needs_ssl(self) -> bool:
+        return bool(self.settings) or not self.serving_new
+
+    @property
+    def changes(self) -> bool:
+        return self.needs_ssl or self.hba.changed
+
+    def lines(self) -> list[str]:
+        out = [
+            f"ALTER SYSTEM SET {name} = '{value}' (now: "
+            f"'{'off' if name == 'ssl' else self.facts.as_dict().get(name, '')}')"
+            for name, value in self.settings.items()
+        ]
+        if self.hba.changed and any(a.startswith("hostnossl") for a in self.hba.added):
+            out.append(
+                "hostnossl … reject also refuses GSS-encrypted (hostgssenc) clients, which "
+                "connect without SSL; add hostgssenc lines above it if you have such clients"
+            )
+        return out
+
+
+def plan_enable(params: Params, server: Server) -> EnablePlan:
+    """Read the server and decide the settings and the pg_hba.conf text; changes nothing."""
+    from pgtls_helpers.postgres.probe import probe
+
+    want_sha = fingerprint_of(_expected_leaf(params))
+    rules = hba.parse_rules(list(params.hba_rules))
+    host_ip = address_of(params.server_host)
+    facts = server.facts()
+    hba_text = facts.hba_file.read_bytes().decode()
+    plan = hba.plan_hba(
+        hba_text,
+        rules,
+        reject_non_ssl=params.reject_non_ssl,
+        path=str(facts.hba_file),
+        label=f"pgtls {params.change_id}",
+        included=hba.included_tcp_lines(facts.hba_file, hba_text),
+    )
+    before = probe(host_ip, params.server_port, timeout=5.0) if facts.ssl else None
+    serving_new = bool(
+        before
+        and before.error is None
+        and before.chain
+        and fingerprint_of(before.chain[0]) == want_sha
+    )
+    settings = {} if facts.ssl else {"ssl": "on"}
+    settings.update(ssl_targets(facts)[2])
+    st = facts.hba_file.stat()
+    return EnablePlan(
+        facts=facts,
+        hba=plan,
+        hba_mode=st.st_mode & 0o777,
+        hba_owner=(st.st_uid, st.st_gid),
+        settings=settings,
+        before=before,
+        serving_new=serving_new,
+        want_sha=want_sha,
+        host_ip=host_ip,
+    )
+
+
+def check_enable(params: Params, server: Server, plan: EnablePlan) -> None:
+    """Prove the planned pg_hba.conf before it goes live: the server's own parser (a
+    throwaway stand-alone backend of the same binaries, SSL on) on a copy, and the runbook's
+    own connection still accepted by the planned rules."""
+    if not plan.hba.changed:
+        return
+    owner = plan.facts.data_directory_owner or (os.geteuid(), os.getegid())
+    lines = hbacheck.check_hba_text(
+        plan.hba.after,
+        hba_file=plan.facts.hba_file,
+        data_directory=plan.facts.data_directory,
+        owner=owner,
+    )
+    problems = [f"line {ln.line_number}: {ln.error}" for ln in lines if ln.error]
+    if problems:
+        raise PreflightError(
+            f"{plan.facts.hba_file}: the server would reject {'; '.join(problems)}; the file "
+            "was left as it was and nothing was reloaded"
+        )
+    own = server.own_connection(tls=os.environ.get("PGSSLMODE", "prefer") != "disable")
+    decided = hbacheck.first_match(lines, own)
+    if decided is None or decided.auth_method in ("reject", "cert"):
+        why = (
+            "no line would match it"
+            if decided is None
+            else f"line {decided.line_number} ({decided.type} … {decided.auth_method}) would "
+            + (
+                "refuse it"
+                if decided.auth_method == "reject"
+                else "ask it for a client certificate"
+            )
+        )
+        raise PreflightError(
+            f"{plan.facts.hba_file}: the planned rules would lock out the runbook's own "
+            f"connection (user {own.user}, database {own.database}, from "
+            f"{own.address or 'the local socket'}): {why}; add a line for it to hba_rules. "
+            "Nothing was changed"
+        )
+
+
 def step4_enable_ssl(params: Params) -> EnableResult:
     """``ssl = on``, the pg_hba.conf rules, and proof that the server presents the new chain.
 
-    Order matters, because one reload applies everything at once: the pg_hba.conf text is
-    checked by the server itself (``pg_hba_file_rules``) before anything is reloaded; then SSL
-    is turned on and confirmed from outside; only then is pg_hba.conf written and reloaded, so
-    a certificate the server cannot load never leaves it with TLS-only rules and no TLS. Any
-    failure rolls back this step's settings, pg_hba.conf and the files of step 3, and reloads.
-    The whole step runs on one connection opened before any change, so a rollback never needs
-    a new login.
+    Plan, check, apply, prove; undo on any failure. The pg_hba.conf text is checked before it
+    goes live (:func:`check_enable`); SSL is turned on and confirmed from outside first, and
+    only then is pg_hba.conf written, so a certificate the server cannot load never leaves it
+    with TLS-only rules and no TLS. Each change is journaled before it is made
+    (:mod:`pgtls_helpers.runbook.journal`), every reload is asked for and confirmed on the one
+    connection opened before any change, and a failure puts back every file of the change
+    (step 3's too) and reloads on that connection.
     """
-    expected = _expected_leaf(params)
-    want_sha = fingerprint_of(expected)
-    rules = hba.parse_rules(list(params.hba_rules))
-    host_ip = address_of(params.server_host)
-    from pgtls_helpers.postgres.probe import probe
-
     server = open_server(params)
     try:
-        facts = server.facts()
-        hba_text = facts.hba_file.read_text()
-        plan = hba.plan_hba(
-            hba_text,
-            rules,
-            reject_non_ssl=params.reject_non_ssl,
-            path=str(facts.hba_file),
-            label=f"pgtls {params.change_id}",
-        )
-        before = probe(host_ip, params.server_port, timeout=5.0) if facts.ssl else None
-        serving_new = bool(
-            before
-            and before.error is None
-            and before.chain
-            and fingerprint_of(before.chain[0]) == want_sha
-        )
-        settings = {} if facts.ssl else {"ssl": "on"}
-        settings.update(ssl_targets(facts)[2])
-        needs_ssl = bool(settings) or not serving_new
-        planned = [
-            f"ALTER SYSTEM SET {name} = '{value}' (now: "
-            f"'{'off' if name == 'ssl' else facts.as_dict().get(name, '')}')"
-            for name, value in settings.items()
-        ]
-        if not params.apply or not (needs_ssl or plan.changed):
-            nothing = not (needs_ssl or plan.changed)
-            res = EnableResult(
-                facts.ssl,
-                facts.ssl,
-                plan.diff(),
-                plan.added,
-                False,
-                presented_rows(before) if before else [],
-                before.tls_version if before else None,
-                confirmed=nothing,
-                changed=False,
-                applied=params.apply,
-                messages=[
-                    "nothing to change: SSL is on, pg_hba.conf has the rules and the "
-                    "server presents the new certificate"
-                ]
-                if nothing
-                else ["plan only (apply: false): nothing was changed", *planned],
-            )
-            save_step(params, "04_enable_ssl", res.summary())
-            return res
-
-        stamp = files.utc_stamp()
-        hba_st = facts.hba_file.stat()
-        hba_mode, hba_owner = hba_st.st_mode & 0o777, (hba_st.st_uid, hba_st.st_gid)
-        if plan.changed:
-            _validate_hba(server, facts, plan, hba_mode, hba_owner, stamp)
-
-        log_at = _log_offset(params)
-        undo = _Undo(params, server, {name: server.auto_conf_value(name) for name in settings})
-        after = before
-        settings_write = files.InstallResult(())
-        if needs_ssl:
-            if settings:
-
-                def alter() -> None:
-                    for name, value in settings.items():
-                        server.alter_system(name, value)
-
-                auto_conf = _auto_conf_change(facts, stamp, alter)
-                if auto_conf is not None:
-                    settings_write = files.InstallResult((auto_conf,))
-            setting_errors = server.file_setting_errors()
-            if setting_errors:
-                undo.run(reload=False)
-                raise PreflightError(
-                    f"configuration errors: {'; '.join(setting_errors)}; "
-                    "the setting was restored and nothing was reloaded"
-                )
-            server.reload_and_wait()
-            after = _probe_until(host_ip, params.server_port, want_sha, timeout=2.0)
-            if not (
-                after.error is None
-                and after.chain
-                and fingerprint_of(after.chain[0]) == want_sha
-                and _chain_matches_bundle(params, after)
-            ):
-                undo.run()
-                seen = after.error or (
-                    f"it presents {after.chain[0].subject.rfc4514_string()} "
-                    f"({fingerprint_of(after.chain[0])[:16]}…), not the new certificate"
-                    if after.chain
-                    else "no certificate"
-                )
-                line = _server_log_line(params, server, log_at)
-                raise ServerError(
-                    f"{params.server_host}:{params.server_port} did not take the new "
-                    f"certificate ({seen}); files and settings were rolled back and the server "
-                    "reloaded" + (f"; the server log says: {line}" if line else "")
-                )
-
-        hba_write = files.InstallResult(())
-        if plan.changed:
-            hba_write = files.apply_plan(
-                [
-                    files.plan_file(
-                        facts.hba_file,
-                        plan.after.encode(),
-                        kind="hba",
-                        mode=hba_mode,
-                        owner=hba_owner,
-                    )
-                ],
-                stamp=stamp,
-            )
-            undo.hba = hba_write
-            problems = server.hba_errors()
-            if not problems:
-                server.reload_and_wait()
-                problems = _hba_errors_after_reload(params)
-            if problems:
-                undo.run()
-                raise ServerError(
-                    f"{facts.hba_file}: {'; '.join(problems)}; pg_hba.conf, settings and files "
-                    "were rolled back and the server reloaded"
-                )
-        assert after is not None
-        own = _runbook_tls(params)
+        plan = plan_enable(params, server)
+        if not params.apply or not plan.changes:
+            return _unchanged(params, plan)
+        with change_lock(
+            plan.facts.data_directory, plan.facts.data_directory_owner, server, params.change_id
+        ):
+            plan = plan_enable(params, server)  # again, under the lock
+            if not plan.changes:
+                return _unchanged(params, plan)
+            check_enable(params, server, plan)
+            journal = Journal.begin(params.work, "enable", server_before(params, plan.facts))
+            try:
+                settings_write, hba_write, after = apply_enable(params, server, plan, journal)
+            except Exception:
+                undo_change(params, server=server, reason="undone")
+                raise
+            journal.end("ok")
         res = EnableResult(
-            facts.ssl,
-            True,
-            plan.diff(),
-            plan.added,
-            True,
-            presented_rows(after),
-            after.tls_version,
+            ssl_before=plan.facts.ssl,
+            ssl_after=True,
+            hba_diff=plan.hba.diff(),
+            hba_added=plan.hba.added,
+            reloaded=True,
+            presented=presented_rows(after),
+            tls_version=after.tls_version,
             confirmed=True,
             changed=True,
             applied=True,
-            messages=planned,
+            messages=plan.lines(),
             installed=settings_write.as_dicts() + hba_write.as_dicts(),
-            runbook_connection=own,
+            runbook_connection=_runbook_tls(params),
         )
-        _save_enable_journal(params, undo.previous, settings_write, hba_write)
         save_step(params, "04_enable_ssl", res.summary())
         return res
     finally:
         server.close()
 
 
-def _save_enable_journal(
-    params: Params,
-    previous: dict[str, str | None],
-    settings_write: files.InstallResult,
-    hba_write: files.InstallResult,
-) -> None:
-    """What step 4 changed, for a back-out days later: settings' old values, file backups."""
-    path = params.work.enable_journal
-    journal = {
-        "settings_previous": previous,
-        "files": settings_write.as_dicts() + hba_write.as_dicts(),
-    }
-    files.atomic_write(path, (json.dumps(journal, indent=2) + "\n").encode(), mode=0o600)
+def _unchanged(params: Params, plan: EnablePlan) -> EnableResult:
+    nothing = not plan.changes
+    before = plan.before
+    res = EnableResult(
+        ssl_before=plan.facts.ssl,
+        ssl_after=plan.facts.ssl,
+        hba_diff=plan.hba.diff(),
+        hba_added=plan.hba.added,
+        reloaded=False,
+        presented=presented_rows(before) if before else [],
+        tls_version=before.tls_version if before else None,
+        confirmed=nothing,
+        changed=False,
+        applied=params.apply,
+        messages=[
+            "nothing to change: SSL is on, pg_hba.conf has the rules and the "
+            "server presents the new certificate"
+        ]
+        if nothing
+        else ["plan only (apply: false): nothing was changed", *plan.lines()],
+    )
+    save_step(params, "04_enable_ssl", res.summary())
+    return res
+
+
+def apply_enable(
+    params: Params, server: Server, plan: EnablePlan, journal: Journal
+) -> tuple[files.InstallResult, files.InstallResult, ProbeResult]:
+    """Make the change, each part journaled first; raise (the caller undoes) when the server
+    does not take it."""
+    log_at = _log_offset(params)
+    after = plan.before
+    settings_write = files.InstallResult(())
+    if plan.needs_ssl:
+        if plan.settings:
+            previous = {name: server.auto_conf_value(name) for name in plan.settings}
+
+            def alter() -> None:
+                for name, value in plan.settings.items():
+                    server.alter_system(name, value)
+
+            auto_conf = journal.change_auto_conf(
+                plan.facts.data_directory / "postgresql.auto.conf", plan.settings, previous, alter
+            )
+            if auto_conf is not None:
+                settings_write = files.InstallResult((auto_conf,))
+        setting_errors = server.file_setting_errors()
+        if setting_errors:
+            raise PreflightError(
+                f"configuration errors: {'; '.join(setting_errors)}; the change was undone "
+                "and nothing of it stays loaded"
+            )
+        journal.reload("ssl", server.reload_confirmed)
+        after = _probe_until(plan.host_ip, params.server_port, plan.want_sha, timeout=2.0)
+        if not (
+            after.error is None
+            and after.chain
+            and fingerprint_of(after.chain[0]) == plan.want_sha
+            and _chain_matches_bundle(params, after)
+        ):
+            seen = after.error or (
+                f"it presents {after.chain[0].subject.rfc4514_string()} "
+                f"({fingerprint_of(after.chain[0])[:16]}…), not the new certificate"
+                if after.chain
+                else "no certificate"
+            )
+            line = _server_log_line(params, server, log_at)
+            raise ServerError(
+                f"{params.server_host}:{params.server_port} did not take the new "
+                f"certificate ({seen}); files and settings were rolled back and the server "
+                "reloaded" + (f"; the server log says: {line}" if line else "")
+            )
+    hba_write = files.InstallResult(())
+    if plan.hba.changed:
+        planned = files.plan_file(
+            plan.facts.hba_file,
+            plan.hba.after.encode(),
+            kind="hba",
+            mode=plan.hba_mode,
+            owner=plan.hba_owner,
+        )
+        hba_write = files.InstallResult((journal.write_file(planned),))
+        journal.reload("hba", server.reload_confirmed)
+        problems = server.hba_errors() or _hba_errors_after_reload(params)
+        if problems:
+            raise ServerError(
+                f"{plan.facts.hba_file}: {'; '.join(problems)}; pg_hba.conf, settings and files "
+                "were rolled back and the server reloaded"
+            )
+    assert after is not None
+    return settings_write, hba_write, after
 
 
 def _runbook_tls(params: Params) -> str | None:
@@ -294,102 +380,6 @@ def _runbook_tls(params: Params) -> str | None:
     return f"{status.version} {status.cipher} ({status.bits} bits)"
 
 
-def _auto_conf_change(facts: Any, stamp: str, change: Any) -> files.Installed | None:
-    """Run an ``ALTER SYSTEM`` with a backup of ``postgresql.auto.conf`` taken first.
-
-    ``ALTER SYSTEM RESET`` undoes the setting; the backup is for the reviewer and for a DBA
-    who wants the file back byte for byte. None when the file is not readable from here.
-    """
-    path = Path(facts.data_directory) / "postgresql.auto.conf"
-    try:
-        before = path.read_bytes()
-        backup = files.backup_copy(path, stamp)
-    except OSError:
-        change()
-        return None
-    change()
-    after = path.read_bytes()
-    return files.Installed(
-        path, "other", "replace", files.sha256_hex(after), files.sha256_hex(before), backup
-    )
-
-
-def _validate_hba(
-    server: Any, facts: Any, plan: hba.HbaPlan, mode: int, owner: tuple[int, int], stamp: str
-) -> None:
-    """Let the server parse the planned pg_hba.conf, then put the current one back.
-
-    While SSL is off the server reports every hostssl line as "cannot match" and parses no
-    further, which would hide a bad option; so our new lines are checked as host lines then.
-    No reload happens in between: the running server never sees this text.
-    """
-    check_text = plan.after if facts.ssl else _as_host_lines(plan)
-    trial = files.apply_plan(
-        [files.plan_file(facts.hba_file, check_text.encode(), kind="hba", mode=mode, owner=owner)],
-        stamp=stamp,
-    )
-    try:
-        problems = [
-            e for e in server.hba_errors() if not (not facts.ssl and "because SSL is disabled" in e)
-        ]
-    finally:
-        files.rollback(trial)
-        for item in trial.installed:
-            if item.backup is not None:
-                item.backup.unlink(missing_ok=True)
-    if problems:
-        raise PreflightError(
-            f"{facts.hba_file}: the server would reject {'; '.join(problems)}; the file was "
-            "left as it was and nothing was reloaded"
-        )
-
-
-class _Undo:
-    """Everything step 4 changed, and step 3's files, undone on the one open connection."""
-
-    def __init__(self, params: Params, server: Any, previous: dict[str, str | None]):
-        """``previous``: each setting step 4 changes, and its value in postgresql.auto.conf
-        before (None: not set there, so RESET)."""
-        self.params, self.server, self.previous = params, server, previous
-        self.hba: files.InstallResult = files.InstallResult(())
-
-    def run(self, *, reload: bool = True) -> None:
-        files.rollback(self.hba)
-        journal = self.params.work.install_journal
-        if journal.exists():
-            installed = files.load_journal(journal)
-            keep_key_for_retry(self.params, installed)
-            files.rollback(installed)
-            journal.rename(journal.with_name(f"install.rolled-back-{files.utc_stamp()}.json"))
-        for name, value in self.previous.items():
-            self.server.alter_system(name, value)
-        if reload:
-            self.server.reload_and_wait()
-
-
-def keep_key_for_retry(params: Params, installed: files.InstallResult) -> None:
-    """Before a rollback overwrites the new key, move it back to the work directory, so that a
-    retry needs no new CSR and the key still exists in one place only."""
-    work_key = params.work.key
-    for item in installed.installed:
-        if item.kind == "key" and item.action != "unchanged" and not work_key.exists():
-            try:
-                data = item.target.read_bytes()
-            except OSError:
-                continue
-            keyfiles.write_private_key(work_key, data)
-
-
-def _as_host_lines(plan: hba.HbaPlan) -> str:
-    added = set(plan.added)
-    return "".join(
-        ("host   " + line[len("hostssl") :])
-        if line.rstrip("\n") in added and line.startswith("hostssl")
-        else line
-        for line in plan.after.splitlines(keepends=True)
-    )
-
-
 def _hba_errors_after_reload(params: Params) -> list[str]:
     """pg_hba.conf errors as seen by a new connection (which needs the new rules)."""
     try:
@@ -399,12 +389,12 @@ def _hba_errors_after_reload(params: Params) -> list[str]:
         return [str(exc)]
 
 
-def presented_rows(result: Any) -> list[dict[str, str]]:
+def presented_rows(result: ProbeResult) -> list[dict[str, str]]:
     from pgtls_helpers.postgres.probe import chain_rows
 
     return chain_rows(result)
 
 
-def _chain_matches_bundle(params: Params, presented: Any) -> bool:
+def _chain_matches_bundle(params: Params, presented: ProbeResult) -> bool:
     certs, _ = load_bundle(params)
     return [fingerprint_of(c) for c in presented.chain] == [fingerprint_of(c) for c in certs]

@@ -6,11 +6,16 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography import x509
+
 from pgtls_helpers.errors import PreflightError
 from pgtls_helpers.pki import chain as chainmod
 from pgtls_helpers.pki import keys
 from pgtls_helpers.pki.findings import Finding
 from pgtls_helpers.postgres import files
+from pgtls_helpers.postgres.clients import ClientUser
+from pgtls_helpers.postgres.lock import change_lock
+from pgtls_helpers.postgres.server import ServerFacts
 from pgtls_helpers.runbook.common import (
     check_pgdata,
     key_passphrase,
@@ -19,9 +24,12 @@ from pgtls_helpers.runbook.common import (
     passphrase_or_none,
     pem_of,
     save_step,
+    server_before,
     ssl_targets,
 )
+from pgtls_helpers.runbook.journal import Journal
 from pgtls_helpers.runbook.params import Params
+from pgtls_helpers.runbook.undo import undo_change
 
 # --------------------------------------------------------------------------- step 3
 
@@ -151,26 +159,53 @@ def step3_install_files(params: Params) -> InstallStepResult:
         res = InstallStepResult(out_facts, rows, preflight, None, False)
         save_step(params, "03_install_files", res.summary())
         return res
-    from pgtls_helpers.postgres.clients import install_root_crt
-
-    stamp = files.utc_stamp()
-    server_part = files.apply_plan(plan[:2], stamp=stamp)
-    try:
-        client_part = (
-            install_root_crt(users, pem_of(root), merge=params.client_root_merge, stamp=stamp)
-            if root and users
-            else files.InstallResult(())
-        )
-    except BaseException:
-        files.rollback(server_part)
-        raise
-    installed = files.InstallResult(server_part.installed + client_part.installed)
-    if installed.changed or not params.work.install_journal.exists():
-        # a run that changed nothing must not replace the journal of the one that did
-        files.save_journal(installed, params.work.install_journal)
+    installed = apply_install(params, facts, plan, users, root)
     # After the install the only copies of the key are the installed one and its backup.
     if key_path.exists():
         key_path.unlink()
     res = InstallStepResult(out_facts, rows, preflight, installed, True)
     save_step(params, "03_install_files", res.summary())
     return res
+
+
+def apply_install(
+    params: Params,
+    facts: ServerFacts,
+    plan: list[files.PlannedFile],
+    users: list[ClientUser],
+    root: x509.Certificate | None,
+) -> files.InstallResult:
+    """Write the planned files under the server's change lock, each journaled before it is
+    written; a failure puts back every file the change touched."""
+    from pgtls_helpers.postgres.clients import plan_root_crt, prepare_client_dir
+
+    client_plan = (
+        [plan_root_crt(u, pem_of(root), merge=params.client_root_merge) for u in users]
+        if root is not None
+        else []
+    )
+    if all(p.action == "unchanged" for p in [*plan, *client_plan]):
+        # nothing to write: no lock, no journal entry (a no-change rerun leaves no trace)
+        return files.InstallResult(tuple(Journal.unchanged(p) for p in [*plan, *client_plan]))
+    with (
+        open_server(params) as server,
+        change_lock(facts.data_directory, facts.data_directory_owner, server, params.change_id),
+    ):
+        # planned again under the lock: another change may have finished while we waited
+        plan = [
+            files.plan_file(p.target, p.data, kind=p.kind, mode=p.mode, owner=(p.uid, p.gid))
+            for p in plan
+        ]
+        journal = Journal.begin(params.work, "install", server_before(params, facts))
+        try:
+            done = list(journal.write_files(plan[:2]).installed)
+            if root is not None:
+                for user in users:
+                    prepare_client_dir(user)
+                    planned = plan_root_crt(user, pem_of(root), merge=params.client_root_merge)
+                    done.append(journal.write_file(planned))
+        except Exception:
+            undo_change(params, server=None, reason="undone")
+            raise
+        journal.end("ok")
+    return files.InstallResult(tuple(done))

@@ -1,72 +1,219 @@
-"""Back out an applied change from its journals."""
+"""Back out a change from its write-ahead journal, and check that the server is as before.
+
+Works whatever the journal holds (a finished change, a step killed half-way, a rerun on top of
+one), with the server up, refusing new logins, or down: the files come back from their byte
+backups first, then the server is told (on a connection, else by signal, else the operator is
+asked to start it), then the result is checked against what the journal recorded before the
+change: ``ssl``, the certificate served (or none), ``pg_file_settings`` and ``pg_hba.conf``
+errors, and the server log.
+"""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from typing import Any
+import difflib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from pgtls_helpers.errors import PreflightError
-from pgtls_helpers.postgres import files
-from pgtls_helpers.runbook.common import (
-    address_of,
-    open_server,
-    save_step,
-)
-from pgtls_helpers.runbook.enable import keep_key_for_retry, presented_rows
+from pgtls_helpers.errors import PgtlsError, PreflightError
+from pgtls_helpers.postgres.lock import change_lock
+from pgtls_helpers.postgres.server import Server
+from pgtls_helpers.runbook import journal as wal
+from pgtls_helpers.runbook.common import address_of, fingerprint_of, open_server, save_step
 from pgtls_helpers.runbook.params import Params
+from pgtls_helpers.runbook.undo import UndoResult, undo_change
+
+__all__ = ["RollbackConflict", "RollbackResult", "rollback_change"]
+
+
+class RollbackConflict(PreflightError):
+    """A file was changed by someone else after the change; ``diff`` shows what would be lost."""
+
+    def __init__(self, message: str, diff: str):
+        super().__init__(message)
+        self.diff = diff
 
 
 @dataclass(frozen=True)
 class RollbackResult:
-    """What a back-out restored, and how the server answers afterwards."""
+    """What a back-out restored, how the server was told, and how it answers afterwards."""
 
     restored: list[str]
     settings: dict[str, str | None]
-    ssl_after: bool
+    reloaded: str
+    ssl_after: bool | None
     presented: list[dict[str, str]]
+    problems: list[str] = field(default_factory=list)
+    files: list[dict[str, str]] = field(default_factory=list)
 
-    def summary(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> dict[str, object]:
+        return {**self.__dict__, "ok": self.ok}
 
 
-def rollback_change(params: Params) -> RollbackResult:
-    """Back out a completed (or half-done) change: pg_hba.conf and the settings step 4 changed,
-    the files step 3 installed, each put back from its backup (bytes, owner, mode); then one
-    reload. The installed key goes back to the work directory, so the change can be redone
-    without a new CSR. Raises :class:`PreflightError` when there is nothing to back out.
-    """
-    from pgtls_helpers.postgres.probe import probe
+def conflicts(changes: list[wal.FileChange]) -> list[tuple[wal.FileChange, str]]:
+    """Files whose content is neither what the change left nor the original: later work."""
+    out = []
+    for change in changes:
+        current = change.current_sha256()
+        if current is None or current == change.previous_sha256:
+            continue
+        if current in change.left_sha256 or (change.kind == "auto.conf" and not change.readable):
+            continue
+        if change.kind == "auto.conf" and not change.left_sha256:
+            continue  # killed inside ALTER SYSTEM: the new file's hash was never recorded
+        out.append((change, _diff(change)))
+    return out
 
-    enable_path = params.work.enable_journal
-    install_path = params.work.install_journal
-    if not enable_path.exists() and not install_path.exists():
-        raise PreflightError(
-            f"{params.work.path}: no install or enable journal for change {params.change_id}; "
-            "nothing was applied, or it was already rolled back"
+
+def _diff(change: wal.FileChange) -> str:
+    if change.kind in ("key",):
+        return f"{change.target}: changed since the change (content not shown)\n"
+    try:
+        now = change.target.read_text().splitlines(keepends=True)
+        was = change.backup.read_text().splitlines(keepends=True) if change.backup else []
+    except (OSError, UnicodeDecodeError):
+        return f"{change.target}: changed since the change (binary)\n"
+    return "".join(
+        difflib.unified_diff(
+            now, was, fromfile=f"{change.target} (now)", tofile=f"{change.target} (after rollback)"
         )
-    restored: list[str] = []
-    previous: dict[str, str | None] = {}
-    stamp = files.utc_stamp()
-    with open_server(params) as server:
-        if enable_path.exists():
-            journal = json.loads(enable_path.read_text())
-            previous = dict(journal["settings_previous"])
-            hba_items = [
-                files.Installed.from_dict(i) for i in journal["files"] if i["kind"] == "hba"
-            ]
-            restored += [str(p) for p in files.rollback(hba_items)]
-            for name, value in previous.items():
-                server.alter_system(name, value)
-            enable_path.rename(enable_path.with_name(f"enable.rolled-back-{stamp}.json"))
-        if install_path.exists():
-            installed = files.load_journal(install_path)
-            keep_key_for_retry(params, installed)
-            restored += [str(p) for p in files.rollback(installed)]
-            install_path.rename(install_path.with_name(f"install.rolled-back-{stamp}.json"))
-        server.reload_and_wait()
-        ssl_after = server.facts().ssl
-    after = probe(address_of(params.server_host), params.server_port, timeout=5.0)
-    res = RollbackResult(restored, previous, ssl_after, presented_rows(after) if after.ok else [])
+    )
+
+
+def rollback_change(params: Params, *, force: bool = False) -> RollbackResult:
+    """Back out the change whose journal is in the work directory; see the module docstring.
+
+    Raises :class:`PreflightError` when there is nothing to back out, and
+    :class:`RollbackConflict` when a file was edited after the change (unless ``force``).
+    """
+    path = wal.journal_path(params.work)
+    entries = wal.read_entries(path)
+    if not entries:
+        raise PreflightError(
+            f"{params.work.path}: no journal for change {params.change_id}; nothing was "
+            "applied, or it was already rolled back"
+        )
+    changes = wal.file_changes(entries)
+    before = wal.before_state(entries)
+    if not force:
+        found = conflicts(changes)
+        if found:
+            names = ", ".join(str(c.target) for c, _ in found)
+            raise RollbackConflict(
+                f"{names}: changed after change {params.change_id} (see the diff); the "
+                "rollback would discard that work, so nothing was restored; merge it by hand or "
+                "run the rollback again with --force",
+                "".join(d for _, d in found),
+            )
+    log_at = _log_size(params)
+    server: Server | None = open_server(params)
+    try:
+        assert server is not None
+        server.show("ssl")
+    except PgtlsError:
+        server = None
+    data_dir = Path(str(before.get("data_directory") or "")) if before else None
+    try:
+        if server is not None:
+            facts = server.facts()
+            with change_lock(
+                facts.data_directory, facts.data_directory_owner, server, params.change_id
+            ):
+                undone = undo_change(params, server=server, reason="rolled-back")
+        else:
+            undone = undo_change(params, server=None, reason="rolled-back")
+    finally:
+        if server is not None:
+            server.close()
+    res = _check(params, undone, before, log_at, data_dir)
     save_step(params, "rollback", res.summary())
     return res
+
+
+def _log_size(params: Params) -> int:
+    try:
+        return Path(params.server_log_file).stat().st_size if params.server_log_file else 0
+    except OSError:
+        return 0
+
+
+def _check(
+    params: Params,
+    undone: UndoResult,
+    before: dict[str, object],
+    log_at: int,
+    data_dir: Path | None,
+) -> RollbackResult:
+    """Is the server as the journal says it was before the change?"""
+    from pgtls_helpers.postgres.probe import chain_rows, probe
+
+    restored = [str(r.target) for r in undone.restored if r.action != "already as before"]
+    rows = [{"file": str(r.target), "action": r.action} for r in undone.restored]
+    problems: list[str] = []
+    if undone.reloaded == "server down":
+        return RollbackResult(
+            restored=restored,
+            settings=undone.settings_reset,
+            reloaded="the server is not running: every file is back as before; start the "
+            "server (pg_ctl start) and it comes up as it was",
+            ssl_after=None,
+            presented=[],
+            problems=[],
+            files=rows,
+        )
+    ssl_after: bool | None = None
+    deadline = time.monotonic() + 15.0
+    while True:
+        try:
+            with open_server(params) as fresh:
+                if undone.reloaded == "by signal":
+                    time.sleep(0.5)
+                ssl_after = fresh.show("ssl") == "on"
+                problems += [f"pg_file_settings: {e}" for e in fresh.file_setting_errors()]
+                problems += [f"pg_hba.conf {e}" for e in fresh.hba_errors()]
+            break
+        except PgtlsError as exc:
+            if time.monotonic() > deadline:
+                problems.append(f"no new connection after the rollback: {exc}")
+                break
+            time.sleep(0.3)
+    if "ssl" in before and ssl_after is not None and ssl_after != bool(before["ssl"]):
+        problems.append(
+            f"ssl is {'on' if ssl_after else 'off'}, but it was "
+            f"{'on' if before['ssl'] else 'off'} before the change"
+        )
+    after = probe(address_of(params.server_host), params.server_port, timeout=5.0)
+    served = fingerprint_of(after.chain[0]) if after.error is None and after.chain else None
+    if "served_sha256" in before and served != before.get("served_sha256"):
+        problems.append(
+            "the server presents "
+            + (f"certificate {served[:16]}…" if served else "no certificate")
+            + ", not the one it presented before the change"
+        )
+    problems += _log_problems(params, log_at)
+    return RollbackResult(
+        restored=restored,
+        settings=undone.settings_reset,
+        reloaded=f"reloaded {undone.reloaded}",
+        ssl_after=ssl_after,
+        presented=chain_rows(after) if after.ok else [],
+        problems=problems,
+        files=rows,
+    )
+
+
+def _log_problems(params: Params, since: int) -> list[str]:
+    if not params.server_log_file:
+        return []
+    try:
+        with open(params.server_log_file, "rb") as fh:
+            fh.seek(since)
+            lines = fh.read().decode(errors="replace").splitlines()
+    except OSError:
+        return []
+    bad = ("could not load", "was not reloaded", "private key file")
+    return [f"server log: {ln.strip()}" for ln in lines if any(b in ln for b in bad)]

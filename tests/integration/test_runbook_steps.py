@@ -25,6 +25,8 @@ def _snapshot(cluster: LabCluster) -> dict[str, str]:
     """Hashes of every regular file the runbook could touch in the data directory."""
     out = {}
     for path in sorted(cluster.pgdata.iterdir()):
+        if path.name == "pgtls.lock":
+            continue  # the change lock: its content names the last change that held it
         if path.is_file() and (path.suffix in (".conf", ".crt", ".key") or "pgtls" in path.name):
             out[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
@@ -64,8 +66,9 @@ def test_whole_change_then_a_second_run_changes_nothing(
         fresh_cluster.pgdata.stat().st_uid,
         fresh_cluster.pgdata.stat().st_gid,
     )
-    # ALTER SYSTEM rewrote postgresql.auto.conf: its old bytes are kept beside it
-    (auto_backup,) = fresh_cluster.pgdata.glob("postgresql.auto.conf.pgtls-backup-*")
+    # ALTER SYSTEM rewrote postgresql.auto.conf: its old bytes are kept in the work directory
+    assert not list(fresh_cluster.pgdata.glob("*.pgtls-backup-*"))
+    (auto_backup,) = (params.work.path / "backups").glob("postgresql.auto.conf.pgtls-backup-*")
     assert b"ssl" not in auto_backup.read_bytes()
     # the key left the work directory once installed
     assert not (params.work.key).exists()
@@ -135,7 +138,7 @@ def test_wrong_key_is_refused_before_any_file_changes(
     with pytest.raises(PreflightError, match="key-mismatch"):
         runbook.step3_install_files(params)
     assert _snapshot(fresh_cluster) == before
-    assert not (params.work.install_journal).exists()
+    assert not (params.work.path / "journal.jsonl").exists()
 
 
 def test_the_eject_typo_never_reaches_the_server(
@@ -231,19 +234,27 @@ def test_replacing_an_existing_certificate_keeps_backups_and_rollback_restores(
     params = runbook_params(fresh_cluster)
     verdict = _run_all(params)
     assert verdict.passed
-    backups = sorted(p.name for p in fresh_cluster.pgdata.glob("server.*.pgtls-backup-*"))
+    # backups live in the change's 0700 work directory, never in the data directory (so a
+    # retired key does not travel in base backups)
+    assert not list(fresh_cluster.pgdata.glob("*.pgtls-backup-*"))
+    store = params.work.path / "backups"
+    assert stat.S_IMODE(store.stat().st_mode) == 0o700
+    backups = sorted(p.name for p in store.glob("server.*.pgtls-backup-*"))
     assert [b.split(".pgtls")[0] for b in backups] == ["server.crt", "server.key"]
     for name in ("server.crt", "server.key"):
-        backup = next(fresh_cluster.pgdata.glob(f"{name}.pgtls-backup-*"))
+        backup = next(store.glob(f"{name}.pgtls-backup-*"))
         assert backup.read_bytes() == old[name]
-    key_backup = next(fresh_cluster.pgdata.glob("server.key.pgtls-backup-*"))
+    key_backup = next(store.glob("server.key.pgtls-backup-*"))
     assert stat.S_IMODE(key_backup.stat().st_mode) == 0o600
 
-    from pgtls_helpers.postgres import files
+    from pgtls_helpers.runbook.rollback import rollback_change
 
-    files.rollback(files.load_journal(params.work.install_journal))
+    result = rollback_change(params)
+    assert result.ok, result.problems
     for name, data in old.items():
         assert (fresh_cluster.pgdata / name).read_bytes() == data
+    # the change is closed: its backups (a retired key among them) are gone
+    assert not store.exists()
 
 
 def test_encrypted_key_needs_ssl_passphrase_command(
@@ -442,7 +453,7 @@ def test_a_completed_change_backs_out_to_the_server_as_it_was(
         env={**os.environ, "PGPASSFILE": str(fresh_cluster.passfile)},
     )
     assert proc.returncode == 0, proc.stderr
-    assert "ssl off" in proc.stdout and "ALTER SYSTEM: ssl back to" in proc.stdout
+    assert "ssl off" in proc.stdout and "restored: " in proc.stdout, proc.stdout
     assert (fresh_cluster.pgdata / "pg_hba.conf").read_bytes() == hba_before
     assert not (fresh_cluster.pgdata / "server.crt").exists()
     assert not (fresh_cluster.pgdata / "server.key").exists()

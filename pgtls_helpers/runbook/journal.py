@@ -1,0 +1,391 @@
+"""The write-ahead journal of one change: every change to the server is recorded before it is made.
+
+``work/<change_id>/journal.jsonl`` holds one JSON object a line, each written and fsynced before
+the next action: ``begin`` (a step starts; the first one also records how the server was
+before), ``file`` (a file is about to be written: its backup and hash before, the hash planned),
+``done`` (that write finished, with the hash it left), ``reload`` (a reload is about to be asked
+for) and ``end``. A rollback reads whatever the journal holds, whether the step finished or not:
+for each file the *first* record names the original, so a rerun after an interruption appends to
+the same journal instead of taking the half-changed state for the original. ``ALTER SYSTEM`` is
+journaled as a change of ``postgresql.auto.conf``, so it can be restored byte for byte with the
+server down.
+
+Backups go to ``work/<change_id>/backups/`` (0700), never into the data directory, so a
+retired private key does not ride along in every base backup.
+
+Tests can stop the process at a named point: ``PGTLS_FAULT_AFTER=<point>`` makes
+:meth:`Journal.point` kill its own process group with SIGKILL (or, with
+``PGTLS_FAULT_SIGNAL=INT``, interrupt itself as Ctrl-C would); the code path is the real one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from pgtls_helpers.postgres import files
+from pgtls_helpers.runbook.workdir import WorkDir
+
+__all__ = [
+    "FileChange",
+    "Journal",
+    "before_state",
+    "file_changes",
+    "read_entries",
+    "restore_files",
+    "seal",
+]
+
+JOURNAL_NAME = "journal.jsonl"
+Entry = dict[str, object]
+
+
+def journal_path(work: WorkDir) -> Path:
+    return work.path / JOURNAL_NAME
+
+
+def backups_dir(work: WorkDir) -> Path:
+    return work.path / "backups"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def fault_point(name: str) -> None:
+    """Stop here when a test asked for it (``PGTLS_FAULT_AFTER``); otherwise nothing."""
+    wanted = os.environ.get("PGTLS_FAULT_AFTER")
+    if not wanted or wanted != name:
+        return
+    if os.environ.get("PGTLS_FAULT_SIGNAL", "KILL").upper() == "INT":
+        os.kill(os.getpid(), signal.SIGINT)
+        return
+    also = os.environ.get("PGTLS_FAULT_ALSO_PGID")
+    if also:
+        try:
+            os.killpg(int(also), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+    os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+class Journal:
+    """Append-only, fsynced records of one change; see the module docstring."""
+
+    def __init__(self, work: WorkDir, step: str):
+        self.work = work
+        self.step = step
+        self.path = journal_path(work)
+        self._seq = len(read_entries(self.path))
+
+    @classmethod
+    def begin(cls, work: WorkDir, step: str, before: Mapping[str, object]) -> Journal:
+        """Open (or continue) the change's journal and record that ``step`` starts."""
+        work.create()
+        journal = cls(work, step)
+        journal.record("begin", step=step, pid=os.getpid(), before=dict(before))
+        return journal
+
+    def record(self, op: str, **fields: object) -> int:
+        """Append one entry and make it durable before returning its sequence number."""
+        seq = self._seq
+        entry = {"seq": seq, "op": op, "at": _now(), **fields}
+        new = not self.path.exists()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, (json.dumps(entry, default=str) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if new:
+            files.fsync_dir(self.path.parent)
+        self._seq += 1
+        return seq
+
+    def point(self, name: str) -> None:
+        fault_point(f"{self.step}:{name}")
+
+    def _backup(self, target: Path) -> Path | None:
+        if not target.exists():
+            return None
+        directory = backups_dir(self.work)
+        directory.mkdir(mode=0o700, exist_ok=True)
+        return files.backup_copy(target, files.utc_stamp(), directory=directory)
+
+    @staticmethod
+    def unchanged(planned: files.PlannedFile) -> files.Installed:
+        return files.Installed(
+            planned.target, planned.kind, "unchanged", planned.sha256, planned.current_sha256, None
+        )
+
+    def write_file(self, planned: files.PlannedFile) -> files.Installed:
+        """Back up, journal, write, journal: one file of the change."""
+        if planned.action == "unchanged":
+            return self.unchanged(planned)
+        backup = self._backup(planned.target)
+        seq = self.record(
+            "file",
+            step=self.step,
+            target=str(planned.target),
+            kind=planned.kind,
+            backup=str(backup) if backup else None,
+            previous_sha256=planned.current_sha256,
+            planned_sha256=planned.sha256,
+        )
+        self.point(f"{planned.kind}:intent")
+        files.atomic_write(
+            planned.target, planned.data, mode=planned.mode, uid=planned.uid, gid=planned.gid
+        )
+        self.record("done", ref=seq, sha256=planned.sha256)
+        self.point(planned.kind)
+        return files.Installed(
+            planned.target,
+            planned.kind,
+            "replace" if backup else "create",
+            planned.sha256,
+            planned.current_sha256,
+            backup,
+        )
+
+    def write_files(self, plan: Sequence[files.PlannedFile]) -> files.InstallResult:
+        return files.InstallResult(tuple(self.write_file(p) for p in plan))
+
+    def change_auto_conf(
+        self,
+        auto_conf: Path,
+        settings: Mapping[str, str],
+        previous: Mapping[str, str | None],
+        alter: Callable[[], None],
+    ) -> files.Installed | None:
+        """Journal an ``ALTER SYSTEM`` as a change of ``postgresql.auto.conf``, then run it.
+
+        None when the file is not readable from here (then only the settings' old values are
+        journaled, and a rollback needs the server up to reset them).
+        """
+        try:
+            before = auto_conf.read_bytes()
+        except OSError:
+            before = None
+        backup = self._backup(auto_conf) if before is not None else None
+        seq = self.record(
+            "file",
+            step=self.step,
+            target=str(auto_conf),
+            kind="auto.conf",
+            backup=str(backup) if backup else None,
+            previous_sha256=files.sha256_hex(before) if before is not None else None,
+            planned_sha256=None,
+            readable=before is not None,
+            settings={name: [previous.get(name), value] for name, value in settings.items()},
+        )
+        self.point("auto.conf:intent")
+        alter()
+        if before is None:
+            self.record("done", ref=seq, sha256=None)
+            self.point("auto.conf")
+            return None
+        after = auto_conf.read_bytes()
+        self.record("done", ref=seq, sha256=files.sha256_hex(after))
+        self.point("auto.conf")
+        return files.Installed(
+            auto_conf,
+            "other",
+            "replace",
+            files.sha256_hex(after),
+            files.sha256_hex(before),
+            backup,
+        )
+
+    def reload(self, why: str, do_reload: Callable[[], None]) -> None:
+        self.record("reload", step=self.step, why=why)
+        do_reload()
+        self.point(f"reload-{why}")
+
+    def end(self, status: str) -> None:
+        self.record("end", step=self.step, status=status)
+
+
+def read_entries(path: Path) -> list[Entry]:
+    """Every complete entry; a torn last line (the process died mid-write) is ignored."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    entries: list[Entry] = []
+    for line in raw.splitlines():
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            entries.append(value)
+    return entries
+
+
+@dataclass(frozen=True)
+class FileChange:
+    """One file the change touched: the original (from its first record) and what it left."""
+
+    target: Path
+    kind: str
+    backup: Path | None
+    existed: bool
+    previous_sha256: str | None
+    left_sha256: tuple[str, ...]  # hashes the change may have left (done, or planned if cut)
+    readable: bool
+    settings: dict[str, list[str | None]]
+
+    def current_sha256(self) -> str | None:
+        try:
+            return files.sha256_hex(self.target.read_bytes())
+        except FileNotFoundError:
+            return None
+
+
+def file_changes(entries: Sequence[Entry]) -> list[FileChange]:
+    """Per target, in the order first touched: the original and the hashes it may carry now."""
+    first: dict[str, Entry] = {}
+    left: dict[str, list[str]] = {}
+    by_seq = {int(str(e["seq"])): e for e in entries if e.get("op") == "file"}
+    settings: dict[str, dict[str, list[str | None]]] = {}
+    for e in entries:
+        op = e.get("op")
+        if op == "file":
+            target = str(e["target"])
+            first.setdefault(target, e)
+            planned = e.get("planned_sha256")
+            left.setdefault(target, [])
+            if planned:
+                left[target].append(str(planned))
+            if e.get("kind") == "auto.conf":
+                raw = e.get("settings") or {}
+                merged = settings.setdefault(target, {})
+                if isinstance(raw, dict):
+                    for name, pair in raw.items():
+                        old = merged.get(name)
+                        merged[name] = [old[0] if old else pair[0], pair[1]]
+        elif op == "done":
+            ref = by_seq.get(int(str(e["ref"])))
+            if ref is not None and e.get("sha256"):
+                left[str(ref["target"])].append(str(e["sha256"]))
+    out = []
+    for target, e in first.items():
+        backup = e.get("backup")
+        out.append(
+            FileChange(
+                target=Path(target),
+                kind=str(e["kind"]),
+                backup=Path(str(backup)) if backup else None,
+                existed=e.get("previous_sha256") is not None or bool(backup),
+                previous_sha256=str(e["previous_sha256"]) if e.get("previous_sha256") else None,
+                left_sha256=tuple(dict.fromkeys(left[target])),
+                readable=bool(e.get("readable", True)),
+                settings=settings.get(target, {}),
+            )
+        )
+    return out
+
+
+def before_state(entries: Sequence[Entry]) -> dict[str, object]:
+    """How the server was before the change, as the first ``begin`` recorded it."""
+    for e in entries:
+        value = e.get("before")
+        if e.get("op") == "begin" and isinstance(value, dict):
+            return {str(k): v for k, v in value.items()}
+    return {}
+
+
+def unfinished_steps(entries: Sequence[Entry]) -> list[str]:
+    """Steps that began and never recorded their end (the process was stopped)."""
+    open_steps: dict[str, int] = {}
+    for e in entries:
+        if e.get("op") == "begin":
+            open_steps[str(e["step"])] = open_steps.get(str(e["step"]), 0) + 1
+        elif e.get("op") == "end":
+            step = str(e["step"])
+            open_steps[step] = open_steps.get(step, 1) - 1
+    return [s for s, n in open_steps.items() if n > 0]
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What a restore did to one file."""
+
+    target: Path
+    action: Literal["restored", "removed (created by the change)", "already as before"]
+
+
+def restore_files(changes: Sequence[FileChange], *, work_key: Path) -> list[Restored]:
+    """Put every file back as it was before the change, newest first; no server needed.
+
+    A private key the change installed goes back to ``work_key`` first (when none is there),
+    so the change can be redone without a new CSR and the key exists in one place.
+    """
+    done: list[Restored] = []
+    for change in reversed(changes):
+        if change.kind == "auto.conf" and not change.readable:
+            continue  # only ALTER SYSTEM can undo it (see rollback)
+        current = change.current_sha256()
+        if change.kind == "key" and current is not None and current != change.previous_sha256:
+            if not work_key.exists():
+                from pgtls_helpers.postgres import keyfiles
+
+                keyfiles.write_private_key(work_key, change.target.read_bytes())
+        if change.backup is None:
+            if current is None:
+                done.append(Restored(change.target, "already as before"))
+                continue
+            change.target.unlink()
+            files.fsync_dir(change.target.parent)
+            done.append(Restored(change.target, "removed (created by the change)"))
+            continue
+        if current == change.previous_sha256 and _same_owner_mode(change.target, change.backup):
+            done.append(Restored(change.target, "already as before"))
+            continue
+        st = change.backup.stat()
+        files.atomic_write(
+            change.target,
+            change.backup.read_bytes(),
+            mode=stat.S_IMODE(st.st_mode),
+            uid=st.st_uid,
+            gid=st.st_gid,
+        )
+        done.append(Restored(change.target, "restored"))
+    return done
+
+
+def _same_owner_mode(a: Path, b: Path) -> bool:
+    sa, sb = a.stat(), b.stat()
+    return (sa.st_uid, sa.st_gid, sa.st_mode) == (sb.st_uid, sb.st_gid, sb.st_mode)
+
+
+def seal(work: WorkDir, how: str) -> Path | None:
+    """Close the journal (``how``: rolled-back, undone): renamed so a new change starts afresh.
+
+    The backups of the sealed change are removed: nothing reads them any more, and one of them
+    may be a retired private key.
+    """
+    path = journal_path(work)
+    if not path.exists():
+        return None
+    Journal(work, "seal").record("sealed", how=how)
+    sealed = path.with_name(f"journal.{how}-{files.utc_stamp()}.jsonl")
+    n = 1
+    while sealed.exists():
+        n += 1
+        sealed = path.with_name(f"journal.{how}-{files.utc_stamp()}.{n}.jsonl")
+    os.replace(path, sealed)
+    files.fsync_dir(path.parent)
+    backups = backups_dir(work)
+    if backups.is_dir():
+        for item in backups.iterdir():
+            item.unlink()
+        backups.rmdir()
+    return sealed
