@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PARAMS ?= parameters/lab.yaml
 
-.PHONY: venv test lint demo run lab notebook bench clean
+.PHONY: venv test lint demo run lab notebook bench faults clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest
+
+# Every fault point, on a server with SSL off and one with SSL on, each killed run followed by
+# a rollback and by a rerun then a rollback (`make test` runs a representative subset).
+faults: $(STAMP)
+	PGTLS_FAULTS=all $(BIN)/pytest -q tests/faults
 
 demo: $(STAMP)
 	$(BIN)/python -m pgtls_helpers run parameters/lab.yaml --records records --work work

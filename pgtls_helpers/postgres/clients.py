@@ -77,8 +77,8 @@ def plan_root_crt(user: ClientUser, root_pem: bytes, *, merge: bool = False) -> 
     backup) or, with ``merge``, kept and the new root appended to it."""
     check_client_path(user)
     data = root_pem
-    if merge and user.root_crt.exists():
-        current = user.root_crt.read_bytes()
+    current = read_client_file(user.root_crt, user.uid) if user.root_crt.parent.exists() else None
+    if merge and current is not None:
         blocks = _pem_blocks(current)
         new = _pem_blocks(root_pem)
         if all(b in blocks for b in new):
@@ -121,6 +121,91 @@ def check_client_path(user: ClientUser) -> None:
             f"{user.root_crt}: not a regular file owned by {user.name} (a symbolic link or "
             "another owner); the runbook will not read or replace it, so remove it first"
         )
+
+
+def _client_dir_fd(directory: Path, uid: int) -> int:
+    """An fd of ``directory``, opened without following a link, checked to be the user's."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise InputError(
+            f"{directory}: not a real directory ({exc.strerror}); the runbook will not work "
+            "through a symbolic link, so replace it with a directory of the user's own"
+        ) from None
+    if os.fstat(fd).st_uid != uid:
+        os.close(fd)
+        raise InputError(
+            f"{directory}: not owned by the client user; the runbook will not write there"
+        )
+    return fd
+
+
+def read_client_file(target: Path, uid: int) -> bytes | None:
+    """The bytes of a client's file, read without following a link (None: absent)."""
+    dfd = _client_dir_fd(target.parent, uid)
+    try:
+        fd = os.open(target.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise InputError(
+            f"{target}: cannot be read safely ({exc.strerror}; a symbolic link?); the runbook "
+            "will not read or replace it, so remove it first"
+        ) from None
+    finally:
+        os.close(dfd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != uid:
+            raise InputError(
+                f"{target}: not a regular file owned by the client user; remove it first"
+            )
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+            if sum(map(len, chunks)) > 10 * 1024 * 1024:
+                raise InputError(f"{target}: larger than 10 MB; not a root certificate file")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def write_client_file(target: Path, data: bytes, *, mode: int, uid: int, gid: int) -> None:
+    """Replace a client's file atomically inside its directory, never through a link: the
+    directory is opened with ``O_NOFOLLOW`` and checked to be the user's, the new file is
+    created and renamed relative to that open directory."""
+    dfd = _client_dir_fd(target.parent, uid)
+    tmp = f".{target.name}.pgtls-tmp-{os.getpid()}"
+    try:
+        try:
+            os.unlink(tmp, dir_fd=dfd)
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
+        try:
+            if os.geteuid() == 0:
+                os.fchown(fd, uid, gid)
+            os.fchmod(fd, mode)
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, target.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def remove_client_file(target: Path, uid: int) -> None:
+    """Remove a client's file (the name itself, never what a link points at)."""
+    dfd = _client_dir_fd(target.parent, uid)
+    try:
+        os.unlink(target.name, dir_fd=dfd)
+        os.fsync(dfd)
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(dfd)
 
 
 def install_root_crt(

@@ -23,7 +23,7 @@ from pgtls_helpers.runbook.common import (
     server_before,
     ssl_targets,
 )
-from pgtls_helpers.runbook.journal import Journal
+from pgtls_helpers.runbook.journal import Journal, fault_point
 from pgtls_helpers.runbook.params import Params
 from pgtls_helpers.runbook.undo import undo_change
 
@@ -197,6 +197,7 @@ def check_enable(params: Params, server: Server, plan: EnablePlan) -> None:
         data_directory=plan.facts.data_directory,
         owner=owner,
     )
+    fault_point("enable:hba-checked")
     problems = [f"line {ln.line_number}: {ln.error}" for ln in lines if ln.error]
     if problems:
         raise PreflightError(

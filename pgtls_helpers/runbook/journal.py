@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from pgtls_helpers.postgres import files
+from pgtls_helpers.postgres import clients, files
 from pgtls_helpers.runbook.workdir import WorkDir
 
 __all__ = [
@@ -60,18 +60,24 @@ def _now() -> str:
 
 
 def fault_point(name: str) -> None:
-    """Stop here when a test asked for it (``PGTLS_FAULT_AFTER``); otherwise nothing."""
+    """Stop here when a test asked for it (``PGTLS_FAULT_AFTER``); otherwise nothing.
+
+    SIGKILL goes to this process's group and, with ``PGTLS_FAULT_KILL_PARENT=1``, to the
+    parent's group too (a notebook kernel runs in a session of its own, apart from the runner
+    that started it): runner and kernel die together, as when the machine's session is lost.
+    """
     wanted = os.environ.get("PGTLS_FAULT_AFTER")
     if not wanted or wanted != name:
         return
     if os.environ.get("PGTLS_FAULT_SIGNAL", "KILL").upper() == "INT":
         os.kill(os.getpid(), signal.SIGINT)
         return
-    also = os.environ.get("PGTLS_FAULT_ALSO_PGID")
-    if also:
+    if os.environ.get("PGTLS_FAULT_KILL_PARENT") == "1":
         try:
-            os.killpg(int(also), signal.SIGKILL)
-        except (OSError, ValueError):
+            parent_group = os.getpgid(os.getppid())
+            if parent_group != os.getpgrp():
+                os.killpg(parent_group, signal.SIGKILL)
+        except OSError:
             pass
     os.killpg(os.getpgrp(), signal.SIGKILL)
 
@@ -112,10 +118,23 @@ class Journal:
     def point(self, name: str) -> None:
         fault_point(f"{self.step}:{name}")
 
-    def _backup(self, target: Path) -> Path | None:
+    def _backup(self, target: Path, *, client_uid: int | None = None) -> Path | None:
+        directory = backups_dir(self.work)
+        if client_uid is not None:
+            # a client's file: read without following links, kept 0600 here
+            data = clients.read_client_file(target, client_uid)
+            if data is None:
+                return None
+            directory.mkdir(mode=0o700, exist_ok=True)
+            backup = directory / f"{target.name}.pgtls-backup-{files.utc_stamp()}"
+            n = 1
+            while backup.exists():
+                n += 1
+                backup = directory / f"{target.name}.pgtls-backup-{files.utc_stamp()}.{n}"
+            files.atomic_write(backup, data, mode=0o644, uid=client_uid, gid=target_gid(target))
+            return backup
         if not target.exists():
             return None
-        directory = backups_dir(self.work)
         directory.mkdir(mode=0o700, exist_ok=True)
         return files.backup_copy(target, files.utc_stamp(), directory=directory)
 
@@ -129,7 +148,8 @@ class Journal:
         """Back up, journal, write, journal: one file of the change."""
         if planned.action == "unchanged":
             return self.unchanged(planned)
-        backup = self._backup(planned.target)
+        client = planned.kind == "root.crt"
+        backup = self._backup(planned.target, client_uid=planned.uid if client else None)
         seq = self.record(
             "file",
             step=self.step,
@@ -138,11 +158,18 @@ class Journal:
             backup=str(backup) if backup else None,
             previous_sha256=planned.current_sha256,
             planned_sha256=planned.sha256,
+            uid=planned.uid,
+            gid=planned.gid,
         )
         self.point(f"{planned.kind}:intent")
-        files.atomic_write(
-            planned.target, planned.data, mode=planned.mode, uid=planned.uid, gid=planned.gid
-        )
+        if client:
+            clients.write_client_file(
+                planned.target, planned.data, mode=planned.mode, uid=planned.uid, gid=planned.gid
+            )
+        else:
+            files.atomic_write(
+                planned.target, planned.data, mode=planned.mode, uid=planned.uid, gid=planned.gid
+            )
         self.record("done", ref=seq, sha256=planned.sha256)
         self.point(planned.kind)
         return files.Installed(
@@ -241,8 +268,13 @@ class FileChange:
     left_sha256: tuple[str, ...]  # hashes the change may have left (done, or planned if cut)
     readable: bool
     settings: dict[str, list[str | None]]
+    uid: int | None = None
+    gid: int | None = None
 
     def current_sha256(self) -> str | None:
+        if self.kind == "root.crt" and self.uid is not None:
+            data = clients.read_client_file(self.target, self.uid)
+            return files.sha256_hex(data) if data is not None else None
         try:
             return files.sha256_hex(self.target.read_bytes())
         except FileNotFoundError:
@@ -288,6 +320,8 @@ def file_changes(entries: Sequence[Entry]) -> list[FileChange]:
                 left_sha256=tuple(dict.fromkeys(left[target])),
                 readable=bool(e.get("readable", True)),
                 settings=settings.get(target, {}),
+                uid=int(str(e["uid"])) if e.get("uid") is not None else None,
+                gid=int(str(e["gid"])) if e.get("gid") is not None else None,
             )
         )
     return out
@@ -338,13 +372,27 @@ def restore_files(changes: Sequence[FileChange], *, work_key: Path) -> list[Rest
                 from pgtls_helpers.postgres import keyfiles
 
                 keyfiles.write_private_key(work_key, change.target.read_bytes())
+        client_uid = change.uid if change.kind == "root.crt" else None
         if change.backup is None:
             if current is None:
                 done.append(Restored(change.target, "already as before"))
                 continue
-            change.target.unlink()
-            files.fsync_dir(change.target.parent)
+            if client_uid is not None:
+                clients.remove_client_file(change.target, client_uid)
+            else:
+                change.target.unlink()
+                files.fsync_dir(change.target.parent)
             done.append(Restored(change.target, "removed (created by the change)"))
+            continue
+        if client_uid is not None:
+            clients.write_client_file(
+                change.target,
+                change.backup.read_bytes(),
+                mode=stat.S_IMODE(change.backup.stat().st_mode),
+                uid=client_uid,
+                gid=change.gid if change.gid is not None else change.backup.stat().st_gid,
+            )
+            done.append(Restored(change.target, "restored"))
             continue
         if current == change.previous_sha256 and _same_owner_mode(change.target, change.backup):
             done.append(Restored(change.target, "already as before"))
@@ -359,6 +407,13 @@ def restore_files(changes: Sequence[FileChange], *, work_key: Path) -> list[Rest
         )
         done.append(Restored(change.target, "restored"))
     return done
+
+
+def target_gid(target: Path) -> int:
+    try:
+        return target.parent.stat().st_gid
+    except OSError:
+        return os.getegid()
 
 
 def _same_owner_mode(a: Path, b: Path) -> bool:

@@ -1,0 +1,150 @@
+"""Kill the change at chosen instants (SIGKILL of the runner and its kernel, or Ctrl-C), then
+``pgtls rollback`` (or a rerun, then the rollback): the server restarts, and pg_hba.conf,
+postgresql.auto.conf and the certificate it presents are exactly as before.
+
+The default run takes a representative subset on each PostgreSQL major; ``make faults``
+(``PGTLS_FAULTS=all``) sweeps every fault point on a server with SSL off and on one with SSL on
+(a renewal), each followed by a rollback and by a rerun-then-rollback.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from faultkit import ALL_POINTS, ServerState, assert_as_before, env_for, params_file, rollback
+from faultkit import run_steps as run_steps_child
+
+from pgtls_helpers import notebook as runbook
+from pgtls_helpers.lab import LabCA, LabCluster
+from pgtls_helpers.runbook.params import Params
+
+ParamsFactory = Callable[..., Params]
+FULL = os.environ.get("PGTLS_FAULTS") == "all"
+
+# (server, fault point, then): the default subset covers each kind of instant once
+SUBSET = [
+    ("ssl-off", "install:certificate", "rollback"),
+    ("ssl-off", "enable:reload-ssl", "rerun-rollback"),
+    ("ssl-off", "enable:hba", "rollback"),
+    ("ssl-on", "install:key", "rerun-rollback"),
+]
+SWEEP = [
+    (server, point, then)
+    for server in ("ssl-off", "ssl-on")
+    for point in ALL_POINTS
+    if "auto.conf" not in point or server == "ssl-off"
+    for then in ("rollback", "rerun-rollback")
+]
+
+
+def _prepare(
+    cluster: LabCluster, runbook_params: ParamsFactory, tmp_path: Path, server: str
+) -> tuple[Path, ServerState]:
+    if server == "ssl-on":
+        old_ca = LabCA.create(root_name="Old Root")
+        old_key, old_cert = old_ca.issue(["old.lab.pgtls.test"])
+        cluster.serve_certificate(old_key, [old_cert, *old_ca.intermediates])
+    before = ServerState.of(cluster)
+    params = runbook_params(cluster)
+    runbook.step1_key_and_csr(params)
+    runbook.step2_ca_response(params)
+    return params_file(params, tmp_path), before
+
+
+def _fault_then_restore(
+    cluster: LabCluster,
+    runbook_params: ParamsFactory,
+    tmp_path: Path,
+    server: str,
+    point: str,
+    then: str,
+    sig: str = "KILL",
+) -> None:
+    path, before = _prepare(cluster, runbook_params, tmp_path, server)
+    killed = run_steps_child(path, cluster, fault=point, signal=sig)
+    if sig == "KILL":
+        # a renewal changes no setting, so it never reaches the auto.conf points
+        unreachable = server == "ssl-on" and "auto.conf" in point
+        assert killed.returncode == (0 if unreachable else -signal.SIGKILL), killed.stderr
+    else:
+        assert killed.returncode != 0 and "KeyboardInterrupt" in killed.stderr, killed.stderr
+    if then == "rerun-rollback":
+        rerun = run_steps_child(path, cluster)
+        assert rerun.returncode == 0, rerun.stderr
+    back = rollback(path, cluster)
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert_as_before(cluster, before)
+
+
+@pytest.mark.parametrize(("server", "point", "then"), SWEEP if FULL else SUBSET)
+def test_killed_change_rolls_back_to_a_server_that_restarts_as_before(
+    make_cluster: Callable[[], LabCluster],
+    runbook_params: ParamsFactory,
+    tmp_path: Path,
+    server: str,
+    point: str,
+    then: str,
+) -> None:
+    _fault_then_restore(make_cluster(), runbook_params, tmp_path, server, point, then)
+
+
+@pytest.mark.parametrize(
+    ("server", "point"),
+    [("ssl-off", "enable:hba")]
+    if not FULL
+    else [
+        (s, p)
+        for s in ("ssl-off", "ssl-on")
+        for p in ALL_POINTS
+        if "auto.conf" not in p or s == "ssl-off"
+    ],
+)
+def test_ctrl_c_then_rollback_restores(
+    make_cluster: Callable[[], LabCluster],
+    runbook_params: ParamsFactory,
+    tmp_path: Path,
+    server: str,
+    point: str,
+) -> None:
+    _fault_then_restore(
+        make_cluster(), runbook_params, tmp_path, server, point, "rollback", sig="INT"
+    )
+
+
+def test_runner_and_kernel_killed_in_step4_then_rollback(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory, tmp_path: Path
+) -> None:
+    """The real runner (papermill and its kernel), both killed right after pg_hba.conf."""
+    before = ServerState.of(fresh_cluster)
+    params = runbook_params(fresh_cluster)
+    path = params_file(params, tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pgtls_helpers",
+            "run",
+            str(path),
+            "--records",
+            str(tmp_path / "records"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env_for(fresh_cluster, PGTLS_FAULT_AFTER="enable:hba", PGTLS_FAULT_KILL_PARENT="1"),
+        start_new_session=True,
+        timeout=600,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    # the kernel died too: it would otherwise still hold the change lock (5 s wait)
+    back = rollback(path, fresh_cluster)
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert "restored" in back.stdout
+    assert_as_before(fresh_cluster, before)

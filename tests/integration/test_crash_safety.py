@@ -1,0 +1,255 @@
+"""Issue 8 on real clusters: a lock-out rule, two changes at once, symlinked client files,
+rollback with the server down, rollback after a DBA edit, hostssl cert rules with SSL off."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+import pytest
+import yaml
+
+from pgtls_helpers import notebook as runbook
+from pgtls_helpers.errors import InputError, PreflightError
+from pgtls_helpers.lab import LabCluster
+from pgtls_helpers.postgres.lock import change_lock
+from pgtls_helpers.postgres.server import Server
+from pgtls_helpers.runbook.params import Params
+
+ParamsFactory = Callable[..., Params]
+
+
+def _params_file(params: Params, directory: Path) -> Path:
+    values = {k: v for k, v in params.__dict__.items() if k != "extra" and v is not None}
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    values["hba_rules"] = [dict(r) for r in params.hba_rules]
+    path = directory / f"{params.change_id}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def _rollback(path: Path, cluster: LabCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pgtls_helpers", "rollback", str(path), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PGPASSFILE": str(cluster.passfile)},
+        timeout=120,
+    )
+
+
+def _steps_1_to_3(params: Params) -> None:
+    runbook.step1_key_and_csr(params)
+    runbook.step2_ca_response(params)
+    runbook.step3_install_files(params)
+
+
+def _ssl(cluster: LabCluster) -> str:
+    with psycopg.connect(**cluster.conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
+        return str(conn.execute("SHOW ssl").fetchone()[0])  # type: ignore[index]
+
+
+def test_a_rule_that_locks_out_the_runbooks_own_login_is_refused_before_any_change(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory
+) -> None:
+    # case 4: method cert for the runbook's own address, and no client certificate
+    params = runbook_params(
+        fresh_cluster,
+        hba_rules=[
+            {
+                "type": "hostssl",
+                "database": "all",
+                "user": "all",
+                "address": "127.0.0.1/32",
+                "method": "cert",
+            }
+        ],
+    )
+    _steps_1_to_3(params)
+    hba = (fresh_cluster.pgdata / "pg_hba.conf").read_bytes()
+    auto = (fresh_cluster.pgdata / "postgresql.auto.conf").read_bytes()
+    with pytest.raises(PreflightError, match="lock out the runbook's own connection"):
+        runbook.step4_enable_ssl(params)
+    assert (fresh_cluster.pgdata / "pg_hba.conf").read_bytes() == hba
+    assert (fresh_cluster.pgdata / "postgresql.auto.conf").read_bytes() == auto
+    assert _ssl(fresh_cluster) == "off"
+
+
+def test_a_hostssl_cert_rule_is_checked_as_hostssl_while_ssl_is_off(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory
+) -> None:
+    # case 9: the check parses with SSL on, so 'hostssl … cert' is not turned into 'host … cert'
+    params = runbook_params(
+        fresh_cluster,
+        hba_rules=[
+            {
+                "type": "hostssl",
+                "database": "all",
+                "user": "all",
+                "address": "127.0.0.1/32",
+                "method": "scram-sha-256",
+            },
+            {
+                "type": "hostssl",
+                "database": "all",
+                "user": "app",
+                "address": "10.0.0.0/8",
+                "method": "cert",
+            },
+        ],
+    )
+    _steps_1_to_3(params)
+    result = runbook.step4_enable_ssl(params)
+    assert result.changed and any("cert" in line for line in result.hba_added)
+    assert any("GSS-encrypted" in m for m in result.messages)
+    assert not list(fresh_cluster.pgdata.glob(".pg_hba.conf.pgtls-check-*"))
+
+
+def test_a_second_change_waits_then_stops_naming_the_first(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # case 5: two change ids against one server
+    first = runbook_params(fresh_cluster, change_id="CHG-first")
+    second = runbook_params(fresh_cluster, change_id="CHG-second")
+    runbook.step1_key_and_csr(second)
+    runbook.step2_ca_response(second)
+    monkeypatch.setenv("PGTLS_LOCK_WAIT", "1")
+    holder = Server({**first.conninfo(), "application_name": "pgtls CHG-first"})
+    with holder, change_lock(fresh_cluster.pgdata, None, holder, "CHG-first"):
+        with pytest.raises(PreflightError, match="CHG-first.*is changing this server now"):
+            runbook.step3_install_files(second)
+        assert not (fresh_cluster.pgdata / "server.crt").exists()
+    # the advisory lock alone (a run on another host) also stops it
+    other = Server({**first.conninfo(), "application_name": "pgtls CHG-first"})
+    with other:
+        assert other.advisory_lock(0x67746C73, timeout=0)
+        with pytest.raises(PreflightError, match="pgtls CHG-first"):
+            runbook.step3_install_files(second)
+    runbook.step3_install_files(second)  # once the first is gone, the second proceeds
+
+
+def test_rollback_with_the_server_down_restores_every_file_and_says_to_start_it(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory, tmp_path: Path
+) -> None:
+    hba = (fresh_cluster.pgdata / "pg_hba.conf").read_bytes()
+    auto = (fresh_cluster.pgdata / "postgresql.auto.conf").read_bytes()
+    params = runbook_params(fresh_cluster)
+    _steps_1_to_3(params)
+    runbook.step4_enable_ssl(params)
+    path = _params_file(params, tmp_path)
+    fresh_cluster.stop()
+    back = _rollback(path, fresh_cluster)
+    assert back.returncode == 0, back.stderr
+    assert "start the server" in back.stdout
+    assert (fresh_cluster.pgdata / "pg_hba.conf").read_bytes() == hba
+    assert (fresh_cluster.pgdata / "postgresql.auto.conf").read_bytes() == auto
+    assert not (fresh_cluster.pgdata / "server.crt").exists()
+    fresh_cluster.start()
+    assert _ssl(fresh_cluster) == "off"
+
+
+def test_rollback_after_a_dba_edit_shows_the_diff_and_stops_unless_forced(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory, tmp_path: Path
+) -> None:
+    params = runbook_params(fresh_cluster)
+    _steps_1_to_3(params)
+    runbook.step4_enable_ssl(params)
+    path = _params_file(params, tmp_path)
+    hba_file = fresh_cluster.pgdata / "pg_hba.conf"
+    with open(hba_file, "a") as fh:
+        fh.write("hostssl reporting analyst 10.9.0.0/16 scram-sha-256\n")
+    edited = hba_file.read_bytes()
+    stopped = _rollback(path, fresh_cluster)
+    assert stopped.returncode == 1
+    assert "-hostssl reporting analyst 10.9.0.0/16" in stopped.stderr
+    assert "--force" in stopped.stderr
+    assert hba_file.read_bytes() == edited and _ssl(fresh_cluster) == "on"
+    forced = _rollback(path, fresh_cluster, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert _ssl(fresh_cluster) == "off"
+
+
+def test_rollback_checks_its_result_and_fails_when_the_server_is_not_as_before(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory, tmp_path: Path
+) -> None:
+    params = runbook_params(fresh_cluster)
+    _steps_1_to_3(params)
+    runbook.step4_enable_ssl(params)
+    path = _params_file(params, tmp_path)
+    # someone turns SSL on in postgresql.conf meanwhile: after the rollback SSL stays on
+    with open(fresh_cluster.pgdata / "postgresql.conf", "a") as fh:
+        fh.write("ssl = on\n")
+    back = _rollback(path, fresh_cluster)
+    assert back.returncode == 1
+    assert "not as before: ssl is on, but it was off before the change" in back.stderr
+
+
+def _client_home(client_user: str) -> Path:
+    return Path(pwd.getpwnam(client_user).pw_dir)
+
+
+def test_a_symlinked_root_crt_is_refused_and_nothing_is_read_through_it(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory, client_user: str
+) -> None:
+    # case 6: root.crt linked to the data directory's key, with client_root_merge
+    home = _client_home(client_user)
+    shutil.rmtree(home / ".postgresql", ignore_errors=True)
+    pgdir = home / ".postgresql"
+    pgdir.mkdir(mode=0o700)
+    info = pwd.getpwnam(client_user)
+    os.chown(pgdir, info.pw_uid, info.pw_gid)
+    secret = fresh_cluster.pgdata / "postgresql.conf"
+    os.symlink(secret, pgdir / "root.crt")
+    params = runbook_params(
+        fresh_cluster, client_system_users=[client_user], client_root_merge=True
+    )
+    runbook.step1_key_and_csr(params)
+    runbook.step2_ca_response(params)
+    try:
+        with pytest.raises(InputError, match="symbolic link"):
+            runbook.step3_install_files(params)
+        assert (pgdir / "root.crt").is_symlink()
+        assert not (fresh_cluster.pgdata / "server.crt").exists()
+    finally:
+        shutil.rmtree(pgdir, ignore_errors=True)
+
+
+def test_a_symlinked_dot_postgresql_is_refused_and_rollback_never_follows_a_swap(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory, client_user: str, tmp_path: Path
+) -> None:
+    # case 7: ~/.postgresql is a link to another user's directory
+    home = _client_home(client_user)
+    shutil.rmtree(home / ".postgresql", ignore_errors=True)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "root.crt").write_text("someone else's root\n")
+    os.symlink(victim, home / ".postgresql")
+    params = runbook_params(fresh_cluster, client_system_users=[client_user])
+    runbook.step1_key_and_csr(params)
+    runbook.step2_ca_response(params)
+    try:
+        with pytest.raises(InputError, match="symbolic link"):
+            runbook.step3_install_files(params)
+        (home / ".postgresql").unlink()
+        # a real directory now: the change installs root.crt ...
+        runbook.step3_install_files(params)
+        assert (home / ".postgresql" / "root.crt").is_file()
+        # ... then the user swaps the directory for a link to the victim's
+        shutil.rmtree(home / ".postgresql")
+        os.symlink(victim, home / ".postgresql")
+        path = _params_file(params, tmp_path)
+        back = _rollback(path, fresh_cluster, "--force")
+        assert back.returncode != 0
+        assert "symbolic link" in back.stderr
+        assert (victim / "root.crt").read_text() == "someone else's root\n"
+    finally:
+        if (home / ".postgresql").is_symlink():
+            (home / ".postgresql").unlink()
+        shutil.rmtree(home / ".postgresql", ignore_errors=True)
