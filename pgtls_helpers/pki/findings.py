@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from pgtls_helpers.errors import PreflightError
 from pgtls_helpers.pki import hostname
 from pgtls_helpers.pki.chain import (
     ChainResult,
@@ -36,7 +37,7 @@ from pgtls_helpers.pki.chain import (
 )
 from pgtls_helpers.pki.keys import PrivateKey, PublicKey, public_key_matches
 
-__all__ = ["CODES", "Finding", "Severity", "check_chain", "has_errors"]
+__all__ = ["CODES", "Finding", "Severity", "check_chain", "has_errors", "raise_for_errors"]
 
 Severity = Literal["error", "warning", "info"]
 
@@ -57,6 +58,11 @@ class Finding:
     code: str
     message: str
 
+    @property
+    def is_error(self) -> bool:
+        """True when the finding stops the change."""
+        return self.severity == "error"
+
 
 CODES: dict[str, str] = {
     "missing-issuer": "Add the missing CA certificate to the files (or point --pool at a folder "
@@ -68,6 +74,8 @@ CODES: dict[str, str] = {
     "expired": "Renew the certificate: create a new CSR and have the CA sign it.",
     "not-yet-valid": "Wait until the start date, or check the clock of the machine and the dates "
     "the CA used.",
+    "insecure-hba-rule": "Use hostssl with a password or certificate method, or set "
+    "allow_insecure_rules: true if this rule is intended.",
     "expires-soon": "Plan the renewal now: a new CSR, the CA's signature, and an install before "
     "the end date.",
     "key-mismatch": "The certificate was issued for a different private key; use the key the CSR "
@@ -508,3 +516,10 @@ def _verifier_subject(
         ):
             return gn.value
     return None
+
+
+def raise_for_errors(findings: Sequence[Finding], *, what: str) -> None:
+    """Raise :class:`PreflightError` naming every error finding (``what``: what was stopped)."""
+    errors = [f for f in findings if f.is_error]
+    if errors:
+        raise PreflightError(f"{what}: " + "; ".join(f"{f.code}: {f.message}" for f in errors))

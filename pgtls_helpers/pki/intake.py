@@ -34,7 +34,7 @@ from pgtls_helpers.pki.keys import describe_key
 
 __all__ = ["Intake", "PoolRead", "SourcedCert", "load_pool", "read_ca_response", "read_pool"]
 
-MAX_FILE_BYTES = 32 * 1024 * 1024
+MAX_FILE_BYTES = 10 * 1024 * 1024
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 .#]+)-----(.*?)-----END \1-----", re.DOTALL)
 _CERT_LABELS = {b"CERTIFICATE", b"X509 CERTIFICATE", b"X.509 CERTIFICATE"}
@@ -273,18 +273,37 @@ def _read_directory(path: str, password: bytes | None, acc: _Accumulator) -> Non
 
 
 def _read(path: str) -> bytes:
+    """A regular file's bytes, at most :data:`MAX_FILE_BYTES`; devices and FIFOs are refused
+    (``/dev/zero`` never ends, a FIFO blocks), opened without blocking so a FIFO cannot hang."""
     try:
-        with open(path, "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > MAX_FILE_BYTES:
-                raise _Unreadable(
-                    f"is {size // (1024 * 1024)} MB, far too large for a certificate file"
-                )
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except PermissionError as exc:
         raise _Unreadable("cannot be read (permission denied)") from exc
     except OSError as exc:
         raise _Unreadable(f"cannot be read ({exc.strerror})") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _Unreadable(
+                "is not a regular file (a device, FIFO or socket); give the certificate file "
+                "the CA returned"
+            )
+        if st.st_size > MAX_FILE_BYTES:
+            raise _Unreadable(
+                f"is {st.st_size // (1024 * 1024)} MB, over the 10 MB a certificate file could need"
+            )
+        chunks: list[bytes] = []
+        total = 0
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > MAX_FILE_BYTES:
+                raise _Unreadable("grew past 10 MB while being read; not a certificate file")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise _Unreadable(f"cannot be read ({exc.strerror})") from exc
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -142,8 +142,15 @@ def parse_rules(
 ) -> list[HbaRule]:
     """Rules from parameters: a list of ``{type, database, user, address, method}``."""
     parsed = []
+    if isinstance(rules, str | bytes) or not isinstance(rules, Sequence):
+        raise InputError(f"{where}: expected a list of rules, got {type(rules).__name__}")
     for i, raw in enumerate(rules):
         here = f"{where}[{i}]"
+        if not isinstance(raw, Mapping):
+            raise InputError(
+                f"{here}: expected a mapping with type, database, user, address and method, "
+                f"got {type(raw).__name__}"
+            )
         missing = [k for k in ("type", "database", "user", "address", "method") if not raw.get(k)]
         if missing:
             raise InputError(

@@ -10,6 +10,7 @@ from pathlib import Path
 from cryptography import x509
 
 from pgtls_helpers.errors import PgtlsError, PreflightError, ServerError
+from pgtls_helpers.pki.findings import Finding, raise_for_errors
 from pgtls_helpers.postgres import files, hba, hbacheck
 from pgtls_helpers.postgres.lock import change_lock
 from pgtls_helpers.postgres.probe import ProbeResult
@@ -150,6 +151,19 @@ def plan_enable(params: Params, server: Server) -> EnablePlan:
 
     want_sha = fingerprint_of(_expected_leaf(params))
     rules = hba.parse_rules(list(params.hba_rules))
+    raise_for_errors(
+        [
+            Finding(
+                "warning" if params.allow_insecure_rules else "error",
+                "insecure-hba-rule",
+                f"hba_rules: {reason}; use hostssl with a password or certificate method, or "
+                "set allow_insecure_rules: true",
+            )
+            for rule in rules
+            if (reason := hba.insecure_reason(rule))
+        ],
+        what="nothing was changed",
+    )
     host_ip = address_of(params.server_host)
     facts = server.facts()
     hba_text = facts.hba_file.read_bytes().decode()

@@ -11,7 +11,7 @@ from cryptography import x509
 from pgtls_helpers.errors import PreflightError
 from pgtls_helpers.pki import chain as chainmod
 from pgtls_helpers.pki import keys
-from pgtls_helpers.pki.findings import Finding
+from pgtls_helpers.pki.findings import Finding, raise_for_errors
 from pgtls_helpers.postgres import files
 from pgtls_helpers.postgres.clients import ClientUser
 from pgtls_helpers.postgres.lock import change_lock
@@ -147,23 +147,26 @@ def step3_install_files(params: Params) -> InstallStepResult:
     if root is not None:
         plan += [plan_root_crt(u, pem_of(root), merge=params.client_root_merge) for u in users]
     rows = [p.describe() for p in plan]
-    errors = [f for f in preflight if f.severity == "error"]
     out_facts = facts.as_dict()
-    if errors:
-        res = InstallStepResult(out_facts, rows, preflight, None, False)
-        save_step(params, "03_install_files", res.summary())
-        raise PreflightError(
-            "nothing was installed: " + "; ".join(f"{f.code}: {f.message}" for f in errors)
+    if any(f.is_error for f in preflight):
+        res = InstallStepResult(
+            facts=out_facts, plan=rows, preflight=preflight, installed=None, applied=False
         )
+        save_step(params, "03_install_files", res.summary())
+        raise_for_errors(preflight, what="nothing was installed")
     if not params.apply:
-        res = InstallStepResult(out_facts, rows, preflight, None, False)
+        res = InstallStepResult(
+            facts=out_facts, plan=rows, preflight=preflight, installed=None, applied=False
+        )
         save_step(params, "03_install_files", res.summary())
         return res
     installed = apply_install(params, facts, plan, users, root)
     # After the install the only copies of the key are the installed one and its backup.
     if key_path.exists():
         key_path.unlink()
-    res = InstallStepResult(out_facts, rows, preflight, installed, True)
+    res = InstallStepResult(
+        facts=out_facts, plan=rows, preflight=preflight, installed=installed, applied=True
+    )
     save_step(params, "03_install_files", res.summary())
     return res
 

@@ -51,6 +51,7 @@ class Params:
     client_root_merge: bool = False
     hba_rules: tuple[Mapping[str, Any], ...] = ()
     reject_non_ssl: bool = True
+    allow_insecure_rules: bool = False
     verify_hosts: tuple[str, ...] = ()
     apply: bool = False
     lab_cluster: bool = False
@@ -132,7 +133,13 @@ def load_params(values: Mapping[str, Any], *, source: str = "parameters") -> Par
         known["server_port"] = int(known.get("server_port", 5432))
     except (TypeError, ValueError):
         raise InputError(f"{source}: server_port must be a number") from None
-    for flag in ("apply", "reject_non_ssl", "lab_cluster", "client_root_merge"):
+    for flag in (
+        "apply",
+        "reject_non_ssl",
+        "allow_insecure_rules",
+        "lab_cluster",
+        "client_root_merge",
+    ):
         if flag in known and not isinstance(known[flag], bool):
             raise InputError(f"{source}: {flag} must be true or false")
     for name in (
