@@ -24,6 +24,7 @@ import json
 import os
 import signal
 import stat
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -69,9 +70,13 @@ def fault_point(name: str) -> None:
     wanted = os.environ.get("PGTLS_FAULT_AFTER")
     if not wanted or wanted != name:
         return
-    if os.environ.get("PGTLS_FAULT_SIGNAL", "KILL").upper() == "INT":
+    how = os.environ.get("PGTLS_FAULT_SIGNAL", "KILL").upper()
+    if how == "INT":
         os.kill(os.getpid(), signal.SIGINT)
         return
+    if how == "TERM-PARENT":  # the runner is told to stop; this kernel then dies with it
+        os.kill(os.getppid(), signal.SIGTERM)
+        time.sleep(1.0)
     if os.environ.get("PGTLS_FAULT_KILL_PARENT") == "1":
         try:
             parent_group = os.getpgid(os.getppid())

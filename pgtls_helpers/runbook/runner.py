@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pgtls_helpers.errors import InputError, PgtlsError
+from pgtls_helpers.runbook import interrupt
 from pgtls_helpers.runbook.params import (
     PARAMETER_NAMES,
     Params,
@@ -733,6 +734,7 @@ def run(
         )
 
     record, started = new_record_dir(Path(records_dir), params.change_id)
+    interrupt.seal_unfinished(Path(records_dir), params.change_id, params, exclude=record)
     params = dataclasses.replace(params, record_dir=str(record))
     steps: list[StepOutcome] = []
     lab_info: dict[str, Any] | None = None
@@ -745,7 +747,7 @@ def run(
     lab_base = Path(tempfile.mkdtemp(prefix="pgtls-lab-")) if params.lab_cluster else None
     env = {"PGPASSFILE": str(lab_base / "pgpass")} if lab_base else {}
     try:
-        with _environ(**env):
+        with _environ(**env), interrupt.terminate_as_interrupt():
             try:
                 kernel = _Kernel(kernel_name())
                 kernel_ready = kernel.start_in_background()
@@ -757,8 +759,12 @@ def run(
                 exit_code = 2 if isinstance(exc, InputError) else 1
                 steps = [StepOutcome(s, t, "not-run") for s, t in STEPS]
             else:
-                steps, outcome = _run_steps(params, record, nb_dir, kernel, progress)
+                steps, outcome = _run_steps(params, record, nb_dir, kernel, progress, into=steps)
                 exit_code = 0 if outcome in ("ok", "waiting-for-ca") else 1
+    except KeyboardInterrupt:
+        steps = interrupt.mark_interrupted(steps, STEPS, StepOutcome)
+        error, exit_code, outcome = interrupt.in_place(params), 130, "interrupted"
+        raise
     finally:
         if kernel is not None:
             kernel.close()
@@ -805,13 +811,19 @@ def _start_lab(params: Params, base: Path) -> tuple[Params, Any, dict[str, Any]]
 
 
 def _run_steps(
-    params: Params, record: Path, nb_dir: Path, kernel: _Kernel, progress: bool
+    params: Params,
+    record: Path,
+    nb_dir: Path,
+    kernel: _Kernel,
+    progress: bool,
+    *,
+    into: list[StepOutcome] | None = None,
 ) -> tuple[list[StepOutcome], str]:
     from concurrent.futures import Future, ThreadPoolExecutor
 
     parameters = _injected(params)
     phase_one = params.ca_mode == "files" and not params.ca_files
-    steps: list[StepOutcome] = []
+    steps: list[StepOutcome] = into if into is not None else []  # filled as steps end
     # HTML is rendered while the next notebook runs (the kernel is another process)
     html = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgtls-html")
     rendering: dict[str, Future[None]] = {}

@@ -9,6 +9,7 @@ The default run takes a representative subset on each PostgreSQL major; ``make f
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from faultkit import run_steps as run_steps_child
 
 from pgtls_helpers import notebook as runbook
 from pgtls_helpers.lab import LabCA, LabCluster
+from pgtls_helpers.runbook import interrupt
 from pgtls_helpers.runbook.params import Params
 
 ParamsFactory = Callable[..., Params]
@@ -147,4 +149,61 @@ def test_runner_and_kernel_killed_in_step4_then_rollback(
     back = rollback(path, fresh_cluster)
     assert back.returncode == 0, back.stdout + back.stderr
     assert "restored" in back.stdout
+    assert_as_before(fresh_cluster, before)
+    # the killed run left a record without a manifest; the next run of the change seals it
+    (left,) = (tmp_path / "records" / params.change_id).iterdir()
+    assert not (left / "manifest.json").exists()
+    newer = tmp_path / "records" / params.change_id / "99999999T999999Z"
+    newer.mkdir()
+    assert interrupt.seal_unfinished(
+        tmp_path / "records", params.change_id, params, exclude=newer
+    ) == [left]
+    sealed = json.loads((left / "manifest.json").read_text())
+    assert sealed["outcome"] == "interrupted"
+    assert "01_key_and_csr" in sealed["steps_with_a_summary"]
+    # sealed after the rollback: the journal of the killed run is closed, nothing is in place
+    assert "nothing is in place" in sealed["in_place"]
+
+
+def test_sigterm_to_the_runner_finishes_the_record_with_each_steps_true_status(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory, tmp_path: Path
+) -> None:
+    before = ServerState.of(fresh_cluster)
+    params = runbook_params(fresh_cluster)
+    path = params_file(params, tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pgtls_helpers",
+            "run",
+            str(path),
+            "--records",
+            str(tmp_path / "records"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env_for(
+            fresh_cluster, PGTLS_FAULT_AFTER="enable:auto.conf", PGTLS_FAULT_SIGNAL="TERM-PARENT"
+        ),
+        start_new_session=True,
+        timeout=600,
+    )
+    assert proc.returncode == 130, proc.stdout + proc.stderr
+    (record,) = (tmp_path / "records" / params.change_id).iterdir()
+    manifest = json.loads((record / "manifest.json").read_text())
+    status = {s["step"]: s["status"] for s in manifest["steps"]}
+    assert status == {
+        "01_key_and_csr": "ok",
+        "02_ca_response": "ok",
+        "03_install_files": "ok",
+        "04_enable_ssl": "interrupted",
+        "05_verify_clients": "not-run",
+    }
+    assert "enable interrupted" in manifest["error"]
+    assert "postgresql.auto.conf" in manifest["error"]
+    back = rollback(path, fresh_cluster)
+    assert back.returncode == 0, back.stdout + back.stderr
     assert_as_before(fresh_cluster, before)

@@ -1,0 +1,114 @@
+"""Honest records of interrupted runs.
+
+Ctrl-C (SIGINT) and SIGTERM stop a run as ``KeyboardInterrupt``; the runner then records each
+step's true status (the finished ones as they ended, the running one ``interrupted``, the rest
+``not-run``) and what the change has in place, from its write-ahead journal. A run stopped by
+SIGKILL (or a lost machine) leaves a record directory without ``manifest.json``; the next run
+of that change seals it as ``interrupted`` with what its step summaries and the journal show.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from types import FrameType
+from typing import Protocol, TypeVar
+
+from pgtls_helpers.runbook import journal as wal
+from pgtls_helpers.runbook.params import Params
+
+__all__ = ["in_place", "mark_interrupted", "seal_unfinished", "terminate_as_interrupt"]
+
+
+class _Step(Protocol):
+    @property
+    def step(self) -> str: ...
+
+
+S = TypeVar("S", bound=_Step)
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM stops the run as Ctrl-C does, so the record is finished."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def mark_interrupted(
+    done: Sequence[S], table: Sequence[tuple[str, str]], make: Callable[[str, str, str], S]
+) -> list[S]:
+    """The finished steps as they ended, the next one ``interrupted``, the rest ``not-run``.
+
+    ``make(step, title, status)`` builds the missing outcomes (the runner's ``StepOutcome``).
+    """
+    out = list(done)
+    names = {s.step for s in out}
+    missing = [(step, title) for step, title in table if step not in names]
+    for i, (step, title) in enumerate(missing):
+        out.append(make(step, title, "interrupted" if i == 0 else "not-run"))
+    return out
+
+
+def in_place(params: Params) -> str:
+    """What the change has on the server now, from its journal, and the way back."""
+    entries = wal.read_entries(wal.journal_path(params.work))
+    if not entries:
+        if list(params.work.path.glob("journal.rolled-back-*.jsonl")):
+            return "the change was rolled back since; nothing is in place"
+        return "interrupted before any change to the server; nothing is in place"
+    changes = wal.file_changes(entries)
+    unfinished = wal.unfinished_steps(entries)
+    files = ", ".join(str(c.target) for c in changes) or "no file yet"
+    state = f"step(s) {', '.join(unfinished)} interrupted" if unfinished else "steps finished"
+    return (
+        f"interrupted: {state}; changed so far: {files}; back out with: pgtls rollback "
+        "<parameters file> (or rerun to finish)"
+    )
+
+
+def seal_unfinished(records: Path, change_id: str, params: Params, *, exclude: Path) -> list[Path]:
+    """Seal every record of ``change_id`` that a killed run left without a manifest."""
+    sealed: list[Path] = []
+    parent = records / change_id
+    if not parent.is_dir():
+        return sealed
+    for record in sorted(parent.iterdir()):
+        if not record.is_dir() or record.resolve() == exclude.resolve():
+            continue
+        if (record / "manifest.json").exists():
+            continue
+        summaries = sorted(p.stem for p in (record / "steps").glob("*.json"))
+        manifest = {
+            "record_format": 1,
+            "change_id": change_id,
+            "outcome": "interrupted",
+            "exit_code": None,
+            "sealed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "error": "the run was killed (SIGKILL, a lost session or machine) before it could "
+            "finish its record; sealed by the next run of this change",
+            "steps_with_a_summary": summaries,
+            "in_place": in_place(params),
+        }
+        fd = os.open(record / "manifest.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(manifest, fh, indent=2)
+            fh.write("\n")
+        sealed.append(record)
+    return sealed
