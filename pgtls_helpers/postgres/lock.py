@@ -47,13 +47,14 @@ def _holder(fd: int) -> str:
 def change_lock(
     data_directory: Path,
     owner: tuple[int, int] | None,
-    server: Server,
+    server: Server | None,
     change_id: str,
     *,
     wait: float | None = None,
 ) -> Iterator[None]:
     """Hold the server's change lock for the ``with`` block, or raise :class:`PreflightError`
-    naming the change that holds it after waiting ``wait`` seconds."""
+    naming the change that holds it after waiting ``wait`` seconds. With ``server`` None (it
+    is down) only the lock file is taken."""
     wait = lock_wait() if wait is None else wait
     path = data_directory / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o640)
@@ -82,7 +83,9 @@ def change_lock(
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         os.fsync(fd)
-        if not server.advisory_lock(ADVISORY_KEY, timeout=max(deadline - time.monotonic(), 0.0)):
+        if server is not None and not server.advisory_lock(
+            ADVISORY_KEY, timeout=max(deadline - time.monotonic(), 0.0)
+        ):
             holder = server.advisory_holder(ADVISORY_KEY) or "another session"
             raise PreflightError(
                 f"{server.conninfo.get('host')}:{server.conninfo.get('port')}: {holder} holds "
@@ -92,6 +95,7 @@ def change_lock(
         try:
             yield
         finally:
-            server.advisory_unlock(ADVISORY_KEY)
+            if server is not None:
+                server.advisory_unlock(ADVISORY_KEY)
     finally:
         os.close(fd)

@@ -318,24 +318,14 @@ def _unchanged(params: Params, plan: EnablePlan) -> EnableResult:
 def apply_enable(
     params: Params, server: Server, plan: EnablePlan, journal: Journal
 ) -> tuple[files.InstallResult, files.InstallResult, ProbeResult]:
-    """Make the change, each part journaled first; raise (the caller undoes) when the server
-    does not take it."""
+    """Make the change, each part journaled first and proven before the next; raise (the
+    caller undoes) when the server does not take it."""
     log_at = _log_offset(params)
     after = plan.before
     settings_write = files.InstallResult(())
     if plan.needs_ssl:
         if plan.settings:
-            previous = {name: server.auto_conf_value(name) for name in plan.settings}
-
-            def alter() -> None:
-                for name, value in plan.settings.items():
-                    server.alter_system(name, value)
-
-            auto_conf = journal.change_auto_conf(
-                plan.facts.data_directory / "postgresql.auto.conf", plan.settings, previous, alter
-            )
-            if auto_conf is not None:
-                settings_write = files.InstallResult((auto_conf,))
+            settings_write = _apply_settings(server, plan, journal)
         setting_errors = server.file_setting_errors()
         if setting_errors:
             raise PreflightError(
@@ -343,25 +333,7 @@ def apply_enable(
                 "and nothing of it stays loaded"
             )
         journal.reload("ssl", server.reload_confirmed)
-        after = _probe_until(plan.host_ip, params.server_port, plan.want_sha, timeout=2.0)
-        if not (
-            after.error is None
-            and after.chain
-            and fingerprint_of(after.chain[0]) == plan.want_sha
-            and _chain_matches_bundle(params, after)
-        ):
-            seen = after.error or (
-                f"it presents {after.chain[0].subject.rfc4514_string()} "
-                f"({fingerprint_of(after.chain[0])[:16]}…), not the new certificate"
-                if after.chain
-                else "no certificate"
-            )
-            line = _server_log_line(params, server, log_at)
-            raise ServerError(
-                f"{params.server_host}:{params.server_port} did not take the new "
-                f"certificate ({seen}); files and settings were rolled back and the server "
-                "reloaded" + (f"; the server log says: {line}" if line else "")
-            )
+        after = prove_ssl(params, server, plan, log_at=log_at)
     hba_write = files.InstallResult(())
     if plan.hba.changed:
         planned = files.plan_file(
@@ -373,14 +345,58 @@ def apply_enable(
         )
         hba_write = files.InstallResult((journal.write_file(planned),))
         journal.reload("hba", server.reload_confirmed)
-        problems = server.hba_errors() or _hba_errors_after_reload(params)
-        if problems:
-            raise ServerError(
-                f"{plan.facts.hba_file}: {'; '.join(problems)}; pg_hba.conf, settings and files "
-                "were rolled back and the server reloaded"
-            )
-    assert after is not None
+        prove_hba(params, server, plan)
+    if after is None:
+        raise ServerError(f"{params.server_host}:{params.server_port}: nothing was probed")
     return settings_write, hba_write, after
+
+
+def _apply_settings(server: Server, plan: EnablePlan, journal: Journal) -> files.InstallResult:
+    """``ALTER SYSTEM`` for each planned setting, journaled as a change of the auto.conf."""
+    previous = {name: server.auto_conf_value(name) for name in plan.settings}
+
+    def alter() -> None:
+        for name, value in plan.settings.items():
+            server.alter_system(name, value)
+
+    auto_conf = journal.change_auto_conf(
+        plan.facts.data_directory / "postgresql.auto.conf", plan.settings, previous, alter
+    )
+    return files.InstallResult((auto_conf,) if auto_conf is not None else ())
+
+
+def prove_ssl(params: Params, server: Server, plan: EnablePlan, *, log_at: int) -> ProbeResult:
+    """The server presents the new chain from outside, or :class:`ServerError` with its log."""
+    after = _probe_until(plan.host_ip, params.server_port, plan.want_sha, timeout=2.0)
+    if (
+        after.error is None
+        and after.chain
+        and fingerprint_of(after.chain[0]) == plan.want_sha
+        and _chain_matches_bundle(params, after)
+    ):
+        return after
+    seen = after.error or (
+        f"it presents {after.chain[0].subject.rfc4514_string()} "
+        f"({fingerprint_of(after.chain[0])[:16]}…), not the new certificate"
+        if after.chain
+        else "no certificate"
+    )
+    line = _server_log_line(params, server, log_at)
+    raise ServerError(
+        f"{params.server_host}:{params.server_port} did not take the new "
+        f"certificate ({seen}); files and settings were rolled back and the server "
+        "reloaded" + (f"; the server log says: {line}" if line else "")
+    )
+
+
+def prove_hba(params: Params, server: Server, plan: EnablePlan) -> None:
+    """The loaded pg_hba.conf has no error and a new login of the runbook's own gets in."""
+    problems = server.hba_errors() or _hba_errors_after_reload(params)
+    if problems:
+        raise ServerError(
+            f"{plan.facts.hba_file}: {'; '.join(problems)}; pg_hba.conf, settings and files "
+            "were rolled back and the server reloaded"
+        )
 
 
 def _runbook_tls(params: Params) -> str | None:

@@ -116,7 +116,7 @@ def rollback_change(params: Params, *, force: bool = False) -> RollbackResult:
         server.show("ssl")
     except PgtlsError:
         server = None
-    data_dir = Path(str(before.get("data_directory") or "")) if before else None
+    data_dir = Path(str(before["data_directory"])) if before.get("data_directory") else None
     try:
         if server is not None:
             facts = server.facts()
@@ -124,6 +124,10 @@ def rollback_change(params: Params, *, force: bool = False) -> RollbackResult:
                 facts.data_directory, facts.data_directory_owner, server, params.change_id
             ):
                 undone = undo_change(params, server=server, reason="rolled-back")
+        elif data_dir is not None and data_dir.is_dir():
+            st = data_dir.stat()
+            with change_lock(data_dir, (st.st_uid, st.st_gid), None, params.change_id):
+                undone = undo_change(params, server=None, reason="rolled-back")
         else:
             undone = undo_change(params, server=None, reason="rolled-back")
     finally:
