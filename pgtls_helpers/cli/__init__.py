@@ -132,6 +132,12 @@ def _add_rollback(sub: argparse._SubParsersAction) -> None:
         help="where the change's work directory (its journals) lives",
     )
     back.add_argument(
+        "--records",
+        default="records",
+        metavar="DIR",
+        help="where the change's records are (a record a killed run left is sealed)",
+    )
+    back.add_argument(
         "--force",
         action="store_true",
         help="restore even files someone changed after the change (their edits are lost)",

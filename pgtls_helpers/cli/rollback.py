@@ -14,6 +14,7 @@ __all__ = ["main"]
 
 def main(args: argparse.Namespace) -> int:
     """Restore what steps 3 and 4 changed, reload, and say how the server answers now."""
+    from pgtls_helpers.runbook import interrupt
     from pgtls_helpers.runbook.rollback import RollbackConflict, rollback_change
 
     values = resolve_paths(read_params_file(args.params), Path(args.params), args.work)
@@ -23,6 +24,9 @@ def main(args: argparse.Namespace) -> int:
             f"{args.params}: lab_cluster runs remove their throwaway cluster at the end, so "
             "there is nothing to roll back"
         )
+    records = Path(getattr(args, "records", "records"))
+    for record in interrupt.seal_unfinished(records, params.change_id, params, exclude=records):
+        sys.stderr.write(f"sealed the record of an interrupted run: {record}\n")
     try:
         result = rollback_change(params, force=bool(getattr(args, "force", False)))
     except RollbackConflict as conflict:

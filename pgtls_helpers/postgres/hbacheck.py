@@ -12,6 +12,7 @@ reused (``/var/tmp/pgtls-hbacheck-<major>-<uid>``, owned by that user, mode 0700
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import json
 import os
@@ -19,6 +20,8 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +142,16 @@ def _major(bindir: Path) -> str:
     return words[-1].split(".")[0] if words else "x"
 
 
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def check_hba_text(
     text: str, *, hba_file: Path, data_directory: Path, owner: tuple[int, int]
 ) -> list[HbaLine]:
@@ -152,6 +165,8 @@ def check_hba_text(
     data = _check_cluster(bindir, uid, gid)
     copy = hba_file.with_name(f".{hba_file.name}.pgtls-check-{os.getpid()}")
     out = data.parent / f"rules-{os.getpid()}.json"
+    copy.unlink(missing_ok=True)  # left by a run killed during its check
+    out.unlink(missing_ok=True)
     fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "w") as fh:
@@ -162,25 +177,26 @@ def check_hba_text(
             "COPY (SELECT row_to_json(r) FROM pg_hba_file_rules r ORDER BY line_number) "
             f"TO '{out}'\n"
         )
-        proc = _run_as(
-            [
-                str(bindir / "postgres"),
-                "--single",
-                "-D",
-                str(data),
-                "-c",
-                f"hba_file={copy}",
-                "-c",
-                "ssl=on",
-                "-c",
-                "log_min_messages=debug3",
-                "postgres",
-            ],
-            uid,
-            gid,
-            stdin=query,
-            timeout=120,
-        )
+        with _exclusive(data.parent / "check.lock"):  # one stand-alone backend at a time
+            proc = _run_as(
+                [
+                    str(bindir / "postgres"),
+                    "--single",
+                    "-D",
+                    str(data),
+                    "-c",
+                    f"hba_file={copy}",
+                    "-c",
+                    "ssl=on",
+                    "-c",
+                    "log_min_messages=debug3",
+                    "postgres",
+                ],
+                uid,
+                gid,
+                stdin=query,
+                timeout=120,
+            )
         try:
             raw = out.read_text().splitlines()
         except OSError:

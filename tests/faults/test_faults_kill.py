@@ -23,7 +23,6 @@ from faultkit import run_steps as run_steps_child
 
 from pgtls_helpers import notebook as runbook
 from pgtls_helpers.lab import LabCA, LabCluster
-from pgtls_helpers.runbook import interrupt
 from pgtls_helpers.runbook.params import Params
 
 ParamsFactory = Callable[..., Params]
@@ -145,24 +144,21 @@ def test_runner_and_kernel_killed_in_step4_then_rollback(
         timeout=600,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    # the killed run left a record without a manifest
+    (left,) = (tmp_path / "records" / params.change_id).iterdir()
+    assert not (left / "manifest.json").exists()
     # the kernel died too: it would otherwise still hold the change lock (5 s wait)
-    back = rollback(path, fresh_cluster)
+    back = rollback(path, fresh_cluster, "--records", str(tmp_path / "records"))
     assert back.returncode == 0, back.stdout + back.stderr
     assert "restored" in back.stdout
     assert_as_before(fresh_cluster, before)
-    # the killed run left a record without a manifest; the next run of the change seals it
-    (left,) = (tmp_path / "records" / params.change_id).iterdir()
-    assert not (left / "manifest.json").exists()
-    newer = tmp_path / "records" / params.change_id / "99999999T999999Z"
-    newer.mkdir()
-    assert interrupt.seal_unfinished(
-        tmp_path / "records", params.change_id, params, exclude=newer
-    ) == [left]
+    # the rollback sealed that record as interrupted, saying what was in place
+    assert "sealed the record of an interrupted run" in back.stderr
     sealed = json.loads((left / "manifest.json").read_text())
     assert sealed["outcome"] == "interrupted"
+    assert "enable interrupted" in sealed["in_place"]
+    assert "pg_hba.conf" in sealed["in_place"]
     assert "01_key_and_csr" in sealed["steps_with_a_summary"]
-    # sealed after the rollback: the journal of the killed run is closed, nothing is in place
-    assert "nothing is in place" in sealed["in_place"]
 
 
 def test_sigterm_to_the_runner_finishes_the_record_with_each_steps_true_status(
