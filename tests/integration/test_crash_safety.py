@@ -273,3 +273,33 @@ def test_trust_and_plain_host_rules_stop_step4_unless_allowed(
         runbook.step4_enable_ssl(params)
     allowed = runbook_params(lab_cluster, apply=False, hba_rules=[full], allow_insecure_rules=True)
     assert not runbook.step4_enable_ssl(allowed).changed
+
+
+def test_reject_lines_go_above_an_included_file_with_tcp_lines(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory
+) -> None:
+    # PostgreSQL 16+ reads include_dir in pg_hba.conf; 15 refuses the line, and so does the check
+    conf_d = fresh_cluster.pgdata / "hba.d"
+    conf_d.mkdir()
+    (conf_d / "10-apps.conf").write_text("host all app 10.0.0.0/8 scram-sha-256\n")
+    owner = fresh_cluster.pgdata.stat()
+    for path in (conf_d, conf_d / "10-apps.conf"):
+        os.chown(path, owner.st_uid, owner.st_gid)
+    hba_file = fresh_cluster.pgdata / "pg_hba.conf"
+    lines = hba_file.read_text().splitlines(keepends=True)
+    first_host = next(i for i, ln in enumerate(lines) if ln.startswith("host "))
+    lines.insert(first_host, "include_dir hba.d\n")
+    hba_file.write_text("".join(lines))
+    params = runbook_params(fresh_cluster)
+    _steps_1_to_3(params)
+    with psycopg.connect(**fresh_cluster.conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
+        major = int(str(conn.execute("SHOW server_version_num").fetchone()[0])) // 10000  # type: ignore[index]
+    if major < 16:
+        with pytest.raises(PreflightError, match="the server would reject line"):
+            runbook.step4_enable_ssl(params)
+        return
+    runbook.step4_enable_ssl(params)
+    after = hba_file.read_text().splitlines()
+    reject = next(i for i, ln in enumerate(after) if ln.startswith("hostnossl all"))
+    assert reject < after.index("include_dir hba.d")
+    assert _ssl(fresh_cluster) == "on"
