@@ -208,7 +208,7 @@ def apply_install(
                     planned = plan_root_crt(user, pem_of(root), merge=params.client_root_merge)
                     done.append(journal.write_file(planned))
         except Exception:
-            undo_change(params, server=None, reason="undone")
+            undo_change(params, server=server, reason="undone")
             raise
         journal.end("ok")
     return files.InstallResult(tuple(done))
