@@ -15,6 +15,7 @@ from pgtls_helpers.postgres import files, hba, hbacheck
 from pgtls_helpers.postgres.lock import change_lock
 from pgtls_helpers.postgres.probe import ProbeResult
 from pgtls_helpers.postgres.server import Server, ServerFacts
+from pgtls_helpers.runbook import journal as wal
 from pgtls_helpers.runbook.common import (
     address_of,
     fingerprint_of,
@@ -253,13 +254,14 @@ def step4_enable_ssl(params: Params) -> EnableResult:
     server = open_server(params)
     try:
         plan = plan_enable(params, server)
-        if not params.apply or not plan.changes:
+        if not params.apply or not (plan.changes or _interrupted(params)):
             return _unchanged(params, plan)
         with change_lock(
             plan.facts.data_directory, plan.facts.data_directory_owner, server, params.change_id
         ):
             plan = plan_enable(params, server)  # again, under the lock
             if not plan.changes:
+                _finish_interrupted(params, server, plan)
                 return _unchanged(params, plan)
             check_enable(params, server, plan)
             journal = Journal.begin(params.work, "enable", server_before(params, plan.facts))
@@ -288,6 +290,26 @@ def step4_enable_ssl(params: Params) -> EnableResult:
         return res
     finally:
         server.close()
+
+
+def _interrupted(params: Params) -> bool:
+    """An earlier step 4 of this change was stopped before it recorded its end."""
+    return "enable" in wal.unfinished_steps(wal.read_entries(wal.journal_path(params.work)))
+
+
+def _finish_interrupted(params: Params, server: Server, plan: EnablePlan) -> None:
+    """Everything is written but an earlier run was stopped, perhaps before its reload: reload
+    (journaled, confirmed on this connection) and prove, so the files on disk are what runs."""
+    if not _interrupted(params):
+        return
+    journal = Journal.begin(params.work, "enable", server_before(params, plan.facts))
+    try:
+        journal.reload("finish", server.reload_confirmed)
+        prove_hba(params, server, plan)
+    except Exception:
+        undo_change(params, server=server, reason="undone")
+        raise
+    journal.end("ok")
 
 
 def _unchanged(params: Params, plan: EnablePlan) -> EnableResult:

@@ -342,15 +342,14 @@ def before_state(entries: Sequence[Entry]) -> dict[str, object]:
 
 
 def unfinished_steps(entries: Sequence[Entry]) -> list[str]:
-    """Steps that began and never recorded their end (the process was stopped)."""
-    open_steps: dict[str, int] = {}
+    """Steps whose last ``begin`` has no ``end`` after it (that run was stopped)."""
+    open_steps: dict[str, bool] = {}
     for e in entries:
         if e.get("op") == "begin":
-            open_steps[str(e["step"])] = open_steps.get(str(e["step"]), 0) + 1
+            open_steps[str(e["step"])] = True
         elif e.get("op") == "end":
-            step = str(e["step"])
-            open_steps[step] = open_steps.get(step, 1) - 1
-    return [s for s, n in open_steps.items() if n > 0]
+            open_steps[str(e["step"])] = False
+    return [step for step, still_open in open_steps.items() if still_open]
 
 
 @dataclass(frozen=True)

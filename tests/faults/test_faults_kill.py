@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import psycopg
 import pytest
 from faultkit import ALL_POINTS, ServerState, assert_as_before, env_for, params_file, rollback
 from faultkit import run_steps as run_steps_child
@@ -32,7 +33,7 @@ FULL = os.environ.get("PGTLS_FAULTS") == "all"
 SUBSET = [
     ("ssl-off", "install:certificate", "rollback"),
     ("ssl-off", "enable:reload-ssl", "rerun-rollback"),
-    ("ssl-off", "enable:hba", "rollback"),
+    ("ssl-off", "enable:hba", "rerun-rollback"),
     ("ssl-on", "install:key", "rerun-rollback"),
 ]
 SWEEP = [
@@ -78,6 +79,9 @@ def _fault_then_restore(
     if then == "rerun-rollback":
         rerun = run_steps_child(path, cluster)
         assert rerun.returncode == 0, rerun.stderr
+        # the rerun finished the change: what is on disk is what runs (non-SSL is refused)
+        with pytest.raises(psycopg.OperationalError, match="no encryption"):
+            psycopg.connect(**cluster.conninfo(sslmode="disable"))  # type: ignore[arg-type]
     back = rollback(path, cluster)
     assert back.returncode == 0, back.stdout + back.stderr
     assert_as_before(cluster, before)
