@@ -32,6 +32,7 @@ FULL = os.environ.get("PGTLS_FAULTS") == "all"
 # (server, fault point, then): the default subset covers each kind of instant once
 SUBSET = [
     ("ssl-off", "install:certificate", "rollback"),
+    ("ssl-off", "enable:hba-checked", "rollback"),
     ("ssl-off", "enable:reload-ssl", "rerun-rollback"),
     ("ssl-off", "enable:hba", "rerun-rollback"),
     ("ssl-on", "install:key", "rerun-rollback"),
