@@ -131,6 +131,17 @@ def _add_rollback(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="where the change's work directory (its journals) lives",
     )
+    back.add_argument(
+        "--records",
+        default="records",
+        metavar="DIR",
+        help="where the change's records are; the rollback's record goes beside them",
+    )
+    back.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show what would be removed, restored and reset; change nothing",
+    )
     back.set_defaults(func=_lazy("pgtls_helpers.cli.rollback", "main"))
 
 
