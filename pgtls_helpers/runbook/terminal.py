@@ -58,7 +58,9 @@ def run_summary(m: Mapping[str, Any], record_dir: Path) -> str:
     elif result.startswith("no change"):
         lines.append("no change: already as planned")
     elif m.get("outcome") == "failed":
-        lines.append(f"{result}: {m.get('error')}")
+        # the failed step's reason is printed under it; a set-up failure has no step
+        named = any(s.get("error") for s in m.get("steps", []))
+        lines.append(result if named else f"{result}: {m.get('error')}")
         if m.get("in_place"):
             lines.append("in place now:")
             lines += [f"  {x}" for x in m["in_place"]]
@@ -69,13 +71,13 @@ def run_summary(m: Mapping[str, Any], record_dir: Path) -> str:
             f"verdict: {m['verdict']} ({good} of {len(checks)} connection checks as they must be)"
         )
     leaf = next((c for c in m.get("certificates", []) if c.get("role") == "leaf"), None)
-    if leaf and m.get("apply"):
+    if leaf and m.get("apply") and m.get("outcome") != "failed":
         cn = re.search(r"(?:^|,)CN=((?:[^,\\]|\\.)+)", leaf["subject"])
         lines.append(
             f"certificate: {cn.group(1) if cn else leaf['subject']}, until "
             f"{leaf['not_after'][:10]}, sha256 {leaf['sha256']}"
         )
-    for f in m.get("files", []):
+    for f in m.get("files", []) if m.get("outcome") != "failed" else []:  # see "in place now"
         if f.get("action") in ("create", "replace"):
             lines.append(
                 f"wrote {f['target']} ({f['action']}"
