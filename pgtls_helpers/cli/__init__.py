@@ -1,4 +1,4 @@
-"""Command line: ``pgtls chain``, ``pgtls csr``, ``pgtls probe``, ``pgtls run``, ``pgtls lab``.
+"""Command line: ``pgtls chain``, ``csr``, ``probe``, ``run``, ``rollback``, ``record``, ``lab``.
 
 Each command's body lives in a small ``_cli_*`` module so that importing the CLI stays cheap
 (``chain inspect`` must not pay for pandas or papermill unless it needs them).
@@ -145,6 +145,15 @@ def _add_rollback(sub: argparse._SubParsersAction) -> None:
     back.set_defaults(func=_lazy("pgtls_helpers.cli.rollback", "main"))
 
 
+def _add_record(sub: argparse._SubParsersAction) -> None:
+    record = sub.add_parser("record", help="a run's record in other forms")
+    rsub = record.add_subparsers(dest="record_cmd", required=True)
+    pdf = rsub.add_parser("pdf", help="the summary and step pages of a run in one PDF")
+    pdf.add_argument("record", metavar="RECORD_DIR", help="records/<change_id>/<stamp>/")
+    pdf.add_argument("--out", metavar="FILE.pdf", help="default: records/<change_id>/<stamp>.pdf")
+    pdf.set_defaults(func=_lazy("pgtls_helpers.cli.record", "pdf"))
+
+
 def _add_lab(sub: argparse._SubParsersAction) -> None:
     lab = sub.add_parser("lab", help="throwaway CA and PostgreSQL cluster to explore")
     lsub = lab.add_subparsers(dest="lab_cmd", required=True)
@@ -188,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_probe(sub)
     _add_run(sub)
     _add_rollback(sub)
+    _add_record(sub)
     _add_lab(sub)
     return parser
 

@@ -38,7 +38,6 @@ color:inherit}.line.warn{border-left-color:#b54708;color:inherit}
 .in{color:#667085;font-size:11px;margin-top:12px}
 .out{margin:4px 0 4px 12px}
 nav a{margin-right:12px}
-.anchor-link{display:none}
 """
 
 _HEX = re.compile(r"[0-9a-fA-F]{32,}")
@@ -137,10 +136,17 @@ def _output_html(output: Mapping[str, Any]) -> str:
     return ""
 
 
-def _markdown(source: str) -> str:
-    from nbconvert.filters.markdown_mistune import markdown2html_mistune
+_MARKDOWN: Any = None
 
-    return breakable(markdown2html_mistune(source))
+
+def _markdown(source: str) -> str:
+    """The runbook's own text (trusted), as Jupyter shows it: tables, code, links."""
+    global _MARKDOWN
+    if _MARKDOWN is None:
+        import mistune
+
+        _MARKDOWN = mistune.create_markdown(escape=False, plugins=["table", "strikethrough"])
+    return breakable(str(_MARKDOWN(source)))
 
 
 def step_page(

@@ -282,6 +282,7 @@ def test_the_manifest_tells_the_truth(change: Change) -> None:
     ).stdout.decode()
     assert served["subject"] == openssl.strip().removeprefix("subject=")
     assert m["certificates"][0]["subject"] == served["subject"]
+    assert m["presented_chain"][0]["subject"] == served["subject"]
     assert served["days_left"] > 300
 
 
@@ -467,3 +468,27 @@ def test_no_record_holds_the_servers_password(change: Change) -> None:
     for record in (change.plan.record_dir, change.applied.record_dir, change.rollback_dir):
         assert_no_secrets(record, change.cluster.password())
     assert os.environ.get("PGPASSFILE") != str(change.cluster.passfile)
+
+
+@pytest.mark.browser
+def test_a_record_prints_to_one_pdf_beside_the_run(change: Change) -> None:
+    if not Path(CHROMIUM).exists():
+        skip_or_fail(f"{CHROMIUM} is not installed (Debian: apt-get install chromium)")
+    record = change.applied.record_dir
+    code, out = _cli("record", "pdf", str(record))
+    assert code == 0, out
+    pdf = record.with_suffix(".pdf")
+    assert out.strip().startswith(f"wrote {pdf} ")
+    data = pdf.read_bytes()
+    assert data.startswith(b"%PDF-")
+    # the summary page and five step pages, each starting on a page of its own
+    assert len(re.findall(rb"/Type\s*/Page\b", data)) >= 6
+    assert (record / "manifest.json").stat().st_mode & 0o222 == 0  # the run stays sealed
+
+
+def test_pdf_of_something_that_is_not_a_record_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(["record", "pdf", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pgtls: {tmp_path}: not the record of a run") and err.count("\n") == 1
