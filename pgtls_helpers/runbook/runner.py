@@ -25,7 +25,6 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +35,6 @@ from pgtls_helpers.runbook.params import (
     Params,
     load_params,
     read_params_file,
-    redacted,
     resolve_paths,
 )
 from pgtls_helpers.runbook.record import new_record_dir
@@ -304,126 +302,6 @@ def _write_step_page(nb: Any, path: Path, **how: Any) -> None:
     path.write_text(step_page(nb, **how), encoding="utf-8")
 
 
-# --------------------------------------------------------------------------- the manifest
-
-
-def _manifest(
-    *,
-    params: Params,
-    params_file: Path,
-    values: Mapping[str, Any],
-    record: Path,
-    started: datetime,
-    seconds: float,
-    outcome: str,
-    exit_code: int,
-    steps: list[StepOutcome],
-    lab: dict[str, Any] | None,
-    error: str | None,
-    server_before: dict[str, Any] | None,
-    server_after: dict[str, Any] | None,
-    records_dir: Path,
-) -> dict[str, Any]:
-    summaries = rec.step_summaries(record)
-    s1 = summaries.get("01_key_and_csr", {})
-    s2 = summaries.get("02_ca_response", {})
-    s3 = summaries.get("03_install_files", {})
-    s4 = summaries.get("04_enable_ssl", {})
-    s5 = summaries.get("05_verify_clients", {})
-    installed = [*s3.get("installed", []), *s4.get("installed", [])]
-    failed = next((s for s in steps if s.status == "failed"), None)
-    if outcome == "failed" and not error:
-        error = (
-            f"step {failed.step[:2].lstrip('0')} {failed.title}: {failed.error}"
-            if failed
-            else "the run failed before its first step"
-        )
-    journals = params.work.install_journal.exists() or params.work.enable_journal.exists()
-    m: dict[str, Any] = {
-        "record_format": rec.RECORD_FORMAT,
-        "kind": "change",
-        "change_id": params.change_id,
-        "outcome": outcome,
-        "exit_code": exit_code,
-        "error": error,
-        "parameters_file": str(params_file),
-        "parameters_file_sha256": rec.sha256_file(params_file),
-        "parameters": redacted(_injected(params)),
-        "parameters_as_given": redacted(dict(values)),
-        "server": f"{params.server_host}:{params.server_port}",
-        "apply": params.apply,
-        **rec.who_and_where(),
-        "started_utc": started.isoformat(timespec="seconds"),
-        "finished_utc": rec.utc().isoformat(timespec="seconds"),
-        "seconds": round(seconds, 2),
-        "versions": rec.versions(),
-        "lab": lab,
-        "steps": [
-            {
-                **dataclasses.asdict(s),
-                "seconds": round(s.seconds, 2),
-                "notebook": f"{s.step}.ipynb" if s.status in ("ok", "failed") else None,
-                "html": f"{s.step}.html" if s.status in ("ok", "failed") else None,
-                "summary": summaries.get(s.step),
-            }
-            for s in steps
-        ],
-        "csr_file": s1.get("csr_file") or str(params.work.csr),
-        "csr_sha256": s1.get("csr_sha256"),
-        "public_key_sha256": s1.get("public_key_sha256"),
-        "certificates": s2.get("chain", []),
-        "unused_certificates": s2.get("unused", []),
-        "findings": s2.get("findings", []),
-        "files": installed,
-        "ssl_before": s4.get("ssl_before"),
-        "ssl_after": s4.get("ssl_after"),
-        "presented_chain": s4.get("presented", []),
-        "tls_version": s4.get("tls_version"),
-        "hba_added": s4.get("hba_added", []),
-        "sessions_refused": s4.get("sessions_refused"),
-        "server_before": server_before,
-        "server_after": server_after,
-        "verdict": s5.get("verdict"),
-        "checks": s5.get("checks", []),
-        # a lab cluster is gone after the run: nothing there to roll back
-        "rollback_command": rec.rollback_command(params_file, params.work_dir, records_dir)
-        if journals and not lab
-        else None,
-    }
-    m["in_place"] = (
-        []
-        if outcome != "failed"
-        else ["nothing: the throwaway lab cluster was removed at the end of the run"]
-        if lab
-        else _in_place(params, m)
-    )
-    return m
-
-
-def _in_place(params: Params, m: Mapping[str, Any]) -> list[str]:
-    """After a failure: what of the change is on the server now, in sentences."""
-    from pgtls_helpers.postgres import files
-
-    out = []
-    if params.work.install_journal.exists():
-        for item in files.load_journal(params.work.install_journal).installed:
-            if item.action != "unchanged":
-                verb = "created" if item.action == "create" else "replaced"
-                out.append(f"{item.target} ({item.kind}): {verb} by this change")
-    if params.work.enable_journal.exists():
-        out.append("pg_hba.conf and the settings of step 4: changed by this change")
-    after = m.get("server_after") or {}
-    if after.get("settings"):
-        served = after.get("served")
-        out.append(
-            f"the server has ssl {after['settings'].get('ssl')}"
-            + (f" and presents {served['subject']} (sha256 {served['sha256']})" if served else "")
-        )
-    if not (params.work.install_journal.exists() or params.work.enable_journal.exists()):
-        out.insert(0, "nothing of this change is in place: the server is as it was before")
-    return out
-
-
 # --------------------------------------------------------------------------- run
 
 
@@ -499,8 +377,9 @@ def run(
         if not steps:  # interrupted before the first step ended
             steps = [StepOutcome(s, t, "not-run") for s, t in STEPS]
             error = error or "interrupted"
-        manifest = _manifest(
+        manifest = rec.run_manifest(
             params=params,
+            injected=_injected(params),
             params_file=params_file,
             values=values,
             record=record,
