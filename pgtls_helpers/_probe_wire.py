@@ -126,7 +126,17 @@ def context() -> ssl.SSLContext:
 
 
 class WireError(Exception):
-    """One sentence (without the ``host:port:`` prefix) saying what went wrong."""
+    """One sentence (without the ``host:port:`` prefix) saying what went wrong.
+
+    ``kind`` says which way it went wrong, for callers that classify (``pgtls watch``):
+    ``unreachable`` (no TCP connection, or it broke), ``timeout``, ``not-postgres`` (an answer
+    PostgreSQL does not give), ``no-ssl`` (the server refused SSL) or ``handshake`` (the TLS
+    handshake failed).
+    """
+
+    def __init__(self, message: str, kind: str = "unreachable") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def _peer_chain(tls: ssl.SSLSocket) -> list[Any]:
@@ -226,7 +236,7 @@ def cert_names(cert: Any) -> tuple[str, str] | None:
     return (subject, issuer) if subject is not None and issuer is not None else None
 
 
-def _close_politely(tls: ssl.SSLSocket) -> None:
+def close_politely(tls: ssl.SSLSocket) -> None:
     # close_notify tells the backend we are gone; without it the server logs "could not receive
     # data from client: Connection reset by peer" for every probe. Its own close_notify is not
     # awaited (the socket is non-blocking by then): that would only time the backend's exit.
@@ -261,7 +271,7 @@ def _error_text(raw: socket.socket) -> str:
     return " ".join(text.split())[:300] or "no message"
 
 
-def _connect(host: str, port: int, timeout: float) -> socket.socket:
+def connect(host: str, port: int, timeout: float) -> socket.socket:
     try:
         return socket.create_connection((host, port), timeout=timeout)
     except socket.gaierror as exc:
@@ -276,7 +286,8 @@ def _connect(host: str, port: int, timeout: float) -> socket.socket:
     except TimeoutError as exc:
         raise WireError(
             f"no connection within {timeout:g} s; check the host, the port "
-            "and any firewall in between"
+            "and any firewall in between",
+            "timeout",
         ) from exc
     except OSError as exc:
         raise WireError(
@@ -290,27 +301,31 @@ def _ssl_request(raw: socket.socket, timeout: float) -> None:
         answer = raw.recv(1)
     except TimeoutError as exc:
         raise WireError(
-            f"no answer to the SSLRequest within {timeout:g} s; is this a PostgreSQL server?"
+            f"no answer to the SSLRequest within {timeout:g} s; is this a PostgreSQL server?",
+            "timeout",
         ) from exc
     except OSError as exc:
         raise WireError(
             f"the connection failed before an answer to the SSLRequest "
-            f"({exc.strerror or exc}); is this a PostgreSQL server?"
+            f"({exc.strerror or exc}); is this a PostgreSQL server?",
+            "not-postgres",
         ) from exc
     if answer == b"S":
         return
     if answer == b"N":
-        raise WireError("the server refused SSL (ssl = off?)")
+        raise WireError("the server refused SSL (ssl = off?)", "no-ssl")
     if answer == b"":
         raise WireError(
             "the server closed the connection without answering the "
-            "SSLRequest; is this a PostgreSQL server?"
+            "SSLRequest; is this a PostgreSQL server?",
+            "not-postgres",
         )
     if answer == b"E":
         raise WireError(f"the server answered the SSLRequest with an error: {_error_text(raw)}")
     raise WireError(
         f"the server answered the SSLRequest with {answer!r}, not "
-        "'S' or 'N'; is this a PostgreSQL server?"
+        "'S' or 'N'; is this a PostgreSQL server?",
+        "not-postgres",
     )
 
 
@@ -321,7 +336,7 @@ def handshake(host: str, port: int, timeout: float) -> Presented:
         WireError: no handshake; the message says why in one sentence.
     """
     deadline = time.monotonic() + timeout
-    with _connect(host, port, timeout) as raw:
+    with connect(host, port, timeout) as raw:
         # Small writes in a row (SSLRequest, handshake, close_notify) must not wait for
         # delayed ACKs; libpq sets the same option.
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -331,11 +346,14 @@ def handshake(host: str, port: int, timeout: float) -> Presented:
         try:
             tls = context().wrap_socket(raw, server_hostname=None if _is_ip(host) else host)
         except TimeoutError as exc:
-            raise WireError(f"the TLS handshake did not finish within {timeout:g} s") from exc
+            raise WireError(
+                f"the TLS handshake did not finish within {timeout:g} s", "timeout"
+            ) from exc
         except ssl.SSLError as exc:
             reason = exc.reason or exc.strerror or str(exc)
             raise WireError(
-                f"the TLS handshake failed ({reason}); see the server log for its side"
+                f"the TLS handshake failed ({reason}); see the server log for its side",
+                "handshake",
             ) from exc
         except OSError as exc:
             raise WireError(
@@ -346,7 +364,7 @@ def handshake(host: str, port: int, timeout: float) -> Presented:
             cipher = tls.cipher()
             return tls.version(), cipher[0] if cipher else None, _peer_chain(tls)
         finally:
-            _close_politely(tls)
+            close_politely(tls)
 
 
 def attempt(host: str, port: int, timeout: float) -> Presented | str:
