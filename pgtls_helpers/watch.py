@@ -480,10 +480,14 @@ def check_target(
         version, cipher, presented = handshake(host, port, options.timeout)
     except WireError as exc:
         reason = _WIRE_REASONS.get(exc.kind, "no-ssl" if exc.kind == "handshake" else "unreachable")
-        sentence = f"{target.text}: {exc}"
+        sentence = str(exc)
         if reason != "no-ssl":
             return TargetResult(
-                **base, status="unknown", reasons=(reason,), details=(sentence,), error=sentence
+                **base,
+                status="unknown",
+                reasons=(reason,),
+                details=(sentence,),
+                error=f"{target.text}: {sentence}",
             )
         posture = plaintext_posture(host, port, options.timeout)
         reasons = [("no-ssl", sentence)]
@@ -497,16 +501,18 @@ def check_target(
             reasons=tuple(c for c, _ in reasons),
             details=tuple(s for _, s in reasons),
             plaintext=posture.verdict,
-            error=sentence,
+            error=f"{target.text}: {sentence}",
         )
     try:
         chain = [cache.load(cert_der(c)) for c in presented]
     except ValueError as exc:
-        sentence = (
-            f"{target.text}: the server presented a certificate that cannot be parsed ({exc})"
-        )
+        sentence = f"the server presented a certificate that cannot be parsed ({exc})"
         return TargetResult(
-            **base, status="critical", reasons=("untrusted",), details=(sentence,), error=sentence
+            **base,
+            status="critical",
+            reasons=("untrusted",),
+            details=(sentence,),
+            error=f"{target.text}: {sentence}",
         )
     negotiation = ["sslrequest"]
     if direct_tls(host, port, options.timeout).supported:
