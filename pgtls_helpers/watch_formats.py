@@ -233,7 +233,8 @@ def render_nagios(results: Sequence[TargetResult], *, warn_days: int, crit_days:
     if len(results) == 1:
         text = _line(results[0])
     else:
-        tally = ", ".join(f"{counts[s]} {s}" for s in reversed(STATUSES) if counts[s])
+        by_severity = sorted(STATUSES, key=_SEVERITY.__getitem__, reverse=True)
+        tally = ", ".join(f"{counts[s]} {s}" for s in by_severity if counts[s])
         bad = [_line(r) for r in ordered if r.status != "ok"]
         text = tally + (": " + "; ".join(bad) if bad else "")
     perf = []

@@ -50,10 +50,11 @@ _FIRST_MESSAGES = {b"R", b"E", b"v"}
 
 
 def startup_message(user: str = WATCH_USER, database: str = "postgres") -> bytes:
-    """A protocol 3.0 StartupMessage.
+    """A protocol 3.0 StartupMessage: length, version 3.0, then ``name NUL value NUL`` pairs.
 
-    >>> startup_message("u", "d")[:8]
-    b'\\x00\\x00\\x00/\\x00\\x03\\x00\\x00'
+    >>> message = startup_message("u", "d")
+    >>> int.from_bytes(message[:4], "big") == len(message), message[4:8].hex()
+    (True, '00030000')
     """
     params = f"user\0{user}\0database\0{database}\0application_name\0pgtls-watch\0\0".encode()
     return struct.pack("!ii", 8 + len(params), _PROTOCOL_3_0) + params
