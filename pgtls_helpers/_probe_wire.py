@@ -108,21 +108,29 @@ def parse_target(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]
     return host, port
 
 
-_CONTEXT: ssl.SSLContext | None = None
+_CONTEXTS: dict[bool, ssl.SSLContext] = {}
+#: The ALPN protocol name PostgreSQL 17 selects (and requires for direct TLS).
+ALPN = "postgresql"
 
 
-def context() -> ssl.SSLContext:
-    """The client context of every probe: accepts whatever the server offers, verifies nothing."""
-    global _CONTEXT
-    if _CONTEXT is None:
+def context(alpn: bool = False) -> ssl.SSLContext:
+    """The client context of every probe: accepts whatever the server offers, verifies nothing.
+
+    With ``alpn`` it offers ALPN ``postgresql`` as libpq 17 does: a PostgreSQL 17 server selects
+    it, on the SSLRequest path too; older servers ignore it.
+    """
+    ctx = _CONTEXTS.get(alpn)
+    if ctx is None:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
         # Old protocol versions and weak keys are findings to show, not reasons to stop looking.
         ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
         ctx.set_ciphers("ALL:@SECLEVEL=0")
-        _CONTEXT = ctx
-    return _CONTEXT
+        if alpn:
+            ctx.set_alpn_protocols([ALPN])
+        _CONTEXTS[alpn] = ctx
+    return ctx
 
 
 class WireError(Exception):
@@ -335,6 +343,18 @@ def handshake(host: str, port: int, timeout: float) -> Presented:
     Raises:
         WireError: no handshake; the message says why in one sentence.
     """
+    version, cipher, chain, _ = handshake_alpn(host, port, timeout, alpn=False)
+    return version, cipher, chain
+
+
+def handshake_alpn(
+    host: str, port: int, timeout: float, *, alpn: bool = True
+) -> tuple[str | None, str | None, list[Any], str | None]:
+    """:func:`handshake` offering ALPN ``postgresql``; also returns the protocol selected.
+
+    Raises:
+        WireError: no handshake; the message says why in one sentence.
+    """
     deadline = time.monotonic() + timeout
     with connect(host, port, timeout) as raw:
         # Small writes in a row (SSLRequest, handshake, close_notify) must not wait for
@@ -344,7 +364,7 @@ def handshake(host: str, port: int, timeout: float) -> Presented:
         _ssl_request(raw, timeout)
         raw.settimeout(max(0.001, deadline - time.monotonic()))
         try:
-            tls = context().wrap_socket(raw, server_hostname=None if _is_ip(host) else host)
+            tls = context(alpn).wrap_socket(raw, server_hostname=None if _is_ip(host) else host)
         except TimeoutError as exc:
             raise WireError(
                 f"the TLS handshake did not finish within {timeout:g} s", "timeout"
@@ -362,7 +382,8 @@ def handshake(host: str, port: int, timeout: float) -> Presented:
             ) from exc
         try:
             cipher = tls.cipher()
-            return tls.version(), cipher[0] if cipher else None, _peer_chain(tls)
+            selected = tls.selected_alpn_protocol() if alpn else None
+            return tls.version(), cipher[0] if cipher else None, _peer_chain(tls), selected
         finally:
             close_politely(tls)
 

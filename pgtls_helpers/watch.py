@@ -1,7 +1,8 @@
 """``pgtls watch``: what many servers serve, whether it is trusted, how long it lasts.
 
 Per target, with many targets at once: the SSLRequest handshake and the presented chain
-(:mod:`pgtls_helpers._probe_wire`), PostgreSQL 17's direct TLS and the plaintext posture
+(:mod:`pgtls_helpers._probe_wire`), PostgreSQL 17's direct TLS (tried where the SSLRequest
+handshake selected ALPN ``postgresql``, as only 17 and later do) and the plaintext posture
 (:mod:`pgtls_helpers.watch_wire`), optionally the certificate on disk; then one status and
 stable reason codes:
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import hashlib
 import threading
 from collections.abc import Iterable, Sequence
@@ -35,11 +37,12 @@ from typing import Any
 from cryptography import x509
 
 from pgtls_helpers._probe_wire import (
+    ALPN,
     DEFAULT_PORT,
     WireError,
     cert_der,
     format_target,
-    handshake,
+    handshake_alpn,
     parse_target,
 )
 from pgtls_helpers.chain import is_ca, is_self_signed, same_name, signed_by
@@ -353,6 +356,68 @@ def _verify(
     return None
 
 
+@functools.lru_cache(maxsize=256)
+def _verdict(
+    chain: tuple[x509.Certificate, ...],
+    roots: tuple[x509.Certificate, ...] | None,
+    now: _dt.datetime,
+) -> tuple[bool | None, str | None, str | None, x509.Certificate | None]:
+    """(verified, incomplete, untrusted, anchor) for one chain; a fleet shares few chains, so
+    each is judged once per run."""
+    incomplete, untrusted, anchor = _chain_shape(chain, roots)
+    if roots is None:
+        return None, incomplete, None, None
+    problem = _verify(chain, roots, now)
+    if problem is not None and not untrusted and not incomplete:
+        # An expired member is said as such; what still fails at a time when every member is
+        # valid is distrust. (No common window at all: the expiry explains it, and the
+        # signatures were checked with the chain's shape.)
+        members = [*chain, *([anchor] if anchor is not None else [])]
+        valid_at = max(c.not_valid_before_utc for c in members) + _dt.timedelta(seconds=1)
+        ends = min(c.not_valid_after_utc for c in members)
+        if valid_at < ends and _verify(chain, roots, valid_at) is not None:
+            untrusted = f"the chain does not verify against --root: {problem}"
+    return problem is None, incomplete, untrusted, anchor
+
+
+def _worst(
+    chain: tuple[x509.Certificate, ...],
+    roots: tuple[x509.Certificate, ...] | None,
+    now: _dt.datetime,
+) -> tuple[x509.Certificate, str, int]:
+    """The member that expires first (the trust anchor from --root included), its role, and
+    its whole days left."""
+    anchor = _verdict(chain, roots, now)[3]
+    members = [(c, _role(c, i)) for i, c in enumerate(chain)]
+    if anchor is not None and anchor not in chain:
+        members.append((anchor, "root (--root)"))
+    cert, role = min(members, key=lambda m: m[0].not_valid_after_utc)
+    return cert, role, (cert.not_valid_after_utc - now).days
+
+
+def _chain_reasons(
+    chain: tuple[x509.Certificate, ...],
+    roots: tuple[x509.Certificate, ...] | None,
+    warn_days: int,
+    now: _dt.datetime,
+) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    cert, role, days = _worst(chain, roots, now)
+    end = cert.not_valid_after_utc
+    if end <= now:
+        found.append(("expired", f"the {role} {_label(cert)} expired on {end:%Y-%m-%d}"))
+    elif days < warn_days:
+        found.append(
+            ("expires-soon", f"the {role} {_label(cert)} expires on {end:%Y-%m-%d}, in {days} days")
+        )
+    _, incomplete, untrusted, _ = _verdict(chain, roots, now)
+    if incomplete:
+        found.append(("incomplete-chain", incomplete))
+    if untrusted:
+        found.append(("untrusted", untrusted))
+    return found
+
+
 def classify(
     target: Target,
     *,
@@ -374,40 +439,9 @@ def classify(
             None,
             None,
         )
-    incomplete, untrusted, anchor = _chain_shape(chain, options.roots)
-    members = [(c, _role(c, i)) for i, c in enumerate(chain)]
-    if anchor is not None and anchor not in chain:
-        members.append((anchor, "root (--root)"))
-    worst_cert, worst_role = min(members, key=lambda m: m[0].not_valid_after_utc)
-    worst = worst_cert.not_valid_after_utc
-    days = (worst - now).days
-    when = f"{worst:%Y-%m-%d}"
-    if worst <= now:
-        found.append(("expired", f"the {worst_role} {_label(worst_cert)} expired on {when}"))
-    elif days < options.warn_days:
-        found.append(
-            (
-                "expires-soon",
-                f"the {worst_role} {_label(worst_cert)} expires on {when}, in {days} days",
-            )
-        )
-    if incomplete:
-        found.append(("incomplete-chain", incomplete))
-    verified: bool | None = None
-    if options.roots is not None:
-        problem = _verify(chain, options.roots, now)
-        verified = problem is None
-        if untrusted:
-            found.append(("untrusted", untrusted))
-        elif problem is not None and not incomplete:
-            # An expired member is already said; anything left at a valid time is distrust.
-            starts = [c.not_valid_before_utc for c, _ in members]
-            ends = [c.not_valid_after_utc for c, _ in members]
-            valid_at = max(starts) + _dt.timedelta(seconds=1)
-            # (No common window at all: the expiry already explains it; the signatures were
-            # checked when the chain's shape was.)
-            if valid_at < min(ends) and _verify(chain, options.roots, valid_at) is not None:
-                found.append(("untrusted", f"the chain does not verify against --root: {problem}"))
+    found.extend(_chain_reasons(tuple(chain), options.roots, options.warn_days, now))
+    verified = _verdict(tuple(chain), options.roots, now)[0]
+    days = _worst(tuple(chain), options.roots, now)[2]
     host_check = check_host(chain[0], target.host)
     if not host_check.matched:
         found.append(("hostname-mismatch", explain(chain[0], target.host)))
@@ -479,7 +513,7 @@ def check_target(
     host, port = target.host, target.port
     base: dict[str, Any] = {"target": target.text, "host": host, "port": port}
     try:
-        version, cipher, presented = handshake(host, port, options.timeout)
+        version, cipher, presented, alpn = handshake_alpn(host, port, options.timeout)
     except WireError as exc:
         reason = _WIRE_REASONS.get(exc.kind, "no-ssl" if exc.kind == "handshake" else "unreachable")
         sentence = str(exc)
@@ -517,7 +551,9 @@ def check_target(
             error=f"{target.text}: {sentence}",
         )
     negotiation = ["sslrequest"]
-    if direct_tls(host, port, options.timeout).supported:
+    # Only a server that selects ALPN "postgresql" after SSLRequest (PostgreSQL 17 and later)
+    # can speak direct TLS; older ones ignore ALPN and are spared a connection.
+    if alpn == ALPN and direct_tls(host, port, options.timeout).supported:
         negotiation.append("direct")
     posture = plaintext_posture(host, port, options.timeout)
     on_disk_leaf: x509.Certificate | None = None

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from pgtls_helpers._probe_wire import WireError, close_politely, connect
+from pgtls_helpers._probe_wire import ALPN, WireError, close_politely, connect, context
 
 __all__ = [
     "ALPN",
@@ -39,8 +39,6 @@ __all__ = [
     "startup_message",
 ]
 
-#: The ALPN protocol name PostgreSQL 17 requires for direct TLS.
-ALPN = "postgresql"
 #: The user name of the plaintext and direct probes; it needs to exist nowhere.
 WATCH_USER = "pgtls_watch"
 _PROTOCOL_3_0 = 196608  # 3 << 16
@@ -122,22 +120,6 @@ def _server_hostname(host: str) -> str | None:
     return host
 
 
-_DIRECT_CONTEXT: ssl.SSLContext | None = None
-
-
-def _direct_context() -> ssl.SSLContext:
-    global _DIRECT_CONTEXT
-    if _DIRECT_CONTEXT is None:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
-        ctx.set_ciphers("ALL:@SECLEVEL=0")
-        ctx.set_alpn_protocols([ALPN])
-        _DIRECT_CONTEXT = ctx
-    return _DIRECT_CONTEXT
-
-
 def direct_tls(host: str, port: int, timeout: float) -> DirectAnswer:
     """Try PostgreSQL 17's direct TLS: ClientHello with ALPN ``postgresql``, then a StartupMessage.
 
@@ -152,7 +134,7 @@ def direct_tls(host: str, port: int, timeout: float) -> DirectAnswer:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         raw.settimeout(max(0.001, deadline - time.monotonic()))
         try:
-            tls = _direct_context().wrap_socket(raw, server_hostname=_server_hostname(host))
+            tls = context(alpn=True).wrap_socket(raw, server_hostname=_server_hostname(host))
         except TimeoutError:
             return DirectAnswer(False, f"no TLS handshake without SSLRequest within {timeout:g} s")
         except (ssl.SSLError, OSError) as exc:
