@@ -14,7 +14,11 @@ import pgtls_helpers
 PACKAGE = Path(pgtls_helpers.__file__).parent
 # A layer may import the ones after it, never the ones before it.
 LAYERS = ["cli", "display", "runbook", "postgres", "pki"]
-MODULES = sorted(m.name for m in pkgutil.walk_packages([str(PACKAGE)], prefix="pgtls_helpers."))
+MODULES = sorted(
+    m.name
+    for m in pkgutil.walk_packages([str(PACKAGE)], prefix="pgtls_helpers.")
+    if m.name != "pgtls_helpers.__main__"  # importing it runs the command line
+)
 
 
 def _source_files() -> list[Path]:
