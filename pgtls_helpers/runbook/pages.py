@@ -51,7 +51,9 @@ def esc(value: object) -> str:
 def breakable(fragment: str) -> str:
     """HTML with a line-break opportunity after each ``/`` and every 16 hex digits of a hash,
     and none anywhere else (``word-break:break-all`` styles are turned off)."""
-    fragment = fragment.replace("word-break:break-all", "word-break:normal")
+    fragment = fragment.replace("word-break:break-all", "word-break:normal").replace(
+        "overflow-wrap:break-word", "overflow-wrap:normal"
+    )
     parts = _TAG.split(fragment)
     in_style = False
     for i, part in enumerate(parts):
@@ -363,6 +365,11 @@ def run_page(m: Mapping[str, Any]) -> str:
 def _change_body(m: Mapping[str, Any], s3: Mapping[str, Any], s4: Mapping[str, Any]) -> list[str]:
     out = ["<h2>Files</h2>", _files_section(m, s3)]
     out += ["<h2>Settings before → after</h2>", _settings_section(m)]
+    planned = [x for x in s4.get("messages", []) if str(x).startswith("ALTER SYSTEM")]
+    if planned and not s4.get("changed"):
+        out.append("<p>Planned, not run:</p><ul>")
+        out += [f"<li><code>{text(x)}</code></li>" for x in planned]
+        out.append("</ul>")
     if s4.get("hba_diff"):
         verb = "" if s4.get("changed") else " (planned, not written)"
         out += [f"<h2>pg_hba.conf{verb}</h2>", _diff(str(s4["hba_diff"]))]

@@ -235,6 +235,20 @@ def test_the_rollback_restores_removes_and_records(change: Change) -> None:
         assert hashlib.sha256(data).hexdigest() == digest
 
 
+def test_a_second_rollback_finds_nothing_to_do_and_writes_no_record(
+    change: Change, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = sorted((change.tmp / "records" / CHANGE).iterdir())
+    code = cli_main(
+        ["rollback", str(change.params_file), "--work", str(change.tmp / "work"),
+         "--records", str(change.tmp / "records")]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    assert "nothing was applied, or it was already rolled back" in err
+    assert sorted((change.tmp / "records" / CHANGE).iterdir()) == runs
+
+
 def test_a_failure_after_step_4_says_what_is_in_place_and_how_to_roll_back(
     failed: Failed,
 ) -> None:
@@ -421,6 +435,7 @@ def test_the_plan_page_says_no_change_and_shows_what_would_change(
     assert "No file was written. The plan:" in text
     assert re.search(r"server\.crt\s+certificate\s+created", text), text
     assert "pg_hba.conf (planned, not written)" in text and "+hostnossl all" in text
+    assert "ALTER SYSTEM SET ssl = 'on'" in text and "Planned, not run:" in text
     assert "Sessions the new pg_hba.conf would refuse" in text
     assert re.search(r"postgres\s+postgres\s+127\.0\.0\.1\s+legacy-app", text), text
     assert "Rollback" not in text
