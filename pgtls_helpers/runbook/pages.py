@@ -438,7 +438,29 @@ def change_page(change_id: str, runs: Iterable[tuple[str, Mapping[str, Any]]]) -
     """``records/<change_id>/index.html``: every run, newest first, with its outcome."""
     from pgtls_helpers.runbook.record import result_line
 
+    runs = list(runs)
     rows = []
+    proven = next(
+        (
+            (name, m)
+            for name, m in runs
+            if m.get("kind", "change") == "change" and m.get("verdict") == "pass"
+        ),
+        None,
+    )
+    newest = runs[0] if runs else None
+    head = []
+    if newest is not None:
+        head.append(
+            f'<p class="line {_line_class(result_line(newest[1]))}" id="now">newest run: '
+            f'<a href="{esc(newest[0])}/index.html">{esc(newest[0])}</a>, '
+            f"{esc(result_line(newest[1]))}</p>"
+        )
+    if proven is not None:
+        head.append(
+            f'<p id="proven">last proven by step 5: <a href="{esc(proven[0])}/index.html">'
+            f"{esc(proven[0])}</a> ({esc(result_line(proven[1]))})</p>"
+        )
     for name, m in runs:
         result = result_line(m) if "steps" in m or "kind" in m else str(m.get("outcome"))
         when = m.get("started_utc") or name
@@ -454,7 +476,8 @@ def change_page(change_id: str, runs: Iterable[tuple[str, Mapping[str, Any]]]) -
             f"<td>{esc(m.get('operator', ''))}</td></tr>"
         )
     body = (
-        f"<h1>{esc(change_id)}: every run</h1><p>Newest first. Each run's record is written "
+        f"<h1>{esc(change_id)}: every run</h1>{''.join(head)}<p>Newest first. Each run's "
+        "record is written "
         "once; this list is rewritten after each run.</p>"
         "<table><thead><tr><th>started</th><th>kind</th><th>mode</th><th>result</th>"
         f"<th>operator</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"

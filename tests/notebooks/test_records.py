@@ -353,8 +353,12 @@ def test_the_change_index_lists_every_run_newest_first(change: Change, browser: 
     assert "no change: already as planned" in rows[1]
     assert "changed and proven" in rows[2]
     assert "plan: no change made" in rows[3] and "plan" in rows[3]
-    links = r.page.eval_on_selector_all("a", "els => els.map(e => e.getAttribute('href'))")
+    links = r.page.eval_on_selector_all("table a", "els => els.map(e => e.getAttribute('href'))")
     assert links[0] == f"{change.rollback_dir.name}/index.html"
+    assert "rolled back" in r.page.inner_text("#now")
+    proven = r.page.inner_text("#proven")
+    # the re-run proved the change again (and changed nothing)
+    assert change.again.record_dir.name in proven and "already as planned" in proven
     assert r.external == []
 
 
