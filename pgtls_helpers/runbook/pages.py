@@ -301,7 +301,7 @@ def _checks_section(checks: Sequence[Mapping[str, Any]]) -> str:
 def _line_class(result: str) -> str:
     if result.startswith(("failed", "rollback failed")):
         return "bad"
-    if result.startswith(("changed and proven", "rolled back")):
+    if result.startswith(("changed and proven", "rolled back", "no change")):
         return "ok"
     return "warn"
 

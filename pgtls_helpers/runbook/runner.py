@@ -357,7 +357,9 @@ def run(
                 kernel_ready = kernel.start_in_background()
                 if lab_base is not None:
                     params, cluster, lab_info = _start_lab(params, lab_base)
-                before = server_state(params)
+                # phase 1 (the CSR, waiting for the CA) does not touch the server
+                phase_one = params.ca_mode == "files" and not params.ca_files
+                before = None if phase_one else server_state(params)
                 kernel_ready()
             except PgtlsError as exc:
                 error = f"set-up failed: {exc}"
@@ -366,7 +368,7 @@ def run(
             else:
                 steps, outcome = _run_steps(params, record, nb_dir, kernel, progress)
                 exit_code = 0 if outcome in ("ok", "waiting-for-ca") else 1
-                after = server_state(params)
+                after = None if phase_one else server_state(params)
     finally:
         if kernel is not None:
             kernel.close()

@@ -29,7 +29,7 @@ def server_state(params: Params) -> dict[str, Any]:
 
     state: dict[str, Any] = {"settings": {}, "served": None, "error": None}
     try:
-        with Server(params.conninfo()) as server:
+        with Server({**params.conninfo(), "connect_timeout": 5}) as server:
             state["settings"] = {name: server.show(name) for name in SETTINGS}
     except Exception as exc:  # the record says what it could not see
         state["error"] = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
