@@ -49,3 +49,18 @@ def test_each_pgtls_command_parses(command: str) -> None:
 def test_make_rollback_is_shown_beside_make_run() -> None:
     assert "make rollback PARAMS=parameters/CHG0012345.yaml" in README
     assert "rollback" in TARGETS
+
+
+def test_make_rollback_passes_the_dry_run_on() -> None:
+    import subprocess
+
+    def dry(*extra: str) -> str:
+        return subprocess.run(
+            ["make", "-n", "-C", str(ROOT), "rollback", "PARAMS=p.yaml", *extra],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+    assert re.search(r"pgtls_helpers rollback p\.yaml .*--dry-run", dry("DRY_RUN=1"))
+    assert "--dry-run" not in dry()
