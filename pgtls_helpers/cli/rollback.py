@@ -1,4 +1,5 @@
-"""``pgtls rollback PARAMS.yaml``: the back-out plan of a change, carried out."""
+"""``pgtls rollback PARAMS.yaml``: the back-out plan of a change, carried out and recorded
+(``--dry-run``: only shown)."""
 
 from __future__ import annotations
 
@@ -13,40 +14,37 @@ __all__ = ["main"]
 
 
 def main(args: argparse.Namespace) -> int:
-    """Restore what steps 3 and 4 changed, reload, and say how the server answers now."""
+    """Restore what steps 3 and 4 changed, reload, say how the server answers now, and write
+    the rollback's record next to the change's."""
     from pgtls_helpers.runbook import interrupt
-    from pgtls_helpers.runbook.rollback import RollbackConflict, rollback_change
+    from pgtls_helpers.runbook.rollback import RollbackConflict
+    from pgtls_helpers.runbook.rollback_record import rollback_with_record
+    from pgtls_helpers.runbook.terminal import rollback_summary
 
-    values = resolve_paths(read_params_file(args.params), Path(args.params), args.work)
+    params_file = Path(args.params).resolve()
+    values = resolve_paths(read_params_file(params_file), params_file, args.work)
     params = load_params(values, source=str(args.params))
     if params.lab_cluster:
         raise InputError(
             f"{args.params}: lab_cluster runs remove their throwaway cluster at the end, so "
             "there is nothing to roll back"
         )
-    records = Path(getattr(args, "records", "records"))
-    for record in interrupt.seal_unfinished(records, params.change_id, params, exclude=records):
-        sys.stderr.write(f"sealed the record of an interrupted run: {record}\n")
+    records = Path(args.records).resolve()
+    if not args.dry_run:
+        for left in interrupt.seal_unfinished(records, params.change_id, params, exclude=records):
+            sys.stderr.write(f"sealed the record of an interrupted run: {left}\n")
     try:
-        result = rollback_change(params, force=bool(getattr(args, "force", False)))
+        manifest, record = rollback_with_record(
+            params,
+            params_file=params_file,
+            records_dir=records,
+            dry_run=args.dry_run,
+            force=args.force,
+        )
     except RollbackConflict as conflict:
         sys.stderr.write(conflict.diff)
         raise
-    out = sys.stdout
-    for row in result.files:
-        out.write(f"{row['action']}: {row['file']}\n")
-    for name, value in result.settings.items():
-        shown = f"'{value}'" if value is not None else "its postgresql.conf value (RESET)"
-        out.write(f"ALTER SYSTEM: {name} back to {shown}\n")
-    if result.ssl_after is None:
-        out.write(f"{result.reloaded}\n")
-        return 0
-    state = "on" if result.ssl_after else "off"
-    leaf = result.presented[0]["subject"] if result.presented else "no certificate"
-    out.write(
-        f"{result.reloaded}; {params.server_host}:{params.server_port} has ssl {state} and "
-        f"presents {leaf}\n"
-    )
-    for problem in result.problems:
+    sys.stdout.write(rollback_summary(manifest, record) + "\n")
+    for problem in manifest.get("problems") or []:
         sys.stderr.write(f"not as before: {problem}\n")
-    return 0 if result.ok else 1
+    return 1 if manifest.get("problems") else 0

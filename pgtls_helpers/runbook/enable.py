@@ -11,7 +11,7 @@ from cryptography import x509
 
 from pgtls_helpers.errors import PgtlsError, PreflightError, ServerError
 from pgtls_helpers.pki.findings import Finding, raise_for_errors
-from pgtls_helpers.postgres import files, hba, hbacheck
+from pgtls_helpers.postgres import files, hba, hbacheck, sessions
 from pgtls_helpers.postgres.lock import change_lock
 from pgtls_helpers.postgres.probe import ProbeResult
 from pgtls_helpers.postgres.server import Server, ServerFacts
@@ -49,6 +49,7 @@ class EnableResult:
     messages: list[str] = field(default_factory=list)
     installed: list[dict[str, object]] = field(default_factory=list)
     runbook_connection: str | None = None  # pg_stat_ssl of a new connection afterwards
+    sessions_refused: list[dict[str, object]] = field(default_factory=list)  # postgres.sessions
 
     def summary(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -123,6 +124,7 @@ class EnablePlan:
     serving_new: bool
     want_sha: str
     host_ip: str
+    sessions_refused: list[dict[str, object]]  # open sessions the new rules would refuse
 
     @property
     def needs_ssl(self) -> bool:
@@ -196,6 +198,7 @@ def plan_enable(params: Params, server: Server) -> EnablePlan:
         serving_new=serving_new,
         want_sha=want_sha,
         host_ip=host_ip,
+        sessions_refused=list(sessions.refused_sessions(server.conn, plan.after)),
     )
 
 
@@ -285,6 +288,7 @@ def step4_enable_ssl(params: Params) -> EnableResult:
             messages=plan.lines(),
             installed=settings_write.as_dicts() + hba_write.as_dicts(),
             runbook_connection=_runbook_tls(params),
+            sessions_refused=plan.sessions_refused,
         )
         save_step(params, "04_enable_ssl", res.summary())
         return res
@@ -332,6 +336,7 @@ def _unchanged(params: Params, plan: EnablePlan) -> EnableResult:
         ]
         if nothing
         else ["plan only (apply: false): nothing was changed", *plan.lines()],
+        sessions_refused=plan.sessions_refused,
     )
     save_step(params, "04_enable_ssl", res.summary())
     return res

@@ -23,7 +23,7 @@ from pgtls_helpers.runbook.common import address_of, fingerprint_of, open_server
 from pgtls_helpers.runbook.params import Params
 from pgtls_helpers.runbook.undo import UndoResult, undo_change
 
-__all__ = ["RollbackConflict", "RollbackResult", "rollback_change"]
+__all__ = ["RollbackConflict", "RollbackResult", "check_conflicts", "rollback_change"]
 
 
 class RollbackConflict(PreflightError):
@@ -84,6 +84,21 @@ def _diff(change: wal.FileChange) -> str:
     )
 
 
+def check_conflicts(params: Params) -> None:
+    """Raise :class:`RollbackConflict` (with the diff) when a file the change touched was
+    edited since: the rollback would discard that work."""
+    changes = wal.file_changes(wal.read_entries(wal.journal_path(params.work)))
+    found = conflicts(changes)
+    if found:
+        names = ", ".join(str(c.target) for c, _ in found)
+        raise RollbackConflict(
+            f"{names}: changed after change {params.change_id} (see the diff); the rollback "
+            "would discard that work, so nothing was restored; merge it by hand or run the "
+            "rollback again with --force",
+            "".join(d for _, d in found),
+        )
+
+
 def rollback_change(params: Params, *, force: bool = False) -> RollbackResult:
     """Back out the change whose journal is in the work directory; see the module docstring.
 
@@ -97,18 +112,9 @@ def rollback_change(params: Params, *, force: bool = False) -> RollbackResult:
             f"{params.work.path}: no journal for change {params.change_id}; nothing was "
             "applied, or it was already rolled back"
         )
-    changes = wal.file_changes(entries)
     before = wal.before_state(entries)
     if not force:
-        found = conflicts(changes)
-        if found:
-            names = ", ".join(str(c.target) for c, _ in found)
-            raise RollbackConflict(
-                f"{names}: changed after change {params.change_id} (see the diff); the "
-                "rollback would discard that work, so nothing was restored; merge it by hand or "
-                "run the rollback again with --force",
-                "".join(d for _, d in found),
-            )
+        check_conflicts(params)
     log_at = _log_size(params)
     server: Server | None = open_server(params)
     try:

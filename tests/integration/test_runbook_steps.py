@@ -453,7 +453,7 @@ def test_a_completed_change_backs_out_to_the_server_as_it_was(
         env={**os.environ, "PGPASSFILE": str(fresh_cluster.passfile)},
     )
     assert proc.returncode == 0, proc.stderr
-    assert "ssl off" in proc.stdout and "restored: " in proc.stdout, proc.stdout
+    assert "ssl off" in proc.stdout and "restored from its backup" in proc.stdout, proc.stdout
     assert (fresh_cluster.pgdata / "pg_hba.conf").read_bytes() == hba_before
     assert not (fresh_cluster.pgdata / "server.crt").exists()
     assert not (fresh_cluster.pgdata / "server.key").exists()
