@@ -274,36 +274,32 @@ def _read_directory(path: str, password: bytes | None, acc: _Accumulator) -> Non
 
 def _read(path: str) -> bytes:
     """A regular file's bytes, at most :data:`MAX_FILE_BYTES`; devices and FIFOs are refused
-    (``/dev/zero`` never ends, a FIFO blocks), opened without blocking so a FIFO cannot hang."""
+    before they are opened (``/dev/zero`` never ends, opening a FIFO blocks)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except PermissionError as exc:
-        raise _Unreadable("cannot be read (permission denied)") from exc
-    except OSError as exc:
-        raise _Unreadable(f"cannot be read ({exc.strerror})") from exc
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(os.stat(path).st_mode):
             raise _Unreadable(
                 "is not a regular file (a device, FIFO or socket); give the certificate file "
                 "the CA returned"
             )
-        if st.st_size > MAX_FILE_BYTES:
-            raise _Unreadable(
-                f"is {st.st_size // (1024 * 1024)} MB, over the 10 MB a certificate file could need"
-            )
-        chunks: list[bytes] = []
-        total = 0
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > MAX_FILE_BYTES:
+        with open(path, "rb", buffering=0) as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise _Unreadable(
+                    "is not a regular file; give the certificate file the CA returned"
+                )
+            if st.st_size > MAX_FILE_BYTES:
+                raise _Unreadable(
+                    f"is {st.st_size // (1024 * 1024)} MB, over the 10 MB a certificate file "
+                    "could need"
+                )
+            data = f.read(MAX_FILE_BYTES + 1)
+            if len(data) > MAX_FILE_BYTES:
                 raise _Unreadable("grew past 10 MB while being read; not a certificate file")
-        return b"".join(chunks)
+            return data
+    except PermissionError as exc:
+        raise _Unreadable("cannot be read (permission denied)") from exc
     except OSError as exc:
         raise _Unreadable(f"cannot be read ({exc.strerror})") from exc
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -263,7 +263,8 @@ def test_a_failure_after_step_4_says_what_is_in_place_and_how_to_roll_back(
     assert any("certificate verify failed" in ln for ln in checks), checks
     assert "in place now:" in text
     assert re.search(r"\S+/server\.crt \(certificate\): created by this change", text), text
-    assert "pg_hba.conf and the settings of step 4: changed by this change" in text
+    assert re.search(r"\S+/pg_hba\.conf \(hba\): replaced by this change", text), text
+    assert re.search(r"\S+/postgresql\.auto\.conf \(auto\.conf\): replaced by this", text), text
     assert re.search(r"^to roll back: \S+ rollback ", text, re.M), text
     m = out.manifest
     assert m["outcome"] == "failed" and m["error"].startswith("step 5 Verify clients: ")
@@ -280,7 +281,9 @@ def test_the_manifest_tells_the_truth(change: Change) -> None:
     assert m["host_fqdn"] is None or "." in m["host_fqdn"]
     for f in m["files"]:
         if f["action"] == "replace":
-            assert f["previous_sha256"] and f["backup"] and Path(f["backup"]).exists(), f
+            # kept in the change's work directory (the rollback below removed them with it)
+            assert f["previous_sha256"] and f["backup"], f
+            assert Path(f["backup"]).parent == change.tmp / "work" / CHANGE / "backups", f
         if f["action"] == "create":
             assert f["previous_sha256"] is None and f["backup"] is None, f
     # the subject as openssl prints it with -nameopt RFC2253, emailAddress by name
