@@ -22,6 +22,7 @@ __all__ = [
 
 _CHANGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_FINGERPRINT = re.compile(r"^(?:[0-9A-Fa-f]{2}:?){31}[0-9A-Fa-f]{2}$")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,12 @@ class Params:
     server_log_file: str | None = None
     work_dir: str = "work"
     record_dir: str | None = None
+    # renewal and CA rotation
+    allow_shorter_validity: bool = False
+    reuse_key: bool = False
+    new_root: str = ""
+    add_roots: tuple[str, ...] = ()
+    remove_roots: tuple[str, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -87,7 +94,15 @@ class Params:
 
 
 PARAMETER_NAMES = tuple(f.name for f in fields(Params) if f.name != "extra")
-_LISTS = ("subject_alt_names", "ca_files", "client_system_users", "hba_rules", "verify_hosts")
+_LISTS = (
+    "subject_alt_names",
+    "ca_files",
+    "client_system_users",
+    "hba_rules",
+    "verify_hosts",
+    "add_roots",
+    "remove_roots",
+)
 
 
 def _as_tuple(name: str, value: Any) -> tuple[Any, ...]:
@@ -132,7 +147,19 @@ def load_params(values: Mapping[str, Any], *, source: str = "parameters") -> Par
         known["server_port"] = int(known.get("server_port", 5432))
     except (TypeError, ValueError):
         raise InputError(f"{source}: server_port must be a number") from None
-    for flag in ("apply", "reject_non_ssl", "lab_cluster", "client_root_merge"):
+    if known.get("new_root") not in (None, "", "accept"):
+        raise InputError(
+            f"{source}: new_root must be 'accept' (go on with a CA rotation) or empty, not "
+            f"'{known['new_root']}'"
+        )
+    for flag in (
+        "apply",
+        "reject_non_ssl",
+        "lab_cluster",
+        "client_root_merge",
+        "allow_shorter_validity",
+        "reuse_key",
+    ):
         if flag in known and not isinstance(known[flag], bool):
             raise InputError(f"{source}: {flag} must be true or false")
     for name in (
@@ -204,9 +231,16 @@ def resolve_paths(
     else:
         work = Path(work_option).expanduser()
     out["work_dir"] = str(work.resolve())
-    if out.get("ca_files"):
-        files = out["ca_files"]
-        if isinstance(files, str):
-            files = [f.strip() for f in files.split(",") if f.strip()]
-        out["ca_files"] = [str(Path(f).expanduser().resolve()) for f in files]
+    for name in ("ca_files", "add_roots", "remove_roots"):
+        if out.get(name):
+            items = out[name]
+            if isinstance(items, str):
+                items = [f.strip() for f in items.split(",") if f.strip()]
+            # remove_roots may name a root by its SHA-256 fingerprint rather than a file
+            out[name] = [
+                str(f)
+                if name == "remove_roots" and _FINGERPRINT.match(str(f))
+                else str(Path(str(f)).expanduser().resolve())
+                for f in items
+            ]
     return out

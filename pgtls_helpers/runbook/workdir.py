@@ -53,8 +53,14 @@ class WorkDir:
 
     @property
     def lab_ca(self) -> Path:
-        """The throwaway CA of ``ca_mode: lab``."""
+        """What the throwaway CA of ``ca_mode: lab`` returned for this change."""
         return self.path / "ca"
+
+    @property
+    def shared_lab_ca(self) -> Path:
+        """The throwaway CA itself, once per work directory (beside the changes' folders):
+        every lab change signs with it, so a second lab change is a same-root renewal."""
+        return self.path.parent / "lab-ca"
 
     @property
     def install_journal(self) -> Path:
