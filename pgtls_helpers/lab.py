@@ -264,6 +264,40 @@ class LabCA:
             written.append(path)
         return written
 
+    def with_new_intermediates(
+        self, names: Sequence[str] = ("IntermediateCA_BAZ",), *, days: int = 3650
+    ) -> LabCA:
+        """The same root over a new line of intermediates (an intermediate change); needs a
+        CA made by :meth:`create` in this process (the root key is never saved)."""
+        if not self._keys:
+            raise InputError("this lab CA was loaded from disk; its root key is not kept")
+        now = datetime.now(timezone.utc) - timedelta(minutes=5)
+        issuer, issuer_key = self.root, self._keys[0]
+        made: list[x509.Certificate] = []
+        for name in names:
+            key = _ca_key()
+            cert = (
+                _builder_common(
+                    _name(name),
+                    issuer.subject,
+                    key.public_key(),
+                    issuer_key,
+                    not_before=now,
+                    not_after=now + timedelta(days=days),
+                )
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .add_extension(_ca_usage(), critical=True)
+                .sign(issuer_key, hashes.SHA256())
+            )
+            made.append(cert)
+            issuer, issuer_key = cert, key
+        return LabCA(
+            root=self.root,
+            intermediates=tuple(reversed(made)),
+            _signer_key=issuer_key,
+            _keys=(self._keys[0],),
+        )
+
     # ------------------------------------------------------------------ once per work directory
 
     def save(self, directory: str | Path) -> Path:
