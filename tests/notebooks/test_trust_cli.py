@@ -1,0 +1,85 @@
+"""``pgtls trust`` and ``pgtls lab ca``: the client-trust change through the runner, with its
+record, and a second lab CA standing in for a new root."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from record_checks import assert_no_secrets, write_params
+
+from pgtls_helpers import notebook as runbook
+from pgtls_helpers.cli import main as cli_main
+from pgtls_helpers.lab import LabCluster
+from pgtls_helpers.pki.chain import fingerprint
+from pgtls_helpers.postgres.clients import resolve_client_users
+from pgtls_helpers.runbook.params import Params
+from pgtls_helpers.runbook.renewal import read_roots
+
+ParamsFactory = Callable[..., Params]
+
+
+def test_pgtls_trust_adds_a_lab_ca_root_and_leaves_a_record(
+    fresh_cluster: LabCluster,
+    runbook_params: ParamsFactory,
+    client_user: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    first = runbook_params(fresh_cluster, change_id="CHG-first", client_system_users=[client_user])
+    runbook.step1_key_and_csr(first)
+    runbook.step2_ca_response(first)
+    runbook.step3_install_files(first)
+    runbook.step4_enable_ssl(first)
+
+    ca_dir = tmp_path / "ca-b"
+    assert cli_main(["lab", "ca", "--dir", str(ca_dir), "--name", "Rotation Root B"]) == 0
+    assert "root.crt" in capsys.readouterr().out
+    new_root = read_roots(ca_dir / "root.crt")[0]
+    assert "Rotation Root B" in new_root.subject.rfc4514_string()
+    assert (ca_dir / "signer.key").stat().st_mode & 0o077 == 0
+    # a second call keeps the same CA
+    assert cli_main(["lab", "ca", "--dir", str(ca_dir), "--name", "Rotation Root B"]) == 0
+    assert fingerprint(read_roots(ca_dir / "root.crt")[0]) == fingerprint(new_root)
+    # --sign answers a CSR the way a CA does
+    assert cli_main(["lab", "ca", "--dir", str(ca_dir), "--sign", str(first.work.csr)]) == 0
+    assert (ca_dir / "signed" / "RootCA.crt").read_bytes() == (ca_dir / "root.crt").read_bytes()
+
+    values = {
+        "change_id": "CHG-trust",
+        "common_name": "db1.lab.pgtls.test",
+        "server_host": "127.0.0.1",
+        "server_port": fresh_cluster.port,
+        "client_system_users": [client_user],
+        "add_roots": [str(ca_dir / "root.crt")],
+        "apply": True,
+    }
+    params_file = write_params(tmp_path / "trust.yaml", **values)
+    records, work = tmp_path / "records", tmp_path / "work"
+    code = cli_main(
+        ["trust", str(params_file), "--records", str(records), "--work", str(work), "--no-progress"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    (record,) = (records / "CHG-trust").iterdir()
+    m = json.loads((record / "manifest.json").read_text())
+    assert m["outcome"] == "ok" and m["verdict"] == "pass"
+    assert [s["step"] for s in m["steps"]] == ["client_trust"]
+    assert (record / "client_trust.html").read_text().lstrip().lower().startswith("<!doctype")
+    summary = m["steps"][0]["summary"]
+    assert summary["added"][0]["sha256"] == fingerprint(new_root)
+    assert all(c["passed"] for c in m["checks"])
+    (user,) = resolve_client_users([client_user])
+    assert {fingerprint(c) for c in read_roots(user.root_crt)} == {
+        fingerprint(read_roots(first.work.root)[0]),
+        fingerprint(new_root),
+    }
+    assert_no_secrets(record, fresh_cluster.password())
+
+    # nothing to add or remove: one sentence, exit 2, no record
+    bad = write_params(tmp_path / "bad.yaml", **{**values, "add_roots": [], "change_id": "X"})
+    assert cli_main(["trust", str(bad), "--records", str(records), "--work", str(work)]) == 2
+    assert "add_roots and remove_roots are both empty" in capsys.readouterr().err
+    assert not (records / "X").exists()
