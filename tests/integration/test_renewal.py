@@ -304,3 +304,36 @@ def test_ca_rotation_trust_then_serve_then_retire(
     assert retired.verdict == "pass"
     assert [fingerprint(c) for c in read_roots(user.root_crt)] == [fingerprint(new_ca.root)]
     assert _psql_verify_full(fresh_cluster, client_user)[0] == "ok"
+
+
+def test_a_passphrase_key_renews_by_reload_only_with_supports_reload(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _first_change(fresh_cluster, runbook_params)
+    with psycopg.connect(**fresh_cluster.conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
+        conn.execute("ALTER SYSTEM SET ssl_passphrase_command = '/bin/echo %p'")
+        conn.execute("SELECT pg_reload_conf()")
+    monkeypatch.setenv("PGTLS_TEST_PASSPHRASE", "correct horse battery staple")
+    renew = runbook_params(
+        fresh_cluster, change_id="CHG-pass", key_passphrase_env="PGTLS_TEST_PASSPHRASE"
+    )
+    runbook.step1_key_and_csr(renew)
+    runbook.step2_ca_response(renew)
+    before = _snapshot(fresh_cluster)
+    with pytest.raises(PreflightError, match="passphrase-reload") as err:
+        runbook.step3_install_files(renew)
+    assert "correct horse" not in str(err.value)
+    assert _snapshot(fresh_cluster) == before
+    with psycopg.connect(**fresh_cluster.conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
+        conn.execute("ALTER SYSTEM SET ssl_passphrase_command_supports_reload = on")
+        conn.execute("SELECT pg_reload_conf()")
+    plan = runbook.step3_install_files(
+        runbook_params(
+            fresh_cluster,
+            change_id="CHG-pass",
+            key_passphrase_env="PGTLS_TEST_PASSPHRASE",
+            apply=False,
+        )
+    )
+    assert plan.renewal is not None
+    assert not [f for f in plan.preflight if f.code == "passphrase-reload"]
