@@ -69,7 +69,9 @@ def step1_key_and_csr(params: Params) -> KeyCsrResult:
     again never replaces a key whose CSR is already with the CA.
     """
     from pgtls_helpers.pki.csr import build_csr, csr_pem, load_csr, render_csr
+    from pgtls_helpers.runbook.renewal import inherit_names
 
+    params = inherit_names(params)  # renewal: names the parameters leave empty, as installed
     subject = subject_of(params)
     params.work.create()
     key_path, csr_path = params.work.key, params.work.csr

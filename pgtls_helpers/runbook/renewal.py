@@ -12,6 +12,7 @@ proof that the old one is served again after the restore.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -22,8 +23,9 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.x509.oid import NameOID
 
-from pgtls_helpers.errors import PreflightError
+from pgtls_helpers.errors import PgtlsError, PreflightError
 from pgtls_helpers.pki import chain as chainmod
 from pgtls_helpers.pki import keys
 from pgtls_helpers.pki.findings import Finding
@@ -45,6 +47,7 @@ __all__ = [
     "assess",
     "cert_row",
     "client_loop",
+    "inherit_names",
     "installed_key",
     "names_of",
     "read_roots",
@@ -269,6 +272,46 @@ def _installed_leaf(path: Path) -> x509.Certificate | None:
 def _show(params: Params, name: str) -> str:
     with open_server(params) as server:
         return str(server.show(name))
+
+
+_SUBJECT_FIELDS = {
+    "country": NameOID.COUNTRY_NAME,
+    "state": NameOID.STATE_OR_PROVINCE_NAME,
+    "locality": NameOID.LOCALITY_NAME,
+    "organization": NameOID.ORGANIZATION_NAME,
+    "organizational_unit": NameOID.ORGANIZATIONAL_UNIT_NAME,
+    "email": NameOID.EMAIL_ADDRESS,
+}
+
+
+def inherit_names(params: Params) -> Params:
+    """A renewal re-uses the installed certificate's subject and names: each subject field the
+    parameters leave empty, and the SANs when ``subject_alt_names`` is empty, come from the
+    certificate the server is configured with (same CN only; the parameters always win).
+    Unchanged when the server is not reachable, serves no TLS, or its file is not readable."""
+    if params.subject_alt_names and all(getattr(params, f) for f in _SUBJECT_FIELDS):
+        return params
+    try:
+        with open_server(params) as server:
+            facts = server.facts()
+    except PgtlsError:
+        return params
+    cert = _installed_leaf(Path(facts.ssl_cert_file)) if facts.ssl else None
+    if cert is None:
+        return params
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not cns or str(cns[0].value).lower() != params.common_name.lower():
+        return params  # another name: a new server identity, not a renewal of this one
+    changes: dict[str, Any] = {}
+    for name, oid in _SUBJECT_FIELDS.items():
+        attrs = cert.subject.get_attributes_for_oid(oid)
+        if not getattr(params, name) and attrs:
+            changes[name] = str(attrs[0].value)
+    if not params.subject_alt_names:
+        changes["subject_alt_names"] = tuple(
+            n for n in names_of(cert) if n != params.common_name.lower()
+        )
+    return dataclasses.replace(params, **changes) if changes else params
 
 
 def installed_key(params: Params) -> keys.PrivateKey:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from cryptography import x509
 
 from pgtls_helpers import notebook as runbook
 from pgtls_helpers.errors import PreflightError, ServerError
@@ -337,3 +338,31 @@ def test_a_passphrase_key_renews_by_reload_only_with_supports_reload(
     )
     assert plan.renewal is not None
     assert not [f for f in plan.preflight if f.code == "passphrase-reload"]
+
+
+def test_a_renewal_reuses_the_installed_names_unless_the_parameters_say_otherwise(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory
+) -> None:
+    _first_change(fresh_cluster, runbook_params, organization="Org A", locality="Malvern")
+    renew = runbook_params(
+        fresh_cluster, change_id="CHG-names", subject_alt_names=[], organization="Org B"
+    )
+    made = runbook.step1_key_and_csr(renew)
+    subject = dict(made.subject_fields)
+    assert subject["Organization (O)"] == "Org B", subject
+    assert subject["Locality (L)"] == "Malvern", subject
+    csr = load_csr(renew.work.csr.read_bytes())
+    sans = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {str(v.value) for v in sans} >= {"localhost", "127.0.0.1", "db1.lab.pgtls.test"}
+    runbook.step2_ca_response(renew)
+    plan = runbook.step3_install_files(runbook_params(fresh_cluster, change_id="CHG-names"))
+    assert plan.renewal is not None and plan.renewal.names_dropped == []
+    # a name dropped on purpose is shown, with the clients it would break
+    dropped = runbook_params(
+        fresh_cluster, change_id="CHG-drop", subject_alt_names=["localhost"], apply=False
+    )
+    runbook.step1_key_and_csr(dropped)
+    runbook.step2_ca_response(dropped)
+    plan = runbook.step3_install_files(dropped)
+    assert plan.renewal is not None and plan.renewal.names_dropped == ["127.0.0.1"]
+    assert [f.code for f in plan.renewal.findings] == ["names-dropped"]
