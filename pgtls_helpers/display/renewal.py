@@ -58,7 +58,11 @@ def show_renewal(plan: InstallStepResult) -> Rendered:
         "CA rotation": "a different root: every verify-full client must trust the new root "
         "before the server serves this chain",
         "no change": "the server already serves this chain",
-    }[ren.kind]
+    }.get(
+        ren.kind,
+        "the server serves a certificate shared with other services, which no "
+        "client verifies; it stays where it is and the settings move to the new pair",
+    )
     parts = [
         banner(what, colour, ren.kind.capitalize()),
         heading("Served now (leaf first):"),

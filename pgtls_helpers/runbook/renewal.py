@@ -37,6 +37,7 @@ from pgtls_helpers.runbook.common import (
     open_server,
     pem_of,
     rfc4514,
+    ssl_targets,
 )
 from pgtls_helpers.runbook.params import Params
 
@@ -164,7 +165,8 @@ def assess(
     installed = _installed_leaf(Path(facts.ssl_cert_file)) or old_leaf
     before, after = names_of(installed), names_of(leaf)
     findings: list[Finding] = []
-    dropped = [n for n in before if n not in after]
+    placeholder = bool(ssl_targets(facts)[2])  # Debian's snakeoil: no client relies on it
+    dropped = [] if placeholder else [n for n in before if n not in after]
     if dropped:
         findings.append(
             Finding(
@@ -179,14 +181,22 @@ def assess(
     new_sha = [chainmod.fingerprint(c) for c in new_chain]
     roots = [*([new_root] if new_root else []), *(r for u in users for r in read_roots(u.root_crt))]
     served_root = next((r for r in roots if _issued_by(served[-1], r)), None)
-    same_root = new_root is not None and _issued_by(served[-1], new_root)
+    # the served top certificate comes from the new root, directly or through the same CA
+    same_root = new_root is not None and any(
+        _issued_by(served[-1], c) for c in [*new_chain[1:], new_root]
+    )
     if served_sha == new_sha:
         kind = "no change"
+    elif placeholder:
+        # a certificate shared with other services (Debian's snakeoil): a placeholder that no
+        # client verifies, and one the runbook leaves in place; not a root clients move from
+        kind = "first CA-signed certificate (the shared one stays in place)"
     elif same_root:
         kind = "renewal" if served_sha[1:] == new_sha[1:] else "renewal, intermediates change"
     else:
         kind = "CA rotation"
-    if kind != "no change" and leaf.not_valid_after_utc < old_leaf.not_valid_after_utc:
+    replacing = kind in ("renewal", "renewal, intermediates change", "CA rotation")
+    if replacing and leaf.not_valid_after_utc < old_leaf.not_valid_after_utc:
         days = (old_leaf.not_valid_after_utc - leaf.not_valid_after_utc).days
         findings.append(
             Finding(

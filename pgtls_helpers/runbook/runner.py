@@ -684,6 +684,7 @@ def _manifest(
         "ssl_after": s4.get("ssl_after"),
         "presented_chain": s4.get("presented", []),
         "tls_version": s4.get("tls_version"),
+        "renewal": {"plan": s3.get("renewal"), "reload": s4.get("renewal")},
         "verdict": s5.get("verdict"),
         "checks": s5.get("checks", []),
     }

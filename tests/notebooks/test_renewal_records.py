@@ -1,5 +1,5 @@
-"""``pgtls trust`` and ``pgtls lab ca``: the client-trust change through the runner, with its
-record, and a second lab CA standing in for a new root."""
+"""Records of renewal and rotation through the runner: ``pgtls trust`` (with ``pgtls lab ca``
+standing in for a new root) and a renewal's served-before/after and client loop."""
 
 from __future__ import annotations
 
@@ -83,3 +83,34 @@ def test_pgtls_trust_adds_a_lab_ca_root_and_leaves_a_record(
     assert cli_main(["trust", str(bad), "--records", str(records), "--work", str(work)]) == 2
     assert "add_roots and remove_roots are both empty" in capsys.readouterr().err
     assert not (records / "X").exists()
+
+
+def test_a_renewal_run_records_served_before_and_after_and_the_client_loop(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory, tmp_path: Path
+) -> None:
+    from record_checks import params_for, run_into
+
+    from pgtls_helpers.postgres.probe import probe
+
+    first = runbook_params(fresh_cluster, change_id="CHG-first")
+    runbook.step1_key_and_csr(first)
+    runbook.step2_ca_response(first)
+    runbook.step3_install_files(first)
+    runbook.step4_enable_ssl(first)
+    old = fingerprint(probe("127.0.0.1", fresh_cluster.port).chain[0])
+    values = params_for(fresh_cluster, change_id="CHG-renew")
+    outcome = run_into(tmp_path, write_params(tmp_path / "renew.yaml", **values))
+    assert outcome.exit_code == 0, outcome.summary()
+    m = outcome.manifest
+    assert m["renewal"]["plan"]["kind"] == "renewal"
+    reload = m["renewal"]["reload"]
+    assert reload["served_before"]["sha256"] == old
+    assert reload["served_after"]["sha256"] == m["certificates"][0]["sha256"] != old
+    assert reload["served_after"]["days_left"] > 300
+    assert reload["client_loop"]["connections"] >= 200 and reload["client_loop"]["failed"] == 0
+    html = (outcome.record_dir / "03_install_files.html").read_text()
+    assert "Served now" in html and "Will be served" in html
+    assert (
+        "verify-full connections across the reload"
+        in (outcome.record_dir / "04_enable_ssl.html").read_text()
+    )
