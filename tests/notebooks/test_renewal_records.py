@@ -114,3 +114,25 @@ def test_a_renewal_run_records_served_before_and_after_and_the_client_loop(
         "verify-full connections across the reload"
         in (outcome.record_dir / "04_enable_ssl.html").read_text()
     )
+
+
+def test_the_client_trust_notebook_follows_the_runbook_conventions() -> None:
+    import ast
+    import re
+
+    import nbformat
+
+    from pgtls_helpers.runbook.params import PARAMETER_NAMES
+
+    nb = nbformat.read(
+        Path(__file__).resolve().parents[2] / "notebooks" / "client_trust.ipynb", as_version=4
+    )
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code[0].metadata.get("tags") == ["parameters"]
+    assert all(c.outputs == [] and c.execution_count is None for c in code)
+    declared = re.findall(r"^(\w+): [^=]+ = .+  # \S", code[0].source, flags=re.M)
+    assert set(declared) == set(PARAMETER_NAMES)
+    assert "pgtls.notebook_params(globals())" in code[1].source
+    for cell in code[2:]:
+        assert 1 <= len(ast.parse(cell.source).body) <= 2, cell.source
