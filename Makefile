@@ -40,6 +40,7 @@ notebook: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_chain.py
 	$(BIN)/python bench/bench_probe.py
+	$(BIN)/python bench/bench_watch.py
 	$(BIN)/python bench/bench_runbook.py
 
 clean:
