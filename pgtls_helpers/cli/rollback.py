@@ -23,8 +23,14 @@ def main(args: argparse.Namespace) -> int:
             f"{args.params}: lab_cluster runs remove their throwaway cluster at the end, so "
             "there is nothing to roll back"
         )
-    result = rollback_change(params)
     out = sys.stdout
+    if params.work.trust_journal.exists():  # a client-trust change (pgtls trust)
+        from pgtls_helpers.runbook.trust import rollback_trust
+
+        for restored in rollback_trust(params):
+            out.write(f"restored {restored}\n")
+        return 0
+    result = rollback_change(params)
     for path in result.restored:
         out.write(f"restored {path}\n")
     for name, value in result.settings.items():

@@ -28,7 +28,7 @@ from pgtls_helpers.runbook.common import address_of, pem_of, rfc4514, save_step
 from pgtls_helpers.runbook.params import Params
 from pgtls_helpers.runbook.renewal import cert_row, read_roots
 
-__all__ = ["TrustResult", "client_trust", "parse_fingerprint"]
+__all__ = ["TrustResult", "client_trust", "parse_fingerprint", "rollback_trust"]
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -228,7 +228,7 @@ def client_trust(params: Params) -> TrustResult:
     installed = files.apply_plan(plans)
     if installed.changed:
         params.work.create()
-        files.save_journal(installed, params.work.path / "trust.json")
+        files.save_journal(installed, params.work.trust_journal)
     info = params.conninfo()
     if passfile := os.environ.get("PGPASSFILE"):
         info["passfile"] = passfile
@@ -262,3 +262,17 @@ def _make_dirs(users: list[ClientUser]) -> None:
             directory.mkdir(mode=0o700)
             if os.geteuid() == 0:
                 os.chown(directory, user.uid, user.gid)
+
+
+def rollback_trust(params: Params) -> list[Path]:
+    """Back out an applied client-trust change: every root.crt back from its backup (bytes,
+    owner, mode); the journal is kept, renamed, for the record."""
+    journal = params.work.trust_journal
+    if not journal.exists():
+        raise PreflightError(
+            f"{journal}: no client-trust journal for change {params.change_id}; nothing was "
+            "applied, or it was already rolled back"
+        )
+    restored = files.rollback(files.load_journal(journal))
+    journal.rename(journal.with_name(f"trust.rolled-back-{files.utc_stamp()}.json"))
+    return restored

@@ -72,6 +72,11 @@ class WorkDir:
         """Step 4: the settings and ``pg_hba.conf`` before the change."""
         return self.path / "enable.json"
 
+    @property
+    def trust_journal(self) -> Path:
+        """A client-trust change (``pgtls trust``): each root.crt written and its backup."""
+        return self.path / "trust.json"
+
     def create(self) -> Path:
         """Create the directory 0700 (tightening one that others could read) and return it."""
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -97,6 +97,13 @@ def test_pgtls_trust_adds_a_lab_ca_root_and_leaves_a_record(
     }
     assert_no_secrets(record, one_cluster.password())
 
+    # the back-out plan of a client-trust change is the same command as a server change's
+    assert cli_main(["rollback", str(params_file), "--work", str(work)]) == 0
+    assert f"restored {user.root_crt}" in capsys.readouterr().out
+    assert [fingerprint(c) for c in read_roots(user.root_crt)] == [
+        fingerprint(read_roots(first.work.root)[0])
+    ]
+
     # nothing to add or remove: one sentence, exit 2, no record
     bad = write_params(tmp_path / "bad.yaml", **{**values, "add_roots": [], "change_id": "X"})
     assert cli_main(["trust", str(bad), "--records", str(records), "--work", str(work)]) == 2
