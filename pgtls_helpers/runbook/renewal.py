@@ -47,7 +47,7 @@ __all__ = [
     "RenewalPlan",
     "assess",
     "cert_row",
-    "client_loop",
+    "ClientLoop",
     "inherit_names",
     "installed_key",
     "names_of",
@@ -361,10 +361,10 @@ class LoopResult:
         return dict(self.__dict__)
 
 
-class client_loop:  # noqa: N801 - used as a context manager, reads like a function
+class ClientLoop:
     """Connect with ``sslmode=verify-full`` again and again in a thread until stopped.
 
-    ``with client_loop(...) as loop: ...`` then ``loop.result``; :meth:`stop` waits until at
+    ``with ClientLoop(...) as loop: ...`` then ``loop.result``; :meth:`stop` waits until at
     least ``at_least`` connections were made, so a short change still gets a real sample.
     """
 
@@ -408,7 +408,7 @@ class client_loop:  # noqa: N801 - used as a context manager, reads like a funct
                     self.errors.append(" ".join(str(exc).split()))
             self.connections += 1
 
-    def start(self) -> client_loop:
+    def start(self) -> ClientLoop:
         self._t0 = time.monotonic()
         self._thread.start()
         return self
@@ -421,7 +421,7 @@ class client_loop:  # noqa: N801 - used as a context manager, reads like a funct
         )
         return self.result
 
-    def __enter__(self) -> client_loop:
+    def __enter__(self) -> ClientLoop:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -442,7 +442,7 @@ class ReloadWatch:
     def __init__(self, params: Params, host_ip: str, before: Any) -> None:
         self.params, self.host_ip = params, host_ip
         self.before = list(before.chain) if before is not None and before.ok else []
-        self.loop: client_loop | None = None
+        self.loop: ClientLoop | None = None
         if not self.before:
             return
         from pgtls_helpers.postgres.clients import resolve_client_users
@@ -460,7 +460,7 @@ class ReloadWatch:
 
         if passfile := os.environ.get("PGPASSFILE"):
             info["passfile"] = passfile
-        self.loop = client_loop(
+        self.loop = ClientLoop(
             info,
             host=params.hosts[0],
             hostaddr=host_ip,

@@ -20,7 +20,7 @@ from pgtls_helpers.pki.csr import load_csr, spki_sha256
 from pgtls_helpers.postgres.clients import psql_as_user, resolve_client_users
 from pgtls_helpers.postgres.probe import probe
 from pgtls_helpers.runbook.params import Params
-from pgtls_helpers.runbook.renewal import client_loop, read_roots
+from pgtls_helpers.runbook.renewal import ClientLoop, read_roots
 from pgtls_helpers.runbook.verify import VerifyResult
 
 ParamsFactory = Callable[..., Params]
@@ -82,7 +82,7 @@ def test_same_root_renewal_by_reload_with_no_failed_connection(
     session = psycopg.connect(**fresh_cluster.conninfo(sslmode="require"), autocommit=True)  # type: ignore[arg-type]
     pid = session.execute("SELECT pg_backend_pid()").fetchone()
     loop_info = {k: v for k, v in fresh_cluster.conninfo().items() if k != "host"}
-    with client_loop(
+    with ClientLoop(
         loop_info,
         host="db1.lab.pgtls.test",
         hostaddr="127.0.0.1",
