@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PARAMS ?= parameters/lab.yaml
 
-.PHONY: venv test lint demo run lab notebook bench clean
+.PHONY: venv test lint demo run trust lab notebook bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/python -m pgtls_helpers run $(PARAMS) --records records --work work
+
+# CA rotation, client side: add_roots / remove_roots in the listed users' root.crt
+trust: $(STAMP)
+	$(BIN)/python -m pgtls_helpers trust $(PARAMS) --records records --work work
 
 lab: $(STAMP)
 	$(BIN)/python -m pgtls_helpers lab up --dir work/lab
