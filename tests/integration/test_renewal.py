@@ -213,13 +213,13 @@ def test_a_shorter_validity_is_refused_before_anything_changes(
 
 
 def test_ca_rotation_trust_then_serve_then_retire(
-    fresh_cluster: LabCluster, runbook_params: ParamsFactory, client_user: str, tmp_path: Path
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory, own_client_user: str, tmp_path: Path
 ) -> None:
-    users = [client_user]
+    users = [own_client_user]
     first = _first_change(fresh_cluster, runbook_params, client_system_users=users)
     (user,) = resolve_client_users(users)
     old_root = read_roots(first.work.root)[0]
-    assert _psql_verify_full(fresh_cluster, client_user)[0] == "ok"
+    assert _psql_verify_full(fresh_cluster, own_client_user)[0] == "ok"
     new_ca = LabCA.load_or_create(tmp_path / "ca-b", root_name="Rotation Root B")
     new_root_file = tmp_path / "ca-b" / "root.crt"
 
@@ -258,7 +258,7 @@ def test_ca_rotation_trust_then_serve_then_retire(
     assert trusted.installed is not None
     (written,) = trusted.installed.installed
     assert written.backup is not None and written.backup.read_bytes() == root_crt_before
-    assert _psql_verify_full(fresh_cluster, client_user)[0] == "ok"
+    assert _psql_verify_full(fresh_cluster, own_client_user)[0] == "ok"
     trusted_bytes = user.root_crt.read_bytes()
 
     # retiring the old root now would leave the client unable to verify today's chain
@@ -294,7 +294,7 @@ def test_ca_rotation_trust_then_serve_then_retire(
         fingerprint(old_root),
         fingerprint(new_ca.root),
     }
-    assert _psql_verify_full(fresh_cluster, client_user)[0] == "ok"
+    assert _psql_verify_full(fresh_cluster, own_client_user)[0] == "ok"
 
     # 3. retire: the old root goes, named by its fingerprint with colons, upper case
     colons = ":".join(fingerprint(old_root).upper()[i : i + 2] for i in range(0, 64, 2))
@@ -304,7 +304,7 @@ def test_ca_rotation_trust_then_serve_then_retire(
     retired = runbook.client_trust(retire)
     assert retired.verdict == "pass"
     assert [fingerprint(c) for c in read_roots(user.root_crt)] == [fingerprint(new_ca.root)]
-    assert _psql_verify_full(fresh_cluster, client_user)[0] == "ok"
+    assert _psql_verify_full(fresh_cluster, own_client_user)[0] == "ok"
 
 
 def test_a_passphrase_key_renews_by_reload_only_with_supports_reload(

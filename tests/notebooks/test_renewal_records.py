@@ -38,11 +38,13 @@ def one_cluster() -> Iterator[LabCluster]:
 def test_pgtls_trust_adds_a_lab_ca_root_and_leaves_a_record(
     one_cluster: LabCluster,
     runbook_params: ParamsFactory,
-    client_user: str,
+    own_client_user: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    first = runbook_params(one_cluster, change_id="CHG-first", client_system_users=[client_user])
+    first = runbook_params(
+        one_cluster, change_id="CHG-first", client_system_users=[own_client_user]
+    )
     runbook.step1_key_and_csr(first)
     runbook.step2_ca_response(first)
     runbook.step3_install_files(first)
@@ -66,7 +68,7 @@ def test_pgtls_trust_adds_a_lab_ca_root_and_leaves_a_record(
         "common_name": "db1.lab.pgtls.test",
         "server_host": "127.0.0.1",
         "server_port": one_cluster.port,
-        "client_system_users": [client_user],
+        "client_system_users": [own_client_user],
         "add_roots": [str(ca_dir / "root.crt")],
         "apply": True,
     }
@@ -90,7 +92,7 @@ def test_pgtls_trust_adds_a_lab_ca_root_and_leaves_a_record(
     summary = m["steps"][0]["summary"]
     assert summary["added"][0]["sha256"] == fingerprint(new_root)
     assert all(c["passed"] for c in m["checks"])
-    (user,) = resolve_client_users([client_user])
+    (user,) = resolve_client_users([own_client_user])
     assert {fingerprint(c) for c in read_roots(user.root_crt)} == {
         fingerprint(read_roots(first.work.root)[0]),
         fingerprint(new_root),
