@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PARAMS ?= parameters/lab.yaml
 
-.PHONY: venv test lint demo run trust lab notebook bench clean
+.PHONY: venv test lint demo run rollback trust lab notebook bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ run: $(STAMP)
 # CA rotation, client side: add_roots / remove_roots in the listed users' root.crt
 trust: $(STAMP)
 	$(BIN)/python -m pgtls_helpers trust $(PARAMS) --records records --work work
+
+# Back out the change of PARAMS (DRY_RUN=1: only show what would be put back).
+rollback: $(STAMP)
+	$(BIN)/python -m pgtls_helpers rollback $(PARAMS) --records records --work work $(if $(DRY_RUN),--dry-run)
 
 lab: $(STAMP)
 	$(BIN)/python -m pgtls_helpers lab up --dir work/lab

@@ -1,5 +1,5 @@
-"""Command line: ``pgtls chain``, ``csr``, ``probe``, ``watch``, ``run``, ``rollback``, ``trust``,
-``lab``.
+"""Command line: ``pgtls chain``, ``csr``, ``probe``, ``watch``, ``run``, ``rollback``,
+``record``, ``trust``, ``lab``.
 
 Each command's body lives in a small ``_cli_*`` module so that importing the CLI stays cheap
 (``chain inspect`` must not pay for pandas or papermill unless it needs them).
@@ -168,7 +168,27 @@ def _add_rollback(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="where the change's work directory (its journals) lives",
     )
+    back.add_argument(
+        "--records",
+        default="records",
+        metavar="DIR",
+        help="where the change's records are; the rollback's record goes beside them",
+    )
+    back.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show what would be removed, restored and reset; change nothing",
+    )
     back.set_defaults(func=_lazy("pgtls_helpers.cli.rollback", "main"))
+
+
+def _add_record(sub: argparse._SubParsersAction) -> None:
+    record = sub.add_parser("record", help="a run's record in other forms")
+    rsub = record.add_subparsers(dest="record_cmd", required=True)
+    pdf = rsub.add_parser("pdf", help="the summary and step pages of a run in one PDF")
+    pdf.add_argument("record", metavar="RECORD_DIR", help="records/<change_id>/<stamp>/")
+    pdf.add_argument("--out", metavar="FILE.pdf", help="default: records/<change_id>/<stamp>.pdf")
+    pdf.set_defaults(func=_lazy("pgtls_helpers.cli.record", "pdf"))
 
 
 def _add_lab(sub: argparse._SubParsersAction) -> None:
@@ -225,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_rollback(sub)
     _add_trust(sub)
+    _add_record(sub)
     _add_lab(sub)
     return parser
 
