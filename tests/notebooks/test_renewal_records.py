@@ -79,7 +79,8 @@ def test_pgtls_trust_adds_a_lab_ca_root_and_leaves_a_record(
     )
     out = capsys.readouterr().out
     assert code == 0, out
-    (record,) = (records / "CHG-trust").iterdir()
+    (record,) = [p for p in (records / "CHG-trust").iterdir() if p.is_dir()]
+    assert (records / "CHG-trust" / "index.html").is_file()  # the change's index of runs
     m = json.loads((record / "manifest.json").read_text())
     assert m["outcome"] == "ok" and m["verdict"] == "pass"
     assert [s["step"] for s in m["steps"]] == ["client_trust"]
