@@ -43,7 +43,10 @@ def notebook_params(namespace: Mapping[str, Any]) -> Params:
     ``globals()``). Also makes errors print as one line (``%xmode Minimal``): the messages are
     written for people, the traceback adds nothing for them.
     """
+    declared = namespace.get("__annotations__") or {}
     values = {name: namespace[name] for name in PARAMETER_NAMES if name in namespace}
+    # a misspelled name in the parameters cell is annotated like the others: refuse it too
+    values.update({n: namespace[n] for n in declared if n in namespace and not n.startswith("_")})
     params = load_params(values, source="the parameters cell")
     if not Path(params.work_dir).is_absolute():
         raise InputError(
@@ -69,9 +72,7 @@ def plan_only(params: Params) -> Params:
 
 
 def _param_rows(params: Params, names: Iterable[str] | None = None) -> list[dict[str, str]]:
-    values = {
-        f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.name != "extra"
-    }
+    values = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
     safe = redacted(values)
     rows = []
     for name in names or PARAMETER_NAMES:

@@ -429,7 +429,7 @@ def test_a_completed_change_backs_out_to_the_server_as_it_was(
     runbook.step3_install_files(params)
     runbook.step4_enable_ssl(params)
 
-    values = {k: v for k, v in params.__dict__.items() if k not in ("extra",) and v is not None}
+    values = {k: v for k, v in params.__dict__.items() if v is not None}
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
     values["hba_rules"] = [dict(r) for r in params.hba_rules]
     params_file = tmp_path / "change.yaml"

@@ -18,6 +18,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nbformat
 import pytest
@@ -119,6 +120,15 @@ def jupyterlab(tmp_path: Path, fresh_cluster: LabCluster) -> Iterator[tuple[str,
         shutil.rmtree(home, ignore_errors=True)
 
 
+def _playwright() -> Any:
+    try:
+        import playwright.sync_api
+    except ImportError:
+        skip_or_fail("playwright is not installed (it comes with the dev extra)")
+        raise  # not reached: skip_or_fail raises
+    return playwright.sync_api
+
+
 def _run_menu(page: object, item: str) -> None:
     """Click Run → ``item`` (the accessible name may end with the item's shortcut)."""
     page.get_by_role("menuitem", name="Run", exact=True).click()  # type: ignore[attr-defined]
@@ -143,7 +153,7 @@ def _wait_idle(page: object, timeout: float = 90.0) -> None:
 def test_the_dba_fills_the_csr_form_and_gets_a_key_and_csr(
     jupyterlab: tuple[str, Path, Path],
 ) -> None:
-    playwright_sync = pytest.importorskip("playwright.sync_api")
+    playwright_sync = _playwright()
     url, notebooks, work = jupyterlab
     with playwright_sync.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
