@@ -122,3 +122,37 @@ def test_parameters_show_names_of_secrets_never_values() -> None:
     assert "PGTLS_KEY_PASSPHRASE" in shown.text
     assert "plan only" in shown.text  # apply defaults to false
     assert widgets.plan_only(_params(apply=True)).apply is False  # type: ignore[arg-type]
+
+
+def test_a_secret_given_to_the_form_never_appears_in_any_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = "Kx9-never-print-this-7Qz"
+    monkeypatch.setenv("PGTLS_KEY_PASSPHRASE", secret)
+    params = _params(
+        key_passphrase_env="PGTLS_KEY_PASSPHRASE", work_dir=str(tmp_path / "work"), apply=True
+    )
+    form = widgets.csr_form(params)  # type: ignore[arg-type]
+    form.inputs["common_name"].value = "db3.example.com"
+    form.button.click()
+    assert form.source == "the form"
+
+    from pgtls_helpers.runbook.key_and_csr import step1_key_and_csr
+
+    result = step1_key_and_csr(form.params)
+    assert result.encrypted  # the passphrase was used ...
+    outputs = [
+        widgets.show_parameters(params),  # type: ignore[arg-type]
+        widgets.show_parameters(form.params),
+        widgets.show_values(form),
+        widgets.show_key_and_csr(result, form.params),
+    ]
+    texts = [o.html for o in outputs] + [o.text for o in outputs]
+    texts += [str(v) for v in form._repr_mimebundle_().values()]
+    texts += [form.status.value, *(e.value for e in form._errors.values())]
+    texts += [str(w.value) for w in form.inputs.values()]
+    texts += [repr(form.params), repr(result), str(result.summary())]
+    assert all(o.html and o.text for o in outputs)
+    # ... and is absent from every output, while its variable's name is shown
+    assert not [t for t in texts if secret in t]
+    assert any("PGTLS_KEY_PASSPHRASE" in t for t in texts)
