@@ -53,6 +53,8 @@ class Params:
     ca_files_password_env: str | None = None
     client_system_users: tuple[str, ...] = ()
     client_root_merge: bool = False
+    # OS user -> the database role its psql check logs in as (default: the user's own name);
+    # the password is that user's own (its ~/.pgpass), never the runbook's
     client_roles: Mapping[str, str] = field(default_factory=dict)
     hba_rules: tuple[Mapping[str, Any], ...] = ()
     reject_non_ssl: bool = True
@@ -227,6 +229,13 @@ def load_params(values: Mapping[str, Any], *, source: str = "parameters") -> Par
                 "PGTLS_KEY_PASSPHRASE), never the secret itself"
             )
     _check_rules(source, known.get("hba_rules", ()))
+    users = known.get("client_system_users", ())
+    strays = [u for u in known.get("client_roles", {}) if u not in users]
+    if strays:
+        raise InputError(
+            f"{source}: client_roles names {', '.join(strays)}, not in client_system_users; "
+            "list the OS user there too, or remove its role"
+        )
     return Params(**known)
 
 

@@ -137,7 +137,14 @@ def test_the_known_names_come_from_the_dataclass() -> None:
     from pgtls_helpers.runbook.params import Params
 
     assert PARAMETER_NAMES == tuple(f.name for f in fields(Params))
-    params = load_params({**_BASE, "client_roles": {"bob": "app_reader"}, "server_port": "6543"})
+    params = load_params(
+        {
+            **_BASE,
+            "client_system_users": ["bob"],
+            "client_roles": {"bob": "app_reader"},
+            "server_port": "6543",
+        }
+    )
     assert params.client_roles == {"bob": "app_reader"} and params.server_port == 6543
     assert load_params({**_BASE, "pgdata": ""}).pgdata is None
 
