@@ -146,7 +146,7 @@ def to_json(
             "issuer": cert.issuer.rfc4514_string(),
             "not_after": cert.not_valid_after_utc.isoformat(),
             "days_left": (cert.not_valid_after_utc - at).days,
-            "key": _key(cert),
+            "key_type": _key(cert),
             "source": None if fp in pool_fps else files.get(fp),
             "from_pool": fp in pool_fps,
         }

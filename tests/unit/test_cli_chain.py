@@ -65,7 +65,7 @@ def test_json_shape(response: Path, art: certfactory.Chain, capsys) -> None:
             "issuer",
             "not_after",
             "days_left",
-            "key",
+            "key_type",
             "source",
             "from_pool",
         }
@@ -76,7 +76,7 @@ def test_json_shape(response: Path, art: certfactory.Chain, capsys) -> None:
         assert when == cert.not_valid_after_utc and when.tzinfo is not None
         assert Path(entry["source"]) == response / name
         assert entry["from_pool"] is False
-        assert entry["key"] == "RSA 2048"
+        assert entry["key_type"] == "RSA 2048"
         assert isinstance(entry["days_left"], int) and entry["days_left"] > 0
     assert doc["unused"] == [] and doc["findings"] == []
 
