@@ -682,11 +682,14 @@ class LabCluster:
         except FileNotFoundError:
             return 0
 
-    def serve_certificate(self, key: _CAKey, chain: Sequence[x509.Certificate]) -> None:
+    def serve_certificate(
+        self, key: _CAKey, chain: Sequence[x509.Certificate], *, restart: bool = True
+    ) -> None:
         """Lab shortcut: put ``key`` and ``chain`` in place and turn SSL on, by restart.
 
         The runbook never does this (it installs with backups and proves the result); tests of
-        other parts use it to get an SSL server in one call.
+        other parts use it to get an SSL server in one call. With ``restart=False`` only the
+        files change: a renewal installed but not reloaded.
         """
         import psycopg
 
@@ -708,6 +711,8 @@ class LabCluster:
             if owner:
                 os.chown(tmp, owner.pw_uid, owner.pw_gid)
             os.replace(tmp, self.pgdata / name)
+        if not restart:
+            return
         with psycopg.connect(**self.conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
             conn.execute("ALTER SYSTEM SET ssl = 'on'")
         self.restart()

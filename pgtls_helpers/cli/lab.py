@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from pgtls_helpers.lab import LabCluster
+from pgtls_helpers.runbook.record import pgtls_command
 
 _RUNBOOK_YAML = "runbook.yaml"
 
@@ -72,6 +73,7 @@ def up(args: argparse.Namespace) -> int:
         + yaml.safe_dump(_runbook_params(cluster), sort_keys=False)
     )
     env = f"PGPASSFILE={shlex.quote(str(cluster.passfile))}"
+    pgtls = pgtls_command()
     _out(
         "\n".join(
             [
@@ -84,9 +86,9 @@ def up(args: argparse.Namespace) -> int:
                 f"  {_psql(cluster)}",
                 "",
                 f"run the runbook against it (parameters written to {params_file}):",
-                f"  {env} pgtls run {shlex.quote(str(params_file))}",
+                f"  {env} {pgtls} run {shlex.quote(str(params_file))}",
                 "",
-                f"stop and remove it:  pgtls lab down --dir {shlex.quote(args.dir)}",
+                f"stop and remove it:  {pgtls} lab down --dir {shlex.quote(str(args.dir))}",
             ]
         )
     )
@@ -106,8 +108,9 @@ def status(args: argparse.Namespace) -> int:
     cluster = LabCluster.attach(args.dir)
     if not cluster.running():
         _out(
-            f"lab cluster in {cluster.base} is not running; remove it with 'pgtls lab down "
-            f"--dir {args.dir}' and start a new one with 'pgtls lab up --dir {args.dir}'"
+            f"lab cluster in {cluster.base} is not running; remove it with '{pgtls_command()} "
+            f"lab down --dir {args.dir}' and start a new one with '{pgtls_command()} lab up "
+            f"--dir {args.dir}'"
         )
         return 1
     _out(f"lab cluster running on {cluster.host}:{cluster.port}, data in {cluster.pgdata}")
@@ -169,11 +172,9 @@ def prepare_lab_notebooks(args: argparse.Namespace) -> tuple[Any, Path, dict[str
         f"apply {str(params.apply).lower()}"
     )
     if params.lab_cluster:
-        again = f"{Path(sys.executable).parent / 'pgtls'} lab down --dir {shlex.quote(args.dir)}"
-        _out(
-            "to start over (a new cluster, an empty work directory), or when done: "
-            f"{again} (then make notebook again)"
-        )
+        again = f"{pgtls_command()} lab down --dir {shlex.quote(str(args.dir))}"
+        _out(f"to start over (a new cluster, an empty work directory): {again}; make notebook")
+        _out(f"when done: {again}")
     return params, target, env
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,8 +37,23 @@ def test_lab_up_status_down(lab_dir: Path, capsys: pytest.CaptureFixture[str]) -
     assert cli_main(["lab", "up", "--dir", str(lab_dir)]) == 0
     out = capsys.readouterr().out
     assert f"PGPASSFILE={lab_dir / 'pgpass'} psql" in out
-    assert "pgtls run" in out and "pgtls lab down" in out
     cluster = LabCluster.attach(lab_dir)
+    # the commands it prints run as printed, from any directory, without an activated venv
+    lines = [ln.strip() for ln in out.splitlines()]
+    psql = next(ln for ln in lines if " psql " in ln)
+    done = subprocess.run(
+        ["sh", "-c", psql + " -XAtc 'SELECT 1'"],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin"},
+        check=False,
+    )
+    assert done.stdout.strip() == "1", done.stderr
+    run_line = next(ln for ln in lines if " run " in ln and ln.startswith("PGPASSFILE="))
+    assert Path(run_line.split()[1]).is_file(), run_line  # the pgtls beside this interpreter
+    down = next(ln for ln in lines if ln.startswith("stop and remove it:"))
+    down_cmd = down.removeprefix("stop and remove it:").strip()
     assert cluster.password() not in out
     # the parameters it writes are valid and point at the cluster
     params = load_params(yaml.safe_load((lab_dir / "runbook.yaml").read_text()))
@@ -50,7 +66,10 @@ def test_lab_up_status_down(lab_dir: Path, capsys: pytest.CaptureFixture[str]) -
     assert cli_main(["lab", "up", "--dir", str(lab_dir)]) == 2  # one cluster per directory
     assert "already there" in capsys.readouterr().err
 
-    assert cli_main(["lab", "down", "--dir", str(lab_dir)]) == 0
+    done = subprocess.run(
+        ["sh", "-c", down_cmd], capture_output=True, text=True, cwd="/", check=False
+    )
+    assert done.returncode == 0, done.stderr
     assert not (lab_dir / "data").exists()
     assert cli_main(["lab", "status", "--dir", str(lab_dir)]) == 2
     assert "pgtls lab up" in capsys.readouterr().err
