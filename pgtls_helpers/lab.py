@@ -4,6 +4,10 @@ The CA is root → ``IntermediateCA_BAR`` → ``IntermediateCA_FOO`` → server,
 files a real CA would (``SERVER-FQDN.crt``, the two intermediates, ``RootCA.crt``). The cluster is
 a fresh ``initdb`` with SSL off and the stock ``pg_hba.conf`` (peer for local sockets,
 scram-sha-256 for TCP), which is what a real server looks like before the change.
+
+One module of about 700 lines on purpose: the lab is what a newcomer opens first, and the CA, the
+cluster and the lab's client login read best side by side; the runbook uses only its CA (lab
+mode, and the unrelated root of step 5).
 """
 
 from __future__ import annotations
