@@ -26,7 +26,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from support import skip_or_fail
 
-from pgtls_helpers.lab import LabCluster, free_port
+from pgtls_helpers.errors import PgtlsError
+from pgtls_helpers.lab import LabCluster, find_bindir, free_port
 from pgtls_helpers.runbook.params import load_params
 from pgtls_helpers.runbook.runner import prepare_notebooks
 
@@ -42,6 +43,17 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+
+
+@pytest.fixture(scope="session")
+def pg_bindir() -> Path:
+    """These tests drive JupyterLab; the server side runs on both majors elsewhere, so one
+    (PostgreSQL 15) is enough here and keeps the suite's time down."""
+    try:
+        return find_bindir(15)
+    except PgtlsError as exc:
+        skip_or_fail(str(exc))
+        raise
 
 
 @pytest.fixture
