@@ -214,10 +214,13 @@ def lab_client_user() -> str | None:
 
 
 def on_lab_cluster(params: Params, cluster: Any, *, client_user: str | None) -> Params:
-    """``params`` pointed at a lab cluster, with the lab's client OS user added."""
+    """``params`` pointed at a lab cluster, with the lab's client OS user added; that user gets
+    a login of its own on the cluster (its role, its ``~/.pgpass``), never the runbook's."""
     users = list(params.client_system_users)
     if client_user and client_user not in users:
         users.append(client_user)
+    if client_user:
+        cluster.add_client_login(client_user)
     return dataclasses.replace(
         params,
         server_host=cluster.host,
