@@ -301,8 +301,10 @@ def inherit_names(params: Params) -> Params:
     Unchanged when the server is not reachable, serves no TLS, or its file is not readable."""
     if params.subject_alt_names and all(getattr(params, f) for f in _SUBJECT_FIELDS):
         return params
-    try:
-        with open_server(params) as server:
+    from pgtls_helpers.postgres.server import Server
+
+    try:  # a short wait: the CSR of a first install must not depend on the server
+        with Server({**params.conninfo(), "connect_timeout": 5}) as server:
             facts = server.facts()
     except PgtlsError:
         return params
