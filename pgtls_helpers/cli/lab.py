@@ -133,12 +133,17 @@ def _lab_for_notebooks(base: Path) -> tuple[LabCluster, bool]:
     return cluster, True
 
 
-def notebook(args: argparse.Namespace) -> int:
-    """Prepare the notebooks with a parameters file and open them in JupyterLab.
+# A session in JupyterLab against the lab cluster is a change of its own: `make demo` leaves its
+# key, CSR and journals under the parameters' change_id, and those belong to a cluster that is
+# gone, so the notebooks get a change id (and a work directory) of their own.
+NOTEBOOK_SUFFIX = "-notebook"
 
-    With ``lab_cluster: true`` the notebooks point at the lab cluster in ``--dir`` (started,
-    or created, as needed; it keeps running afterwards for ``pgtls lab down``).
-    """
+
+def prepare_lab_notebooks(args: argparse.Namespace) -> tuple[Any, Path, dict[str, str]]:
+    """The parameters, the prepared notebooks' folder and the environment for ``notebook``."""
+    import dataclasses
+    import shutil
+
     from pgtls_helpers.runbook.params import load_params, read_params_file, resolve_paths
     from pgtls_helpers.runbook.runner import (
         lab_client_user,
@@ -150,8 +155,8 @@ def notebook(args: argparse.Namespace) -> int:
     params = load_params(values, source=str(args.params))
     env = dict(os.environ)
     if params.lab_cluster:
-        import shutil
-
+        if not params.change_id.endswith(NOTEBOOK_SUFFIX):
+            params = dataclasses.replace(params, change_id=params.change_id + NOTEBOOK_SUFFIX)
         cluster, new = _lab_for_notebooks(Path(args.dir).resolve())
         if new:  # whatever an earlier session left belonged to a cluster that is gone
             shutil.rmtree(params.work.path, ignore_errors=True)
@@ -161,15 +166,55 @@ def notebook(args: argparse.Namespace) -> int:
     target = Path(args.work).resolve() / "notebooks" / params.change_id
     prepare_notebooks(params, target)
     _out(f"notebooks for change {params.change_id} in {target}")
+    _out(f"  work directory (key, CSR, subject.json): {params.work.path}")
     _out(
         f"  server {params.server_host}:{params.server_port}, ca_mode {params.ca_mode}, "
         f"apply {str(params.apply).lower()}"
     )
     if params.lab_cluster:
-        _out(f"when done: pgtls lab down --dir {args.dir}")
+        again = f"{pgtls_command()} lab down --dir {shlex.quote(str(args.dir))}"
+        _out(f"to start over (a new cluster, an empty work directory): {again}; make notebook")
+        _out(f"when done: {again}")
+    return params, target, env
+
+
+def notebook(args: argparse.Namespace) -> int:
+    """Prepare the notebooks with a parameters file and open them in JupyterLab.
+
+    With ``lab_cluster: true`` the notebooks point at the lab cluster in ``--dir`` (started,
+    or created, as needed; it keeps running afterwards for ``pgtls lab down``), under the
+    change id ``<change_id>-notebook``, so nothing ``make demo`` left is reused.
+    """
+    _params, target, env = prepare_lab_notebooks(args)
     argv = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={target}"]
     if os.geteuid() == 0:
         argv.append("--allow-root")
     sys.stdout.flush()
     os.execve(sys.executable, argv, env)
     return 0  # pragma: no cover - execve does not return
+
+
+# --------------------------------------------------------------------------- pgtls lab ca
+
+
+def ca(args: argparse.Namespace) -> int:
+    """A lab CA kept in ``--dir`` (made on first use, root named ``--name``); ``--sign CSR``
+    writes the CA's answer (leaf, intermediates, root) to ``DIR/signed/`` for ``ca_files``."""
+    from pgtls_helpers.lab import LabCA
+    from pgtls_helpers.pki.csr import load_csr
+
+    base = Path(args.dir).resolve()
+    existed = (base / "signer.key").exists()
+    lab_ca = LabCA.load_or_create(base, root_name=args.name)
+    root_cn = lab_ca.root.subject.rfc4514_string()
+    if existed and f"CN={args.name}" not in root_cn:
+        _out(f"note: {base} already holds a lab CA whose root is {root_cn}; it was kept")
+    _out(f"lab CA in {base} ({'reused' if existed else 'new'}): root {root_cn}")
+    _out(f"  root certificate (for add_roots): {base / 'root.crt'}")
+    if args.sign:
+        csr = load_csr(Path(args.sign).read_bytes(), source=args.sign)
+        written = lab_ca.write_response(lab_ca.sign_csr(csr), base / "signed")
+        _out("signed; list these in ca_files:")
+        for path in written:
+            _out(f"  {path}")
+    return 0

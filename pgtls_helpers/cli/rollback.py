@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from pgtls_helpers.errors import InputError
-from pgtls_helpers.runbook.params import load_params, read_params_file, resolve_paths
+from pgtls_helpers.runbook.params import Params, load_params, read_params_file, resolve_paths
 
 __all__ = ["main"]
 
@@ -29,6 +29,8 @@ def main(args: argparse.Namespace) -> int:
             f"{args.params}: lab_cluster runs remove their throwaway cluster at the end, so "
             "there is nothing to roll back"
         )
+    if params.work.trust_journal.exists():  # a client-trust change (pgtls trust)
+        return _rollback_trust(params, dry_run=args.dry_run)
     records = Path(args.records).resolve()
     if not args.dry_run:
         for left in interrupt.seal_unfinished(records, params.change_id, params, exclude=records):
@@ -48,3 +50,17 @@ def main(args: argparse.Namespace) -> int:
     for problem in manifest.get("problems") or []:
         sys.stderr.write(f"not as before: {problem}\n")
     return 1 if manifest.get("problems") else 0
+
+
+def _rollback_trust(params: Params, *, dry_run: bool) -> int:
+    """Every root.crt a client-trust change wrote, back from its backup (or, dry, listed)."""
+    from pgtls_helpers.postgres.files import load_journal
+    from pgtls_helpers.runbook.trust import rollback_trust
+
+    if dry_run:
+        for item in load_journal(params.work.trust_journal).installed:
+            sys.stdout.write(f"would restore {item.target} from {item.backup or '(remove it)'}\n")
+        return 0
+    for restored in rollback_trust(params):
+        sys.stdout.write(f"restored {restored}\n")
+    return 0

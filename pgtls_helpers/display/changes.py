@@ -255,7 +255,8 @@ def show_checks(verify: VerifyResult) -> Rendered:
                 "check": c.check,
                 "sslmode": c.sslmode,
                 "host": c.host,
-                "expected": c.expect + ("" if c.expect == "ok" else f" ({c.expect_reason})"),
+                "expected": c.expect
+                + ("" if c.expect_reason == "connected" else f" ({c.expect_reason})"),
                 "observed": c.observed + ("" if c.observed == "ok" else f" ({c.observed_reason})"),
                 "agrees": "✓" if c.passed else "✗",
                 "libpq said": c.detail if len(c.detail) <= 160 else c.detail[:157] + "…",

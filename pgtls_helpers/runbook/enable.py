@@ -6,6 +6,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 
@@ -27,6 +28,7 @@ from pgtls_helpers.runbook.common import (
 )
 from pgtls_helpers.runbook.journal import Journal, fault_point
 from pgtls_helpers.runbook.params import Params
+from pgtls_helpers.runbook.renewal import ReloadWatch
 from pgtls_helpers.runbook.undo import undo_change
 
 # --------------------------------------------------------------------------- step 4
@@ -49,6 +51,7 @@ class EnableResult:
     messages: list[str] = field(default_factory=list)
     installed: list[dict[str, object]] = field(default_factory=list)
     runbook_connection: str | None = None  # pg_stat_ssl of a new connection afterwards
+    renewal: dict[str, Any] | None = None  # served before/after, the client loop (renewal.py)
     sessions_refused: list[dict[str, object]] = field(default_factory=list)  # postgres.sessions
 
     def summary(self) -> dict[str, object]:
@@ -269,9 +272,12 @@ def step4_enable_ssl(params: Params) -> EnableResult:
             check_enable(params, server, plan)
             journal = Journal.begin(params.work, "enable", server_before(params, plan.facts))
             try:
-                settings_write, hba_write, after = apply_enable(params, server, plan, journal)
+                settings_write, hba_write, after, renewed = apply_enable(
+                    params, server, plan, journal
+                )
             except Exception:
-                undo_change(params, server=server, reason="undone")
+                if wal.journal_path(params.work).exists():  # not undone already
+                    undo_change(params, server=server, reason="undone")
                 raise
             journal.end("ok")
         res = EnableResult(
@@ -288,6 +294,7 @@ def step4_enable_ssl(params: Params) -> EnableResult:
             messages=plan.lines(),
             installed=settings_write.as_dicts() + hba_write.as_dicts(),
             runbook_connection=_runbook_tls(params),
+            renewal=renewed,
             sessions_refused=plan.sessions_refused,
         )
         save_step(params, "04_enable_ssl", res.summary())
@@ -344,11 +351,11 @@ def _unchanged(params: Params, plan: EnablePlan) -> EnableResult:
 
 def apply_enable(
     params: Params, server: Server, plan: EnablePlan, journal: Journal
-) -> tuple[files.InstallResult, files.InstallResult, ProbeResult]:
+) -> tuple[files.InstallResult, files.InstallResult, ProbeResult, dict[str, object] | None]:
     """Make the change, each part journaled first and proven before the next; raise (the
     caller undoes) when the server does not take it."""
     log_at = _log_offset(params)
-    after = plan.before
+    after, renewed = plan.before, None
     settings_write = files.InstallResult(())
     if plan.needs_ssl:
         if plan.settings:
@@ -359,8 +366,17 @@ def apply_enable(
                 f"configuration errors: {'; '.join(setting_errors)}; the change was undone "
                 "and nothing of it stays loaded"
             )
-        journal.reload("ssl", server.reload_confirmed)
-        after = prove_ssl(params, server, plan, log_at=log_at)
+        watch = ReloadWatch(params, plan.host_ip, plan.before)  # renewal: loop, restore proof
+        try:
+            journal.reload("ssl", server.reload_confirmed)
+            after = prove_ssl(params, server, plan, log_at=log_at)
+        except Exception as exc:
+            undo_change(params, server=server, reason="undone")
+            restored = watch.restored()
+            if restored and isinstance(exc, ServerError):
+                raise ServerError(f"{exc}; {restored}") from exc
+            raise
+        renewed = watch.finish(after)
     hba_write = files.InstallResult(())
     if plan.hba.changed:
         planned = files.plan_file(
@@ -375,7 +391,7 @@ def apply_enable(
         prove_hba(params, server, plan)
     if after is None:
         raise ServerError(f"{params.server_host}:{params.server_port}: nothing was probed")
-    return settings_write, hba_write, after
+    return settings_write, hba_write, after, renewed
 
 
 def _apply_settings(server: Server, plan: EnablePlan, journal: Journal) -> files.InstallResult:

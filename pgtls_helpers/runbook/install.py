@@ -29,6 +29,7 @@ from pgtls_helpers.runbook.common import (
 )
 from pgtls_helpers.runbook.journal import Journal
 from pgtls_helpers.runbook.params import Params
+from pgtls_helpers.runbook.renewal import RenewalPlan, assess
 from pgtls_helpers.runbook.undo import undo_change
 
 # --------------------------------------------------------------------------- step 3
@@ -43,6 +44,7 @@ class InstallStepResult:
     preflight: list[Finding]
     installed: files.InstallResult | None
     applied: bool
+    renewal: RenewalPlan | None = None  # on a server that serves TLS already
 
     @property
     def changed(self) -> bool:
@@ -56,6 +58,7 @@ class InstallStepResult:
             "applied": self.applied,
             "changed": self.changed,
             "installed": self.installed.as_dicts() if self.installed else [],
+            "renewal": self.renewal.summary() if self.renewal else None,
         }
 
 
@@ -138,6 +141,10 @@ def step3_install_files(params: Params) -> InstallStepResult:
         ),
     ]
     users = resolve_client_users(params.client_system_users)
+    # renewal: served now against new, same root or rotation (while one is under way, merge)
+    renewal = assess(params, facts, certs, root, users, encrypted_key=encrypted)
+    preflight += renewal.findings if renewal else []
+    merge = params.client_root_merge or bool(renewal and renewal.rotation)
     if users and root is None:
         preflight.append(
             Finding(
@@ -145,27 +152,42 @@ def step3_install_files(params: Params) -> InstallStepResult:
             )
         )
     if root is not None:
-        plan += [plan_root_crt(u, pem_of(root), merge=params.client_root_merge) for u in users]
+        plan += [plan_root_crt(u, pem_of(root), merge=merge) for u in users]
     rows = [p.describe() for p in plan]
     out_facts = facts.as_dict()
     if any(f.is_error for f in preflight):
         res = InstallStepResult(
-            facts=out_facts, plan=rows, preflight=preflight, installed=None, applied=False
+            facts=out_facts,
+            plan=rows,
+            preflight=preflight,
+            installed=None,
+            applied=False,
+            renewal=renewal,
         )
         save_step(params, "03_install_files", res.summary())
         raise_for_errors(preflight, what="nothing was installed")
     if not params.apply:
         res = InstallStepResult(
-            facts=out_facts, plan=rows, preflight=preflight, installed=None, applied=False
+            facts=out_facts,
+            plan=rows,
+            preflight=preflight,
+            installed=None,
+            applied=False,
+            renewal=renewal,
         )
         save_step(params, "03_install_files", res.summary())
         return res
-    installed = apply_install(params, facts, plan, users, root)
+    installed = apply_install(params, facts, plan, users, root, merge=merge)
     # After the install the only copies of the key are the installed one and its backup.
     if key_path.exists():
         key_path.unlink()
     res = InstallStepResult(
-        facts=out_facts, plan=rows, preflight=preflight, installed=installed, applied=True
+        facts=out_facts,
+        plan=rows,
+        preflight=preflight,
+        installed=installed,
+        applied=True,
+        renewal=renewal,
     )
     save_step(params, "03_install_files", res.summary())
     return res
@@ -177,15 +199,15 @@ def apply_install(
     plan: list[files.PlannedFile],
     users: list[ClientUser],
     root: x509.Certificate | None,
+    *,
+    merge: bool,
 ) -> files.InstallResult:
     """Write the planned files under the server's change lock, each journaled before it is
     written; a failure puts back every file the change touched."""
     from pgtls_helpers.postgres.clients import plan_root_crt, prepare_client_dir
 
     client_plan = (
-        [plan_root_crt(u, pem_of(root), merge=params.client_root_merge) for u in users]
-        if root is not None
-        else []
+        [plan_root_crt(u, pem_of(root), merge=merge) for u in users] if root is not None else []
     )
     if all(p.action == "unchanged" for p in [*plan, *client_plan]):
         # nothing to write: no lock, no journal entry (a no-change rerun leaves no trace)
@@ -205,7 +227,7 @@ def apply_install(
             if root is not None:
                 for user in users:
                     prepare_client_dir(user)
-                    planned = plan_root_crt(user, pem_of(root), merge=params.client_root_merge)
+                    planned = plan_root_crt(user, pem_of(root), merge=merge)
                     done.append(journal.write_file(planned))
         except Exception:
             undo_change(params, server=server, reason="undone")

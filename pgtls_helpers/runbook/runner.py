@@ -215,10 +215,13 @@ def lab_client_user() -> str | None:
 
 
 def on_lab_cluster(params: Params, cluster: Any, *, client_user: str | None) -> Params:
-    """``params`` pointed at a lab cluster, with the lab's client OS user added."""
+    """``params`` pointed at a lab cluster, with the lab's client OS user added; that user gets
+    a login of its own on the cluster (its role, its ``~/.pgpass``), never the runbook's."""
     users = list(params.client_system_users)
     if client_user and client_user not in users:
         users.append(client_user)
+    if client_user:
+        cluster.add_client_login(client_user)
     return dataclasses.replace(
         params,
         server_host=cluster.host,
@@ -313,8 +316,12 @@ def run(
     progress: bool = True,
     *,
     notebooks_dir: str | Path | None = None,
+    steps: tuple[tuple[str, str], ...] = STEPS,
 ) -> RunOutcome:
     """Run the runbook for a parameters file and write its record.
+
+    ``steps`` are the notebooks to run, in order (the server runbook's five by default;
+    ``pgtls trust`` runs the client-trust one).
 
     Raises:
         InputError: the parameters file is unusable (nothing was run, no record written).
@@ -326,7 +333,7 @@ def run(
     params = load_params(values, source=str(params_path))
     _check_input(params)
     nb_dir = Path(notebooks_dir or NOTEBOOKS_DIR)
-    missing = [s for s, _ in STEPS if not (nb_dir / f"{s}.ipynb").exists()]
+    missing = [s for s, _ in steps if not (nb_dir / f"{s}.ipynb").exists()]
     if missing:
         raise InputError(
             f"{nb_dir}: the runbook notebooks {', '.join(missing)} are missing; "
@@ -336,7 +343,7 @@ def run(
     record, started = new_record_dir(Path(records_dir), params.change_id)
     interrupt.seal_unfinished(Path(records_dir), params.change_id, params, exclude=record)
     params = dataclasses.replace(params, record_dir=str(record))
-    steps: list[StepOutcome] = []
+    done: list[StepOutcome] = []
     lab_info: dict[str, Any] | None = None
     cluster: Any = None
     kernel: Kernel | None = None
@@ -366,13 +373,15 @@ def run(
             except PgtlsError as exc:
                 error = f"set-up failed: {exc}"
                 exit_code = 2 if isinstance(exc, InputError) else 1
-                steps = [StepOutcome(s, t, "not-run") for s, t in STEPS]
+                done = [StepOutcome(s, t, "not-run") for s, t in steps]
             else:
-                steps, outcome = _run_steps(params, record, nb_dir, kernel, progress, into=steps)
+                done, outcome = _run_steps(
+                    params, record, nb_dir, kernel, progress, steps, into=done
+                )
                 exit_code = 0 if outcome in ("ok", "waiting-for-ca") else 1
                 after = None if phase_one else server_state(params)
     except KeyboardInterrupt:
-        steps = interrupt.mark_interrupted(steps, STEPS, StepOutcome)
+        done = interrupt.mark_interrupted(done, steps, StepOutcome)
         error, exit_code, outcome = interrupt.in_place(params), 130, "interrupted"
         raise
     finally:
@@ -382,8 +391,8 @@ def run(
             cluster.remove()
         elif lab_base is not None:
             shutil.rmtree(lab_base, ignore_errors=True)
-        if not steps:  # interrupted before the first step ended
-            steps = [StepOutcome(s, t, "not-run") for s, t in STEPS]
+        if not done:  # interrupted before the first step ended
+            done = [StepOutcome(s, t, "not-run") for s, t in steps]
             error = error or "interrupted"
         manifest = rec.run_manifest(
             params=params,
@@ -395,7 +404,7 @@ def run(
             seconds=time.monotonic() - t0,
             outcome=outcome,
             exit_code=exit_code,
-            steps=steps,
+            steps=done,
             lab=lab_info,
             error=error,
             server_before=before,
@@ -405,7 +414,7 @@ def run(
         rec.write_run_index(record, manifest)
         rec.seal(record, manifest)
         rec.write_change_index(record.parent)
-    return RunOutcome(record, outcome, exit_code, tuple(steps), manifest)
+    return RunOutcome(record, outcome, exit_code, tuple(done), manifest)
 
 
 def _start_lab(params: Params, base: Path) -> tuple[Params, Any, dict[str, Any]]:
@@ -432,19 +441,20 @@ def _run_steps(
     nb_dir: Path,
     kernel: Kernel,
     progress: bool,
+    notebooks: tuple[tuple[str, str], ...] = STEPS,
     *,
     into: list[StepOutcome] | None = None,
 ) -> tuple[list[StepOutcome], str]:
     from concurrent.futures import Future, ThreadPoolExecutor
 
     parameters = _injected(params)
-    phase_one = params.ca_mode == "files" and not params.ca_files
+    phase_one = notebooks == STEPS and params.ca_mode == "files" and not params.ca_files
     steps: list[StepOutcome] = into if into is not None else []  # filled as steps end
     # HTML is rendered while the next notebook runs (the kernel is another process)
     html = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgtls-html")
     rendering: dict[str, Future[None]] = {}
     try:
-        for i, (step, title) in enumerate(STEPS):
+        for i, (step, title) in enumerate(notebooks):
             if phase_one and i > 0:
                 steps.append(
                     StepOutcome(
@@ -455,7 +465,7 @@ def _run_steps(
                     )
                 )
                 continue
-            if i == 4 and not params.apply:
+            if step == "05_verify_clients" and not params.apply:
                 steps.append(
                     StepOutcome(
                         step,
@@ -469,7 +479,7 @@ def _run_steps(
                 steps.append(StepOutcome(step, title, "not-run"))
                 continue
             if progress:
-                print(f"[{i + 1}/{len(STEPS)}] {step}", file=sys.stderr, flush=True)
+                print(f"[{i + 1}/{len(notebooks)}] {step}", file=sys.stderr, flush=True)
             t = time.monotonic()
             error, nb = _run_notebook(
                 nb_dir / f"{step}.ipynb",
@@ -484,7 +494,7 @@ def _run_steps(
                 statement = (
                     f"Stopped after {seconds:.1f} s: {error}"
                     if error
-                    else f"Step {i + 1} of {len(STEPS)} ran in {seconds:.1f} s without error."
+                    else f"Step {i + 1} of {len(notebooks)} ran in {seconds:.1f} s without error."
                 )
                 page = functools.partial(
                     _write_step_page,

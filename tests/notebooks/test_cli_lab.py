@@ -73,3 +73,36 @@ def test_lab_up_status_down(lab_dir: Path, capsys: pytest.CaptureFixture[str]) -
     assert not (lab_dir / "data").exists()
     assert cli_main(["lab", "status", "--dir", str(lab_dir)]) == 2
     assert "pgtls lab up" in capsys.readouterr().err
+
+
+def test_notebooks_after_the_demo_get_a_change_of_their_own(
+    lab_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from pgtls_helpers.cli.lab import prepare_lab_notebooks
+
+    root = Path(__file__).resolve().parents[2]
+    work = tmp_path / "work"
+    # what `make demo` leaves: a CSR (and journals) of the lab change, the key long installed
+    demo = work / "lab-demo"
+    demo.mkdir(parents=True)
+    (demo / "server.csr").write_text("the demo's CSR, for a cluster that is gone\n")
+    args = argparse.Namespace(
+        params=str(root / "parameters" / "lab.yaml"), dir=str(lab_dir), work=str(work)
+    )
+    params, target, env = prepare_lab_notebooks(args)
+    assert params.change_id == "lab-demo-notebook"
+    assert params.work.path == work / "lab-demo-notebook" and not params.work.csr.exists()
+    assert (demo / "server.csr").exists()  # the demo's change is left alone
+    assert sorted(p.name for p in target.glob("*.ipynb"))[0] == "01_key_and_csr.ipynb"
+    assert "lab-demo-notebook" in (target / "02_ca_response.ipynb").read_text()
+    cluster = LabCluster.attach(lab_dir)
+    assert params.server_port == cluster.port and env["PGPASSFILE"] == str(cluster.passfile)
+    out = capsys.readouterr().out
+    assert "to start over" in out and f"lab down --dir {lab_dir}" in out
+    # a second session on the same cluster keeps the same change (and its CSR)
+    params.work.create()
+    params.work.csr.write_text("this session's CSR\n")
+    again, _, _ = prepare_lab_notebooks(args)
+    assert again.change_id == "lab-demo-notebook" and again.work.csr.exists()
