@@ -54,7 +54,8 @@ def _prepare(
         old_key, old_cert = old_ca.issue(["old.lab.pgtls.test"])
         cluster.serve_certificate(old_key, [old_cert, *old_ca.intermediates])
     before = ServerState.of(cluster)
-    params = runbook_params(cluster)
+    # a new lab CA: a CA rotation, accepted (the clients are not what these tests are about)
+    params = runbook_params(cluster, **({"new_root": "accept"} if server == "ssl-on" else {}))
     runbook.step1_key_and_csr(params)
     runbook.step2_ca_response(params)
     return params_file(params, tmp_path), before
