@@ -23,7 +23,7 @@ lint: $(STAMP)
 
 # fleet/: Ansible's production profile, without looking anything up on the network
 fleet-lint: $(STAMP)
-	cd fleet && ANSIBLE_CONFIG=ansible.cfg ../$(BIN)/ansible-lint -q --offline --profile production pgtls.yml rollback.yml roles
+	cd fleet && PATH=$(CURDIR)/$(BIN):$$PATH ANSIBLE_CONFIG=ansible.cfg ansible-lint -q pgtls.yml rollback.yml roles
 
 test: lint
 	$(BIN)/pytest
@@ -54,7 +54,7 @@ WHEELHOUSE := dist/pgtls-wheelhouse.tar
 HOST_PYTHON ?= /usr/bin/python3
 FLEET_DIR  := work/fleet
 FLEET_CHANGE := lab-fleet
-ANSIBLE    := ANSIBLE_CONFIG=fleet/ansible.cfg $(BIN)/ansible-playbook
+ANSIBLE    := PATH=$(CURDIR)/$(BIN):$$PATH ANSIBLE_CONFIG=fleet/ansible.cfg ansible-playbook
 
 $(WHEELHOUSE): $(STAMP) pyproject.toml $(shell find pgtls_helpers notebooks -name '*.py' -o -name '*.ipynb')
 	$(BIN)/python -m pgtls_helpers.lab_fleet wheels --out $@ --python $(HOST_PYTHON)

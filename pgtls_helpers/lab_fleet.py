@@ -51,14 +51,16 @@ def _host_vars(name: str, cluster: LabCluster, home: Path) -> dict[str, Any]:
     }
 
 
-def inventory(base: Path, clusters: dict[str, LabCluster], *, change_id: str) -> dict[str, Any]:
+def inventory(
+    base: Path, clusters: dict[str, LabCluster], *, change_id: str, venv: Path | None = None
+) -> dict[str, Any]:
     """The inventory of a lab fleet: common parameters as group vars, the rest per host."""
     return {
         "all": {
             "vars": {
                 # where the playbook installs the wheel: one venv serves every lab host, since
                 # they are all this machine (a real fleet has one per host)
-                "pgtls_venv": str(base / "venv"),
+                "pgtls_venv": str(venv or base / "venv"),
                 "change_id": change_id,
                 "ca_mode": "files",
                 "apply": True,
@@ -92,8 +94,15 @@ def inventory(base: Path, clusters: dict[str, LabCluster], *, change_id: str) ->
     }
 
 
-def up(base: str | Path, *, hosts: int = 4, change_id: str = LAB_CHANGE_ID) -> Path:
-    """Start ``hosts`` throwaway clusters under ``base`` and write ``base/inventory.yml``."""
+def up(
+    base: str | Path,
+    *,
+    hosts: int = 4,
+    change_id: str = LAB_CHANGE_ID,
+    venv: str | Path | None = None,
+) -> Path:
+    """Start ``hosts`` throwaway clusters under ``base`` and write ``base/inventory.yml``
+    (``venv``: where the hosts' venv goes, by default ``base/venv``)."""
     root = Path(base).resolve()
     if (root / "clusters").exists():
         raise InputError(
@@ -116,7 +125,10 @@ def up(base: str | Path, *, hosts: int = 4, change_id: str = LAB_CHANGE_ID) -> P
     target = root / "inventory.yml"
     target.write_text(
         "# A lab fleet: throwaway clusters on this machine (python -m pgtls_helpers.lab_fleet)\n"
-        + yaml.safe_dump(inventory(root, clusters, change_id=change_id), sort_keys=False)
+        + yaml.safe_dump(
+            inventory(root, clusters, change_id=change_id, venv=Path(venv) if venv else None),
+            sort_keys=False,
+        )
     )
     return target
 
@@ -226,7 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 json.dumps({host: str(p) for host, p in signed.items()}, indent=2) + "\n"
             )
         elif args.cmd == "wheels":
-            sys.stdout.write(f"wheelhouse: {build_wheelhouse(args.source, args.out, python=args.python)}\n")
+            sys.stdout.write(
+                f"wheelhouse: {build_wheelhouse(args.source, args.out, python=args.python)}\n"
+            )
         else:
             down(args.dir)
     except InputError as exc:

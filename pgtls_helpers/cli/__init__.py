@@ -166,9 +166,7 @@ def _add_fleet(sub: argparse._SubParsersAction) -> None:
     )
     rep.add_argument("directory", metavar="records/CHANGE_ID/")
     rep.add_argument("--run", metavar="RUN", help="an earlier run (default: the latest)")
-    rep.add_argument(
-        "--out", metavar="FILE.html", help="default: fleet-report.html in the folder"
-    )
+    rep.add_argument("--out", metavar="FILE.html", help="default: fleet-report.html in the folder")
     rep.add_argument("--json", action="store_true", help="print the JSON instead of a summary")
     rep.set_defaults(func=_lazy("pgtls_helpers.cli.fleet", "report"))
 

@@ -33,11 +33,7 @@ def _checks(row: HostRow) -> str:
 
 
 def _cells(row: HostRow) -> list[str]:
-    link = (
-        f'<a href="{esc(row.page)}">{esc(row.record)}</a>'
-        if row.page
-        else esc(row.record or "")
-    )
+    link = f'<a href="{esc(row.page)}">{esc(row.record)}</a>' if row.page else esc(row.record or "")
     fp = row.fingerprint or ""
     return [
         f"<b>{esc(row.host)}</b>",
@@ -70,8 +66,8 @@ def fleet_page(report: FleetReport) -> str:
         for row in report.rows
     )
     others = (
-        "<p style='color:%s'>Earlier runs of this change: %s (pgtls fleet report --run RUN)</p>"
-        % (MUTED, esc(", ".join(report.other_runs)))
+        f"<p style='color:{MUTED}'>Earlier runs of this change: "
+        f"{esc(', '.join(report.other_runs))} (pgtls fleet report --run RUN)</p>"
         if report.other_runs
         else ""
     )
@@ -88,12 +84,10 @@ def fleet_page(report: FleetReport) -> str:
         f"<p>{meta}</p>"
         f'<div style="{BOX}border-left:6px solid {colour};">{esc(text)}</div>'
         f'<table style="{TABLE}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-        "<p style='color:%s'>A host <i>not reached</i> was in the play but the waves stopped "
-        "before it (max_fail_percentage) or it could not be contacted; nothing ran there in "
-        "this run. Each record link opens that host's record as the runbook wrote it.</p>"
-        % MUTED
-        + others
-        + "</body></html>\n"
+        f"<p style='color:{MUTED}'>A host <i>not reached</i> was in the play but the waves "
+        "stopped before it (max_fail_percentage) or it could not be contacted; nothing ran "
+        "there in this run. Each record link opens that host's record as the runbook wrote "
+        "it.</p>" + others + "</body></html>\n"
     )
 
 

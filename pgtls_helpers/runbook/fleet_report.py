@@ -181,8 +181,7 @@ def _row(host: str, host_dir: Path, run: str, base: Path, now: datetime) -> Host
             wave=wave,
             phase=phase,
             failed_step="before the runbook",
-            reason=str(last_err or "the run left no record (exit status "
-                       f"{note.get('exit_code')})"),
+            reason=str(last_err or f"the run left no record (exit status {note.get('exit_code')})"),
         )
     facts: dict[str, object] = {}
     manifest = _read_json(record / "manifest.json")
