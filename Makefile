@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PARAMS ?= parameters/lab.yaml
 
-.PHONY: venv test lint fleet-lint demo run lab notebook bench clean fleet-wheels fleet-demo fleet-down
+.PHONY: venv test lint fleet-lint demo run lab notebook bench clean fleet-wheels fleet-demo fleet-down bench-fleet
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -75,6 +75,10 @@ fleet-demo: $(WHEELHOUSE)
 	$(ANSIBLE) -i $(FLEET_DIR)/inventory.yml fleet/pgtls.yml
 	$(BIN)/python -m pgtls_helpers fleet report records/$(FLEET_CHANGE)/
 	test -n "$(FLEET_KEEP)" || $(BIN)/python -m pgtls_helpers.lab_fleet down --dir $(FLEET_DIR)
+
+# Ansible's overhead per host on the lab fleet, against four `pgtls run` one after another
+bench-fleet: $(WHEELHOUSE)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/bench_fleet.py --wheelhouse $(WHEELHOUSE) --host-python $(HOST_PYTHON)
 
 fleet-down: $(STAMP)
 	$(BIN)/python -m pgtls_helpers.lab_fleet down --dir $(FLEET_DIR)

@@ -189,7 +189,12 @@ def test_fleet_report_command_writes_html_and_json(fleet: LabFleet) -> None:
 def test_rollback_restores_every_host(fleet: LabFleet) -> None:
     fleet.step("rollback")
     for host in HOSTS:
-        assert fleet.files(host) == fleet.before_change[host], host
+        now = fleet.files(host)
+        # every file is as before the change; what is new is only the backups the change made
+        assert {p: now.get(p) for p in fleet.before_change[host]} == fleet.before_change[host]
+        assert {p for p in now if p not in fleet.before_change[host]} == {
+            p for p in now if ".pgtls-backup-" in p
+        }, host
         assert fleet.ssl(host) == "off"
     rows = fleet.report()
     assert [rows[h]["outcome"] for h in HOSTS] == ["rolled-back"] * 4
