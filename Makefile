@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PARAMS ?= parameters/lab.yaml
 
-.PHONY: venv test lint fleet-lint demo run lab notebook bench clean fleet-wheels fleet-demo fleet-down bench-fleet
+.PHONY: venv test lint fleet-lint demo run rollback lab notebook bench clean fleet-wheels fleet-demo fleet-down bench-fleet
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ demo: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m pgtls_helpers run $(PARAMS) --records records --work work
 
+# Back out the change of PARAMS (DRY_RUN=1: only show what would be put back).
+rollback: $(STAMP)
+	$(BIN)/python -m pgtls_helpers rollback $(PARAMS) --records records --work work $(if $(DRY_RUN),--dry-run)
+
 lab: $(STAMP)
 	$(BIN)/python -m pgtls_helpers lab up --dir work/lab
 
@@ -45,6 +49,7 @@ notebook: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_chain.py
 	$(BIN)/python bench/bench_probe.py
+	$(BIN)/python bench/bench_watch.py
 	$(BIN)/python bench/bench_runbook.py
 
 # The runbook on many servers (fleet/, README "Many servers"). The wheelhouse is what the

@@ -8,7 +8,8 @@ the article-shaped throwaway CA, an RSA 4096 key) goes through the change twice:
 (b) the same five steps called directly from Python (``runbook.step1_key_and_csr`` …
     ``step5_verify_clients``) on another throwaway cluster, with no notebook, kernel or record.
 
-It prints both, step by step, and the share of (a) spent on notebook execution, which is
+It prints both, step by step, with the size of each step's page in (a)'s record (and of
+``index.html`` and the whole record), and the share of (a) spent on notebook execution, which is
 (a) − (b). The same comparison is made once more with each side as a fresh process (``python
 -m pgtls_helpers run`` against a process that imports the package and calls the five steps), so
 that start-up and imports count as they do for ``make demo``. Goals: (a) under 30 s on a 2-core
@@ -57,7 +58,20 @@ def through_notebooks(params_file: Path, scratch: Path) -> dict[str, float]:
     times = {s.step: s.seconds for s in outcome.steps}
     times["set-up and record"] = total - sum(times.values())
     times["total"] = total
+    SIZES.append(record_sizes(outcome.record_dir))
     return times
+
+
+SIZES: list[dict[str, int]] = []
+
+
+def record_sizes(record: Path) -> dict[str, int]:
+    """Bytes of each step's page, of index.html, of manifest.json, and of the whole record."""
+    sizes = {step: (record / f"{step}.html").stat().st_size for step, _ in STEPS}
+    sizes["set-up and record"] = (record / "index.html").stat().st_size
+    sizes["manifest.json"] = (record / "manifest.json").stat().st_size
+    sizes["total"] = sum(p.stat().st_size for p in record.rglob("*") if p.is_file())
+    return sizes
 
 
 def direct(params_file: Path, scratch: Path) -> dict[str, float]:
@@ -155,10 +169,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"lab runbook ({params_file.name}), {args.repeat} run(s) each, median seconds; "
         f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}"
     )
-    print(f"  {'':<22}{'notebooks':>11}{'direct':>9}{'difference':>12}")
+    print(f"  {'':<22}{'notebooks':>11}{'direct':>9}{'difference':>12}{'page KB':>10}")
     for row in rows:
         a, b = med(nb_runs, row), med(py_runs, row)
-        print(f"  {row:<22}{a:>11.2f}{b:>9.2f}{a - b:>12.2f}")
+        kb = statistics.median(z[row] for z in SIZES) / 1024
+        print(f"  {row:<22}{a:>11.2f}{b:>9.2f}{a - b:>12.2f}{kb:>10.1f}")
+    largest = max(max(z[s] for s, _ in STEPS) for z in SIZES) / 1024
+    manifest_kb = statistics.median(z["manifest.json"] for z in SIZES) / 1024
+    print(
+        "page KB: each step's HTML page; on the set-up row index.html, on the total row the "
+        f"whole record (manifest.json {manifest_kb:.1f} KB); "
+        f"largest step page {largest:.1f} KB (goal: under 80 KB): "
+        f"{'yes' if largest < 80 else 'NO'}"
+    )
     total_nb, total_py = med(nb_runs, "total"), med(py_runs, "total")
     overhead = total_nb - total_py
     share = overhead / total_nb if total_nb else 0.0

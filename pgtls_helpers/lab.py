@@ -4,6 +4,10 @@ The CA is root → ``IntermediateCA_BAR`` → ``IntermediateCA_FOO`` → server,
 files a real CA would (``SERVER-FQDN.crt``, the two intermediates, ``RootCA.crt``). The cluster is
 a fresh ``initdb`` with SSL off and the stock ``pg_hba.conf`` (peer for local sockets,
 scram-sha-256 for TCP), which is what a real server looks like before the change.
+
+One module of about 700 lines on purpose: the lab is what a newcomer opens first, and the CA, the
+cluster and the lab's client login read best side by side; the runbook uses only its CA (lab
+mode, and the unrelated root of step 5).
 """
 
 from __future__ import annotations
@@ -448,6 +452,37 @@ class LabCluster:
         """The superuser password (for handing to a client process's environment)."""
         return self.passfile.read_text().strip().rsplit(":", 1)[1]
 
+    def add_client_login(self, os_user: str) -> None:
+        """Give the client OS user ``os_user`` a login of its own: a role of the same name with
+        a new random password, written to that user's ``~/.pgpass`` (0600, its own), so its
+        psql check needs nothing of the runbook's. The line matches any host name on this
+        cluster's port; earlier lines for the port are replaced."""
+        import psycopg
+        from psycopg import sql
+
+        entry = pwd.getpwnam(os_user)
+        password = secrets.token_urlsafe(24)
+        with psycopg.connect(autocommit=True, **self.conninfo()) as conn:  # type: ignore[arg-type]
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [os_user]).fetchone()
+            verb = "ALTER" if exists else "CREATE"
+            conn.execute(
+                sql.SQL(verb + " ROLE {} LOGIN PASSWORD {}").format(
+                    sql.Identifier(os_user), sql.Literal(password)
+                )
+            )
+        pgpass = Path(entry.pw_dir) / ".pgpass"
+        keep = []
+        if pgpass.exists():
+            port = str(self.port)
+            keep = [ln for ln in pgpass.read_text().splitlines() if ln.split(":")[1:2] != [port]]
+        tmp = pgpass.with_name(f".pgpass.tmp-{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("\n".join([*keep, f"*:{self.port}:*:{os_user}:{password}"]) + "\n")
+        if os.geteuid() == 0:
+            os.chown(tmp, entry.pw_uid, entry.pw_gid)
+        os.replace(tmp, pgpass)
+
     # lifecycle
     @classmethod
     def create(
@@ -651,11 +686,14 @@ class LabCluster:
         except FileNotFoundError:
             return 0
 
-    def serve_certificate(self, key: _CAKey, chain: Sequence[x509.Certificate]) -> None:
+    def serve_certificate(
+        self, key: _CAKey, chain: Sequence[x509.Certificate], *, restart: bool = True
+    ) -> None:
         """Lab shortcut: put ``key`` and ``chain`` in place and turn SSL on, by restart.
 
         The runbook never does this (it installs with backups and proves the result); tests of
-        other parts use it to get an SSL server in one call.
+        other parts use it to get an SSL server in one call. With ``restart=False`` only the
+        files change: a renewal installed but not reloaded.
         """
         import psycopg
 
@@ -677,6 +715,8 @@ class LabCluster:
             if owner:
                 os.chown(tmp, owner.pw_uid, owner.pw_gid)
             os.replace(tmp, self.pgdata / name)
+        if not restart:
+            return
         with psycopg.connect(**self.conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
             conn.execute("ALTER SYSTEM SET ssl = 'on'")
         self.restart()

@@ -1,5 +1,6 @@
-"""What the runbook notebooks call, and nothing more: the five steps and the displays of their
-evidence. Notebooks import this one module (``from pgtls_helpers import notebook as pgtls``)."""
+"""What the notebooks call, and nothing more: the five steps and the displays of their
+evidence, and the watch report. Notebooks import this one module
+(``from pgtls_helpers import notebook as pgtls``)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,14 @@ from pgtls_helpers.display.form import (
     show_key_and_csr,
     show_parameters,
     show_values,
+)
+from pgtls_helpers.display.watch import (
+    days_picture,
+    expiry_timeline,
+    run_watch,
+    show_reasons,
+    show_summary,
+    watch_table,
 )
 from pgtls_helpers.runbook.ca_response import step2_ca_response
 from pgtls_helpers.runbook.enable import step4_enable_ssl
@@ -63,4 +72,11 @@ __all__ = [
     "step5_verify_clients",
     "stop_on_errors",
     "validity_timeline",
+    # notebooks/watch.ipynb
+    "days_picture",
+    "expiry_timeline",
+    "run_watch",
+    "show_reasons",
+    "show_summary",
+    "watch_table",
 ]

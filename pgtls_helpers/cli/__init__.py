@@ -1,4 +1,5 @@
-"""Command line: ``pgtls chain``, ``csr``, ``probe``, ``run``, ``rollback``, ``lab``, ``fleet``.
+"""Command line: ``pgtls chain``, ``csr``, ``probe``, ``watch``, ``run``, ``rollback``,
+``record``, ``lab``, ``fleet``.
 
 Each command's body lives in a small ``_cli_*`` module so that importing the CLI stays cheap
 (``chain inspect`` must not pay for pandas or papermill unless it needs them).
@@ -105,6 +106,29 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
     probe.set_defaults(func=_lazy("pgtls_helpers.cli.probe", "main"))
 
 
+def _add_watch(sub: argparse._SubParsersAction) -> None:
+    w = sub.add_parser(
+        "watch", help="expiry and TLS posture of many servers: table, JSON, Prometheus, Nagios"
+    )
+    w.add_argument("targets", nargs="*", metavar="HOST[:PORT]")
+    w.add_argument("--targets-file", metavar="FILE", help="one HOST[:PORT] a line, # comments")
+    w.add_argument("--root", metavar="ROOT.crt", help="verify the chains against this root")
+    w.add_argument("--warn-days", type=int, default=30, metavar="DAYS")
+    w.add_argument("--crit-days", type=int, default=15, metavar="DAYS")
+    w.add_argument("--format", choices=("table", "json", "prometheus", "nagios"), default="table")
+    w.add_argument("--out", metavar="FILE", help="write there atomically instead of stdout")
+    w.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+    w.add_argument("--concurrency", type=int, default=32, metavar="N")
+    w.add_argument(
+        "--on-disk",
+        action="store_true",
+        help="also read ssl_cert_file through libpq: renewed on disk but not reloaded?",
+    )
+    w.add_argument("--user", metavar="ROLE", help="--on-disk: the role libpq logs in as")
+    w.add_argument("--dbname", default="postgres", help="--on-disk: the database")
+    w.set_defaults(func=_lazy("pgtls_helpers.cli.watch", "main"))
+
+
 def _add_run(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="run the five runbook notebooks and archive the record")
     run.add_argument("params", metavar="PARAMS.yaml")
@@ -131,7 +155,27 @@ def _add_rollback(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="where the change's work directory (its journals) lives",
     )
+    back.add_argument(
+        "--records",
+        default="records",
+        metavar="DIR",
+        help="where the change's records are; the rollback's record goes beside them",
+    )
+    back.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show what would be removed, restored and reset; change nothing",
+    )
     back.set_defaults(func=_lazy("pgtls_helpers.cli.rollback", "main"))
+
+
+def _add_record(sub: argparse._SubParsersAction) -> None:
+    record = sub.add_parser("record", help="a run's record in other forms")
+    rsub = record.add_subparsers(dest="record_cmd", required=True)
+    pdf = rsub.add_parser("pdf", help="the summary and step pages of a run in one PDF")
+    pdf.add_argument("record", metavar="RECORD_DIR", help="records/<change_id>/<stamp>/")
+    pdf.add_argument("--out", metavar="FILE.pdf", help="default: records/<change_id>/<stamp>.pdf")
+    pdf.set_defaults(func=_lazy("pgtls_helpers.cli.record", "pdf"))
 
 
 def _add_lab(sub: argparse._SubParsersAction) -> None:
@@ -188,8 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chain(sub)
     _add_csr(sub)
     _add_probe(sub)
+    _add_watch(sub)
     _add_run(sub)
     _add_rollback(sub)
+    _add_record(sub)
     _add_lab(sub)
     _add_fleet(sub)
     return parser

@@ -60,7 +60,7 @@ def inspect(args: argparse.Namespace) -> int:
     )
     findings.sort(key=lambda f: {"error": 0, "warning": 1, "info": 2}[f.severity])
     if args.json:
-        json.dump(to_json(result, findings), sys.stdout, indent=2)
+        json.dump(to_json(result, findings, sources), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         render_text(result, findings, sources, sys.stdout)
@@ -121,20 +121,42 @@ def bundle(args: argparse.Namespace) -> int:
 # --- output ------------------------------------------------------------------------------------
 
 
-def to_json(result: ChainResult, findings: Sequence[Finding]) -> dict[str, Any]:
-    """The ``--json`` document: chain (leaf first), unused, findings."""
+def to_json(
+    result: ChainResult,
+    findings: Sequence[Finding],
+    sources: dict[str, str] | None = None,
+    *,
+    now: _dt.datetime | None = None,
+) -> dict[str, Any]:
+    """The ``--json`` document: ``ready`` (no error finding), the chain leaf first, the unused
+    certificates, and the findings.
+
+    Each certificate names the file it came from (``source``; null for one taken from
+    ``--pool``), the days left until its end date at ``now`` and its key type.
+    """
+    at = now if now is not None else _dt.datetime.now(_dt.UTC)
+    files = sources or {}
+    pool_fps = {fingerprint(c) for c in result.from_pool}
+
+    def entry(cert: x509.Certificate) -> dict[str, Any]:
+        fp = fingerprint(cert)
+        return {
+            "sha256": fp,
+            "subject": cert.subject.rfc4514_string(),
+            "issuer": cert.issuer.rfc4514_string(),
+            "not_after": cert.not_valid_after_utc.isoformat(),
+            "days_left": (cert.not_valid_after_utc - at).days,
+            "key_type": _key(cert),
+            "source": None if fp in pool_fps else files.get(fp),
+            "from_pool": fp in pool_fps,
+        }
+
     return {
+        "ready": not has_errors(findings),
         "chain": [
-            {
-                "sha256": fingerprint(c),
-                "role": role,
-                "subject": c.subject.rfc4514_string(),
-                "issuer": c.issuer.rfc4514_string(),
-                "not_after": c.not_valid_after_utc.isoformat(),
-            }
-            for c, role in zip(result.path, result.roles, strict=True)
+            {"role": role, **entry(c)} for c, role in zip(result.path, result.roles, strict=True)
         ],
-        "unused": [{"sha256": fingerprint(c)} for c in result.unused],
+        "unused": [entry(c) for c in result.unused],
         "findings": [
             {"severity": f.severity, "code": f.code, "message": f.message} for f in findings
         ],

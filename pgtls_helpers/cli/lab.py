@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from pgtls_helpers.lab import LabCluster
+from pgtls_helpers.runbook.record import pgtls_command
 
 _RUNBOOK_YAML = "runbook.yaml"
 
@@ -72,6 +73,7 @@ def up(args: argparse.Namespace) -> int:
         + yaml.safe_dump(_runbook_params(cluster), sort_keys=False)
     )
     env = f"PGPASSFILE={shlex.quote(str(cluster.passfile))}"
+    pgtls = pgtls_command()
     _out(
         "\n".join(
             [
@@ -84,9 +86,9 @@ def up(args: argparse.Namespace) -> int:
                 f"  {_psql(cluster)}",
                 "",
                 f"run the runbook against it (parameters written to {params_file}):",
-                f"  {env} pgtls run {shlex.quote(str(params_file))}",
+                f"  {env} {pgtls} run {shlex.quote(str(params_file))}",
                 "",
-                f"stop and remove it:  pgtls lab down --dir {shlex.quote(args.dir)}",
+                f"stop and remove it:  {pgtls} lab down --dir {shlex.quote(str(args.dir))}",
             ]
         )
     )
@@ -106,8 +108,9 @@ def status(args: argparse.Namespace) -> int:
     cluster = LabCluster.attach(args.dir)
     if not cluster.running():
         _out(
-            f"lab cluster in {cluster.base} is not running; remove it with 'pgtls lab down "
-            f"--dir {args.dir}' and start a new one with 'pgtls lab up --dir {args.dir}'"
+            f"lab cluster in {cluster.base} is not running; remove it with '{pgtls_command()} "
+            f"lab down --dir {args.dir}' and start a new one with '{pgtls_command()} lab up "
+            f"--dir {args.dir}'"
         )
         return 1
     _out(f"lab cluster running on {cluster.host}:{cluster.port}, data in {cluster.pgdata}")
@@ -130,12 +133,17 @@ def _lab_for_notebooks(base: Path) -> tuple[LabCluster, bool]:
     return cluster, True
 
 
-def notebook(args: argparse.Namespace) -> int:
-    """Prepare the notebooks with a parameters file and open them in JupyterLab.
+# A session in JupyterLab against the lab cluster is a change of its own: `make demo` leaves its
+# key, CSR and journals under the parameters' change_id, and those belong to a cluster that is
+# gone, so the notebooks get a change id (and a work directory) of their own.
+NOTEBOOK_SUFFIX = "-notebook"
 
-    With ``lab_cluster: true`` the notebooks point at the lab cluster in ``--dir`` (started,
-    or created, as needed; it keeps running afterwards for ``pgtls lab down``).
-    """
+
+def prepare_lab_notebooks(args: argparse.Namespace) -> tuple[Any, Path, dict[str, str]]:
+    """The parameters, the prepared notebooks' folder and the environment for ``notebook``."""
+    import dataclasses
+    import shutil
+
     from pgtls_helpers.runbook.params import load_params, read_params_file, resolve_paths
     from pgtls_helpers.runbook.runner import (
         lab_client_user,
@@ -147,8 +155,8 @@ def notebook(args: argparse.Namespace) -> int:
     params = load_params(values, source=str(args.params))
     env = dict(os.environ)
     if params.lab_cluster:
-        import shutil
-
+        if not params.change_id.endswith(NOTEBOOK_SUFFIX):
+            params = dataclasses.replace(params, change_id=params.change_id + NOTEBOOK_SUFFIX)
         cluster, new = _lab_for_notebooks(Path(args.dir).resolve())
         if new:  # whatever an earlier session left belonged to a cluster that is gone
             shutil.rmtree(params.work.path, ignore_errors=True)
@@ -158,12 +166,26 @@ def notebook(args: argparse.Namespace) -> int:
     target = Path(args.work).resolve() / "notebooks" / params.change_id
     prepare_notebooks(params, target)
     _out(f"notebooks for change {params.change_id} in {target}")
+    _out(f"  work directory (key, CSR, subject.json): {params.work.path}")
     _out(
         f"  server {params.server_host}:{params.server_port}, ca_mode {params.ca_mode}, "
         f"apply {str(params.apply).lower()}"
     )
     if params.lab_cluster:
-        _out(f"when done: pgtls lab down --dir {args.dir}")
+        again = f"{pgtls_command()} lab down --dir {shlex.quote(str(args.dir))}"
+        _out(f"to start over (a new cluster, an empty work directory): {again}; make notebook")
+        _out(f"when done: {again}")
+    return params, target, env
+
+
+def notebook(args: argparse.Namespace) -> int:
+    """Prepare the notebooks with a parameters file and open them in JupyterLab.
+
+    With ``lab_cluster: true`` the notebooks point at the lab cluster in ``--dir`` (started,
+    or created, as needed; it keeps running afterwards for ``pgtls lab down``), under the
+    change id ``<change_id>-notebook``, so nothing ``make demo`` left is reused.
+    """
+    _params, target, env = prepare_lab_notebooks(args)
     argv = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={target}"]
     if os.geteuid() == 0:
         argv.append("--allow-root")

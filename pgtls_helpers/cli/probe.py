@@ -40,9 +40,11 @@ def _row(cert: Any) -> dict[str, str]:
         names = cert_names(cert)
         if names is None:
             from cryptography import x509
+            from cryptography.x509.oid import NameOID
 
             parsed = x509.load_der_x509_certificate(der)
-            names = parsed.subject.rfc4514_string(), parsed.issuer.rfc4514_string()
+            email = {NameOID.EMAIL_ADDRESS: "emailAddress"}
+            names = parsed.subject.rfc4514_string(email), parsed.issuer.rfc4514_string(email)
         row = {"sha256": hashlib.sha256(der).hexdigest(), "subject": names[0], "issuer": names[1]}
         _ROWS[der] = row
     return row

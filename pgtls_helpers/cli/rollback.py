@@ -1,4 +1,5 @@
-"""``pgtls rollback PARAMS.yaml``: the back-out plan of a change, carried out."""
+"""``pgtls rollback PARAMS.yaml``: the back-out plan of a change, carried out and recorded
+(``--dry-run``: only shown)."""
 
 from __future__ import annotations
 
@@ -13,26 +14,24 @@ __all__ = ["main"]
 
 
 def main(args: argparse.Namespace) -> int:
-    """Restore what steps 3 and 4 changed, reload, and say how the server answers now."""
-    from pgtls_helpers.runbook.rollback import rollback_change
+    """Restore what steps 3 and 4 changed, reload, say how the server answers now, and write
+    the rollback's record next to the change's."""
+    from pgtls_helpers.runbook.rollback_record import rollback_with_record
+    from pgtls_helpers.runbook.terminal import rollback_summary
 
-    values = resolve_paths(read_params_file(args.params), Path(args.params), args.work)
+    params_file = Path(args.params).resolve()
+    values = resolve_paths(read_params_file(params_file), params_file, args.work)
     params = load_params(values, source=str(args.params))
     if params.lab_cluster:
         raise InputError(
             f"{args.params}: lab_cluster runs remove their throwaway cluster at the end, so "
             "there is nothing to roll back"
         )
-    result = rollback_change(params)
-    out = sys.stdout
-    for path in result.restored:
-        out.write(f"restored {path}\n")
-    for name, value in result.settings.items():
-        shown = f"'{value}'" if value is not None else "its postgresql.conf value (RESET)"
-        out.write(f"ALTER SYSTEM: {name} back to {shown}\n")
-    state = "on" if result.ssl_after else "off"
-    leaf = result.presented[0]["subject"] if result.presented else "no certificate"
-    out.write(
-        f"reloaded; {params.server_host}:{params.server_port} has ssl {state} and presents {leaf}\n"
+    manifest, record = rollback_with_record(
+        params,
+        params_file=params_file,
+        records_dir=Path(args.records).resolve(),
+        dry_run=args.dry_run,
     )
+    sys.stdout.write(rollback_summary(manifest, record) + "\n")
     return 0

@@ -158,12 +158,39 @@ def show_ssl_plan(plan: EnableResult) -> Rendered:
         },
     ]
     parts = [table(steps), heading("pg_hba.conf, current against planned:"), _diff(plan.hba_diff)]
+    parts += _sessions_refused(plan)
     if plan.presented:
         parts += [
             heading("The server presents now:"),
             _presented(plan.presented),
         ]
     return join(*parts)
+
+
+def _sessions_refused(plan: EnableResult) -> list[Rendered]:
+    """Who is connected now without SSL and would be turned away on the next connection."""
+    local = "Unix-socket (local) lines are not affected: sessions over the socket keep working."
+    if not plan.hba_added:
+        return []
+    if not plan.sessions_refused:
+        return [
+            heading("Sessions connected now:"),
+            banner(
+                "no session is connected over TCP without SSL, so none would be refused. " + local,
+                OK,
+            ),
+        ]
+    return [
+        heading(
+            f"{len(plan.sessions_refused)} session(s) connected now without SSL would be "
+            "refused by the new pg_hba.conf on their next connection:"
+        ),
+        table(
+            plan.sessions_refused,
+            ["user", "database", "client_addr", "application_name", "line"],
+        ),
+        banner(local, INFO),
+    ]
 
 
 def show_enabled(enabled: EnableResult | None) -> Rendered:
@@ -228,7 +255,8 @@ def show_checks(verify: VerifyResult) -> Rendered:
                 "check": c.check,
                 "sslmode": c.sslmode,
                 "host": c.host,
-                "expected": c.expect + ("" if c.expect == "ok" else f" ({c.expect_reason})"),
+                "expected": c.expect
+                + ("" if c.expect_reason == "connected" else f" ({c.expect_reason})"),
                 "observed": c.observed + ("" if c.observed == "ok" else f" ({c.observed_reason})"),
                 "agrees": "✓" if c.passed else "✗",
                 "libpq said": c.detail if len(c.detail) <= 160 else c.detail[:157] + "…",
@@ -261,5 +289,5 @@ def require_pass(verify: VerifyResult, params: Params) -> Rendered:
     show_now(banner(summary, BAD, "Verdict: fail"))
     raise PgtlsError(
         f"{len(failed)} of {len(verify.checks)} connection checks did not behave as "
-        f"they must ({summary}); see the table above"
+        f"they must: {'; '.join(c.check for c in failed)}"
     )

@@ -30,20 +30,26 @@ from pgtls_helpers.display.html import (
     join,
     plain,
     pre,
+    show_now,
     table,
 )
 
 # --------------------------------------------------------------------------- parameters
 
 
-def notebook_params(namespace: Mapping[str, Any]) -> Params:
+def notebook_params(namespace: Mapping[str, Any], *, names_from_csr: bool = False) -> Params:
     """The parameters cell's values (and papermill's injected ones) as one checked object.
 
     Only the runbook's parameter names are read from ``namespace`` (a notebook passes
-    ``globals()``). Also makes errors print as one line (``%xmode Minimal``): the messages are
-    written for people, the traceback adds nothing for them.
+    ``globals()``). With ``names_from_csr`` (steps 2 to 5) the common name and SANs are the
+    ones of the CSR step 1 made, which may differ from the parameters when they were changed in
+    the CSR form; a note says so. Also makes errors print as one line (``%xmode Minimal``): the
+    messages are written for people, the traceback adds nothing for them.
     """
+    declared = namespace.get("__annotations__") or {}
     values = {name: namespace[name] for name in PARAMETER_NAMES if name in namespace}
+    # a misspelled name in the parameters cell is annotated like the others: refuse it too
+    values.update({n: namespace[n] for n in declared if n in namespace and not n.startswith("_")})
     params = load_params(values, source="the parameters cell")
     if not Path(params.work_dir).is_absolute():
         raise InputError(
@@ -60,7 +66,24 @@ def notebook_params(namespace: Mapping[str, Any]) -> Params:
     if shell is not None:
         with contextlib.redirect_stdout(io.StringIO()):  # %xmode announces itself
             shell.run_line_magic("xmode", "Minimal")
+    if names_from_csr:
+        from pgtls_helpers.runbook.key_and_csr import names_from_csr as csr_names
+
+        given, params = params, csr_names(params)
+        if params is not given:
+            show_now(names_note(given, params))
     return params
+
+
+def names_note(given: Params, used: Params) -> Rendered:
+    """Why the names below are not the parameters': the CSR was made with others."""
+    names = ", ".join(used.hosts)
+    return banner(
+        f"the host names come from {used.work.csr}, the CSR step 1 made: {names} "
+        f"(the parameters say {', '.join(given.hosts)}; the form in step 1 changed them)",
+        INFO,
+        "Names from the CSR",
+    )
 
 
 def plan_only(params: Params) -> Params:
@@ -69,9 +92,7 @@ def plan_only(params: Params) -> Params:
 
 
 def _param_rows(params: Params, names: Iterable[str] | None = None) -> list[dict[str, str]]:
-    values = {
-        f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.name != "extra"
-    }
+    values = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
     safe = redacted(values)
     rows = []
     for name in names or PARAMETER_NAMES:
@@ -155,8 +176,12 @@ def _lines(text: str) -> list[str]:
 class CsrForm:
     """The CSR subject form, prefilled from the parameters; each field is checked as it is typed.
 
-    The values are taken only when the DBA presses *Use these values*; until then (and always
-    in a headless run) :attr:`params` are the notebook's parameters unchanged. Build it with
+    The values are taken only when the DBA presses *Use these values*: they are checked, saved
+    in the change's work directory (``subject.json``, so later notebooks and a restarted kernel
+    see the same choice) and used by the next cells. A form that was changed but not taken, or
+    whose values were refused, stops the next cell with the reason rather than falling back to
+    the parameters. In a headless run the form is never touched and :attr:`params` are the
+    notebook's parameters (or the subject saved for this change earlier). Build it with
     :func:`csr_form`.
     """
 
@@ -164,9 +189,13 @@ class CsrForm:
         import ipywidgets as w
 
         from pgtls_helpers.pki.keys import KEY_TYPES
+        from pgtls_helpers.runbook.key_and_csr import saved_subject
 
         self._given = params
-        self._chosen: Params | None = None
+        self._chosen: Params | None = saved_subject(params)
+        self._from_file = self._chosen is not None
+        self._refused: str | None = None
+        shown = self._chosen or params
         style = {"description_width": "190px"}
         wide = w.Layout(width="560px")
         self.inputs: dict[str, Any] = {}
@@ -174,7 +203,7 @@ class CsrForm:
         rows = []
         for name, label, example in _FORM_FIELDS:
             text = w.Text(
-                value=getattr(params, name) or "",
+                value=getattr(shown, name) or "",
                 description=label,
                 placeholder=example,
                 style=style,
@@ -184,16 +213,16 @@ class CsrForm:
             self._errors[name] = w.HTML()
             rows += [text, self._errors[name]]
         self.inputs["subject_alt_names"] = w.Textarea(
-            value="\n".join(params.subject_alt_names),
+            value="\n".join(shown.subject_alt_names),
             description="Alternative names",
             placeholder="one host name or IP address a line",
             style=style,
             layout=w.Layout(width="560px", height="80px"),
         )
         self._errors["subject_alt_names"] = w.HTML()
-        options = list(KEY_TYPES) if params.key_type in KEY_TYPES else [*KEY_TYPES, params.key_type]
+        options = list(KEY_TYPES) if shown.key_type in KEY_TYPES else [*KEY_TYPES, shown.key_type]
         self.inputs["key_type"] = w.Dropdown(
-            options=options, value=params.key_type, description="Key type", style=style
+            options=options, value=shown.key_type, description="Key type", style=style
         )
         self.button = w.Button(
             description="Use these values",
@@ -202,6 +231,11 @@ class CsrForm:
             layout=w.Layout(width="200px"),
         )
         self.status = w.HTML()
+        if self._chosen is not None:
+            self.status.value = (
+                f'<span style="color:{OK}">the values saved for this change in '
+                f"{esc(params.work.subject)} are used</span>"
+            )
         rows += [
             self.inputs["subject_alt_names"],
             self._errors["subject_alt_names"],
@@ -209,13 +243,17 @@ class CsrForm:
             w.HBox([self.button, self.status]),
         ]
         for name, widget in self.inputs.items():
+            widget.observe(self._on_change, names="value")
             if name != "key_type":
-                widget.observe(self._on_change, names="value")
                 self._check(name)
+        self._taken = self._current()
         self.button.on_click(self._on_use)
         self.box = w.VBox([w.HTML("<b>CSR subject</b>"), *rows])
 
     # the interactive part
+    def _current(self) -> dict[str, str]:
+        return {name: str(widget.value) for name, widget in self.inputs.items()}
+
     def _check(self, name: str) -> bool:
         problem = _field_problem(name, self.inputs[name].value)
         self._errors[name].value = (
@@ -228,21 +266,32 @@ class CsrForm:
     def _on_change(self, change: Mapping[str, Any]) -> None:
         owner = change["owner"]
         name = next(n for n, wdg in self.inputs.items() if wdg is owner)
-        self._check(name)
-        if self._chosen is not None:
+        if name != "key_type":
+            self._check(name)
+        if self._current() != self._taken:
             self.status.value = (
-                f'<span style="color:{WARN}">changed since "Use these values" '
-                "was pressed; press it again to use the changes</span>"
+                f'<span style="color:{WARN}">changed: press "Use these values" to use the '
+                "changes</span>"
             )
 
     def _on_use(self, _button: object = None) -> None:
+        from pgtls_helpers.runbook.key_and_csr import save_subject
+
         try:
-            self._chosen = self.values()
-        except InputError as exc:
-            self._chosen = None
-            self.status.value = f'<span style="color:{BAD}">{esc(exc)}</span>'
+            chosen = self.values()
+            saved = save_subject(chosen)
+        except (InputError, OSError) as exc:
+            self._refused = str(exc)
+            self.status.value = (
+                f'<span style="color:{BAD}">not taken: {esc(exc)}; fix it and press again</span>'
+            )
             return
-        self.status.value = f'<span style="color:{OK}">the next cells use these values</span>'
+        self._chosen, self._refused, self._taken = chosen, None, self._current()
+        self._from_file = False
+        self.status.value = (
+            f'<span style="color:{OK}">saved in {esc(saved)}; the next cells use these '
+            "values</span>"
+        )
 
     def values(self) -> Params:
         """The form's values as parameters (checked; raises :class:`InputError`)."""
@@ -272,13 +321,33 @@ class CsrForm:
     @property
     def params(self) -> Params:
         """The parameters the next cells use: the form's after *Use these values*, else the
-        notebook's parameters."""
+        notebook's parameters.
+
+        Raises:
+            InputError: the last press was refused, or the form was changed without pressing
+                the button; nothing silently falls back to the parameters.
+        """
+        if self._refused is not None:
+            raise InputError(
+                f"the CSR form's values were not taken ({self._refused}); fix the field and "
+                'press "Use these values" again'
+            )
+        if self._current() != self._taken:
+            raise InputError(
+                'the CSR form was changed but "Use these values" was not pressed; press it to '
+                "use the changes, or run the form's cell again to start over"
+            )
         return self._chosen or self._given
 
     @property
     def source(self) -> str:
-        """Where :attr:`params` came from: ``"the form"`` or ``"the parameters"``."""
-        return "the form" if self._chosen is not None else "the parameters"
+        """Where :attr:`params` came from: ``"the form"`` (perhaps saved by an earlier press)
+        or ``"the parameters"``."""
+        if self._chosen is None:
+            return "the parameters"
+        if self._from_file:
+            return f"the form, as saved in {self._given.work.subject}"
+        return "the form"
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
         bundle = dict(self.box._repr_mimebundle_(**kwargs) or {})

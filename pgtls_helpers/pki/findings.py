@@ -80,6 +80,8 @@ CODES: dict[str, str] = {
     "OpenSSL refuses shorter keys at its default security level.",
     "weak-signature": "Ask the CA to reissue the certificate signed with SHA-256; OpenSSL refuses "
     "SHA-1 and MD5 signatures at its default security level.",
+    "no-leaf": "Every certificate given is a CA certificate; add the server's own certificate "
+    "(the one the CA issued for the CSR) to the files.",
     "leaf-is-ca": "The first certificate is a CA certificate, not a server certificate; check "
     "that the server's own certificate is among the files.",
     "unused-certificate": "The file is not needed for this chain; leave it out of server.crt.",
@@ -128,6 +130,23 @@ def check_chain(
             )
         ]
     leaf = result.path[0]
+    if _no_leaf(result):
+        # without the server's own certificate there is nothing to match a key or a host name
+        # against: only the structure and dates of the CA certificates are worth reporting
+        out.append(
+            Finding(
+                "error",
+                "no-leaf",
+                f"All {len(result.path) + len(result.unused)} certificates given are CA "
+                f"certificates (the path starts at {cert_label(leaf)}), so the server's own "
+                "certificate is missing; add the certificate the CA issued for the CSR.",
+            )
+        )
+        out += _structure(result)
+        for cert, role in zip(result.path, result.roles, strict=True):
+            out += _validity(cert, role, at, expires_soon_days)
+            out += _strength(cert, role)
+        return sorted(out, key=lambda f: _ORDER[f.severity])
 
     out += _structure(result)
     for cert, role in zip(result.path, result.roles, strict=True):
@@ -164,6 +183,12 @@ def check_chain(
     return sorted(out, key=lambda f: _ORDER[f.severity])
 
 
+def _no_leaf(result: ChainResult) -> bool:
+    """Nothing given is a server certificate: the path starts at a CA, and no certificate left
+    over is an end-entity one either."""
+    return is_ca(result.path[0]) and all(is_ca(c) for c in result.unused)
+
+
 def has_errors(findings: Iterable[Finding]) -> bool:
     """Whether any finding is an error (the command line then exits with status 1)."""
     return any(f.severity == "error" for f in findings)
@@ -195,6 +220,13 @@ def verify_with_cryptography(
             "self-signed root; add the root certificate (or --pool it).",
         )
     subject = _verifier_subject(leaf, host)
+    if subject is None and is_ca(leaf):
+        return Finding(
+            "error",
+            "no-leaf",
+            f"The path starts at the CA certificate {cert_label(leaf)}; there is no server "
+            "certificate to verify.",
+        )
     if subject is None:
         # libpq accepts a CN-only certificate: only clients with RFC 5280 rules refuse it
         return Finding(

@@ -21,6 +21,7 @@ from pgtls_helpers.errors import InputError
 from pgtls_helpers.postgres.files import InstallResult, PlannedFile, apply_plan, plan_file
 
 __all__ = [
+    "TLS_VERIFIED",
     "ClientUser",
     "ConnCheck",
     "classify_error",
@@ -103,6 +104,10 @@ def install_root_crt(
 
 Outcome = Literal["ok", "fail"]
 
+# A client's check proves TLS when it connects, and also when the server refuses the login:
+# libpq verifies the certificate and the host name during the handshake, before authentication.
+TLS_VERIFIED = "TLS verified"
+
 
 @dataclass(frozen=True)
 class ConnCheck:
@@ -119,6 +124,8 @@ class ConnCheck:
 
     @property
     def passed(self) -> bool:
+        if self.expect_reason == TLS_VERIFIED and self.observed_reason.startswith(TLS_VERIFIED):
+            return True  # the handshake verified the server; only the login was refused
         if self.expect != self.observed:
             return False
         return self.expect == "ok" or self.expect_reason == self.observed_reason
@@ -282,19 +289,35 @@ def _resolve_first(host: str) -> str:
     return str(socket.getaddrinfo(host, None)[0][4][0])
 
 
-def read_passfile_password(passfile: str | Path, user: str) -> str | None:
-    """The password a libpq passfile gives ``user`` (for a client process's environment)."""
-    try:
-        lines = Path(passfile).read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split(":")
-        if len(parts) >= 5 and parts[3] in ("*", user):
-            return ":".join(parts[4:])
-    return None
+_AFTER_HANDSHAKE = (
+    "password authentication failed",
+    "no password supplied",
+    "authentication failed for user",
+    "peer authentication failed",
+    "ident authentication failed",
+    "cert authentication failed",
+)
+
+
+def _refused_after_tls(text: str) -> bool:
+    """libpq's message says the server refused the login, which it only does after the
+    handshake; with ``sslmode=verify-full`` that handshake verified the certificate and name."""
+    lower = text.lower()
+    if any(m in lower for m in _AFTER_HANDSHAKE):
+        return True
+    if "does not exist" in lower and ("role" in lower or "database" in lower):
+        return True
+    return "no pg_hba.conf entry" in lower and "ssl encryption" in lower
+
+
+def _pgpass_hint(user: ClientUser, host: str, hostaddr: str | None) -> str:
+    where = f"{user.home}/.pgpass"
+    if hostaddr and hostaddr != host:
+        return (
+            f"libpq looks up the password in {where} by the host name the client connects to "
+            f"({host}), not by its address {hostaddr}: a line for {hostaddr} does not match"
+        )
+    return f"libpq looks up the password in {where}, matching the host name {host}"
 
 
 def psql_as_user(
@@ -303,55 +326,54 @@ def psql_as_user(
     *,
     host: str,
     hostaddr: str | None,
+    role: str | None = None,
     sslmode: str = "verify-full",
     timeout: float = 30,
 ) -> ConnCheck:
     """Run the machine's ``psql`` as ``user`` with only ``~/.postgresql/root.crt`` to trust.
 
-    No ``sslrootcert`` is given: libpq finds the root where the article puts it.
+    The client logs in as ``role`` (default: the OS user's own name, as libpq does) with
+    whatever password that user has of its own (its ``~/.pgpass``); the runbook's password is
+    never handed to it. No ``sslrootcert`` is given: libpq finds the root where the article puts
+    it. A login the server refuses still proves TLS (the handshake came first): such a check
+    passes as "TLS verified; authentication failed for role X".
     """
     psql = shutil.which("psql")
+    login = role or user.name
     label = f"psql as OS user {user.name}, {sslmode}, ~/.postgresql/root.crt"
-    if psql is None:
+
+    def result(observed: Outcome, reason: str, detail: str) -> ConnCheck:
         return ConnCheck(
-            label,
-            sslmode,
-            host,
-            "ok",
-            "connected",
-            "fail",
-            "other",
-            "psql is not installed on this machine",
+            check=label,
+            sslmode=sslmode,
+            host=host,
+            expect="ok",
+            expect_reason=TLS_VERIFIED,
+            observed=observed,
+            observed_reason=reason,
+            detail=detail,
         )
+
+    if psql is None:
+        return result("fail", "other", "psql is not installed on this machine")
     parts = [
         f"host={host}",
         f"port={conninfo.get('port', 5432)}",
-        f"user={conninfo.get('user', user.name)}",
+        f"user={login}",
         f"dbname={conninfo.get('dbname', 'postgres')}",
         f"sslmode={sslmode}",
         "connect_timeout=10",
     ]
     if hostaddr:
         parts.append(f"hostaddr={hostaddr}")
+    # only what the client user has of its own: no PGPASSFILE, PGPASSWORD or other PG* variable
+    # of the runbook's process reaches it
     env = {"HOME": str(user.home), "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
-    if passfile := conninfo.get("passfile"):
-        password = read_passfile_password(passfile, str(conninfo.get("user", "")))
-        if password is not None:
-            env["PGPASSWORD"] = password
     kwargs: dict[str, Any] = {}
     if os.geteuid() == 0 and user.uid != 0:
         kwargs = {"user": user.uid, "group": user.gid, "extra_groups": []}
     elif os.geteuid() != user.uid:
-        return ConnCheck(
-            label,
-            sslmode,
-            host,
-            "ok",
-            "connected",
-            "fail",
-            "other",
-            f"cannot run psql as {user.name} without root",
-        )
+        return result("fail", "other", f"cannot run psql as {user.name} without root")
     proc = subprocess.run(
         [
             psql,
@@ -368,15 +390,14 @@ def psql_as_user(
         **kwargs,
     )
     if proc.returncode == 0:
-        return ConnCheck(
-            label,
-            sslmode,
-            host,
-            "ok",
-            "connected",
-            "ok",
-            "connected",
-            f"connected over {proc.stdout.strip()}",
-        )
+        return result("ok", "connected", f"connected as role {login} over {proc.stdout.strip()}")
     text = " ".join(proc.stderr.split())
-    return ConnCheck(label, sslmode, host, "ok", "connected", "fail", classify_error(text), text)
+    text = re.sub(
+        r'^psql: error: (connection to server at "[^"]*"(, port \d+)? failed: )?', "", text
+    )
+    if sslmode == "verify-full" and _refused_after_tls(text):
+        detail = text
+        if "password" in text.lower():
+            detail += f" ({_pgpass_hint(user, host, hostaddr)})"
+        return result("fail", f"{TLS_VERIFIED}; authentication failed for role {login}", detail)
+    return result("fail", classify_error(text), text)

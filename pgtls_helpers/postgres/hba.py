@@ -16,7 +16,15 @@ from pgtoolkit.hba import HBARecord
 
 from pgtls_helpers.errors import InputError
 
-__all__ = ["HbaPlan", "HbaRule", "KNOWN_METHODS", "parse_rules", "plan_hba", "reject_rules"]
+__all__ = [
+    "RULE_KEYS",
+    "HbaPlan",
+    "HbaRule",
+    "KNOWN_METHODS",
+    "parse_rules",
+    "plan_hba",
+    "reject_rules",
+]
 
 KNOWN_METHODS = (
     "trust",
@@ -97,6 +105,10 @@ def _check_rule(rule: HbaRule, where: str) -> None:
                 raise InputError(
                     f"{where}: address '{addr}' is neither a CIDR block, a host name, nor all"
                 ) from None
+
+
+# The keys of one rule in the parameters' ``hba_rules``; ``options`` is the only optional one.
+RULE_KEYS = ("type", "database", "user", "address", "method", "options")
 
 
 def parse_rules(

@@ -129,12 +129,16 @@ def fingerprint(cert: x509.Certificate) -> str:
 
 
 def chain_rows(result: ProbeResult) -> list[dict[str, str]]:
-    """The presented chain as rows ``{"sha256", "subject", "issuer"}`` (RFC 4514 names)."""
+    """The presented chain as rows ``{"sha256", "subject", "issuer"}``: RFC 4514 names with
+    ``emailAddress`` by name, as ``openssl x509 -subject -nameopt RFC2253`` prints them."""
+    from cryptography.x509.oid import NameOID
+
+    names = {NameOID.EMAIL_ADDRESS: "emailAddress"}
     return [
         {
             "sha256": fingerprint(cert),
-            "subject": cert.subject.rfc4514_string(),
-            "issuer": cert.issuer.rfc4514_string(),
+            "subject": cert.subject.rfc4514_string(names),
+            "issuer": cert.issuer.rfc4514_string(names),
         }
         for cert in result.chain
     ]

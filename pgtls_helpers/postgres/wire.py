@@ -108,25 +108,43 @@ def parse_target(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]
     return host, port
 
 
-_CONTEXT: ssl.SSLContext | None = None
+_CONTEXTS: dict[bool, ssl.SSLContext] = {}
+#: The ALPN protocol name PostgreSQL 17 selects (and requires for direct TLS).
+ALPN = "postgresql"
 
 
-def context() -> ssl.SSLContext:
-    """The client context of every probe: accepts whatever the server offers, verifies nothing."""
-    global _CONTEXT
-    if _CONTEXT is None:
+def context(alpn: bool = False) -> ssl.SSLContext:
+    """The client context of every probe: accepts whatever the server offers, verifies nothing.
+
+    With ``alpn`` it offers ALPN ``postgresql`` as libpq 17 does: a PostgreSQL 17 server selects
+    it, on the SSLRequest path too; older servers ignore it.
+    """
+    ctx = _CONTEXTS.get(alpn)
+    if ctx is None:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
         # Old protocol versions and weak keys are findings to show, not reasons to stop looking.
         ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
         ctx.set_ciphers("ALL:@SECLEVEL=0")
-        _CONTEXT = ctx
-    return _CONTEXT
+        if alpn:
+            ctx.set_alpn_protocols([ALPN])
+        _CONTEXTS[alpn] = ctx
+    return ctx
 
 
 class WireError(Exception):
-    """One sentence (without the ``host:port:`` prefix) saying what went wrong."""
+    """One sentence (without the ``host:port:`` prefix) saying what went wrong.
+
+    ``kind`` says which way it went wrong, for callers that classify (``pgtls watch``):
+    ``unreachable`` (no TCP connection, or it broke), ``timeout``, ``not-postgres`` (an answer
+    PostgreSQL does not give), ``no-ssl`` (the server refused SSL) or ``handshake`` (the TLS
+    handshake failed).
+    """
+
+    def __init__(self, message: str, kind: str = "unreachable") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def _peer_chain(tls: ssl.SSLSocket) -> list[Any]:
@@ -226,7 +244,7 @@ def cert_names(cert: Any) -> tuple[str, str] | None:
     return (subject, issuer) if subject is not None and issuer is not None else None
 
 
-def _close_politely(tls: ssl.SSLSocket) -> None:
+def close_politely(tls: ssl.SSLSocket) -> None:
     # close_notify tells the backend we are gone; without it the server logs "could not receive
     # data from client: Connection reset by peer" for every probe. Its own close_notify is not
     # awaited (the socket is non-blocking by then): that would only time the backend's exit.
@@ -261,7 +279,7 @@ def _error_text(raw: socket.socket) -> str:
     return " ".join(text.split())[:300] or "no message"
 
 
-def _connect(host: str, port: int, timeout: float) -> socket.socket:
+def connect(host: str, port: int, timeout: float) -> socket.socket:
     try:
         return socket.create_connection((host, port), timeout=timeout)
     except socket.gaierror as exc:
@@ -276,7 +294,8 @@ def _connect(host: str, port: int, timeout: float) -> socket.socket:
     except TimeoutError as exc:
         raise WireError(
             f"no connection within {timeout:g} s; check the host, the port "
-            "and any firewall in between"
+            "and any firewall in between",
+            "timeout",
         ) from exc
     except OSError as exc:
         raise WireError(
@@ -290,27 +309,31 @@ def _ssl_request(raw: socket.socket, timeout: float) -> None:
         answer = raw.recv(1)
     except TimeoutError as exc:
         raise WireError(
-            f"no answer to the SSLRequest within {timeout:g} s; is this a PostgreSQL server?"
+            f"no answer to the SSLRequest within {timeout:g} s; is this a PostgreSQL server?",
+            "timeout",
         ) from exc
     except OSError as exc:
         raise WireError(
             f"the connection failed before an answer to the SSLRequest "
-            f"({exc.strerror or exc}); is this a PostgreSQL server?"
+            f"({exc.strerror or exc}); is this a PostgreSQL server?",
+            "not-postgres",
         ) from exc
     if answer == b"S":
         return
     if answer == b"N":
-        raise WireError("the server refused SSL (ssl = off?)")
+        raise WireError("the server refused SSL (ssl = off?)", "no-ssl")
     if answer == b"":
         raise WireError(
             "the server closed the connection without answering the "
-            "SSLRequest; is this a PostgreSQL server?"
+            "SSLRequest; is this a PostgreSQL server?",
+            "not-postgres",
         )
     if answer == b"E":
         raise WireError(f"the server answered the SSLRequest with an error: {_error_text(raw)}")
     raise WireError(
         f"the server answered the SSLRequest with {answer!r}, not "
-        "'S' or 'N'; is this a PostgreSQL server?"
+        "'S' or 'N'; is this a PostgreSQL server?",
+        "not-postgres",
     )
 
 
@@ -320,8 +343,20 @@ def handshake(host: str, port: int, timeout: float) -> Presented:
     Raises:
         WireError: no handshake; the message says why in one sentence.
     """
+    version, cipher, chain, _ = handshake_alpn(host, port, timeout, alpn=False)
+    return version, cipher, chain
+
+
+def handshake_alpn(
+    host: str, port: int, timeout: float, *, alpn: bool = True
+) -> tuple[str | None, str | None, list[Any], str | None]:
+    """:func:`handshake` offering ALPN ``postgresql``; also returns the protocol selected.
+
+    Raises:
+        WireError: no handshake; the message says why in one sentence.
+    """
     deadline = time.monotonic() + timeout
-    with _connect(host, port, timeout) as raw:
+    with connect(host, port, timeout) as raw:
         # Small writes in a row (SSLRequest, handshake, close_notify) must not wait for
         # delayed ACKs; libpq sets the same option.
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -329,13 +364,16 @@ def handshake(host: str, port: int, timeout: float) -> Presented:
         _ssl_request(raw, timeout)
         raw.settimeout(max(0.001, deadline - time.monotonic()))
         try:
-            tls = context().wrap_socket(raw, server_hostname=None if _is_ip(host) else host)
+            tls = context(alpn).wrap_socket(raw, server_hostname=None if _is_ip(host) else host)
         except TimeoutError as exc:
-            raise WireError(f"the TLS handshake did not finish within {timeout:g} s") from exc
+            raise WireError(
+                f"the TLS handshake did not finish within {timeout:g} s", "timeout"
+            ) from exc
         except ssl.SSLError as exc:
             reason = exc.reason or exc.strerror or str(exc)
             raise WireError(
-                f"the TLS handshake failed ({reason}); see the server log for its side"
+                f"the TLS handshake failed ({reason}); see the server log for its side",
+                "handshake",
             ) from exc
         except OSError as exc:
             raise WireError(
@@ -344,9 +382,10 @@ def handshake(host: str, port: int, timeout: float) -> Presented:
             ) from exc
         try:
             cipher = tls.cipher()
-            return tls.version(), cipher[0] if cipher else None, _peer_chain(tls)
+            selected = tls.selected_alpn_protocol() if alpn else None
+            return tls.version(), cipher[0] if cipher else None, _peer_chain(tls), selected
         finally:
-            _close_politely(tls)
+            close_politely(tls)
 
 
 def attempt(host: str, port: int, timeout: float) -> Presented | str:

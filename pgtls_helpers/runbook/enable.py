@@ -11,7 +11,7 @@ from typing import Any
 from cryptography import x509
 
 from pgtls_helpers.errors import PgtlsError, PreflightError, ServerError
-from pgtls_helpers.postgres import files, hba, keyfiles
+from pgtls_helpers.postgres import files, hba, keyfiles, sessions
 from pgtls_helpers.runbook.common import (
     address_of,
     fingerprint_of,
@@ -42,6 +42,7 @@ class EnableResult:
     messages: list[str] = field(default_factory=list)
     installed: list[dict[str, object]] = field(default_factory=list)
     runbook_connection: str | None = None  # pg_stat_ssl of a new connection afterwards
+    sessions_refused: list[dict[str, Any]] = field(default_factory=list)  # see postgres.sessions
 
     def summary(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -131,6 +132,7 @@ def step4_enable_ssl(params: Params) -> EnableResult:
             path=str(facts.hba_file),
             label=f"pgtls {params.change_id}",
         )
+        refused = sessions.refused_sessions(server.conn, plan.after)
         before = probe(host_ip, params.server_port, timeout=5.0) if facts.ssl else None
         serving_new = bool(
             before
@@ -165,6 +167,7 @@ def step4_enable_ssl(params: Params) -> EnableResult:
                 ]
                 if nothing
                 else ["plan only (apply: false): nothing was changed", *planned],
+                sessions_refused=refused,
             )
             save_step(params, "04_enable_ssl", res.summary())
             return res
@@ -259,6 +262,7 @@ def step4_enable_ssl(params: Params) -> EnableResult:
             messages=planned,
             installed=settings_write.as_dicts() + hba_write.as_dicts(),
             runbook_connection=own,
+            sessions_refused=refused,
         )
         _save_enable_journal(params, undo.previous, settings_write, hba_write)
         save_step(params, "04_enable_ssl", res.summary())

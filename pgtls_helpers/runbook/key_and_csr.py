@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 
-from pgtls_helpers.errors import PreflightError
+from pgtls_helpers.errors import InputError, PreflightError
 from pgtls_helpers.pki import keys
 from pgtls_helpers.pki.csr import spki_sha256
 from pgtls_helpers.postgres import files, keyfiles
@@ -132,3 +135,91 @@ def _csr_sans(csr: x509.CertificateSigningRequest) -> set[str]:
     return {str(v).lower() for v in ext.get_values_for_type(x509.DNSName)} | {
         str(v).lower() for v in ext.get_values_for_type(x509.IPAddress)
     }
+
+
+# --------------------------------------------------------------------------- the chosen names
+
+# What the CSR form chooses; saved in the change's work directory when "Use these values" is
+# pressed, so the choice outlives the kernel and every later notebook can see it.
+SUBJECT_FIELDS = (
+    "common_name",
+    "subject_alt_names",
+    "country",
+    "state",
+    "locality",
+    "organization",
+    "organizational_unit",
+    "email",
+    "key_type",
+)
+
+
+def save_subject(params: Params) -> Path:
+    """Write the subject and key type of ``params`` to ``subject.json`` in the work directory."""
+    params.work.create()
+    values = {name: getattr(params, name) for name in SUBJECT_FIELDS}
+    values["subject_alt_names"] = list(params.subject_alt_names)
+    data = (json.dumps(values, indent=2) + "\n").encode()
+    files.atomic_write(params.work.subject, data, mode=0o644)
+    return params.work.subject
+
+
+def saved_subject(params: Params) -> Params | None:
+    """``params`` with the subject saved by the form for this change, or None when none was.
+
+    Raises:
+        InputError: ``subject.json`` is not what :func:`save_subject` writes.
+    """
+    path = params.work.subject
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise InputError(
+            f"{path}: not a subject saved by the CSR form ({exc}); delete it and press "
+            '"Use these values" again'
+        ) from None
+    if not isinstance(values, dict) or set(values) - set(SUBJECT_FIELDS):
+        raise InputError(
+            f"{path}: not a subject saved by the CSR form; delete it and press "
+            '"Use these values" again'
+        )
+    from pgtls_helpers.runbook.params import load_params
+
+    plain = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
+    chosen = load_params({**plain, **values}, source=str(path))
+    subject_of(chosen)  # the same checks as the form
+    return chosen
+
+
+def names_from_csr(params: Params) -> Params:
+    """``params`` with the common name and SANs of the CSR this change actually made.
+
+    Steps 2 to 5 use these, so a name changed in the form (or anywhere after the parameters
+    were written) reaches every later step, and ``verify_hosts``, when not set, follows them.
+    Without a CSR yet, ``params`` are returned as they are.
+    """
+    path = params.work.csr
+    if not path.exists():
+        return params
+    from pgtls_helpers.pki.csr import load_csr
+
+    csr = load_csr(path.read_bytes(), source=str(path))
+    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not cns:
+        return params
+    cn = str(cns[0].value)
+    try:
+        ext = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        sans = [str(g.value) for g in ext if isinstance(g, x509.DNSName | x509.IPAddress)]
+    except x509.ExtensionNotFound:
+        sans = []
+    others = tuple(n for n in sans if n.lower() != cn.lower())
+    try:
+        made = subject_of(params).alt_names()
+    except InputError:
+        made = ()
+    if cn == params.common_name and others == tuple(n for n in made if n.lower() != cn.lower()):
+        return params  # the CSR was made from these parameters
+    return dataclasses.replace(params, common_name=cn, subject_alt_names=others)

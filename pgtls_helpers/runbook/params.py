@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
 import re
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from pgtls_helpers.errors import InputError
+from pgtls_helpers.postgres.hba import RULE_KEYS
 from pgtls_helpers.runbook.workdir import WorkDir
 
 __all__ = [
@@ -49,6 +53,9 @@ class Params:
     ca_files_password_env: str | None = None
     client_system_users: tuple[str, ...] = ()
     client_root_merge: bool = False
+    # OS user -> the database role its psql check logs in as (default: the user's own name);
+    # the password is that user's own (its ~/.pgpass), never the runbook's
+    client_roles: Mapping[str, str] = field(default_factory=dict)
     hba_rules: tuple[Mapping[str, Any], ...] = ()
     reject_non_ssl: bool = True
     verify_hosts: tuple[str, ...] = ()
@@ -57,7 +64,6 @@ class Params:
     server_log_file: str | None = None
     work_dir: str = "work"
     record_dir: str | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def work(self) -> WorkDir:
@@ -86,39 +92,133 @@ class Params:
         }
 
 
-PARAMETER_NAMES = tuple(f.name for f in fields(Params) if f.name != "extra")
-_LISTS = ("subject_alt_names", "ca_files", "client_system_users", "hba_rules", "verify_hosts")
+PARAMETER_NAMES = tuple(f.name for f in fields(Params))
+# Each parameter's type, read from the dataclass, so a parameter added there is known, converted
+# and checked here without a second list to keep in step.
+_TYPES: dict[str, Any] = typing.get_type_hints(Params)
+_REQUIRED = ("change_id", "common_name")
 
 
-def _as_tuple(name: str, value: Any) -> tuple[Any, ...]:
-    if value is None or value == "":
-        return ()
-    if isinstance(value, str):
-        return tuple(v.strip() for v in value.split(",") if v.strip())
-    if isinstance(value, list | tuple):
-        return tuple(value)
-    raise InputError(f"parameter {name}: expected a list, got {type(value).__name__}")
+def _suggest(name: str, known: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else f"known names are {', '.join(known)}"
+
+
+def _unknown(source: str, names: list[str], known: tuple[str, ...], where: str = "") -> InputError:
+    what = f"unknown {'parameter' if not where else 'key'}"
+    parts = [f"'{n}' ({_suggest(n, known)})" for n in names]
+    return InputError(
+        f"{source}: {where}{what}{'s' if len(names) > 1 else ''} {', '.join(parts)}; "
+        "fix the name or remove it"
+    )
+
+
+def _parts(hint: Any) -> tuple[Any, tuple[Any, ...]]:
+    return typing.get_origin(hint), typing.get_args(hint)
+
+
+def _optional(hint: Any) -> Any | None:
+    """``X`` for ``X | None``, else None."""
+    origin, args = _parts(hint)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0] if len(rest) == 1 else None
+    return None
+
+
+def _type_word(hint: Any) -> str:
+    origin, _ = _parts(hint)
+    if hint is bool:
+        return "true or false"
+    if hint is int:
+        return "a whole number"
+    if hint is str:
+        return "text (quote it in YAML if it looks like a number or yes/no)"
+    if origin is tuple:
+        return "a list"
+    if origin in (Mapping, dict):
+        return "a mapping of names to values"
+    return str(hint)
+
+
+def _convert(source: str, name: str, value: Any, hint: Any) -> Any:
+    """``value`` as the type ``hint`` says, or an :class:`InputError` in one sentence."""
+    inner = _optional(hint)
+    if inner is not None:
+        if value is None or value == "":
+            return None
+        return _convert(source, name, value, inner)
+    origin, args = _parts(hint)
+    bad = InputError(
+        f"{source}: {name} must be {_type_word(hint)}, not {type(value).__name__} {value!r}"
+    )
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if hint is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value)
+        raise bad
+    if hint is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if origin is tuple:
+        if value is None or value == "":
+            return ()
+        if isinstance(value, str):
+            items: list[Any] = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, list | tuple):
+            items = list(value)
+        else:
+            raise bad
+        return tuple(_convert(source, f"{name}[{i}]", v, args[0]) for i, v in enumerate(items))
+    if origin in (Mapping, dict):
+        if value is None or value == "":
+            return {}
+        if not isinstance(value, Mapping):
+            raise bad
+        key_hint, value_hint = args if len(args) == 2 else (str, Any)
+        return {
+            _convert(source, f"{name} key", k, key_hint): _convert(
+                source, f"{name}[{k}]", v, value_hint
+            )
+            for k, v in value.items()
+        }
+    return value  # Any: checked where it is used
+
+
+def _check_rules(source: str, rules: tuple[Any, ...]) -> None:
+    for i, rule in enumerate(rules):
+        unknown = [str(k) for k in rule if k not in RULE_KEYS]
+        if unknown:
+            raise _unknown(source, unknown, RULE_KEYS, where=f"hba_rules[{i}]: ")
 
 
 def load_params(values: Mapping[str, Any], *, source: str = "parameters") -> Params:
     """Validate plain values (a notebook's parameters cell, a YAML file) into :class:`Params`.
 
-    Unknown names are kept in ``extra`` so a notebook may carry its own; a misspelled known
-    name is caught because the required ones would then be missing.
+    Every name must be a parameter of :class:`Params` and every value of its type; anything else
+    is unusable input (:class:`InputError`, "did you mean ..." for a near miss), so a misspelled
+    name never leaves its parameter silently at the default.
     """
-    known = {k: v for k, v in values.items() if k in PARAMETER_NAMES}
-    extra = {k: v for k, v in values.items() if k not in PARAMETER_NAMES and not k.startswith("_")}
-    for name in ("change_id", "common_name"):
-        if not known.get(name):
+    unknown = [str(k) for k in values if k not in PARAMETER_NAMES]
+    if unknown:
+        raise _unknown(source, unknown, PARAMETER_NAMES)
+    for name in _REQUIRED:
+        if not values.get(name):
             raise InputError(f"{source}: '{name}' is missing; set it in the parameters file")
+    known = {name: _convert(source, name, v, _TYPES[name]) for name, v in values.items()}
     if not _CHANGE_ID.match(str(known["change_id"])):
         raise InputError(
             f"{source}: change_id '{known['change_id']}' must be letters, digits, '.', '_' or "
             "'-' (it names directories)"
         )
-    for name in _LISTS:
-        if name in known:
-            known[name] = _as_tuple(name, known[name])
     if known.get("ca_mode", "files") not in ("lab", "files"):
         raise InputError(f"{source}: ca_mode must be 'lab' or 'files', not '{known['ca_mode']}'")
     for name in ("key_passphrase_env", "ca_files_password_env"):
@@ -128,29 +228,15 @@ def load_params(values: Mapping[str, Any], *, source: str = "parameters") -> Par
                 f"{source}: {name} must be the name of an environment variable (like "
                 "PGTLS_KEY_PASSPHRASE), never the secret itself"
             )
-    try:
-        known["server_port"] = int(known.get("server_port", 5432))
-    except (TypeError, ValueError):
-        raise InputError(f"{source}: server_port must be a number") from None
-    for flag in ("apply", "reject_non_ssl", "lab_cluster", "client_root_merge"):
-        if flag in known and not isinstance(known[flag], bool):
-            raise InputError(f"{source}: {flag} must be true or false")
-    for name in (
-        "pgdata",
-        "key_passphrase_env",
-        "ca_files_password_env",
-        "server_log_file",
-        "record_dir",
-        "email",
-        "country",
-        "state",
-        "locality",
-        "organization",
-        "organizational_unit",
-    ):
-        if known.get(name) == "":
-            known[name] = None
-    return Params(**known, extra=extra)
+    _check_rules(source, known.get("hba_rules", ()))
+    users = known.get("client_system_users", ())
+    strays = [u for u in known.get("client_roles", {}) if u not in users]
+    if strays:
+        raise InputError(
+            f"{source}: client_roles names {', '.join(strays)}, not in client_system_users; "
+            "list the OS user there too, or remove its role"
+        )
+    return Params(**known)
 
 
 def read_params_file(path: str | Path) -> dict[str, Any]:

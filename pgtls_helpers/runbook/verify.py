@@ -31,7 +31,8 @@ class VerifyResult:
 
 def step5_verify_clients(params: Params) -> VerifyResult:
     """Connect through libpq each way that matters; the ones that must fail must fail for the
-    right reason. Also runs ``psql`` as each client OS user with only its ``root.crt``."""
+    right reason. Also runs ``psql`` as each client OS user with only its ``root.crt`` and its
+    own login (``client_roles``, its own ``~/.pgpass``), never the runbook's password."""
     from pgtls_helpers.lab import LabCA
     from pgtls_helpers.postgres.clients import connection_checks, psql_as_user, resolve_client_users
 
@@ -55,7 +56,16 @@ def step5_verify_clients(params: Params) -> VerifyResult:
         reject_non_ssl=params.reject_non_ssl,
     )
     for user in resolve_client_users(params.client_system_users):
-        checks.append(psql_as_user(user, info, host=params.hosts[0], hostaddr=hostaddr))
+        # the client's own login: a role named for it (or its name) and its own ~/.pgpass
+        checks.append(
+            psql_as_user(
+                user,
+                params.conninfo(),
+                host=params.hosts[0],
+                hostaddr=hostaddr,
+                role=params.client_roles.get(user.name),
+            )
+        )
     verdict = "pass" if all(c.passed for c in checks) else "fail"
     res = VerifyResult(checks, verdict)
     save_step(params, "05_verify_clients", res.summary())

@@ -82,7 +82,7 @@ def _psycopg_connect(cluster: LabCluster, root: Path) -> Connect:
 def _psql_connect(cluster: LabCluster, root: Path) -> Connect:
     psql = shutil.which("psql")
     if psql is None:
-        pytest.skip("psql is not installed; psycopg's libpq is checked on its own")
+        skip_or_fail("psql is not installed; psycopg's libpq is checked on its own")
 
     def quote(value: str | int) -> str:
         text = str(value).replace("\\", "\\\\").replace("'", "\\'")

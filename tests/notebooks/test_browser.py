@@ -18,6 +18,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nbformat
 import pytest
@@ -25,7 +26,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from support import skip_or_fail
 
-from pgtls_helpers.lab import LabCluster, free_port
+from pgtls_helpers.errors import PgtlsError
+from pgtls_helpers.lab import LabCluster, find_bindir, free_port
 from pgtls_helpers.runbook.params import load_params
 from pgtls_helpers.runbook.runner import prepare_notebooks
 
@@ -41,6 +43,17 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+
+
+@pytest.fixture(scope="session")
+def pg_bindir() -> Path:
+    """These tests drive JupyterLab; the server side runs on both majors elsewhere, so one
+    (PostgreSQL 15) is enough here and keeps the suite's time down."""
+    try:
+        return find_bindir(15)
+    except PgtlsError as exc:
+        skip_or_fail(str(exc))
+        raise
 
 
 @pytest.fixture
@@ -63,6 +76,15 @@ def jupyterlab(tmp_path: Path, fresh_cluster: LabCluster) -> Iterator[tuple[str,
             "server_port": fresh_cluster.port,
             "server_log_file": str(fresh_cluster.log_path),
             "work_dir": str(work),
+            "hba_rules": [
+                {
+                    "type": "hostssl",
+                    "database": "all",
+                    "user": "all",
+                    "address": "127.0.0.1/32",
+                    "method": "scram-sha-256",
+                }
+            ],
         }
     )
     notebooks = tmp_path / "notebooks"
@@ -119,6 +141,71 @@ def jupyterlab(tmp_path: Path, fresh_cluster: LabCluster) -> Iterator[tuple[str,
         shutil.rmtree(home, ignore_errors=True)
 
 
+def _open(page: Any, url: str) -> None:
+    """Open a notebook in the running JupyterLab, with a kernel of its own, ready to run."""
+    page.goto(url)
+    page.locator(".jp-Notebook .jp-Cell:visible").first.wait_for()
+    # JupyterLab asks which kernel to start for a notebook opened beside another
+    accept = page.locator(".jp-Dialog .jp-mod-accept")
+    try:
+        accept.wait_for(timeout=5000)
+    except Exception:  # noqa: BLE001 - no dialog: the kernel starts by itself
+        pass
+    else:
+        accept.click()
+    page.get_by_text("Python 3 (ipykernel) | Idle").wait_for()
+
+
+def _no_errors_shown(page: Any) -> None:
+    stderr = page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')
+    assert stderr.count() == 0, stderr.all_inner_texts()
+
+
+def _run_to_the_end(page: Any, path: Path, timeout: float = 180) -> Path:
+    """Save the notebook until the file shows its last cell ran, or an error stopped it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if time.monotonic() > deadline:
+            pytest.fail(f"{path.name} did not finish running within {timeout:.0f} s")
+        page.wait_for_timeout(1000)
+        page.keyboard.press("Control+s")
+        page.wait_for_timeout(500)
+        try:
+            saved = nbformat.read(path, as_version=4)
+        except (ValueError, nbformat.reader.NotJSONError):  # caught while being written
+            continue
+        cells = [c for c in saved.cells if c.cell_type == "code"]
+        ran = cells[-1].get("execution_count") is not None
+        failed = any(o["output_type"] == "error" for c in cells for o in c.get("outputs", []))
+        if ran or failed:
+            _wait_idle(page)
+            page.keyboard.press("Control+s")
+            page.wait_for_timeout(1000)
+            return path
+
+
+def _saved_outputs(path: Path) -> str:
+    """Every output of a saved notebook as text; fails on an error or anything on stderr."""
+    saved = nbformat.read(path, as_version=4)
+    outputs = [o for c in saved.cells for o in c.get("outputs", [])]
+    assert outputs, f"{path.name} was saved with its outputs"
+    errors = [o for o in outputs if o["output_type"] == "error" or o.get("name") == "stderr"]
+    assert not errors, [o.get("evalue") or o.get("text") for o in errors]
+    return " ".join(
+        str(o.get("data", {}).get("text/html", "")) + str(o.get("data", {}).get("text/plain", ""))
+        for o in outputs
+    )
+
+
+def _playwright() -> Any:
+    try:
+        import playwright.sync_api
+    except ImportError:
+        skip_or_fail("playwright is not installed (it comes with the dev extra)")
+        raise  # not reached: skip_or_fail raises
+    return playwright.sync_api
+
+
 def _run_menu(page: object, item: str) -> None:
     """Click Run → ``item`` (the accessible name may end with the item's shortcut)."""
     page.get_by_role("menuitem", name="Run", exact=True).click()  # type: ignore[attr-defined]
@@ -143,7 +230,7 @@ def _wait_idle(page: object, timeout: float = 90.0) -> None:
 def test_the_dba_fills_the_csr_form_and_gets_a_key_and_csr(
     jupyterlab: tuple[str, Path, Path],
 ) -> None:
-    playwright_sync = pytest.importorskip("playwright.sync_api")
+    playwright_sync = _playwright()
     url, notebooks, work = jupyterlab
     with playwright_sync.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
@@ -209,3 +296,65 @@ def test_the_dba_fills_the_csr_form_and_gets_a_key_and_csr(
     assert not [o for o in outputs if o.get("name") == "stderr"]
     texts = " ".join(str(o.get("data", {}).get("text/html", "")) for o in outputs)
     assert "The CSR is made from the form" in texts
+
+
+def test_a_name_changed_in_the_form_reaches_the_installed_certificate(
+    jupyterlab: tuple[str, Path, Path], fresh_cluster: LabCluster
+) -> None:
+    """Step 1 in the browser with an edited common name, then 02 to 05 in the same JupyterLab:
+    the certificate the server ends up presenting carries the name typed into the form."""
+    playwright_sync = _playwright()
+    url, notebooks, work = jupyterlab
+    with playwright_sync.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(60_000)
+            _open(page, url)
+            form_cell = _cell(page, "csr_form(params)")
+            form_cell.locator(".jp-InputPrompt").click()
+            _run_menu(page, "Run All Above Selected Cell")
+            _wait_idle(page)
+            form_cell.locator(".jp-InputPrompt").click()
+            _run_menu(page, "Run Selected Cell and Do not Advance")
+            cn = page.get_by_label("Common name (CN)")
+            cn.wait_for()
+
+            # an invalid name is refused with the reason, and the next cell will not run on
+            cn.fill("db 8")
+            page.get_by_role("button", name="Use these values").click()
+            page.get_by_text("not taken").wait_for()
+            cn.fill("db8.lab.pgtls.test")
+            page.get_by_role("button", name="Use these values").click()
+            page.get_by_text("the next cells use these values").wait_for()
+            values_cell = _cell(page, "form.params")
+            values_cell.locator(".jp-InputPrompt").click()
+            _run_menu(page, "Run Selected Cell and All Below")
+            page.get_by_text("What to send to the CA").wait_for(timeout=90_000)
+            _wait_idle(page)
+            _no_errors_shown(page)
+
+            base = url.split("/lab/tree/")[0]
+            token = url.split("?token=")[1]
+            steps = ("02_ca_response", "03_install_files", "04_enable_ssl", "05_verify_clients")
+            for step in steps:
+                _open(page, f"{base}/lab/tree/{step}.ipynb?token={token}")
+                _run_menu(page, "Run All Cells")
+                # JupyterLab draws only the cells in view: read what ran from the saved file
+                texts = _saved_outputs(_run_to_the_end(page, notebooks / f"{step}.ipynb"))
+                # the names of the CSR, not of the parameters, and a note that says so
+                assert "the host names come from" in texts, step
+                assert "db8.lab.pgtls.test" in texts, step
+                if step == "05_verify_clients":
+                    assert "Verdict: pass" in texts
+        finally:
+            browser.close()
+
+    saved = work / "CHG-browser" / "subject.json"
+    assert '"common_name": "db8.lab.pgtls.test"' in saved.read_text()
+    installed = x509.load_pem_x509_certificates((fresh_cluster.pgdata / "server.crt").read_bytes())
+    leaf = installed[0]
+    assert leaf.subject.rfc4514_string().startswith("CN=db8.lab.pgtls.test")
+    sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "db8.lab.pgtls.test" in sans.get_values_for_type(x509.DNSName)
+    assert "db1.lab.pgtls.test" not in sans.get_values_for_type(x509.DNSName)

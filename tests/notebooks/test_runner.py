@@ -66,7 +66,10 @@ def test_the_demo_runs_all_five_steps_and_leaves_a_complete_record(tmp_path: Pat
     assert checks["sslmode=disable (non-SSL)"]["observed"] == "fail"
     assert all(c["passed"] for c in m["checks"])
     if os.geteuid() == 0:
-        assert any(c["check"].startswith("psql as OS user pgtls_client") for c in m["checks"])
+        # the lab's client user logs in with a role and ~/.pgpass of its own
+        psql = [c for c in m["checks"] if c["check"].startswith("psql as OS user pgtls_client")]
+        assert psql and psql[0]["observed"] == "ok", psql
+        assert "connected as role pgtls_client" in psql[0]["detail"]
     # the chain, as the article's CA shapes it, with fingerprints
     roles = [c["role"] for c in m["certificates"]]
     assert roles == ["leaf", "intermediate", "intermediate", "root"]
@@ -80,6 +83,8 @@ def test_the_demo_runs_all_five_steps_and_leaves_a_complete_record(tmp_path: Pat
     assert m["parameters"]["key_type"] == "rsa4096"
     for step in STEP_NAMES:
         _no_errors_in(outcome.record_dir / f"{step}.ipynb")
+        # headless, the CSR was made from the parameters: no note about names from the CSR
+        assert "Names from the CSR" not in (outcome.record_dir / f"{step}.ipynb").read_text()
     # the key left the work directory once installed; the directory stays private
     work = tmp_path / "work" / "lab-demo"
     assert not (work / "server.key").exists()

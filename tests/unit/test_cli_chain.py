@@ -52,24 +52,76 @@ def test_json_shape(response: Path, art: certfactory.Chain, capsys) -> None:
         "db1.example.com",
     )
     assert code == 0
-    assert set(doc) == {"chain", "unused", "findings"}
+    assert set(doc) == {"ready", "chain", "unused", "findings"}
+    assert doc["ready"] is True
     assert [e["role"] for e in doc["chain"]] == ["leaf", "intermediate", "intermediate", "root"]
-    for entry, cert in zip(doc["chain"], art.leaf_first(), strict=True):
-        assert set(entry) == {"sha256", "role", "subject", "issuer", "not_after"}
+    files = ["db1.example.com.crt", "IntermediateCA_FOO.crt", "IntermediateCA_BAR.crt"]
+    files.append("RootCA.crt")
+    for entry, cert, name in zip(doc["chain"], art.leaf_first(), files, strict=True):
+        assert set(entry) == {
+            "sha256",
+            "role",
+            "subject",
+            "issuer",
+            "not_after",
+            "days_left",
+            "key_type",
+            "source",
+            "from_pool",
+        }
         assert entry["sha256"] == fingerprint(cert)
         assert entry["subject"] == cert.subject.rfc4514_string()
         assert entry["issuer"] == cert.issuer.rfc4514_string()
         when = dt.datetime.fromisoformat(entry["not_after"])
         assert when == cert.not_valid_after_utc and when.tzinfo is not None
+        assert Path(entry["source"]) == response / name
+        assert entry["from_pool"] is False
+        assert entry["key_type"] == "RSA 2048"
+        assert isinstance(entry["days_left"], int) and entry["days_left"] > 0
     assert doc["unused"] == [] and doc["findings"] == []
+
+
+def test_json_days_left_is_counted_from_the_given_time(art: certfactory.Chain) -> None:
+    from pgtls_helpers.cli.chain import to_json
+    from pgtls_helpers.pki.chain import order_chain
+
+    result = order_chain(art.leaf_first())
+    leaf_end = art.leaf.cert.not_valid_after_utc
+    doc = to_json(result, [], now=leaf_end - dt.timedelta(days=10, hours=1))
+    assert doc["chain"][0]["days_left"] == 10
+    assert doc["chain"][0]["source"] is None  # no file names given
+
+
+def test_pool_members_say_so(response: Path, art: certfactory.Chain, capsys) -> None:
+    (response / "RootCA.crt").rename(response.parent / "root-pool.pem")
+    code, doc = run_json(capsys, str(response), "--pool", str(response.parent / "root-pool.pem"))
+    assert code == 0 and doc["ready"] is True
+    root = doc["chain"][-1]
+    assert root["role"] == "root" and root["from_pool"] is True and root["source"] is None
+
+
+def test_only_ca_certificates_is_no_leaf_and_not_ready(
+    response: Path, art: certfactory.Chain, capsys
+) -> None:
+    (response / "db1.example.com.crt").unlink()
+    code, doc = run_json(capsys, str(response))
+    assert code == 1
+    assert doc["ready"] is False
+    codes = [f["code"] for f in doc["findings"]]
+    assert codes[0] == "no-leaf"
+    assert "no-san" not in codes  # a CA certificate carries no host names, nor should it
+    assert main(["chain", "inspect", str(response)]) == 1
+    text = capsys.readouterr().out
+    assert "error    no-leaf:" in text and "NOT READY" in text and "\nOK" not in text
 
 
 def test_unused_and_findings_entries(response: Path, art: certfactory.Chain, capsys) -> None:
     decoy = certfactory.decoy_of(art.intermediates[1], issuer=art.intermediates[0])
     certfactory.write_pem(response / "decoy.pem", decoy)
     code, doc = run_json(capsys, str(response), "--host", "nope.example.com")
-    assert code == 1
-    assert doc["unused"] == [{"sha256": fingerprint(decoy.cert)}]
+    assert code == 1 and doc["ready"] is False
+    assert [u["sha256"] for u in doc["unused"]] == [fingerprint(decoy.cert)]
+    assert Path(doc["unused"][0]["source"]) == response / "decoy.pem"
     assert {"hostname-mismatch", "unused-certificate"} <= {f["code"] for f in doc["findings"]}
     for f in doc["findings"]:
         assert set(f) == {"severity", "code", "message"}

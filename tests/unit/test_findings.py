@@ -262,9 +262,26 @@ def test_unrelated_certificate_is_info(art: certfactory.Chain) -> None:
     assert [(f.severity, f.code) for f in findings] == [("info", "unused-certificate")]
 
 
-def test_leaf_is_ca(art: certfactory.Chain) -> None:
-    findings = check_chain(order_chain(art.root_first()[:3]), verify=False)
-    assert "leaf-is-ca" in codes(findings)
+def test_only_ca_certificates_is_no_leaf(art: certfactory.Chain) -> None:
+    for verify in (False, True):
+        findings = check_chain(
+            order_chain(art.root_first()[:3]), hosts=["db1.example.com"], verify=verify
+        )
+        assert findings[0].severity == "error" and findings[0].code == "no-leaf"
+        assert "no-san" not in codes(findings) and "hostname-mismatch" not in codes(findings)
+        assert has_errors(findings)
+
+
+def test_a_lone_root_is_no_leaf(art: certfactory.Chain) -> None:
+    findings = check_chain(order_chain([art.root.cert]))
+    assert [(f.severity, f.code) for f in findings] == [("error", "no-leaf")]
+
+
+def test_leaf_is_ca_when_a_server_certificate_is_left_over(art: certfactory.Chain) -> None:
+    stray = certfactory.issue("stray.example.com", issuer=certfactory.make_ca("Stray CA"))
+    result = order_chain([*art.root_first()[:3], stray.cert], leaf=art.intermediates[1].cert)
+    findings = check_chain(result, verify=False)
+    assert "leaf-is-ca" in codes(findings) and "no-leaf" not in codes(findings)
 
 
 def test_cn_only_certificate_is_a_warning_since_libpq_accepts_it() -> None:

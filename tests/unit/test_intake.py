@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
 import certfactory
@@ -11,6 +10,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
+from support import skip_or_fail
 
 from pgtls_helpers.errors import InputError
 from pgtls_helpers.pki.intake import Intake, load_pool, read_ca_response, read_pool
@@ -316,35 +316,28 @@ def test_pool_is_lenient_and_deduplicated(chain: certfactory.Chain, tmp_path: Pa
     assert load_pool([d]) == [chain.root.cert, chain.intermediates[0].cert]
 
 
-@pytest.mark.skipif(
-    not Path("/etc/ssl/certs/ca-certificates.crt").exists(), reason="no system CA store here"
-)
-def test_system_store_loads_fast() -> None:
-    start = time.perf_counter()
+def test_system_store_loads() -> None:
+    if not Path("/etc/ssl/certs/ca-certificates.crt").exists():
+        skip_or_fail("no system CA store here (Debian: apt-get install ca-certificates)")
     pool = read_pool(["/etc/ssl/certs"])
-    elapsed = time.perf_counter() - start
     bundle = load_pool(["/etc/ssl/certs/ca-certificates.crt"])
     assert len(bundle) > 100
     assert set(bundle) <= set(pool.certificates)
-    assert elapsed < 0.5, f"{elapsed:.3f} s for the system store"
 
 
-def test_a_thousand_files_in_well_under_a_second(tmp_path: Path) -> None:
+def test_a_thousand_files_pem_and_der_by_name_or_folder(tmp_path: Path) -> None:
+    # How fast this is goes in bench/bench_chain.py (ratios, not a timed test).
     ca = certfactory.make_ca("Bag CA")
     paths = []
     for i in range(1000):
         leaf = certfactory.issue(f"h{i}.example.com", issuer=ca, key=ca.key, ski=False)
         write = certfactory.write_der if i % 3 == 0 else certfactory.write_pem
         paths.append(write(tmp_path / f"c{i:04}.crt", leaf))
-    start = time.perf_counter()
     intake = read_ca_response(paths)
-    by_name = time.perf_counter() - start
-    start = time.perf_counter()
     in_dir = read_ca_response([tmp_path])
-    by_dir = time.perf_counter() - start
     assert len(intake.certificates) == len(in_dir.certificates) == 1000
-    # openssl takes about 20 ms per certificate; 0.3 ms per file keeps us far below that.
-    assert by_name < 0.3 and by_dir < 0.3, (by_name, by_dir)
+    assert {c.cert for c in intake.certificates} == {c.cert for c in in_dir.certificates}
+    assert not intake.skipped and not in_dir.skipped
 
 
 def _csr(issued: certfactory.Issued) -> bytes:

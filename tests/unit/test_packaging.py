@@ -27,13 +27,18 @@ def _pip() -> set[str]:
     return {_name(r) for r in reqs}
 
 
-def _conda() -> set[str]:
+def _conda_reqs() -> list[str]:
+    """Conda packages, and the pip section's for what conda-forge does not carry."""
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
-    names = {_name(d) for d in env["dependencies"] if isinstance(d, str)}
+    reqs = [d for d in env["dependencies"] if isinstance(d, str)]
     for d in env["dependencies"]:
-        if isinstance(d, dict):  # the ones conda-forge lacks, installed by pip
-            names |= {_name(r) for r in d.get("pip", [])}
-    return names - CONDA_ONLY
+        if isinstance(d, dict):
+            reqs += d.get("pip", [])
+    return reqs
+
+
+def _conda() -> set[str]:
+    return {_name(d) for d in _conda_reqs()} - CONDA_ONLY
 
 
 def test_pyproject_and_environment_list_the_same_packages() -> None:
@@ -60,8 +65,7 @@ def test_lower_bounds_agree() -> None:
     pip_reqs = list(project["dependencies"]) + [
         r for extra in project["optional-dependencies"].values() for r in extra
     ]
-    env = yaml.safe_load((ROOT / "environment.yml").read_text())
-    conda_reqs = [d for d in env["dependencies"] if isinstance(d, str)]
+    conda_reqs = _conda_reqs()
     pb, cb = bounds(pip_reqs), bounds(conda_reqs)
     assert {k: v for k, v in pb.items() if k in cb} == {k: v for k, v in cb.items() if k in pb}
 

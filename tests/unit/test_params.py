@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,6 @@ def test_every_documented_parameter_name_exists() -> None:
 def test_shipped_parameter_files_load(name: str) -> None:
     params = load_params(read_params_file(ROOT / "parameters" / name), source=name)
     assert params.change_id and params.common_name
-    assert not params.extra, f"{name} has names the runbook does not know: {params.extra}"
 
 
 def test_verify_hosts_default_to_cn_and_sans_without_duplicates() -> None:
@@ -69,3 +69,127 @@ def test_bad_yaml_names_the_file_and_line(tmp_path: Path) -> None:
     bad.write_text("change_id: x\ncommon_name: [unclosed\n")
     with pytest.raises(InputError, match=r"p.yaml: not valid YAML at line \d"):
         read_params_file(bad)
+
+
+_BASE = {"change_id": "c", "common_name": "db1"}
+_RULE = {
+    "type": "hostssl",
+    "database": "all",
+    "user": "all",
+    "address": "10.0.0.0/24",
+    "method": "scram-sha-256",
+}
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {**_BASE, "reject_nonssl": True},
+            "unknown parameter 'reject_nonssl' (did you mean 'reject_non_ssl'?)",
+        ),
+        (
+            {"change_id": "c", "comon_name": "db1"},
+            "unknown parameter 'comon_name' (did you mean 'common_name'?)",
+        ),
+        ({**_BASE, "zzz_qqq": 1}, "unknown parameter 'zzz_qqq' (known names are change_id,"),
+        (
+            {**_BASE, "hba_rules": [{**_RULE, "metod": "md5"}]},
+            "hba_rules[0]: unknown key 'metod' (did you mean 'method'?)",
+        ),
+        (
+            {**_BASE, "hba_rules": [_RULE, {**_RULE, "adress": "x"}]},
+            "hba_rules[1]: unknown key 'adress' (did you mean 'address'?)",
+        ),
+    ],
+)
+def test_unknown_names_are_refused_with_a_suggestion(
+    values: dict[str, object], message: str
+) -> None:
+    with pytest.raises(InputError, match=re.escape(message)) as info:
+        load_params(values)
+    text = str(info.value)
+    assert text.count(". ") == 0 and "\n" not in text  # one sentence
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("common_name", 42, "common_name must be text"),
+        ("country", False, "country must be text"),  # YAML reads NO as false
+        ("reject_non_ssl", "no", "reject_non_ssl must be true or false"),
+        ("server_port", True, "server_port must be a whole number"),
+        ("subject_alt_names", {"a": 1}, "subject_alt_names must be a list"),
+        ("subject_alt_names", ["db1", 7], r"subject_alt_names\[1\] must be text"),
+        ("hba_rules", ["hostssl all all"], r"hba_rules\[0\] must be a mapping"),
+        ("client_roles", ["bob"], "client_roles must be a mapping"),
+        ("client_roles", {"bob": 3}, r"client_roles\[bob\] must be text"),
+    ],
+)
+def test_wrong_types_get_one_sentence(name: str, value: object, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        load_params({**_BASE, name: value})
+
+
+def test_the_known_names_come_from_the_dataclass() -> None:
+    from dataclasses import fields
+
+    from pgtls_helpers.runbook.params import Params
+
+    assert PARAMETER_NAMES == tuple(f.name for f in fields(Params))
+    params = load_params(
+        {
+            **_BASE,
+            "client_system_users": ["bob"],
+            "client_roles": {"bob": "app_reader"},
+            "server_port": "6543",
+        }
+    )
+    assert params.client_roles == {"bob": "app_reader"} and params.server_port == 6543
+    assert load_params({**_BASE, "pgdata": ""}).pgdata is None
+
+
+def test_a_typo_in_a_parameters_file_runs_nothing(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    params = tmp_path / "change.yaml"
+    params.write_text("change_id: c1\ncommon_name: db1\nca_mode: lab\nreject_nonssl: false\n")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pgtls_helpers",
+            "run",
+            str(params),
+            "--records",
+            str(tmp_path / "records"),
+            "--work",
+            str(tmp_path / "work"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert "reject_nonssl" in lines[0] and "did you mean 'reject_non_ssl'?" in lines[0]
+    assert str(params) in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "records").exists() and not (tmp_path / "work").exists()
+
+
+def test_a_typo_in_a_notebook_parameters_cell_is_refused() -> None:
+    from pgtls_helpers import notebook as pgtls
+
+    namespace = {
+        "__annotations__": {"change_id": str, "common_name": str, "comon_name": str},
+        "change_id": "c1",
+        "common_name": "db1",
+        "comon_name": "db2",
+        "work_dir": "/tmp/pgtls-work",
+    }
+    with pytest.raises(InputError, match="did you mean 'common_name'"):
+        pgtls.notebook_params(namespace)

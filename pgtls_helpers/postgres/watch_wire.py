@@ -1,0 +1,283 @@
+"""The network half of ``pgtls watch``: PostgreSQL 17's direct TLS, plaintext posture, on disk.
+
+The SSLRequest handshake and the presented chain come from :mod:`pgtls_helpers.postgres.wire`;
+this module adds the three other questions ``watch`` asks a server:
+
+* :func:`direct_tls`: does it speak PostgreSQL 17's direct TLS? A ClientHello with ALPN
+  ``postgresql`` and no SSLRequest; the answer is yes only when the server selects that ALPN
+  protocol *and* answers a StartupMessage sent over the connection. A completed handshake alone
+  proves nothing: a 17 server completes it without ALPN and only then drops the connection.
+* :func:`plaintext_posture`: would it let a client log in without TLS? A StartupMessage (user
+  ``pgtls_watch``, database ``postgres``) on a plain connection; an authentication request means
+  ``accepted``, a refusal from ``pg_hba.conf`` (SQLSTATE 28000: "no encryption") ``rejected``.
+  No password is ever sent: the connection is closed at the first answer.
+* :func:`served_vs_disk`: which certificate is in ``ssl_cert_file`` now, read by the server
+  itself through libpq, to catch a renewal that was installed but never reloaded.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from pgtls_helpers.postgres.wire import ALPN, WireError, close_politely, connect, context
+
+__all__ = [
+    "ALPN",
+    "WATCH_USER",
+    "BackendMessage",
+    "DirectAnswer",
+    "OnDisk",
+    "PlaintextAnswer",
+    "direct_tls",
+    "plaintext_posture",
+    "served_vs_disk",
+    "startup_message",
+]
+
+#: The user name of the plaintext and direct probes; it needs to exist nowhere.
+WATCH_USER = "pgtls_watch"
+_PROTOCOL_3_0 = 196608  # 3 << 16
+# Messages a server sends first after a StartupMessage: an authentication request, an error,
+# or (for a newer protocol than asked) NegotiateProtocolVersion.
+_FIRST_MESSAGES = {b"R", b"E", b"v"}
+
+
+def startup_message(user: str = WATCH_USER, database: str = "postgres") -> bytes:
+    """A protocol 3.0 StartupMessage: length, version 3.0, then ``name NUL value NUL`` pairs.
+
+    >>> message = startup_message("u", "d")
+    >>> int.from_bytes(message[:4], "big") == len(message), message[4:8].hex()
+    (True, '00030000')
+    """
+    params = f"user\0{user}\0database\0{database}\0application_name\0pgtls-watch\0\0".encode()
+    return struct.pack("!ii", 8 + len(params), _PROTOCOL_3_0) + params
+
+
+@dataclass(frozen=True)
+class BackendMessage:
+    """The first message a server sends after a StartupMessage.
+
+    Attributes:
+        kind: the message type byte as a one-character string (``R``, ``E``, ``v``).
+        sqlstate: for an error, its SQLSTATE (field ``C``), else None.
+        message: for an error, its primary message (field ``M``), else None.
+    """
+
+    kind: str
+    sqlstate: str | None = None
+    message: str | None = None
+
+
+def _recv_exactly(sock: socket.socket | ssl.SSLSocket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _read_first_message(sock: socket.socket | ssl.SSLSocket) -> BackendMessage | None:
+    """The server's first message, or None when what came back is not PostgreSQL's protocol."""
+    head = _recv_exactly(sock, 5)
+    if len(head) < 5 or head[:1] not in _FIRST_MESSAGES:
+        return None
+    length = int.from_bytes(head[1:], "big")
+    if not 4 <= length <= 30_000:
+        return None
+    body = _recv_exactly(sock, length - 4)
+    if len(body) < length - 4:
+        return None
+    kind = head[:1].decode()
+    if kind != "E":
+        return BackendMessage(kind)
+    fields = {f[:1]: f[1:].decode("utf-8", "replace") for f in body.split(b"\0") if f}
+    return BackendMessage(kind, fields.get(b"C"), fields.get(b"M"))
+
+
+@dataclass(frozen=True)
+class DirectAnswer:
+    """Whether ``host:port`` speaks direct TLS, and why not when it does not."""
+
+    supported: bool
+    detail: str
+
+
+def _server_hostname(host: str) -> str | None:
+    # SNI carries names only, never addresses (RFC 6066).
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host.split("%", 1)[0])
+            return None
+        except (OSError, ValueError):
+            continue
+    return host
+
+
+def direct_tls(host: str, port: int, timeout: float) -> DirectAnswer:
+    """Try PostgreSQL 17's direct TLS: ClientHello with ALPN ``postgresql``, then a StartupMessage.
+
+    Never raises for a server that does not take part; the answer says what happened.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        raw = connect(host, port, timeout)
+    except WireError as exc:
+        return DirectAnswer(False, str(exc))
+    with raw:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw.settimeout(max(0.001, deadline - time.monotonic()))
+        try:
+            tls = context(alpn=True).wrap_socket(raw, server_hostname=_server_hostname(host))
+        except TimeoutError:
+            return DirectAnswer(False, f"no TLS handshake without SSLRequest within {timeout:g} s")
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc.strerror or str(exc) or "closed"
+            return DirectAnswer(False, f"no TLS handshake without SSLRequest ({reason})")
+        try:
+            selected = tls.selected_alpn_protocol()
+            if selected != ALPN:
+                return DirectAnswer(
+                    False,
+                    f"the handshake completed without ALPN {ALPN!r} "
+                    f"(selected: {selected or 'none'})",
+                )
+            tls.settimeout(max(0.001, deadline - time.monotonic()))
+            try:
+                tls.sendall(startup_message())
+                first = _read_first_message(tls)
+            except (OSError, ssl.SSLError) as exc:
+                return DirectAnswer(False, f"no answer to a StartupMessage over direct TLS ({exc})")
+            if first is None:
+                return DirectAnswer(False, "no PostgreSQL answer to a StartupMessage over it")
+            return DirectAnswer(True, f"ALPN {ALPN!r}, StartupMessage answered with {first.kind!r}")
+        finally:
+            close_politely(tls)
+
+
+Plaintext = Literal["accepted", "rejected"]
+
+
+@dataclass(frozen=True)
+class PlaintextAnswer:
+    """``accepted``, ``rejected`` or None (could not tell), and what the server said."""
+
+    verdict: Plaintext | None
+    detail: str
+
+
+def plaintext_posture(host: str, port: int, timeout: float) -> PlaintextAnswer:
+    """Whether the server would authenticate a client that did not ask for TLS.
+
+    Sends a StartupMessage on a plain connection and reads the first answer; never sends a
+    password and never raises for a misbehaving server.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        raw = connect(host, port, timeout)
+    except WireError as exc:
+        return PlaintextAnswer(None, str(exc))
+    # Closed at the first answer: a client that leaves before sending a password is not
+    # logged by the server, and none is ever sent.
+    with raw:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw.settimeout(max(0.001, deadline - time.monotonic()))
+        try:
+            raw.sendall(startup_message())
+            first = _read_first_message(raw)
+        except TimeoutError:
+            return PlaintextAnswer(
+                None, f"no answer to a plaintext StartupMessage in {timeout:g} s"
+            )
+        except OSError as exc:
+            return PlaintextAnswer(None, f"the plaintext connection failed ({exc.strerror or exc})")
+    if first is None:
+        return PlaintextAnswer(None, "no PostgreSQL answer to a plaintext StartupMessage")
+    if first.kind == "R":
+        return PlaintextAnswer(
+            "accepted", "the server asked a plaintext login to authenticate (no password sent)"
+        )
+    if first.kind == "E" and first.sqlstate == "28000":
+        return PlaintextAnswer("rejected", first.message or "refused by pg_hba.conf")
+    return PlaintextAnswer(None, first.message or f"answered with {first.kind!r}")
+
+
+@dataclass(frozen=True)
+class OnDisk:
+    """The leaf in the server's ``ssl_cert_file`` as the server reads it now.
+
+    Attributes:
+        leaf_der: the DER of the first certificate in the file, or None when unread.
+        path: the value of ``ssl_cert_file``, when it was read.
+        error: why the file could not be read, or None.
+    """
+
+    leaf_der: bytes | None
+    path: str | None = None
+    error: str | None = None
+
+
+def served_vs_disk(
+    host: str,
+    port: int,
+    *,
+    timeout: float,
+    user: str | None = None,
+    dbname: str = "postgres",
+    root_path: str | None = None,
+) -> OnDisk:
+    """Read the first certificate of ``ssl_cert_file`` through a libpq connection.
+
+    libpq takes the password from its usual places (``PGPASSFILE``, ``~/.pgpass``,
+    ``PGPASSWORD``); with ``root_path`` the server's chain is verified (``verify-ca``) before
+    any authentication, else TLS is required without verification.
+    """
+    import psycopg
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    info: dict[str, str | int] = {
+        "host": host,
+        "port": port,
+        "dbname": dbname,
+        "connect_timeout": max(1, int(timeout + 0.999)),
+        "sslmode": "verify-ca" if root_path else "require",
+        "application_name": "pgtls-watch",
+    }
+    if root_path:
+        info["sslrootcert"] = root_path
+    if user:
+        info["user"] = user
+    try:
+        with psycopg.connect(**info, autocommit=True) as conn:  # type: ignore[arg-type]
+            setting = conn.execute("SELECT current_setting('ssl_cert_file')").fetchone()
+            path = str(setting[0]) if setting else "ssl_cert_file"
+            try:
+                row = conn.execute(
+                    "SELECT pg_read_binary_file(current_setting('ssl_cert_file'))"
+                ).fetchone()
+            except psycopg.errors.InsufficientPrivilege:
+                return OnDisk(
+                    None,
+                    path,
+                    f"the role may not read {path}; grant it pg_read_server_files or use "
+                    "a superuser for --on-disk",
+                )
+    except psycopg.Error as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return OnDisk(None, None, f"libpq could not read ssl_cert_file: {text}")
+    data = bytes(row[0]) if row and row[0] is not None else b""
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        try:
+            certs = [x509.load_der_x509_certificate(data)]
+        except ValueError:
+            return OnDisk(None, path, f"{path} holds no certificate the server could load")
+    return OnDisk(certs[0].public_bytes(Encoding.DER), path)

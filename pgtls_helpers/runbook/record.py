@@ -1,0 +1,359 @@
+"""The record of a run: its directory, its manifest, its pages, and the change's index.
+
+``records/<change_id>/<UTC stamp>/`` is created new for each run (of the runbook or of a
+rollback) and written once: the executed notebooks, a readable page per step, ``index.html``
+(the page a reviewer opens first), the steps' summaries and ``manifest.json``, which hashes
+every other file; then all of it is made read-only. ``records/<change_id>/index.html`` lists
+every run of the change, newest first, and is rewritten after each run. The HTML is drawn by
+:mod:`pgtls_helpers.runbook.pages`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pgtls_helpers.errors import PgtlsError
+from pgtls_helpers.runbook.params import Params, redacted
+
+__all__ = [
+    "host_names",
+    "new_record_dir",
+    "result_line",
+    "rollback_command",
+    "run_manifest",
+    "seal",
+    "step_summaries",
+    "versions",
+    "write_change_index",
+]
+
+RECORD_FORMAT = 2
+
+
+def utc() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def stamp(at: datetime) -> str:
+    return at.strftime("%Y%m%dT%H%M%SZ")
+
+
+def new_record_dir(records: Path, change_id: str) -> tuple[Path, datetime]:
+    """``records/<change_id>/<stamp>/``, created new; waits for the next second if taken."""
+    parent = records / change_id
+    parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(5):
+        now = utc()
+        path = parent / stamp(now)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            time.sleep(1.05 - now.microsecond / 1e6)
+            continue
+        return path.resolve(), now
+    raise PgtlsError(
+        f"{parent}: could not create a new record directory; is another run writing there?"
+    )
+
+
+def host_names() -> dict[str, str | None]:
+    """This machine's host name, and its FQDN where that differs."""
+    name = socket.gethostname()
+    fqdn = socket.getfqdn(name)
+    # getfqdn falls back to "localhost" or the bare name when no domain is configured
+    return {"host": name, "host_fqdn": fqdn if "." in fqdn and fqdn != name else None}
+
+
+def who_and_where() -> dict[str, Any]:
+    return {"operator": getpass.getuser(), **host_names()}
+
+
+def versions() -> dict[str, str | None]:
+    """The versions that decide what a run did: Python, the libraries, libpq, OpenSSL."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for dist in (
+        "pgtls",
+        "cryptography",
+        "psycopg",
+        "papermill",
+        "nbconvert",
+        "pandas",
+        "pgtoolkit",
+        "ipykernel",
+        "ipywidgets",
+    ):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    try:
+        import psycopg
+
+        v = psycopg.pq.version()
+        out["libpq"] = f"{v // 10000}.{v % 10000}" if v >= 100000 else str(v)
+    except Exception:  # the record notes what it cannot tell
+        out["libpq"] = None
+    try:
+        from cryptography.hazmat.backends.openssl.backend import backend
+
+        out["openssl (cryptography)"] = backend.openssl_version_text()
+    except Exception:
+        out["openssl (cryptography)"] = None
+    import ssl
+
+    out["openssl (python ssl)"] = ssl.OPENSSL_VERSION
+    try:
+        out["openssl (command)"] = (
+            subprocess.run(
+                ["openssl", "version"], capture_output=True, text=True, timeout=10, check=False
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        out["openssl (command)"] = None
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    from pgtls_helpers.postgres.files import sha256_hex
+
+    return sha256_hex(path.read_bytes())
+
+
+def step_summaries(record: Path) -> dict[str, Any]:
+    """What each step left in ``steps/<step>.json``, by step name."""
+    out = {}
+    for path in sorted((record / "steps").glob("*.json")):
+        try:
+            out[path.stem] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            out[path.stem] = {"unreadable": path.name}
+    return out
+
+
+def pgtls_command() -> str:
+    """How to call ``pgtls`` from any directory: the script beside this interpreter."""
+    script = Path(sys.executable).parent / "pgtls"
+    if script.exists():
+        return str(script)
+    return f"{sys.executable} -m pgtls_helpers"
+
+
+def rollback_command(params_file: Path, work_dir: str | Path, records: Path) -> str:
+    """The exact command that backs the change out, runnable from any directory."""
+    import shlex
+
+    return (
+        f"{pgtls_command()} rollback {shlex.quote(str(params_file))} "
+        f"--work {shlex.quote(str(work_dir))} --records {shlex.quote(str(records))}"
+    )
+
+
+def result_line(m: Mapping[str, Any]) -> str:
+    """The run's outcome in words a change manager uses."""
+    if m.get("kind") == "rollback":
+        if m.get("outcome") == "failed":
+            return f"rollback failed: {m.get('error')}"
+        return "dry run: nothing restored" if m.get("dry_run") else "rolled back"
+    outcome = m.get("outcome")
+    if outcome == "failed":
+        failed = next((s for s in m.get("steps", []) if s.get("status") == "failed"), None)
+        where = f"step {failed['step'][:2].lstrip('0')} {failed['title']}" if failed else "set-up"
+        return f"failed at {where}"
+    if outcome == "waiting-for-ca":
+        return "waiting for the CA: CSR made, nothing on the server changed"
+    if not m.get("apply"):
+        return "plan: no change made"
+    if not changed(m):
+        return "no change: already as planned"
+    return "changed and proven" if m.get("verdict") == "pass" else "changed"
+
+
+def changed(m: Mapping[str, Any]) -> bool:
+    """Whether the run changed the server (a file written, or step 4 applied)."""
+    s4 = _summary(m, "04_enable_ssl")
+    return bool(
+        any(f.get("action") in ("create", "replace") for f in m.get("files", []))
+        or s4.get("changed")
+    )
+
+
+def _summary(m: Mapping[str, Any], step: str) -> dict[str, Any]:
+    for s in m.get("steps", []):
+        if s.get("step") == step:
+            return dict(s.get("summary") or {})
+    return {}
+
+
+def seal(record: Path, manifest: dict[str, Any]) -> None:
+    """Hash every file of the record into the manifest, write it, make it all read-only."""
+    files = sorted(p for p in record.rglob("*") if p.is_file())
+    manifest["record_files"] = {str(p.relative_to(record)): sha256_file(p) for p in files}
+    target = record / "manifest.json"
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(manifest, fh, indent=2, default=str)
+        fh.write("\n")
+    for path in [*files, target]:
+        path.chmod(0o444)
+
+
+def write_run_index(record: Path, manifest: Mapping[str, Any]) -> None:
+    """``index.html`` of one run (before :func:`seal`, so the manifest hashes it)."""
+    from pgtls_helpers.runbook.pages import run_page
+
+    (record / "index.html").write_text(run_page(manifest), encoding="utf-8")
+
+
+def write_change_index(change_dir: Path) -> Path:
+    """Rewrite ``records/<change_id>/index.html`` from the manifests of its runs, atomically."""
+    from pgtls_helpers.runbook.pages import change_page
+
+    runs = []
+    for path in sorted(change_dir.glob("*/manifest.json"), reverse=True):
+        try:
+            runs.append((path.parent.name, json.loads(path.read_text())))
+        except (OSError, ValueError):
+            runs.append((path.parent.name, {"outcome": "unreadable manifest"}))
+    target = change_dir / "index.html"
+    tmp = change_dir / f".index.html.{os.getpid()}"
+    tmp.write_text(change_page(change_dir.name, runs), encoding="utf-8")
+    os.replace(tmp, target)
+    return target
+
+
+# --------------------------------------------------------------------------- a run's manifest
+
+
+def run_manifest(
+    *,
+    params: Params,
+    injected: Mapping[str, Any],
+    params_file: Path,
+    values: Mapping[str, Any],
+    record: Path,
+    started: datetime,
+    seconds: float,
+    outcome: str,
+    exit_code: int,
+    steps: Sequence[Any],
+    lab: dict[str, Any] | None,
+    error: str | None,
+    server_before: dict[str, Any] | None,
+    server_after: dict[str, Any] | None,
+    records_dir: Path,
+) -> dict[str, Any]:
+    """The manifest of a run of the runbook (``kind: change``); ``steps`` are the runner's
+    :class:`~pgtls_helpers.runbook.runner.StepOutcome` values."""
+    summaries = step_summaries(record)
+    s1 = summaries.get("01_key_and_csr", {})
+    s2 = summaries.get("02_ca_response", {})
+    s3 = summaries.get("03_install_files", {})
+    s4 = summaries.get("04_enable_ssl", {})
+    s5 = summaries.get("05_verify_clients", {})
+    installed = [*s3.get("installed", []), *s4.get("installed", [])]
+    failed = next((s for s in steps if s.status == "failed"), None)
+    if outcome == "failed" and not error:
+        error = (
+            f"step {failed.step[:2].lstrip('0')} {failed.title}: {failed.error}"
+            if failed
+            else "the run failed before its first step"
+        )
+    journals = params.work.install_journal.exists() or params.work.enable_journal.exists()
+    m: dict[str, Any] = {
+        "record_format": RECORD_FORMAT,
+        "kind": "change",
+        "change_id": params.change_id,
+        "outcome": outcome,
+        "exit_code": exit_code,
+        "error": error,
+        "parameters_file": str(params_file),
+        "parameters_file_sha256": sha256_file(params_file),
+        "parameters": redacted(dict(injected)),
+        "parameters_as_given": redacted(dict(values)),
+        "server": f"{params.server_host}:{params.server_port}",
+        "apply": params.apply,
+        **who_and_where(),
+        "started_utc": started.isoformat(timespec="seconds"),
+        "finished_utc": utc().isoformat(timespec="seconds"),
+        "seconds": round(seconds, 2),
+        "versions": versions(),
+        "lab": lab,
+        "steps": [
+            {
+                **dataclasses.asdict(s),
+                "seconds": round(s.seconds, 2),
+                "notebook": f"{s.step}.ipynb" if s.status in ("ok", "failed") else None,
+                "html": f"{s.step}.html" if s.status in ("ok", "failed") else None,
+                "summary": summaries.get(s.step),
+            }
+            for s in steps
+        ],
+        "csr_file": s1.get("csr_file") or str(params.work.csr),
+        "csr_sha256": s1.get("csr_sha256"),
+        "public_key_sha256": s1.get("public_key_sha256"),
+        "certificates": s2.get("chain", []),
+        "unused_certificates": s2.get("unused", []),
+        "findings": s2.get("findings", []),
+        "files": installed,
+        "ssl_before": s4.get("ssl_before"),
+        "ssl_after": s4.get("ssl_after"),
+        "presented_chain": s4.get("presented", []),
+        "tls_version": s4.get("tls_version"),
+        "hba_added": s4.get("hba_added", []),
+        "sessions_refused": s4.get("sessions_refused"),
+        "server_before": server_before,
+        "server_after": server_after,
+        "verdict": s5.get("verdict"),
+        "checks": s5.get("checks", []),
+        # a lab cluster is gone after the run: nothing there to roll back
+        "rollback_command": rollback_command(params_file, params.work_dir, records_dir)
+        if journals and not lab
+        else None,
+    }
+    m["in_place"] = (
+        []
+        if outcome != "failed"
+        else ["nothing: the throwaway lab cluster was removed at the end of the run"]
+        if lab
+        else _in_place(params, m)
+    )
+    return m
+
+
+def _in_place(params: Params, m: Mapping[str, Any]) -> list[str]:
+    """After a failure: what of the change is on the server now, in sentences."""
+    from pgtls_helpers.postgres import files
+
+    out = []
+    if params.work.install_journal.exists():
+        for item in files.load_journal(params.work.install_journal).installed:
+            if item.action != "unchanged":
+                verb = "created" if item.action == "create" else "replaced"
+                out.append(f"{item.target} ({item.kind}): {verb} by this change")
+    if params.work.enable_journal.exists():
+        out.append("pg_hba.conf and the settings of step 4: changed by this change")
+    after = m.get("server_after") or {}
+    if after.get("settings"):
+        served = after.get("served")
+        out.append(
+            f"the server has ssl {after['settings'].get('ssl')}"
+            + (f" and presents {served['subject']} (sha256 {served['sha256']})" if served else "")
+        )
+    if not (params.work.install_journal.exists() or params.work.enable_journal.exists()):
+        out.insert(0, "nothing of this change is in place: the server is as it was before")
+    return out
