@@ -10,7 +10,7 @@
 play: wave, outcome, failing step and reason, the fingerprint the server now presents and its
 days left, the connection checks passed, and where the record is; hosts the run never reached
 are rows too. The manifest is read defensively (its format is still growing): only
-``outcome``, ``error``, ``apply``, ``steps[].{step,title,status,error}``,
+``kind`` (``rollback``), ``outcome``, ``error``, ``apply``, ``steps[].{step,title,status,error}``,
 ``presented_chain[0].sha256``, ``certificates[].{role,sha256,not_after}`` and
 ``checks[].passed`` are used, and each may be missing.
 """
@@ -128,7 +128,7 @@ def _days_left(manifest: Json, sha256: str | None, now: datetime) -> int | None:
 
 
 def _first_page(record: Path, failed: str | None) -> Path | None:
-    for name in ("index.html", f"{failed}.html" if failed else "", "rollback.txt"):
+    for name in ("index.html", f"{failed}.html" if failed else ""):
         if name and (record / name).is_file():
             return record / name
     pages = sorted(record.glob("*.html"))
@@ -139,7 +139,11 @@ def _from_manifest(manifest: Json, now: datetime) -> dict[str, object]:
     steps = _list(manifest.get("steps"))
     failed = next((s for s in steps if s.get("status") == "failed"), None)
     outcome = str(manifest.get("outcome") or "unknown")
-    if outcome == "ok" and manifest.get("apply") is False:
+    if manifest.get("kind") == "rollback":
+        outcome = {"ok": "rolled-back", "planned": "planned"}.get(outcome, outcome)
+        if outcome == "failed":
+            failed = {"step": "rollback", "error": manifest.get("error")}
+    elif outcome == "ok" and manifest.get("apply") is False:
         outcome = "planned"
     presented = _list(manifest.get("presented_chain"))
     fingerprint = str(presented[0]["sha256"]) if presented and presented[0].get("sha256") else None
@@ -187,13 +191,6 @@ def _row(host: str, host_dir: Path, run: str, base: Path, now: datetime) -> Host
     manifest = _read_json(record / "manifest.json")
     if manifest is not None:
         facts = _from_manifest(manifest, now)
-    elif (record / "rollback.txt").is_file():
-        done = _int(note.get("exit_code")) == 0
-        facts = {
-            "outcome": "rolled-back" if done else "failed",
-            "failed_step": None if done else "rollback",
-            "reason": None if done else str(last_err or "pgtls rollback failed"),
-        }
     else:
         facts = {"outcome": "failed", "reason": "the record has no manifest.json"}
     page = _first_page(record, facts.pop("failed_id", None))  # type: ignore[arg-type]

@@ -201,8 +201,10 @@ def test_rollback_restores_every_host(fleet: LabFleet) -> None:
     # reverse order: the host changed last goes first
     assert [rows[h]["wave"] for h in reversed(HOSTS)] == [1, 2, 3, 3]
     for host in HOSTS:
-        text = (fleet.control / "records" / CHANGE / str(rows[host]["page"])).read_text()
-        assert "has ssl off" in text
+        record = fleet.control / "records" / CHANGE / str(rows[host]["record"])
+        manifest = json.loads((record / "manifest.json").read_text())
+        assert (manifest["kind"], manifest["outcome"]) == ("rollback", "ok")
+        assert (record / "index.html").is_file()
 
 
 def test_a_broken_host_stops_the_waves_after_it(fleet: LabFleet, tmp_path: Path) -> None:

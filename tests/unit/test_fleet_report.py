@@ -138,3 +138,22 @@ def test_a_folder_without_fleet_runs_is_unusable_input(
     assert main(["fleet", "report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("pgtls: ") and "Traceback" not in err
+
+
+def test_a_rollback_record_reads_as_rolled_back(folder: Path) -> None:
+    _record(folder, "db3", "20261130T020000Z", {"kind": "rollback", "outcome": "ok"})
+    _note(folder, "db3", "20261130T020000Z", 1)
+    _record(
+        folder,
+        "db4",
+        "20261130T020001Z",
+        {"kind": "rollback", "outcome": "failed", "error": "no journal"},
+    )
+    _note(folder, "db4", "20261130T020001Z", 2)
+    rows = {r.host: r for r in load_fleet_report(folder, now=NOW).rows}
+    assert rows["db3"].outcome == "rolled-back"
+    assert (rows["db4"].outcome, rows["db4"].failed_step, rows["db4"].reason) == (
+        "failed",
+        "rollback",
+        "no journal",
+    )

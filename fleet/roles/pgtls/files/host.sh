@@ -1,7 +1,7 @@
 # One host's part of a fleet run (fleet/pgtls.yml, fleet/rollback.yml), in one call:
 #   run:      stdin: a line with the CA's files for this host (a tar, base64; empty in phase 1),
 #             then the parameters file; then `pgtls run`
-#   rollback: `pgtls rollback`, its output kept as a record
+#   rollback: `pgtls rollback` (phase rollback-dry-run: --dry-run), which writes its own record
 # then the record (and in phase 1 the CSR) packed into outbox/<stamp>.tar for the trip home;
 # the last line names it: "pgtls-fleet-record: <stamp>". Exit status: the runbook's, or 75
 # when the venv is missing or was installed from another wheelhouse (the playbook installs it
@@ -16,7 +16,6 @@ if [ ! -x "$venv/bin/pgtls" ] || { [ -n "$want" ] && [ "$(cat "$venv/.pgtls-whee
   exit 75
 fi
 params="$home/params/$change.yaml"
-rec=
 if [ "$mode" = run ]; then
   IFS= read -r ca_files
   cat > "$params.tmp" && mv "$params.tmp" "$params"
@@ -27,20 +26,20 @@ if [ "$mode" = run ]; then
   fi
   out=$("$venv/bin/pgtls" run "$params" --records "$home/records" --work "$home/work" --no-progress)
   rc=$?
-  printf '%s\n' "$out"
-  rec=$(printf '%s\n' "$out" | sed -n 's/^.*record: \(\/.*\)$/\1/p' | tail -n 1)
 else
   if [ ! -f "$params" ]; then
     echo "pgtls-fleet: $params is missing: the change never ran on this host" >&2
     exit 2
   fi
-  rec="$home/records/$change/$(date -u +%Y%m%dT%H%M%SZ)-rollback"
-  mkdir -p "$rec"
-  "$venv/bin/pgtls" rollback "$params" --work "$home/work" >"$rec/rollback.txt" 2>"$rec/rollback-errors.txt"
+  dry=
+  [ "$phase" = rollback-dry-run ] && dry=--dry-run
+  out=$("$venv/bin/pgtls" rollback "$params" --work "$home/work" --records "$home/records" $dry)
   rc=$?
-  cat "$rec/rollback.txt"
-  cat "$rec/rollback-errors.txt" >&2
 fi
+printf '%s\n' "$out"
+# "record: <folder>/index.html" (or the folder itself)
+rec=$(printf '%s\n' "$out" | sed -n 's/^.*record: \(\/.*\)$/\1/p' | tail -n 1)
+case "$rec" in *.html) rec=$(dirname "$rec") ;; esac
 if [ -n "$rec" ] && [ -d "$rec" ]; then
   stamp=$(basename "$rec")
   tar -C "$(dirname "$rec")" -cf "$home/outbox/$stamp.tar" "$stamp"
