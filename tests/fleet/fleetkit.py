@@ -45,11 +45,17 @@ def source_digest() -> str:
 
 def wheelhouse() -> Path:
     """The wheelhouse of this checkout, built once per source state."""
-    target = CACHE / f"wheelhouse-{source_digest()}.tar"
+    digest = source_digest()
+    target = CACHE / f"wheelhouse-{digest}.tar"
     if not target.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
-        for old in CACHE.glob("wheelhouse-*.tar"):
-            old.unlink()
+        for old in CACHE.iterdir():  # wheelhouses and venvs of earlier source states
+            if digest in old.name:
+                continue
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
         build_wheelhouse(ROOT, target, python=HOST_PYTHON)
     return target
 
