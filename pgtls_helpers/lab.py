@@ -268,6 +268,89 @@ class LabCA:
             written.append(path)
         return written
 
+    def with_new_intermediates(
+        self, names: Sequence[str] = ("IntermediateCA_BAZ",), *, days: int = 3650
+    ) -> LabCA:
+        """The same root over a new line of intermediates (an intermediate change); needs a
+        CA made by :meth:`create` in this process (the root key is never saved)."""
+        if not self._keys:
+            raise InputError("this lab CA was loaded from disk; its root key is not kept")
+        now = datetime.now(timezone.utc) - timedelta(minutes=5)
+        issuer, issuer_key = self.root, self._keys[0]
+        made: list[x509.Certificate] = []
+        for name in names:
+            key = _ca_key()
+            cert = (
+                _builder_common(
+                    _name(name),
+                    issuer.subject,
+                    key.public_key(),
+                    issuer_key,
+                    not_before=now,
+                    not_after=now + timedelta(days=days),
+                )
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .add_extension(_ca_usage(), critical=True)
+                .sign(issuer_key, hashes.SHA256())
+            )
+            made.append(cert)
+            issuer, issuer_key = cert, key
+        return LabCA(
+            root=self.root,
+            intermediates=tuple(reversed(made)),
+            _signer_key=issuer_key,
+            _keys=(self._keys[0],),
+        )
+
+    # ------------------------------------------------------------------ once per work directory
+
+    def save(self, directory: str | Path) -> Path:
+        """Keep this CA in ``directory`` (0700): ``root.crt``, ``intermediates.crt`` and the
+        signing key (``signer.key``, 0600 from its first byte), so later changes reuse it."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(out, 0o700)
+        key = self._signer_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        tmp = out / f".signer.key.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key)
+        (out / "intermediates.crt").write_bytes(b"".join(_pem(c) for c in self.intermediates))
+        (out / "root.crt").write_bytes(_pem(self.root))
+        os.replace(tmp, out / "signer.key")
+        return out
+
+    @classmethod
+    def load(cls, directory: str | Path) -> LabCA:
+        """The CA :meth:`save` kept in ``directory``."""
+        base = Path(directory)
+        try:
+            root = x509.load_pem_x509_certificate((base / "root.crt").read_bytes())
+            chain_bytes = (base / "intermediates.crt").read_bytes()
+            inters = tuple(x509.load_pem_x509_certificates(chain_bytes)) if chain_bytes else ()
+            key = serialization.load_pem_private_key((base / "signer.key").read_bytes(), None)
+        except (OSError, ValueError) as exc:
+            raise InputError(
+                f"{base}: not a lab CA directory ({exc}); remove it to start a new lab CA"
+            ) from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            raise InputError(f"{base}/signer.key: not an EC or RSA key")
+        return cls(root=root, intermediates=inters, _signer_key=key)
+
+    @classmethod
+    def load_or_create(cls, directory: str | Path, *, root_name: str = "RootCA") -> LabCA:
+        """The lab CA kept in ``directory``, made (and kept) on first use."""
+        base = Path(directory)
+        if (base / "signer.key").exists():
+            return cls.load(base)
+        ca = cls.create(root_name=root_name)
+        ca.save(base)
+        return ca
+
 
 def _general_name(value: str) -> x509.GeneralName:
     try:

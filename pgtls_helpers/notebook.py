@@ -31,6 +31,12 @@ from pgtls_helpers.display.form import (
     show_parameters,
     show_values,
 )
+from pgtls_helpers.display.renewal import (
+    show_renewal,
+    show_served,
+    show_trust,
+    show_trust_plan,
+)
 from pgtls_helpers.display.watch import (
     days_picture,
     expiry_timeline,
@@ -43,11 +49,13 @@ from pgtls_helpers.runbook.ca_response import step2_ca_response
 from pgtls_helpers.runbook.enable import step4_enable_ssl
 from pgtls_helpers.runbook.install import step3_install_files
 from pgtls_helpers.runbook.key_and_csr import step1_key_and_csr
+from pgtls_helpers.runbook.trust import client_trust
 from pgtls_helpers.runbook.verify import step5_verify_clients
 
 __all__ = [
     "apply_step",
     "chain_picture",
+    "client_trust",
     "csr_form",
     "host_coverage",
     "inspection_table",
@@ -62,8 +70,12 @@ __all__ = [
     "show_installed",
     "show_key_and_csr",
     "show_parameters",
+    "show_renewal",
+    "show_served",
     "show_sources",
     "show_ssl_plan",
+    "show_trust",
+    "show_trust_plan",
     "show_values",
     "step1_key_and_csr",
     "step2_ca_response",

@@ -103,6 +103,21 @@ def client_user() -> Iterator[str]:
 
 
 @pytest.fixture
+def own_client_user() -> Iterator[str]:
+    """A client OS user of this test alone (created and removed here), for tests whose
+    assertions are about that user's root.crt over several changes: no other test, or other
+    test session on the machine, touches it in between."""
+    if os.geteuid() != 0:
+        skip_or_fail("creating a client OS user needs root")
+    name = f"pgtls_c{os.getpid()}"
+    subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["userdel", "--remove", name], check=False, capture_output=True)
+
+
+@pytest.fixture
 def runbook_params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Params]:
     """Parameters for a change on ``cluster``; PGPASSFILE points at its password."""
 

@@ -1,5 +1,5 @@
 """Command line: ``pgtls chain``, ``csr``, ``probe``, ``watch``, ``run``, ``rollback``,
-``record``, ``lab``, ``fleet``.
+``record``, ``trust``, ``lab``, ``fleet``.
 
 Each command's body lives in a small ``_cli_*`` module so that importing the CLI stays cheap
 (``chain inspect`` must not pay for pandas or papermill unless it needs them).
@@ -143,6 +143,19 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     run.set_defaults(func=_lazy("pgtls_helpers.cli.run", "main"))
 
 
+def _add_trust(sub: argparse._SubParsersAction) -> None:
+    trust = sub.add_parser(
+        "trust",
+        help="CA rotation: add (add_roots) or retire (remove_roots) roots in the clients' "
+        "root.crt, proven with verify-full, and archive the record",
+    )
+    trust.add_argument("params", metavar="PARAMS.yaml")
+    trust.add_argument("--records", default="records", metavar="DIR")
+    trust.add_argument("--work", default="work", metavar="DIR")
+    trust.add_argument("--no-progress", action="store_true")
+    trust.set_defaults(func=_lazy("pgtls_helpers.cli.trust", "main"))
+
+
 def _add_rollback(sub: argparse._SubParsersAction) -> None:
     back = sub.add_parser(
         "rollback",
@@ -200,6 +213,15 @@ def _add_lab(sub: argparse._SubParsersAction) -> None:
     nb.add_argument("--dir", default="work/lab", metavar="DIR", help="the lab cluster's directory")
     nb.add_argument("--work", default="work", metavar="DIR")
     nb.set_defaults(func=_lazy("pgtls_helpers.cli.lab", "notebook"))
+    ca = lsub.add_parser(
+        "ca",
+        help="a throwaway CA of its own (another root, for CA rotation drills); with --sign, "
+        "sign a CSR and write what a CA returns",
+    )
+    ca.add_argument("--dir", required=True, metavar="DIR", help="where the CA is kept")
+    ca.add_argument("--name", default="RootCA", metavar="NAME", help="the root's common name")
+    ca.add_argument("--sign", metavar="CSR", help="sign this CSR; files go to DIR/signed/")
+    ca.set_defaults(func=_lazy("pgtls_helpers.cli.lab", "ca"))
 
 
 def _add_fleet(sub: argparse._SubParsersAction) -> None:
@@ -235,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_watch(sub)
     _add_run(sub)
     _add_rollback(sub)
+    _add_trust(sub)
     _add_record(sub)
     _add_lab(sub)
     _add_fleet(sub)

@@ -192,3 +192,29 @@ def notebook(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     os.execve(sys.executable, argv, env)
     return 0  # pragma: no cover - execve does not return
+
+
+# --------------------------------------------------------------------------- pgtls lab ca
+
+
+def ca(args: argparse.Namespace) -> int:
+    """A lab CA kept in ``--dir`` (made on first use, root named ``--name``); ``--sign CSR``
+    writes the CA's answer (leaf, intermediates, root) to ``DIR/signed/`` for ``ca_files``."""
+    from pgtls_helpers.lab import LabCA
+    from pgtls_helpers.pki.csr import load_csr
+
+    base = Path(args.dir).resolve()
+    existed = (base / "signer.key").exists()
+    lab_ca = LabCA.load_or_create(base, root_name=args.name)
+    root_cn = lab_ca.root.subject.rfc4514_string()
+    if existed and f"CN={args.name}" not in root_cn:
+        _out(f"note: {base} already holds a lab CA whose root is {root_cn}; it was kept")
+    _out(f"lab CA in {base} ({'reused' if existed else 'new'}): root {root_cn}")
+    _out(f"  root certificate (for add_roots): {base / 'root.crt'}")
+    if args.sign:
+        csr = load_csr(Path(args.sign).read_bytes(), source=args.sign)
+        written = lab_ca.write_response(lab_ca.sign_csr(csr), base / "signed")
+        _out("signed; list these in ca_files:")
+        for path in written:
+            _out(f"  {path}")
+    return 0

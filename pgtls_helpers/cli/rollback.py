@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from pgtls_helpers.errors import InputError
-from pgtls_helpers.runbook.params import load_params, read_params_file, resolve_paths
+from pgtls_helpers.runbook.params import Params, load_params, read_params_file, resolve_paths
 
 __all__ = ["main"]
 
@@ -27,6 +27,8 @@ def main(args: argparse.Namespace) -> int:
             f"{args.params}: lab_cluster runs remove their throwaway cluster at the end, so "
             "there is nothing to roll back"
         )
+    if params.work.trust_journal.exists():  # a client-trust change (pgtls trust)
+        return _rollback_trust(params, dry_run=args.dry_run)
     manifest, record = rollback_with_record(
         params,
         params_file=params_file,
@@ -34,4 +36,18 @@ def main(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
     )
     sys.stdout.write(rollback_summary(manifest, record) + "\n")
+    return 0
+
+
+def _rollback_trust(params: Params, *, dry_run: bool) -> int:
+    """Every root.crt a client-trust change wrote, back from its backup (or, dry, listed)."""
+    from pgtls_helpers.postgres.files import load_journal
+    from pgtls_helpers.runbook.trust import rollback_trust
+
+    if dry_run:
+        for item in load_journal(params.work.trust_journal).installed:
+            sys.stdout.write(f"would restore {item.target} from {item.backup or '(remove it)'}\n")
+        return 0
+    for restored in rollback_trust(params):
+        sys.stdout.write(f"restored {restored}\n")
     return 0

@@ -70,7 +70,7 @@ def _lab_sign(params: Params, csr_path: Path, ca_dir: Path) -> list[Path]:
         existing = read_ca_response([ca_dir])
         if any(spki_sha256(s.cert.public_key()) == want for s in existing.certificates):
             return sorted(ca_dir.iterdir())
-    ca = LabCA.create()
+    ca = LabCA.load_or_create(params.work.shared_lab_ca)
     leaf = ca.sign_csr(csr)
     ca_dir.mkdir(mode=0o700, exist_ok=True)
     return ca.write_response(leaf, ca_dir)

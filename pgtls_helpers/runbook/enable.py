@@ -21,6 +21,7 @@ from pgtls_helpers.runbook.common import (
     ssl_targets,
 )
 from pgtls_helpers.runbook.params import Params
+from pgtls_helpers.runbook.renewal import ReloadWatch
 
 # --------------------------------------------------------------------------- step 4
 
@@ -42,6 +43,7 @@ class EnableResult:
     messages: list[str] = field(default_factory=list)
     installed: list[dict[str, object]] = field(default_factory=list)
     runbook_connection: str | None = None  # pg_stat_ssl of a new connection afterwards
+    renewal: dict[str, Any] | None = None  # served before/after, the client loop (renewal.py)
     sessions_refused: list[dict[str, Any]] = field(default_factory=list)  # see postgres.sessions
 
     def summary(self) -> dict[str, Any]:
@@ -180,7 +182,7 @@ def step4_enable_ssl(params: Params) -> EnableResult:
 
         log_at = _log_offset(params)
         undo = _Undo(params, server, {name: server.auto_conf_value(name) for name in settings})
-        after = before
+        after, renewed = before, None
         settings_write = files.InstallResult(())
         if needs_ssl:
             if settings:
@@ -199,6 +201,7 @@ def step4_enable_ssl(params: Params) -> EnableResult:
                     f"configuration errors: {'; '.join(setting_errors)}; "
                     "the setting was restored and nothing was reloaded"
                 )
+            watch = ReloadWatch(params, host_ip, before)  # renewal: loop, restore proof
             server.reload_and_wait()
             after = _probe_until(host_ip, params.server_port, want_sha, timeout=2.0)
             if not (
@@ -208,6 +211,7 @@ def step4_enable_ssl(params: Params) -> EnableResult:
                 and _chain_matches_bundle(params, after)
             ):
                 undo.run()
+                restored = watch.restored()
                 seen = after.error or (
                     f"it presents {after.chain[0].subject.rfc4514_string()} "
                     f"({fingerprint_of(after.chain[0])[:16]}…), not the new certificate"
@@ -218,8 +222,11 @@ def step4_enable_ssl(params: Params) -> EnableResult:
                 raise ServerError(
                     f"{params.server_host}:{params.server_port} did not take the new "
                     f"certificate ({seen}); files and settings were rolled back and the server "
-                    "reloaded" + (f"; the server log says: {line}" if line else "")
+                    "reloaded"
+                    + (f"; {restored}" if restored else "")
+                    + (f"; the server log says: {line}" if line else "")
                 )
+            renewed = watch.finish(after)
 
         hba_write = files.InstallResult(())
         if plan.changed:
@@ -262,6 +269,7 @@ def step4_enable_ssl(params: Params) -> EnableResult:
             messages=planned,
             installed=settings_write.as_dicts() + hba_write.as_dicts(),
             runbook_connection=own,
+            renewal=renewed,
             sessions_refused=refused,
         )
         _save_enable_journal(params, undo.previous, settings_write, hba_write)

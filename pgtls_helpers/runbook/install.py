@@ -22,6 +22,7 @@ from pgtls_helpers.runbook.common import (
     ssl_targets,
 )
 from pgtls_helpers.runbook.params import Params
+from pgtls_helpers.runbook.renewal import RenewalPlan, assess
 
 # --------------------------------------------------------------------------- step 3
 
@@ -35,6 +36,7 @@ class InstallStepResult:
     preflight: list[Finding]
     installed: files.InstallResult | None
     applied: bool
+    renewal: RenewalPlan | None = None  # on a server that serves TLS already
 
     @property
     def changed(self) -> bool:
@@ -48,6 +50,7 @@ class InstallStepResult:
             "applied": self.applied,
             "changed": self.changed,
             "installed": self.installed.as_dicts() if self.installed else [],
+            "renewal": self.renewal.summary() if self.renewal else None,
         }
 
 
@@ -130,6 +133,10 @@ def step3_install_files(params: Params) -> InstallStepResult:
         ),
     ]
     users = resolve_client_users(params.client_system_users)
+    # renewal: served now against new, same root or rotation (while one is under way, merge)
+    renewal = assess(params, facts, certs, root, users, encrypted_key=encrypted)
+    preflight += renewal.findings if renewal else []
+    merge = params.client_root_merge or bool(renewal and renewal.rotation)
     if users and root is None:
         preflight.append(
             Finding(
@@ -137,18 +144,18 @@ def step3_install_files(params: Params) -> InstallStepResult:
             )
         )
     if root is not None:
-        plan += [plan_root_crt(u, pem_of(root), merge=params.client_root_merge) for u in users]
+        plan += [plan_root_crt(u, pem_of(root), merge=merge) for u in users]
     rows = [p.describe() for p in plan]
     errors = [f for f in preflight if f.severity == "error"]
     out_facts = facts.as_dict()
     if errors:
-        res = InstallStepResult(out_facts, rows, preflight, None, False)
+        res = InstallStepResult(out_facts, rows, preflight, None, False, renewal)
         save_step(params, "03_install_files", res.summary())
         raise PreflightError(
             "nothing was installed: " + "; ".join(f"{f.code}: {f.message}" for f in errors)
         )
     if not params.apply:
-        res = InstallStepResult(out_facts, rows, preflight, None, False)
+        res = InstallStepResult(out_facts, rows, preflight, None, False, renewal)
         save_step(params, "03_install_files", res.summary())
         return res
     from pgtls_helpers.postgres.clients import install_root_crt
@@ -157,7 +164,7 @@ def step3_install_files(params: Params) -> InstallStepResult:
     server_part = files.apply_plan(plan[:2], stamp=stamp)
     try:
         client_part = (
-            install_root_crt(users, pem_of(root), merge=params.client_root_merge, stamp=stamp)
+            install_root_crt(users, pem_of(root), merge=merge, stamp=stamp)
             if root and users
             else files.InstallResult(())
         )
@@ -171,6 +178,6 @@ def step3_install_files(params: Params) -> InstallStepResult:
     # After the install the only copies of the key are the installed one and its backup.
     if key_path.exists():
         key_path.unlink()
-    res = InstallStepResult(out_facts, rows, preflight, installed, True)
+    res = InstallStepResult(out_facts, rows, preflight, installed, True, renewal)
     save_step(params, "03_install_files", res.summary())
     return res

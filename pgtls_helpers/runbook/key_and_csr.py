@@ -72,7 +72,9 @@ def step1_key_and_csr(params: Params) -> KeyCsrResult:
     again never replaces a key whose CSR is already with the CA.
     """
     from pgtls_helpers.pki.csr import build_csr, csr_pem, load_csr, render_csr
+    from pgtls_helpers.runbook.renewal import inherit_names
 
+    params = inherit_names(params)  # renewal: names the parameters leave empty, as installed
     subject = subject_of(params)
     params.work.create()
     key_path, csr_path = params.work.key, params.work.csr
@@ -88,13 +90,20 @@ def step1_key_and_csr(params: Params) -> KeyCsrResult:
                 "sent"
             )
         have, want = keys.describe_key(csr.public_key()), _key_label(params.key_type)
-        if have != want:
+        if have != want and not params.reuse_key:
             raise PreflightError(
                 f"{csr_path}: the CSR already made for this change has an {have} key, not "
                 f"{want}; set key_type back, or use a new change_id for a new key"
             )
         reused = True
-    if not reused:
+    if not reused and params.reuse_key:  # renewal: the CA re-signs the installed key
+        from pgtls_helpers.runbook.renewal import installed_key
+
+        key = installed_key(params)
+        files.atomic_write(csr_path, csr_pem(build_csr(subject, key)), mode=0o644)
+        csr = load_csr(csr_path.read_bytes(), source=str(csr_path))
+        del key
+    elif not reused:
         key = keys.generate_key(params.key_type)
         csr = build_csr(subject, key)
         keyfiles.write_private_key(key_path, keys.serialize_key(key, key_passphrase(params)))

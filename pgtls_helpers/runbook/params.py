@@ -26,6 +26,7 @@ __all__ = [
 
 _CHANGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_FINGERPRINT = re.compile(r"^(?:[0-9A-Fa-f]{2}:?){31}[0-9A-Fa-f]{2}$")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,12 @@ class Params:
     server_log_file: str | None = None
     work_dir: str = "work"
     record_dir: str | None = None
+    # renewal and CA rotation
+    allow_shorter_validity: bool = False
+    reuse_key: bool = False
+    new_root: str = ""
+    add_roots: tuple[str, ...] = ()
+    remove_roots: tuple[str, ...] = ()
 
     @property
     def work(self) -> WorkDir:
@@ -228,6 +235,11 @@ def load_params(values: Mapping[str, Any], *, source: str = "parameters") -> Par
                 f"{source}: {name} must be the name of an environment variable (like "
                 "PGTLS_KEY_PASSPHRASE), never the secret itself"
             )
+    if known.get("new_root") not in (None, "", "accept"):
+        raise InputError(
+            f"{source}: new_root must be 'accept' (go on with a CA rotation) or empty, not "
+            f"'{known['new_root']}'"
+        )
     _check_rules(source, known.get("hba_rules", ()))
     users = known.get("client_system_users", ())
     strays = [u for u in known.get("client_roles", {}) if u not in users]
@@ -290,9 +302,16 @@ def resolve_paths(
     else:
         work = Path(work_option).expanduser()
     out["work_dir"] = str(work.resolve())
-    if out.get("ca_files"):
-        files = out["ca_files"]
-        if isinstance(files, str):
-            files = [f.strip() for f in files.split(",") if f.strip()]
-        out["ca_files"] = [str(Path(f).expanduser().resolve()) for f in files]
+    for name in ("ca_files", "add_roots", "remove_roots"):
+        if out.get(name):
+            items = out[name]
+            if isinstance(items, str):
+                items = [f.strip() for f in items.split(",") if f.strip()]
+            # remove_roots may name a root by its SHA-256 fingerprint rather than a file
+            out[name] = [
+                str(f)
+                if name == "remove_roots" and _FINGERPRINT.match(str(f))
+                else str(Path(str(f)).expanduser().resolve())
+                for f in items
+            ]
     return out

@@ -264,7 +264,7 @@ def run_manifest(
     s2 = summaries.get("02_ca_response", {})
     s3 = summaries.get("03_install_files", {})
     s4 = summaries.get("04_enable_ssl", {})
-    s5 = summaries.get("05_verify_clients", {})
+    s5 = summaries.get("05_verify_clients") or summaries.get("client_trust", {})
     installed = [*s3.get("installed", []), *s4.get("installed", [])]
     failed = next((s for s in steps if s.status == "failed"), None)
     if outcome == "failed" and not error:
@@ -316,6 +316,7 @@ def run_manifest(
         "tls_version": s4.get("tls_version"),
         "hba_added": s4.get("hba_added", []),
         "sessions_refused": s4.get("sessions_refused"),
+        "renewal": {"plan": s3.get("renewal"), "reload": s4.get("renewal")},
         "server_before": server_before,
         "server_after": server_after,
         "verdict": s5.get("verdict"),

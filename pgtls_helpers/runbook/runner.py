@@ -315,8 +315,12 @@ def run(
     progress: bool = True,
     *,
     notebooks_dir: str | Path | None = None,
+    steps: tuple[tuple[str, str], ...] = STEPS,
 ) -> RunOutcome:
     """Run the runbook for a parameters file and write its record.
+
+    ``steps`` are the notebooks to run, in order (the server runbook's five by default;
+    ``pgtls trust`` runs the client-trust one).
 
     Raises:
         InputError: the parameters file is unusable (nothing was run, no record written).
@@ -328,7 +332,7 @@ def run(
     params = load_params(values, source=str(params_path))
     _check_input(params)
     nb_dir = Path(notebooks_dir or NOTEBOOKS_DIR)
-    missing = [s for s, _ in STEPS if not (nb_dir / f"{s}.ipynb").exists()]
+    missing = [s for s, _ in steps if not (nb_dir / f"{s}.ipynb").exists()]
     if missing:
         raise InputError(
             f"{nb_dir}: the runbook notebooks {', '.join(missing)} are missing; "
@@ -337,7 +341,7 @@ def run(
 
     record, started = new_record_dir(Path(records_dir), params.change_id)
     params = dataclasses.replace(params, record_dir=str(record))
-    steps: list[StepOutcome] = []
+    done: list[StepOutcome] = []
     lab_info: dict[str, Any] | None = None
     cluster: Any = None
     kernel: Kernel | None = None
@@ -367,9 +371,9 @@ def run(
             except PgtlsError as exc:
                 error = f"set-up failed: {exc}"
                 exit_code = 2 if isinstance(exc, InputError) else 1
-                steps = [StepOutcome(s, t, "not-run") for s, t in STEPS]
+                done = [StepOutcome(s, t, "not-run") for s, t in steps]
             else:
-                steps, outcome = _run_steps(params, record, nb_dir, kernel, progress)
+                done, outcome = _run_steps(params, record, nb_dir, kernel, progress, steps)
                 exit_code = 0 if outcome in ("ok", "waiting-for-ca") else 1
                 after = None if phase_one else server_state(params)
     finally:
@@ -379,8 +383,8 @@ def run(
             cluster.remove()
         elif lab_base is not None:
             shutil.rmtree(lab_base, ignore_errors=True)
-        if not steps:  # interrupted before the first step ended
-            steps = [StepOutcome(s, t, "not-run") for s, t in STEPS]
+        if not done:  # interrupted before the first step ended
+            done = [StepOutcome(s, t, "not-run") for s, t in steps]
             error = error or "interrupted"
         manifest = rec.run_manifest(
             params=params,
@@ -392,7 +396,7 @@ def run(
             seconds=time.monotonic() - t0,
             outcome=outcome,
             exit_code=exit_code,
-            steps=steps,
+            steps=done,
             lab=lab_info,
             error=error,
             server_before=before,
@@ -402,7 +406,7 @@ def run(
         rec.write_run_index(record, manifest)
         rec.seal(record, manifest)
         rec.write_change_index(record.parent)
-    return RunOutcome(record, outcome, exit_code, tuple(steps), manifest)
+    return RunOutcome(record, outcome, exit_code, tuple(done), manifest)
 
 
 def _start_lab(params: Params, base: Path) -> tuple[Params, Any, dict[str, Any]]:
@@ -424,18 +428,23 @@ def _start_lab(params: Params, base: Path) -> tuple[Params, Any, dict[str, Any]]
 
 
 def _run_steps(
-    params: Params, record: Path, nb_dir: Path, kernel: Kernel, progress: bool
+    params: Params,
+    record: Path,
+    nb_dir: Path,
+    kernel: Kernel,
+    progress: bool,
+    notebooks: tuple[tuple[str, str], ...] = STEPS,
 ) -> tuple[list[StepOutcome], str]:
     from concurrent.futures import Future, ThreadPoolExecutor
 
     parameters = _injected(params)
-    phase_one = params.ca_mode == "files" and not params.ca_files
+    phase_one = notebooks == STEPS and params.ca_mode == "files" and not params.ca_files
     steps: list[StepOutcome] = []
     # HTML is rendered while the next notebook runs (the kernel is another process)
     html = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgtls-html")
     rendering: dict[str, Future[None]] = {}
     try:
-        for i, (step, title) in enumerate(STEPS):
+        for i, (step, title) in enumerate(notebooks):
             if phase_one and i > 0:
                 steps.append(
                     StepOutcome(
@@ -446,7 +455,7 @@ def _run_steps(
                     )
                 )
                 continue
-            if i == 4 and not params.apply:
+            if step == "05_verify_clients" and not params.apply:
                 steps.append(
                     StepOutcome(
                         step,
@@ -460,7 +469,7 @@ def _run_steps(
                 steps.append(StepOutcome(step, title, "not-run"))
                 continue
             if progress:
-                print(f"[{i + 1}/{len(STEPS)}] {step}", file=sys.stderr, flush=True)
+                print(f"[{i + 1}/{len(notebooks)}] {step}", file=sys.stderr, flush=True)
             t = time.monotonic()
             error, nb = _run_notebook(
                 nb_dir / f"{step}.ipynb",
@@ -475,7 +484,7 @@ def _run_steps(
                 statement = (
                     f"Stopped after {seconds:.1f} s: {error}"
                     if error
-                    else f"Step {i + 1} of {len(STEPS)} ran in {seconds:.1f} s without error."
+                    else f"Step {i + 1} of {len(notebooks)} ran in {seconds:.1f} s without error."
                 )
                 page = functools.partial(
                     _write_step_page,

@@ -53,8 +53,14 @@ class WorkDir:
 
     @property
     def lab_ca(self) -> Path:
-        """The throwaway CA of ``ca_mode: lab``."""
+        """What the throwaway CA of ``ca_mode: lab`` returned for this change."""
         return self.path / "ca"
+
+    @property
+    def shared_lab_ca(self) -> Path:
+        """The throwaway CA itself, once per work directory (beside the changes' folders):
+        every lab change signs with it, so a second lab change is a same-root renewal."""
+        return self.path.parent / "lab-ca"
 
     @property
     def install_journal(self) -> Path:
@@ -65,6 +71,11 @@ class WorkDir:
     def enable_journal(self) -> Path:
         """Step 4: the settings and ``pg_hba.conf`` before the change."""
         return self.path / "enable.json"
+
+    @property
+    def trust_journal(self) -> Path:
+        """A client-trust change (``pgtls trust``): each root.crt written and its backup."""
+        return self.path / "trust.json"
 
     def create(self) -> Path:
         """Create the directory 0700 (tightening one that others could read) and return it."""

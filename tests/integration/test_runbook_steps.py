@@ -228,7 +228,7 @@ def test_replacing_an_existing_certificate_keeps_backups_and_rollback_restores(
     old_key, old_cert = ca.issue(["old.lab.pgtls.test"])
     fresh_cluster.serve_certificate(old_key, [old_cert, *ca.intermediates])
     old = {n: (fresh_cluster.pgdata / n).read_bytes() for n in ("server.crt", "server.key")}
-    params = runbook_params(fresh_cluster)
+    params = runbook_params(fresh_cluster, new_root="accept")  # another root: a CA rotation
     verdict = _run_all(params)
     assert verdict.passed
     backups = sorted(p.name for p in fresh_cluster.pgdata.glob("server.*.pgtls-backup-*"))

@@ -71,6 +71,33 @@ def test_bad_yaml_names_the_file_and_line(tmp_path: Path) -> None:
         read_params_file(bad)
 
 
+def test_renewal_and_rotation_parameters() -> None:
+    base = {"change_id": "CHG-1", "common_name": "db1.example.com"}
+    params = load_params(
+        {**base, "new_root": "accept", "reuse_key": True, "add_roots": "a.crt, b.crt"}
+    )
+    assert params.new_root == "accept" and params.reuse_key
+    assert params.add_roots == ("a.crt", "b.crt") and params.remove_roots == ()
+    with pytest.raises(InputError, match="new_root must be 'accept'"):
+        load_params({**base, "new_root": "yes"})
+    with pytest.raises(InputError, match="allow_shorter_validity must be true or false"):
+        load_params({**base, "allow_shorter_validity": "yes"})
+
+
+def test_remove_roots_keeps_fingerprints_and_resolves_files(tmp_path: Path) -> None:
+    from pgtls_helpers.runbook.params import resolve_paths
+
+    colons = ":".join(["AB"] * 32)
+    out = resolve_paths(
+        {"remove_roots": [colons, "old-root.crt"], "add_roots": ["new.crt"]},
+        tmp_path / "p.yaml",
+        tmp_path / "work",
+    )
+    assert out["remove_roots"][0] == colons
+    assert out["remove_roots"][1] == str((Path.cwd() / "old-root.crt").resolve())
+    assert out["add_roots"] == [str((Path.cwd() / "new.crt").resolve())]
+
+
 _BASE = {"change_id": "c", "common_name": "db1"}
 _RULE = {
     "type": "hostssl",

@@ -1,0 +1,285 @@
+"""The client-trust change of a CA rotation: roots added to, or removed from, each listed
+client OS user's ``~/.postgresql/root.crt``, merged and deduplicated, with backups, then
+proven by ``psql sslmode=verify-full`` as each user against the chain the server serves today.
+
+The *trust* phase adds the new root beside the old one (``add_roots``); the *retire* phase
+removes the old one (``remove_roots``: files, or SHA-256 fingerprints in hex, with or without
+colons, any case) once every server has moved. A change that would leave a user unable to
+verify what the server serves now is refused before any file is written.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+
+from pgtls_helpers.errors import InputError, PreflightError, ServerError
+from pgtls_helpers.pki import chain as chainmod
+from pgtls_helpers.pki.findings import Finding
+from pgtls_helpers.postgres import files
+from pgtls_helpers.postgres.clients import ClientUser
+from pgtls_helpers.runbook.common import address_of, pem_of, rfc4514, save_step
+from pgtls_helpers.runbook.params import Params
+from pgtls_helpers.runbook.renewal import cert_row, read_roots
+
+__all__ = ["TrustResult", "client_trust", "parse_fingerprint", "rollback_trust"]
+
+_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def parse_fingerprint(text: str) -> str | None:
+    """A SHA-256 fingerprint as lowercase hex, from hex with or without colons, any case.
+
+    >>> parse_fingerprint("AB:" * 31 + "CD") == "ab" * 31 + "cd"
+    True
+    >>> parse_fingerprint("not-a-fingerprint") is None
+    True
+    """
+    plain = text.strip().replace(":", "").lower()
+    return plain if _HEX.match(plain) else None
+
+
+def _load_certs(path: Path, what: str) -> list[x509.Certificate]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{what}: {path}: {exc.strerror}; list root certificate files") from None
+    try:
+        certs = (
+            list(x509.load_pem_x509_certificates(data))
+            if b"-----BEGIN" in data
+            else [x509.load_der_x509_certificate(data)]
+        )
+    except ValueError:
+        raise InputError(f"{what}: {path} holds no certificate (PEM or DER)") from None
+    for cert in certs:
+        try:
+            ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            ca = False
+        if not ca:
+            raise InputError(
+                f"{what}: {path} holds {chainmod.cert_label(cert)}, which is not a CA "
+                "certificate; list the CA's root certificate"
+            )
+    return certs
+
+
+def _removals(params: Params) -> set[str]:
+    out: set[str] = set()
+    for item in params.remove_roots:
+        fp = parse_fingerprint(item)
+        if fp:
+            out.add(fp)
+        elif Path(item).exists():
+            out |= {chainmod.fingerprint(c) for c in _load_certs(Path(item), "remove_roots")}
+        else:
+            raise InputError(
+                f"remove_roots: '{item}' is neither a file nor a SHA-256 fingerprint (64 hex "
+                "digits, colons allowed)"
+            )
+    return out
+
+
+@dataclass(frozen=True)
+class TrustResult:
+    """The plan per user, and (when applied) what was written and the proof."""
+
+    served: list[dict[str, Any]]
+    added: list[dict[str, Any]]
+    removed: list[str]
+    plan: list[dict[str, Any]]
+    preflight: list[Finding]
+    installed: files.InstallResult | None = None
+    checks: list[Any] = field(default_factory=list)
+    applied: bool = False
+
+    @property
+    def verdict(self) -> str | None:
+        if not self.applied:
+            return None
+        return "pass" if self.checks and all(c.passed for c in self.checks) else "fail"
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "served": self.served,
+            "added": self.added,
+            "removed": self.removed,
+            "plan": self.plan,
+            "preflight": [f.__dict__ for f in self.preflight],
+            "applied": self.applied,
+            "installed": self.installed.as_dicts() if self.installed else [],
+            "checks": [c.as_dict() for c in self.checks],
+            "verdict": self.verdict,
+        }
+
+
+def _issued_by_any(cert: x509.Certificate, roots: list[x509.Certificate]) -> bool:
+    for root in roots:
+        if chainmod.fingerprint(root) == chainmod.fingerprint(cert):
+            return True
+        try:
+            cert.verify_directly_issued_by(root)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return True
+    return False
+
+
+def client_trust(params: Params) -> TrustResult:
+    """Plan, and with ``apply`` make, the root.crt change for every listed client OS user.
+
+    Raises:
+        InputError: no users, nothing to add or remove, or a listed file is not a CA's root.
+        PreflightError: a user would no longer verify the chain served now (nothing written).
+        ServerError: a user's psql with verify-full failed afterwards (files restored).
+    """
+    from pgtls_helpers.postgres.clients import psql_as_user, resolve_client_users
+    from pgtls_helpers.postgres.probe import probe
+
+    users = resolve_client_users(params.client_system_users)
+    if not users:
+        raise InputError(
+            "client_system_users is empty: list the client OS users whose root.crt changes"
+        )
+    if not params.add_roots and not params.remove_roots:
+        raise InputError(
+            "add_roots and remove_roots are both empty: list the new root to trust (add_roots) "
+            "or the old one to retire (remove_roots)"
+        )
+    add: list[x509.Certificate] = []
+    for item in params.add_roots:
+        add += _load_certs(Path(item), "add_roots")
+    remove = _removals(params)
+    hostaddr = address_of(params.server_host)
+    now = probe(hostaddr, params.server_port, timeout=5.0)
+    if not now.ok or not now.chain:
+        raise PreflightError(
+            f"{params.server_host}:{params.server_port} presents no certificate "
+            f"({now.error or 'no chain'}); the client-trust change proves itself against the "
+            "chain the server serves, so the server must serve TLS"
+        )
+    served = list(now.chain)
+    preflight: list[Finding] = []
+    plans, rows = [], []
+    for user in users:
+        current = read_roots(user.root_crt)
+        seen: set[str] = set()
+        after: list[x509.Certificate] = []
+        for cert in [*current, *add]:
+            fp = chainmod.fingerprint(cert)
+            if fp in seen or fp in remove:
+                continue
+            seen.add(fp)
+            after.append(cert)
+        if not after:
+            preflight.append(
+                Finding("error", "no-roots-left", f"{user.name}'s root.crt would hold no root")
+            )
+        elif not _issued_by_any(served[-1], after):
+            preflight.append(
+                Finding(
+                    "error",
+                    "would-not-verify",
+                    f"after this change {user.name} would no longer trust the chain "
+                    f"{params.server_host}:{params.server_port} serves now (issued by "
+                    f"{rfc4514(served[-1].issuer)}); keep that root until the server serves "
+                    "the new chain",
+                )
+            )
+        plan = files.plan_file(
+            user.root_crt,
+            b"".join(pem_of(c) for c in after),
+            kind="root.crt",
+            mode=0o644,
+            owner=(user.uid, user.gid),
+        )
+        plans.append(plan)
+        rows.append(
+            {
+                **plan.describe(),
+                "user": user.name,
+                "roots before": [chainmod.cert_label(c) for c in current],
+                "roots after": [chainmod.cert_label(c) for c in after],
+            }
+        )
+    result = TrustResult(
+        served=[cert_row(c) for c in served],
+        added=[cert_row(c) for c in add],
+        removed=sorted(remove),
+        plan=rows,
+        preflight=preflight,
+    )
+    errors = [f for f in preflight if f.severity == "error"]
+    if errors or not params.apply:
+        save_step(params, "client_trust", result.summary())
+        if errors:
+            raise PreflightError(
+                "no root.crt was changed: " + "; ".join(f"{f.code}: {f.message}" for f in errors)
+            )
+        return result
+    _make_dirs(users)
+    installed = files.apply_plan(plans)
+    if installed.changed:
+        params.work.create()
+        files.save_journal(installed, params.work.trust_journal)
+    # each client's own login (its role and ~/.pgpass): a refused login still proves the TLS
+    checks = [
+        psql_as_user(
+            u,
+            params.conninfo(),
+            host=params.hosts[0],
+            hostaddr=hostaddr,
+            role=params.client_roles.get(u.name),
+        )
+        for u in users
+    ]
+    done = TrustResult(
+        result.served,
+        result.added,
+        result.removed,
+        rows,
+        preflight,
+        installed,
+        checks,
+        applied=True,
+    )
+    save_step(params, "client_trust", done.summary())
+    failed = [c for c in checks if not c.passed]
+    if failed:
+        files.rollback(installed)
+        raise ServerError(
+            "verify-full failed after the change ("
+            + "; ".join(f"{c.check}: {c.detail}" for c in failed)
+            + "); every root.crt was restored from its backup"
+        )
+    return done
+
+
+def _make_dirs(users: list[ClientUser]) -> None:
+    for user in users:
+        directory = user.root_crt.parent
+        if not directory.exists():
+            directory.mkdir(mode=0o700)
+            if os.geteuid() == 0:
+                os.chown(directory, user.uid, user.gid)
+
+
+def rollback_trust(params: Params) -> list[Path]:
+    """Back out an applied client-trust change: every root.crt back from its backup (bytes,
+    owner, mode); the journal is kept, renamed, for the record."""
+    journal = params.work.trust_journal
+    if not journal.exists():
+        raise PreflightError(
+            f"{journal}: no client-trust journal for change {params.change_id}; nothing was "
+            "applied, or it was already rolled back"
+        )
+    restored = files.rollback(files.load_journal(journal))
+    journal.rename(journal.with_name(f"trust.rolled-back-{files.utc_stamp()}.json"))
+    return restored
