@@ -5,12 +5,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PARAMS ?= parameters/lab.yaml
 
-.PHONY: venv test lint demo run rollback trust lab notebook bench faults clean
+.PHONY: venv test lint fleet-lint demo run rollback trust lab notebook bench faults clean fleet-wheels fleet-demo fleet-down bench-fleet
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
+	$(BIN)/python -m pip install -q -e '.[dev,fleet]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -19,6 +19,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check pgtls_helpers tests bench
 	$(BIN)/mypy
+	$(MAKE) --no-print-directory fleet-lint
+
+# fleet/: Ansible's production profile, without looking anything up on the network
+fleet-lint: $(STAMP)
+	cd fleet && PATH=$(CURDIR)/$(BIN):$$PATH ANSIBLE_CONFIG=ansible.cfg ansible-lint -q pgtls.yml rollback.yml roles
 
 test: lint
 	$(BIN)/pytest
@@ -55,6 +60,42 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_probe.py
 	$(BIN)/python bench/bench_watch.py
 	$(BIN)/python bench/bench_runbook.py
+
+# The runbook on many servers (fleet/, README "Many servers"). The wheelhouse is what the
+# playbook installs on each host: the pgtls wheel (notebooks included) and every dependency.
+WHEELHOUSE := dist/pgtls-wheelhouse.tar
+# the hosts' Python resolves the dependencies (same minor version and platform as the hosts)
+HOST_PYTHON ?= /usr/bin/python3
+FLEET_DIR  := work/fleet
+FLEET_CHANGE := lab-fleet
+ANSIBLE    := PATH=$(CURDIR)/$(BIN):$$PATH ANSIBLE_CONFIG=fleet/ansible.cfg ansible-playbook
+
+$(WHEELHOUSE): $(STAMP) pyproject.toml $(shell find pgtls_helpers notebooks -name '*.py' -o -name '*.ipynb')
+	$(BIN)/python -m pgtls_helpers.lab_fleet wheels --out $@ --python $(HOST_PYTHON)
+
+fleet-wheels: $(WHEELHOUSE)
+
+# Four throwaway clusters as db1..db4, one shared lab CA, both phases, the fleet report.
+# FLEET_KEEP=1 leaves the clusters running (make fleet-down removes them).
+fleet-demo: $(WHEELHOUSE)
+	$(BIN)/python -m pgtls_helpers.lab_fleet down --dir $(FLEET_DIR)
+	rm -rf records/$(FLEET_CHANGE) csr/$(FLEET_CHANGE) ca/$(FLEET_CHANGE)
+	$(BIN)/python -m pgtls_helpers.lab_fleet up --dir $(FLEET_DIR) --change-id $(FLEET_CHANGE)
+	@echo "== phase 1: a key and a CSR on every host; the CSRs come home to csr/$(FLEET_CHANGE)/"
+	$(ANSIBLE) -i $(FLEET_DIR)/inventory.yml fleet/pgtls.yml
+	@echo "== the CA: one lab CA signs every CSR into ca/$(FLEET_CHANGE)/<host>/"
+	$(BIN)/python -m pgtls_helpers.lab_fleet sign --control . --change-id $(FLEET_CHANGE)
+	@echo "== phase 2: install, enable, verify, in waves (canary, 25%, the rest)"
+	$(ANSIBLE) -i $(FLEET_DIR)/inventory.yml fleet/pgtls.yml
+	$(BIN)/python -m pgtls_helpers fleet report records/$(FLEET_CHANGE)/
+	test -n "$(FLEET_KEEP)" || $(BIN)/python -m pgtls_helpers.lab_fleet down --dir $(FLEET_DIR)
+
+# Ansible's overhead per host on the lab fleet, against four `pgtls run` one after another
+bench-fleet: $(WHEELHOUSE)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/bench_fleet.py --wheelhouse $(WHEELHOUSE) --host-python $(HOST_PYTHON)
+
+fleet-down: $(STAMP)
+	$(BIN)/python -m pgtls_helpers.lab_fleet down --dir $(FLEET_DIR)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

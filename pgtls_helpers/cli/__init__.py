@@ -1,5 +1,5 @@
 """Command line: ``pgtls chain``, ``csr``, ``probe``, ``watch``, ``run``, ``rollback``,
-``record``, ``trust``, ``lab``.
+``record``, ``trust``, ``lab``, ``fleet``.
 
 Each command's body lives in a small ``_cli_*`` module so that importing the CLI stays cheap
 (``chain inspect`` must not pay for pandas or papermill unless it needs them).
@@ -230,6 +230,19 @@ def _add_lab(sub: argparse._SubParsersAction) -> None:
     ca.set_defaults(func=_lazy("pgtls_helpers.cli.lab", "ca"))
 
 
+def _add_fleet(sub: argparse._SubParsersAction) -> None:
+    fleet = sub.add_parser("fleet", help="the runbook on many servers (fleet/pgtls.yml)")
+    fsub = fleet.add_subparsers(dest="fleet_cmd", required=True)
+    rep = fsub.add_parser(
+        "report", help="one page (HTML and JSON) with a row per host of a fleet run"
+    )
+    rep.add_argument("directory", metavar="records/CHANGE_ID/")
+    rep.add_argument("--run", metavar="RUN", help="an earlier run (default: the latest)")
+    rep.add_argument("--out", metavar="FILE.html", help="default: fleet-report.html in the folder")
+    rep.add_argument("--json", action="store_true", help="print the JSON instead of a summary")
+    rep.set_defaults(func=_lazy("pgtls_helpers.cli.fleet", "report"))
+
+
 def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
     def call(args: argparse.Namespace) -> int:
         import importlib
@@ -253,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust(sub)
     _add_record(sub)
     _add_lab(sub)
+    _add_fleet(sub)
     return parser
 
 

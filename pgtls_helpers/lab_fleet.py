@@ -1,0 +1,256 @@
+"""A lab fleet: throwaway clusters on this machine as the inventory hosts ``db1``…``dbN``.
+
+``make fleet-demo`` and the fleet tests use it to run ``fleet/pgtls.yml`` without servers of
+their own. Each host is one throwaway cluster (its own port and data directory) reached with
+``ansible_connection: local``, and has its own ``pgtls_home`` (parameters, work directory,
+records), as a separate machine would. Between the two phases, :func:`sign` plays the CA: one
+shared lab CA signs every collected CSR, so a client trusts the whole fleet with one root.
+
+Run as ``python -m pgtls_helpers.lab_fleet up|sign|down --dir DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cryptography import x509
+
+from pgtls_helpers.errors import InputError, PgtlsError
+from pgtls_helpers.lab import LabCA, LabCluster
+
+__all__ = ["LAB_CHANGE_ID", "build_wheelhouse", "down", "inventory", "sign", "up"]
+
+LAB_CHANGE_ID = "lab-fleet"
+_DOMAIN = "lab.pgtls.test"
+
+
+def _host_vars(name: str, cluster: LabCluster, home: Path) -> dict[str, Any]:
+    return {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": "/usr/bin/python3",
+        "pgtls_python": "/usr/bin/python3",
+        # root already; su (which needs no password for root) proves the become path
+        "ansible_become_method": "su",
+        "pgtls_home": str(home),
+        "pgtls_environment": {"PGPASSFILE": str(cluster.passfile)},
+        "server_port": cluster.port,
+        "server_log_file": str(cluster.log_path),
+        "common_name": f"{name}.{_DOMAIN}",
+        "subject_alt_names": ["localhost", cluster.host],
+    }
+
+
+def inventory(
+    base: Path, clusters: dict[str, LabCluster], *, change_id: str, venv: Path | None = None
+) -> dict[str, Any]:
+    """The inventory of a lab fleet: common parameters as group vars, the rest per host."""
+    return {
+        "all": {
+            "vars": {
+                # where the playbook installs the wheel: one venv serves every lab host, since
+                # they are all this machine (a real fleet has one per host)
+                "pgtls_venv": str(venv or base / "venv"),
+                "change_id": change_id,
+                "ca_mode": "files",
+                "apply": True,
+                "server_host": "127.0.0.1",
+                "server_user": "postgres",
+                "server_dbname": "postgres",
+                "organization": "pgtls lab",
+                "organizational_unit": "Databases",
+                "key_type": "ecdsa-p256",
+                "hba_rules": [
+                    {
+                        "type": "hostssl",
+                        "database": "all",
+                        "user": "all",
+                        "address": "127.0.0.1/32",
+                        "method": "scram-sha-256",
+                    }
+                ],
+                "reject_non_ssl": True,
+                "client_system_users": [],
+            },
+            "children": {
+                "pgtls_servers": {
+                    "hosts": {
+                        name: _host_vars(name, cluster, base / "hosts" / name)
+                        for name, cluster in clusters.items()
+                    }
+                }
+            },
+        }
+    }
+
+
+def up(
+    base: str | Path,
+    *,
+    hosts: int = 4,
+    change_id: str = LAB_CHANGE_ID,
+    venv: str | Path | None = None,
+) -> Path:
+    """Start ``hosts`` throwaway clusters under ``base`` and write ``base/inventory.yml``
+    (``venv``: where the hosts' venv goes, by default ``base/venv``)."""
+    root = Path(base).resolve()
+    if (root / "clusters").exists():
+        raise InputError(
+            f"{root}: a lab fleet is already there; run 'python -m pgtls_helpers.lab_fleet "
+            f"down --dir {base}' first"
+        )
+    (root / "clusters").mkdir(parents=True, exist_ok=True)
+    clusters: dict[str, LabCluster] = {}
+    try:
+        for i in range(1, hosts + 1):
+            name = f"db{i}"
+            cluster = LabCluster.create(root / "clusters" / name)
+            clusters[name] = cluster
+            cluster.start()
+            (root / "hosts" / name).mkdir(parents=True, exist_ok=True)
+    except BaseException:
+        for cluster in clusters.values():
+            cluster.remove()
+        raise
+    target = root / "inventory.yml"
+    target.write_text(
+        "# A lab fleet: throwaway clusters on this machine (python -m pgtls_helpers.lab_fleet)\n"
+        + yaml.safe_dump(
+            inventory(root, clusters, change_id=change_id, venv=Path(venv) if venv else None),
+            sort_keys=False,
+        )
+    )
+    return target
+
+
+def clusters_of(base: str | Path) -> dict[str, LabCluster]:
+    """The lab fleet's clusters by host name."""
+    found = sorted((Path(base).resolve() / "clusters").glob("db*"), key=lambda p: int(p.name[2:]))
+    return {p.name: LabCluster.attach(p) for p in found if (p / "lab.json").exists()}
+
+
+def sign(control: str | Path, change_id: str, *, ca: LabCA | None = None) -> dict[str, Path]:
+    """Play the CA between the phases: sign ``csr/<change_id>/<host>.csr`` into
+    ``ca/<change_id>/<host>/`` with one lab CA; its root also goes to ``ca/<change_id>/root.crt``.
+    """
+    base = Path(control)
+    csrs = sorted((base / "csr" / change_id).glob("*.csr"))
+    if not csrs:
+        raise InputError(
+            f"{base / 'csr' / change_id}: no CSRs to sign; run phase 1 of the fleet first"
+        )
+    authority = ca or LabCA.create()
+    out: dict[str, Path] = {}
+    for path in csrs:
+        csr = x509.load_pem_x509_csr(path.read_bytes())
+        target = base / "ca" / change_id / path.stem
+        if target.exists():
+            shutil.rmtree(target)
+        authority.write_response(authority.sign_csr(csr), target)
+        out[path.stem] = target
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    (base / "ca" / change_id / "root.crt").write_bytes(authority.root.public_bytes(Encoding.PEM))
+    return out
+
+
+def build_wheelhouse(
+    source: str | Path, target: str | Path, *, python: str | Path | None = None
+) -> Path:
+    """``target`` (a .tar): the pgtls wheel built from the checkout ``source`` and a wheel of
+    every dependency, so a host installs with ``pip --no-index``.
+
+    The dependencies are resolved by ``python``: the hosts' interpreter (or one of the same
+    version and platform), run from a throwaway venv so its own packages do not matter. A
+    dependency's newest release may need a newer Python than the hosts have (Debian 12 ships
+    3.11.2), so resolving with this machine's interpreter is not enough.
+    """
+    out = Path(target).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="pgtls-wheels-") as tmp:
+        pip = [sys.executable, "-m", "pip"]
+        if python is not None:
+            venv = Path(tmp) / "venv"
+            _check_run([str(python), "-m", "venv", str(venv)], f"making a venv with {python}")
+            pip = [str(venv / "bin" / "python"), "-m", "pip"]
+        wheels = Path(tmp) / "wheels"
+        _check_run(
+            [*pip, "wheel", "-q", "-w", str(wheels), str(source)],
+            f"building the wheelhouse from {source}",
+        )
+        partial = out.with_name(f".{out.name}.tmp")
+        with tarfile.open(partial, "w") as tar:
+            for wheel in sorted(wheels.glob("*.whl")):
+                tar.add(wheel, arcname=wheel.name)
+        os.replace(partial, out)
+    return out
+
+
+def _check_run(argv: list[str], what: str) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise PgtlsError(f"{what} failed: {last}")
+
+
+def down(base: str | Path) -> None:
+    """Stop and remove every cluster of the lab fleet, and the directory."""
+    root = Path(base).resolve()
+    for cluster in clusters_of(root).values():
+        cluster.remove()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pgtls_helpers.lab_fleet")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_up = sub.add_parser("up", help="start the lab fleet and write its inventory")
+    p_up.add_argument("--dir", required=True)
+    p_up.add_argument("--hosts", type=int, default=4)
+    p_up.add_argument("--change-id", default=LAB_CHANGE_ID)
+    p_sign = sub.add_parser("sign", help="sign csr/<change>/*.csr with one lab CA")
+    p_sign.add_argument("--control", default=".", help="where csr/ and ca/ are")
+    p_sign.add_argument("--change-id", default=LAB_CHANGE_ID)
+    p_wheels = sub.add_parser("wheels", help="build the wheelhouse the playbook installs")
+    p_wheels.add_argument("--source", default=".", help="the pgtls checkout")
+    p_wheels.add_argument("--out", default="dist/pgtls-wheelhouse.tar")
+    p_wheels.add_argument("--python", help="the hosts' Python, which resolves the dependencies")
+    p_down = sub.add_parser("down", help="stop and remove the lab fleet")
+    p_down.add_argument("--dir", required=True)
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "up":
+            path = up(args.dir, hosts=args.hosts, change_id=args.change_id)
+            sys.stdout.write(f"lab fleet of {args.hosts} hosts; inventory: {path}\n")
+        elif args.cmd == "sign":
+            signed = sign(args.control, args.change_id)
+            sys.stdout.write(
+                json.dumps({host: str(p) for host, p in signed.items()}, indent=2) + "\n"
+            )
+        elif args.cmd == "wheels":
+            sys.stdout.write(
+                f"wheelhouse: {build_wheelhouse(args.source, args.out, python=args.python)}\n"
+            )
+        else:
+            down(args.dir)
+    except InputError as exc:
+        sys.stderr.write(f"lab_fleet: {exc}\n")
+        return 2
+    except PgtlsError as exc:
+        sys.stderr.write(f"lab_fleet: {exc}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

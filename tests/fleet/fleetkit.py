@@ -1,0 +1,124 @@
+"""Shared by the fleet tests: Ansible from this venv, the wheelhouse, a host's files hashed."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from support import skip_or_fail
+
+from pgtls_helpers.lab_fleet import build_wheelhouse
+
+ROOT = Path(__file__).resolve().parents[2]
+HOST_PYTHON = "/usr/bin/python3"
+# Built wheelhouses and the venv installed from them outlive one pytest run (keyed by the
+# source's hash), so a second run does not pay ~1 min for them again.
+CACHE = Path(tempfile.gettempdir()) / "pgtls-fleet-cache"
+
+
+def ansible_playbook() -> Path:
+    exe = Path(sys.executable).parent / "ansible-playbook"
+    if not exe.exists():
+        skip_or_fail("ansible-playbook is not installed (pip install -e '.[fleet]')")
+    if not Path(HOST_PYTHON).exists():
+        skip_or_fail(f"the fleet hosts' Python {HOST_PYTHON} is missing")
+    return exe
+
+
+def source_digest() -> str:
+    """A hash of what goes into the pgtls wheel."""
+    h = hashlib.sha256()
+    files = [ROOT / "pyproject.toml", ROOT / "README.md"]
+    files += sorted((ROOT / "pgtls_helpers").rglob("*.py"))
+    files += sorted((ROOT / "notebooks").glob("*.ipynb"))
+    for path in files:
+        h.update(str(path.relative_to(ROOT)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def wheelhouse() -> Path:
+    """The wheelhouse of this checkout, built once per source state."""
+    digest = source_digest()
+    target = CACHE / f"wheelhouse-{digest}.tar"
+    if not target.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        for old in CACHE.iterdir():  # wheelhouses and venvs of earlier source states
+            if digest in old.name:
+                continue
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+        build_wheelhouse(ROOT, target, python=HOST_PYTHON)
+    return target
+
+
+@dataclass
+class Played:
+    returncode: int
+    output: str
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.output.splitlines()[-lines:])
+
+
+def play(
+    playbook: str,
+    inventory: Path,
+    control: Path,
+    wheels: Path,
+    *extra: str,
+    timeout: float = 600,
+) -> Played:
+    """``ansible-playbook fleet/<playbook>`` with the control machine's folders in ``control``."""
+    env = dict(os.environ)
+    env["ANSIBLE_CONFIG"] = str(ROOT / "fleet" / "ansible.cfg")
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env["ANSIBLE_NOCOLOR"] = "1"
+    proc = subprocess.run(
+        [
+            str(ansible_playbook()),
+            "-i",
+            str(inventory),
+            str(ROOT / "fleet" / playbook),
+            "-e",
+            f"pgtls_control_dir={control}",
+            "-e",
+            f"pgtls_wheelhouse={wheels}",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+    return Played(proc.returncode, proc.stdout + proc.stderr)
+
+
+_SKIP = {"postmaster.pid", "postmaster.opts"}
+
+
+def host_files(pgdata: Path, home: Path | None = None) -> dict[str, str]:
+    """Every file a change could touch on a host, hashed: the data directory's own files
+    (configuration, key, certificates) and, when given, the host's pgtls home."""
+    out = {}
+    for path in sorted(pgdata.iterdir()):
+        if path.is_file() and path.name not in _SKIP:
+            out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    if home is not None and home.exists():
+        for path in sorted(home.rglob("*")):
+            if path.is_file():
+                out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def clear(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
