@@ -276,7 +276,7 @@ def step4_enable_ssl(params: Params) -> EnableResult:
                     params, server, plan, journal
                 )
             except Exception:
-                if wal.journal_path(params.work).exists():  # not undone already
+                if params.work.journal.exists():  # not undone already
                     undo_change(params, server=server, reason="undone")
                 raise
             journal.end("ok")
@@ -305,7 +305,7 @@ def step4_enable_ssl(params: Params) -> EnableResult:
 
 def _interrupted(params: Params) -> bool:
     """An earlier step 4 of this change was stopped before it recorded its end."""
-    return "enable" in wal.unfinished_steps(wal.read_entries(wal.journal_path(params.work)))
+    return "enable" in wal.unfinished_steps(wal.read_entries(params.work.journal))
 
 
 def _finish_interrupted(params: Params, server: Server, plan: EnablePlan) -> None:

@@ -68,7 +68,7 @@ def mark_interrupted(
 
 def in_place(params: Params) -> str:
     """What the change has on the server now, from its journal, and the way back."""
-    entries = wal.read_entries(wal.journal_path(params.work))
+    entries = wal.read_entries(params.work.journal)
     if not entries:
         if list(params.work.path.glob("journal.rolled-back-*.jsonl")):
             return "the change was rolled back since; nothing is in place"

@@ -44,16 +44,7 @@ __all__ = [
     "seal",
 ]
 
-JOURNAL_NAME = "journal.jsonl"
 Entry = dict[str, object]
-
-
-def journal_path(work: WorkDir) -> Path:
-    return work.path / JOURNAL_NAME
-
-
-def backups_dir(work: WorkDir) -> Path:
-    return work.path / "backups"
 
 
 def _now() -> str:
@@ -93,7 +84,7 @@ class Journal:
     def __init__(self, work: WorkDir, step: str):
         self.work = work
         self.step = step
-        self.path = journal_path(work)
+        self.path = work.journal
         self._seq = len(read_entries(self.path))
 
     @classmethod
@@ -124,7 +115,7 @@ class Journal:
         fault_point(f"{self.step}:{name}")
 
     def _backup(self, target: Path, *, client_uid: int | None = None) -> Path | None:
-        directory = backups_dir(self.work)
+        directory = self.work.backups
         if client_uid is not None:
             # a client's file: read without following links, kept 0600 here
             data = clients.read_client_file(target, client_uid)
@@ -431,7 +422,7 @@ def seal(work: WorkDir, how: str) -> Path | None:
     The backups of the sealed change are removed: nothing reads them any more, and one of them
     may be a retired private key.
     """
-    path = journal_path(work)
+    path = work.journal
     if not path.exists():
         return None
     Journal(work, "seal").record("sealed", how=how)
@@ -442,7 +433,7 @@ def seal(work: WorkDir, how: str) -> Path | None:
         sealed = path.with_name(f"journal.{how}-{files.utc_stamp()}.{n}.jsonl")
     os.replace(path, sealed)
     files.fsync_dir(path.parent)
-    backups = backups_dir(work)
+    backups = work.backups
     if backups.is_dir():
         for item in backups.iterdir():
             item.unlink()

@@ -273,9 +273,8 @@ def run_manifest(
             if failed
             else "the run failed before its first step"
         )
-    from pgtls_helpers.runbook import journal as wal
 
-    journals = wal.journal_path(params.work).exists()
+    journals = params.work.journal.exists()
     m: dict[str, Any] = {
         "record_format": RECORD_FORMAT,
         "kind": "change",
@@ -343,7 +342,7 @@ def _in_place(params: Params, m: Mapping[str, Any]) -> list[str]:
     from pgtls_helpers.runbook import journal as wal
 
     out = []
-    changes = wal.file_changes(wal.read_entries(wal.journal_path(params.work)))
+    changes = wal.file_changes(wal.read_entries(params.work.journal))
     for change in changes:
         verb = "created" if change.backup is None else "replaced"
         out.append(f"{change.target} ({change.kind}): {verb} by this change")

@@ -455,7 +455,7 @@ class ReloadWatch:
         if not any(_issued_by(self.before[-1], r) for r in roots):
             return  # nothing here trusts what is served now: a loop would only count refusals
         unique = {chainmod.fingerprint(r): r for r in roots}
-        root_file = params.work.path / "client-loop-roots.crt"
+        root_file = params.work.client_loop_roots
         files.atomic_write(root_file, b"".join(pem_of(r) for r in unique.values()), mode=0o644)
         info = params.conninfo()
         import os

@@ -87,7 +87,7 @@ def _diff(change: wal.FileChange) -> str:
 def check_conflicts(params: Params) -> None:
     """Raise :class:`RollbackConflict` (with the diff) when a file the change touched was
     edited since: the rollback would discard that work."""
-    changes = wal.file_changes(wal.read_entries(wal.journal_path(params.work)))
+    changes = wal.file_changes(wal.read_entries(params.work.journal))
     found = conflicts(changes)
     if found:
         names = ", ".join(str(c.target) for c, _ in found)
@@ -105,7 +105,7 @@ def rollback_change(params: Params, *, force: bool = False) -> RollbackResult:
     Raises :class:`PreflightError` when there is nothing to back out, and
     :class:`RollbackConflict` when a file was edited after the change (unless ``force``).
     """
-    path = wal.journal_path(params.work)
+    path = params.work.journal
     entries = wal.read_entries(path)
     if not entries:
         raise PreflightError(

@@ -44,7 +44,7 @@ def backout_plan(params: Params) -> tuple[list[BackoutItem], dict[str, str | Non
     out."""
     from pgtls_helpers.runbook import journal as wal
 
-    entries = wal.read_entries(wal.journal_path(params.work))
+    entries = wal.read_entries(params.work.journal)
     if not entries:
         raise PreflightError(
             f"{params.work.path}: no journal for change {params.change_id}; nothing was "

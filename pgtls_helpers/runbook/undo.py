@@ -48,7 +48,7 @@ def undo_change(params: Params, *, server: Server | None, reason: str) -> UndoRe
     ``server`` is the connection opened before the change (None: open one if the server lets
     us; if it does not, the postmaster is signalled as ``pg_ctl reload`` would).
     """
-    entries = wal.read_entries(wal.journal_path(params.work))
+    entries = wal.read_entries(params.work.journal)
     if not entries:
         raise PreflightError(
             f"{params.work.path}: no journal for change {params.change_id}; nothing was "

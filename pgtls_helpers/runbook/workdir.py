@@ -63,14 +63,19 @@ class WorkDir:
         return self.path.parent / "lab-ca"
 
     @property
-    def install_journal(self) -> Path:
-        """Step 3: every file written, its backup and hashes."""
-        return self.path / "install.json"
+    def journal(self) -> Path:
+        """The write-ahead journal of steps 3 and 4: each change recorded before it is made."""
+        return self.path / "journal.jsonl"
 
     @property
-    def enable_journal(self) -> Path:
-        """Step 4: the settings and ``pg_hba.conf`` before the change."""
-        return self.path / "enable.json"
+    def backups(self) -> Path:
+        """The bytes of every server file the change replaced (0700, removed when sealed)."""
+        return self.path / "backups"
+
+    @property
+    def client_loop_roots(self) -> Path:
+        """The roots the renewal's client loop trusts while it connects across the reload."""
+        return self.path / "client-loop-roots.crt"
 
     @property
     def trust_journal(self) -> Path:

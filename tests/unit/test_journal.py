@@ -25,7 +25,7 @@ def test_a_rerun_merges_and_restore_brings_back_the_first_original(tmp_path: Pat
     second = wal.Journal.begin(work, "install", {"ssl": True})
     assert _plan(target, b"new").action == "unchanged"
     second.write_file(_plan(target, b"newer"))
-    entries = wal.read_entries(wal.journal_path(work))
+    entries = wal.read_entries(work.journal)
     assert wal.before_state(entries)["ssl"] is False  # the first begin decides
     assert wal.unfinished_steps(entries) == ["install"]
     (change,) = wal.file_changes(entries)
@@ -40,7 +40,7 @@ def test_a_file_the_change_created_is_removed(tmp_path: Path) -> None:
     work = WorkDir(tmp_path / "work" / "CHG-2")
     target = tmp_path / "server.crt"
     wal.Journal.begin(work, "install", {}).write_file(_plan(target, b"new"))
-    entries = wal.read_entries(wal.journal_path(work))
+    entries = wal.read_entries(work.journal)
     (done,) = wal.restore_files(wal.file_changes(entries), work_key=work.key)
     assert done.action == "removed (created by the change)" and not target.exists()
 
@@ -62,9 +62,9 @@ def test_a_torn_last_line_is_ignored_and_intent_without_done_still_restores(
         planned_sha256=files.sha256_hex(b"after\n"),
     )
     target.write_bytes(b"after\n")  # the write happened, the "done" never made it
-    with open(wal.journal_path(work), "ab") as fh:
+    with open(work.journal, "ab") as fh:
         fh.write(b'{"seq": 3, "op": "do')
-    entries = wal.read_entries(wal.journal_path(work))
+    entries = wal.read_entries(work.journal)
     assert entries[-1]["op"] == "file"
     wal.restore_files(wal.file_changes(entries), work_key=work.key)
     assert target.read_bytes() == b"before\n"
@@ -78,8 +78,8 @@ def test_entries_are_private_and_sealing_removes_the_backups(tmp_path: Path) -> 
     wal.Journal.begin(work, "install", {}).write_file(
         files.plan_file(target, b"new key", kind="key", mode=0o600)
     )
-    assert os.stat(wal.journal_path(work)).st_mode & 0o777 == 0o600
-    assert os.stat(wal.backups_dir(work)).st_mode & 0o777 == 0o700
+    assert os.stat(work.journal).st_mode & 0o777 == 0o600
+    assert os.stat(work.backups).st_mode & 0o777 == 0o700
     sealed = wal.seal(work, "rolled-back")
     assert sealed is not None and sealed.exists()
-    assert not wal.journal_path(work).exists() and not wal.backups_dir(work).exists()
+    assert not work.journal.exists() and not work.backups.exists()
