@@ -71,31 +71,31 @@ FLEET_CHANGE := lab-fleet
 ANSIBLE    := PATH=$(CURDIR)/$(BIN):$$PATH ANSIBLE_CONFIG=fleet/ansible.cfg ansible-playbook
 
 $(WHEELHOUSE): $(STAMP) pyproject.toml $(shell find pgtls_helpers notebooks -name '*.py' -o -name '*.ipynb')
-	$(BIN)/python -m pgtls_helpers.lab_fleet wheels --out $@ --python $(HOST_PYTHON)
+	$(BIN)/python -m pgtls_helpers.lab.fleet wheels --out $@ --python $(HOST_PYTHON)
 
 fleet-wheels: $(WHEELHOUSE)
 
 # Four throwaway clusters as db1..db4, one shared lab CA, both phases, the fleet report.
 # FLEET_KEEP=1 leaves the clusters running (make fleet-down removes them).
 fleet-demo: $(WHEELHOUSE)
-	$(BIN)/python -m pgtls_helpers.lab_fleet down --dir $(FLEET_DIR)
+	$(BIN)/python -m pgtls_helpers.lab.fleet down --dir $(FLEET_DIR)
 	rm -rf records/$(FLEET_CHANGE) csr/$(FLEET_CHANGE) ca/$(FLEET_CHANGE)
-	$(BIN)/python -m pgtls_helpers.lab_fleet up --dir $(FLEET_DIR) --change-id $(FLEET_CHANGE)
+	$(BIN)/python -m pgtls_helpers.lab.fleet up --dir $(FLEET_DIR) --change-id $(FLEET_CHANGE)
 	@echo "== phase 1: a key and a CSR on every host; the CSRs come home to csr/$(FLEET_CHANGE)/"
 	$(ANSIBLE) -i $(FLEET_DIR)/inventory.yml fleet/pgtls.yml
 	@echo "== the CA: one lab CA signs every CSR into ca/$(FLEET_CHANGE)/<host>/"
-	$(BIN)/python -m pgtls_helpers.lab_fleet sign --control . --change-id $(FLEET_CHANGE)
+	$(BIN)/python -m pgtls_helpers.lab.fleet sign --control . --change-id $(FLEET_CHANGE)
 	@echo "== phase 2: install, enable, verify, in waves (canary, 25%, the rest)"
 	$(ANSIBLE) -i $(FLEET_DIR)/inventory.yml fleet/pgtls.yml
 	$(BIN)/python -m pgtls_helpers fleet report records/$(FLEET_CHANGE)/
-	test -n "$(FLEET_KEEP)" || $(BIN)/python -m pgtls_helpers.lab_fleet down --dir $(FLEET_DIR)
+	test -n "$(FLEET_KEEP)" || $(BIN)/python -m pgtls_helpers.lab.fleet down --dir $(FLEET_DIR)
 
 # Ansible's overhead per host on the lab fleet, against four `pgtls run` one after another
 bench-fleet: $(WHEELHOUSE)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/bench_fleet.py --wheelhouse $(WHEELHOUSE) --host-python $(HOST_PYTHON)
 
 fleet-down: $(STAMP)
-	$(BIN)/python -m pgtls_helpers.lab_fleet down --dir $(FLEET_DIR)
+	$(BIN)/python -m pgtls_helpers.lab.fleet down --dir $(FLEET_DIR)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

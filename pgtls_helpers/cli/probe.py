@@ -14,13 +14,8 @@ import hashlib
 import sys
 
 from pgtls_helpers.errors import InputError
-from pgtls_helpers.postgres.wire import (
-    attempt_many,
-    cert_der,
-    cert_names,
-    format_target,
-    parse_target,
-)
+from pgtls_helpers.pki.target import format_target, parse_target
+from pgtls_helpers.postgres.wire import attempt_many, cert_der, cert_names
 
 TYPE_CHECKING = False  # typing costs start-up time on every probe; mypy reads this as true
 if TYPE_CHECKING:

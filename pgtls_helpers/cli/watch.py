@@ -16,8 +16,9 @@ from pathlib import Path
 
 from pgtls_helpers.display.watch_formats import exit_code, render
 from pgtls_helpers.errors import InputError
+from pgtls_helpers.pki.posture import WatchOptions
 from pgtls_helpers.postgres.files import atomic_write
-from pgtls_helpers.postgres.watch import WatchOptions, load_roots, parse_targets, watch
+from pgtls_helpers.postgres.watch import load_roots, parse_targets, watch
 
 __all__ = ["main"]
 

@@ -13,15 +13,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pgtls_helpers.display.html import Rendered
-from pgtls_helpers.postgres.watch import (
-    STATUSES,
-    TargetResult,
-    WatchOptions,
-    load_roots,
-    parse_targets,
-    summary,
-    watch,
-)
+from pgtls_helpers.pki.posture import STATUSES, TargetResult, WatchOptions, summary
+from pgtls_helpers.postgres.watch import load_roots, parse_targets, watch
 
 if TYPE_CHECKING:
     import pandas

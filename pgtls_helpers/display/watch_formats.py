@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 from datetime import datetime
 
-from pgtls_helpers.postgres.watch import STATUSES, TargetResult, status_rank, summary
+from pgtls_helpers.pki.posture import STATUSES, TargetResult, status_rank, summary
 
 __all__ = [
     "FORMATS",

@@ -14,14 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pgtls_helpers.postgres.wire import (
-    DEFAULT_PORT,
-    attempt,
-    attempt_many,
-    cert_der,
-    format_target,
-    parse_target,
-)
+from pgtls_helpers.pki.target import DEFAULT_PORT, format_target, parse_target
+from pgtls_helpers.postgres.wire import attempt, attempt_many, cert_der
 
 if TYPE_CHECKING:
     from cryptography import x509

@@ -20,16 +20,15 @@ unknown   ``unreachable``, ``timeout``, ``not-postgres``
 Every element of the presented chain counts (and the trust anchor from ``--root``), not only
 the leaf: an intermediate that expires first is what breaks clients first.
 
-The module runs past 500 lines because targets, results, classification and orchestration are
-read together; the classification functions are pure (values in, reasons out) and can move
-into the pure layer as they are.
+Targets, options, results and the classification are pure values and live in
+:mod:`pgtls_helpers.pki.posture`; this module reads the targets file and the roots, and talks
+to the servers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import functools
 import hashlib
 import threading
 from collections.abc import Iterable, Sequence
@@ -41,64 +40,19 @@ from typing import Any
 from cryptography import x509
 
 from pgtls_helpers.errors import InputError
-from pgtls_helpers.pki.chain import is_ca, is_self_signed, same_name, signed_by
-from pgtls_helpers.pki.hostname import check_host, explain
-from pgtls_helpers.postgres.watch_wire import direct_tls, plaintext_posture, served_vs_disk
-from pgtls_helpers.postgres.wire import (
-    ALPN,
-    DEFAULT_PORT,
-    WireError,
-    cert_der,
-    format_target,
-    handshake_alpn,
-    parse_target,
+from pgtls_helpers.pki.posture import (
+    WIRE_REASONS,
+    ChainElement,
+    Target,
+    TargetResult,
+    WatchOptions,
+    classify,
+    role_of,
+    status_of,
 )
-
-__all__ = [
-    "REASONS",
-    "STATUSES",
-    "ChainElement",
-    "Target",
-    "TargetResult",
-    "WatchOptions",
-    "classify",
-    "load_roots",
-    "parse_targets",
-    "summary",
-    "watch",
-]
-
-STATUSES = ("ok", "warning", "critical", "unknown")
-#: Every reason code with its status; ``expires-soon`` is a warning or critical by its days.
-REASONS: dict[str, str] = {
-    "expired": "critical",
-    "expires-soon": "critical",
-    "incomplete-chain": "critical",
-    "untrusted": "critical",
-    "hostname-mismatch": "critical",
-    "no-ssl": "critical",
-    "plaintext-accepted": "warning",
-    "weak-protocol": "warning",
-    "on-disk-differs": "warning",
-    "unreachable": "unknown",
-    "timeout": "unknown",
-    "not-postgres": "unknown",
-}
-_WEAK = {"SSLv2", "SSLv3", "TLSv1", "TLSv1.1"}
-_WIRE_REASONS = {"timeout": "timeout", "not-postgres": "not-postgres", "no-ssl": "no-ssl"}
-
-
-@dataclass(frozen=True)
-class Target:
-    """One server to watch: ``host`` is also the name checked with libpq's verify-full rules."""
-
-    host: str
-    port: int = DEFAULT_PORT
-
-    @property
-    def text(self) -> str:
-        """``host:port``, with brackets around an IPv6 address."""
-        return format_target(self.host, self.port)
+from pgtls_helpers.pki.target import parse_target
+from pgtls_helpers.postgres.watch_wire import direct_tls, plaintext_posture, served_vs_disk
+from pgtls_helpers.postgres.wire import ALPN, WireError, cert_der, handshake_alpn
 
 
 def parse_targets(args: Iterable[str] = (), targets_file: str | Path | None = None) -> list[Target]:
@@ -164,317 +118,6 @@ def load_roots(path: str | Path) -> tuple[x509.Certificate, ...]:
     return tuple(certs)
 
 
-@dataclass(frozen=True)
-class WatchOptions:
-    """How to watch: the thresholds, the trust anchors and the network limits."""
-
-    roots: tuple[x509.Certificate, ...] | None = None
-    root_path: str | None = None
-    warn_days: int = 30
-    crit_days: int = 15
-    timeout: float = 5.0
-    concurrency: int = 32
-    on_disk: bool = False
-    user: str | None = None
-    dbname: str = "postgres"
-    now: _dt.datetime | None = None
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.crit_days <= self.warn_days:
-            raise InputError(
-                f"--crit-days {self.crit_days} and --warn-days {self.warn_days}: give "
-                "0 <= critical days <= warning days"
-            )
-        if not self.timeout > 0:
-            raise InputError(f"--timeout {self.timeout:g}: give a number of seconds above zero")
-        if self.concurrency < 1:
-            raise InputError(f"--concurrency {self.concurrency}: give at least 1")
-
-
-@dataclass(frozen=True)
-class ChainElement:
-    """One presented certificate, as the formats show it."""
-
-    sha256: str
-    subject: str
-    issuer: str
-    not_after: _dt.datetime
-    days_left: int
-    role: str  # leaf, intermediate or root
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "sha256": self.sha256,
-            "subject": self.subject,
-            "issuer": self.issuer,
-            "not_after": self.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "days_left": self.days_left,
-            "role": self.role,
-        }
-
-
-@dataclass(frozen=True)
-class TargetResult:
-    """What ``watch`` found for one target; ``details`` explains each reason in a sentence."""
-
-    target: str
-    host: str
-    port: int
-    status: str
-    reasons: tuple[str, ...] = ()
-    details: tuple[str, ...] = ()
-    tls_version: str | None = None
-    cipher: str | None = None
-    negotiation: tuple[str, ...] = ()
-    chain: tuple[ChainElement, ...] = ()
-    verified: bool | None = None
-    hostname_ok: bool | None = None
-    plaintext: str | None = None
-    error: str | None = None
-    on_disk_sha256: str | None = None
-    days_left: int | None = None  # the worst element's, the trust anchor included
-
-    def as_json(self) -> dict[str, Any]:
-        """The documented JSON object, keys in order."""
-        return {
-            "target": self.target,
-            "host": self.host,
-            "port": self.port,
-            "status": self.status,
-            "reasons": list(self.reasons),
-            "details": list(self.details),
-            "tls_version": self.tls_version,
-            "cipher": self.cipher,
-            "negotiation": list(self.negotiation),
-            "chain": [e.as_json() for e in self.chain],
-            "days_left": self.days_left,
-            "verified": self.verified,
-            "hostname_ok": self.hostname_ok,
-            "plaintext": self.plaintext,
-            "on_disk_sha256": self.on_disk_sha256,
-            "error": self.error,
-        }
-
-
-def status_rank(status: str) -> int:
-    """0 ok, 1 warning, 2 critical, 3 unknown (Nagios' and ``pgtls_status``'s numbers)."""
-    return STATUSES.index(status)
-
-
-def summary(results: Sequence[TargetResult]) -> dict[str, int]:
-    """How many targets have each status."""
-    counts = dict.fromkeys(STATUSES, 0)
-    for result in results:
-        counts[result.status] += 1
-    return counts
-
-
-# --- classification: pure, from what was observed -------------------------------------------
-
-
-def _label(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string() or "(empty subject)"
-
-
-def _role(cert: x509.Certificate, index: int) -> str:
-    if index == 0:
-        return "leaf"
-    return "root" if is_self_signed(cert) else "intermediate"
-
-
-def _issued_by(child: x509.Certificate, issuer: x509.Certificate) -> bool:
-    return same_name(child.issuer, issuer.subject) and signed_by(child, issuer)
-
-
-def _chain_shape(
-    chain: Sequence[x509.Certificate], roots: Sequence[x509.Certificate] | None
-) -> tuple[str | None, str | None, x509.Certificate | None]:
-    """(incomplete, untrusted, anchor): what is wrong with the presented order and its top."""
-    for child, parent in zip(chain, chain[1:], strict=False):
-        if not _issued_by(child, parent):
-            return (
-                f"the server presents {_label(parent)} after {_label(child)}, which it did not "
-                "issue: server.crt is out of order or lacks a certificate in between",
-                None,
-                None,
-            )
-    if roots is None:
-        return None, None, None
-    top = chain[-1]
-    if is_self_signed(top):
-        if top in roots:
-            return None, None, top
-        return None, f"the chain ends at the root {_label(top)}, which --root does not hold", None
-    anchor = next((r for r in roots if _issued_by(top, r)), None)
-    if anchor is not None:
-        return None, None, anchor
-    issuer = top.issuer.rfc4514_string()
-    if len(chain) == 1 or not is_ca(top):
-        return (
-            f"the server presents {_label(top)} without its issuer {issuer}, and --root does "
-            "not hold it: append the intermediate certificates to server.crt",
-            None,
-            None,
-        )
-    return (
-        None,
-        f"the chain ends at {_label(top)}, issued by {issuer}, which --root does not hold "
-        "(a missing intermediate in server.crt, or not this CA's root)",
-        None,
-    )
-
-
-def _verify(
-    chain: Sequence[x509.Certificate], roots: Sequence[x509.Certificate], at: _dt.datetime
-) -> str | None:
-    """cryptography's RFC 5280 verdict on the chain alone (the name is libpq's business)."""
-    from cryptography.x509 import verification as v
-
-    leaf = chain[0]
-    try:
-        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names: list[x509.GeneralName] = [
-            n for n in sans if isinstance(n, x509.DNSName | x509.IPAddress)
-        ]
-    except (x509.ExtensionNotFound, ValueError):
-        names = []
-    builder = v.PolicyBuilder().store(v.Store(list(roots))).time(at)
-    try:
-        if names:
-            name = names[0]
-            subject = (
-                v.DNSName(name.value) if isinstance(name, x509.DNSName) else v.IPAddress(name.value)
-            )
-            builder.build_server_verifier(subject).verify(leaf, list(chain[1:]))
-        elif hasattr(v, "ExtensionPolicy"):  # cryptography 45+: a CN-only leaf, as libpq allows
-            builder.extension_policies(
-                ca_policy=v.ExtensionPolicy.webpki_defaults_ca(),
-                ee_policy=v.ExtensionPolicy.permit_all(),
-            ).build_client_verifier().verify(leaf, list(chain[1:]))
-        else:
-            return "the leaf has no subjectAltName, which this cryptography cannot verify"
-    except v.VerificationError as exc:
-        return str(exc)
-    except (ValueError, TypeError) as exc:
-        return f"cannot be verified ({exc})"
-    return None
-
-
-@functools.lru_cache(maxsize=256)
-def _verdict(
-    chain: tuple[x509.Certificate, ...],
-    roots: tuple[x509.Certificate, ...] | None,
-    now: _dt.datetime,
-) -> tuple[bool | None, str | None, str | None, x509.Certificate | None]:
-    """(verified, incomplete, untrusted, anchor) for one chain; a fleet shares few chains, so
-    each is judged once per run."""
-    incomplete, untrusted, anchor = _chain_shape(chain, roots)
-    if roots is None:
-        return None, incomplete, None, None
-    problem = _verify(chain, roots, now)
-    if problem is not None and not untrusted and not incomplete:
-        # An expired member is said as such; what still fails at a time when every member is
-        # valid is distrust. (No common window at all: the expiry explains it, and the
-        # signatures were checked with the chain's shape.)
-        members = [*chain, *([anchor] if anchor is not None else [])]
-        valid_at = max(c.not_valid_before_utc for c in members) + _dt.timedelta(seconds=1)
-        ends = min(c.not_valid_after_utc for c in members)
-        if valid_at < ends and _verify(chain, roots, valid_at) is not None:
-            untrusted = f"the chain does not verify against --root: {problem}"
-    return problem is None, incomplete, untrusted, anchor
-
-
-def _worst(
-    chain: tuple[x509.Certificate, ...],
-    roots: tuple[x509.Certificate, ...] | None,
-    now: _dt.datetime,
-) -> tuple[x509.Certificate, str, int]:
-    """The member that expires first (the trust anchor from --root included), its role, and
-    its whole days left."""
-    anchor = _verdict(chain, roots, now)[3]
-    members = [(c, _role(c, i)) for i, c in enumerate(chain)]
-    if anchor is not None and anchor not in chain:
-        members.append((anchor, "root (--root)"))
-    cert, role = min(members, key=lambda m: m[0].not_valid_after_utc)
-    return cert, role, (cert.not_valid_after_utc - now).days
-
-
-def _chain_reasons(
-    chain: tuple[x509.Certificate, ...],
-    roots: tuple[x509.Certificate, ...] | None,
-    warn_days: int,
-    now: _dt.datetime,
-) -> list[tuple[str, str]]:
-    found: list[tuple[str, str]] = []
-    cert, role, days = _worst(chain, roots, now)
-    end = cert.not_valid_after_utc
-    if end <= now:
-        found.append(("expired", f"the {role} {_label(cert)} expired on {end:%Y-%m-%d}"))
-    elif days < warn_days:
-        found.append(
-            ("expires-soon", f"the {role} {_label(cert)} expires on {end:%Y-%m-%d}, in {days} days")
-        )
-    _, incomplete, untrusted, _ = _verdict(chain, roots, now)
-    if incomplete:
-        found.append(("incomplete-chain", incomplete))
-    if untrusted:
-        found.append(("untrusted", untrusted))
-    return found
-
-
-def classify(
-    target: Target,
-    *,
-    tls_version: str | None,
-    chain: Sequence[x509.Certificate],
-    options: WatchOptions,
-    plaintext: str | None = None,
-    on_disk_leaf: x509.Certificate | None = None,
-    at: _dt.datetime | None = None,
-) -> tuple[list[tuple[str, str]], bool | None, bool | None, int | None]:
-    """The reasons (code, sentence) for a completed handshake, ``verified``, ``hostname_ok``
-    and the worst element's days left."""
-    now = at or _dt.datetime.now(_dt.UTC)
-    found: list[tuple[str, str]] = []
-    if not chain:
-        return (
-            [("no-ssl", "the server completed the handshake without a certificate")],
-            None,
-            None,
-            None,
-        )
-    found.extend(_chain_reasons(tuple(chain), options.roots, options.warn_days, now))
-    verified = _verdict(tuple(chain), options.roots, now)[0]
-    days = _worst(tuple(chain), options.roots, now)[2]
-    host_check = check_host(chain[0], target.host)
-    if not host_check.matched:
-        found.append(("hostname-mismatch", explain(chain[0], target.host)))
-    if tls_version in _WEAK:
-        found.append(("weak-protocol", f"the server negotiated {tls_version}, below TLS 1.2"))
-    if plaintext == "accepted":
-        found.append(("plaintext-accepted", "pg_hba.conf lets a client start a login without TLS"))
-    if on_disk_leaf is not None and on_disk_leaf != chain[0]:
-        found.append(
-            (
-                "on-disk-differs",
-                f"ssl_cert_file holds {_label(on_disk_leaf)} (until "
-                f"{on_disk_leaf.not_valid_after_utc:%Y-%m-%d}) but the server still serves the "
-                "old certificate: reload the server (SELECT pg_reload_conf())",
-            )
-        )
-    return found, verified, host_check.matched, days
-
-
-def _status(reasons: Sequence[tuple[str, str]], days: int | None, crit_days: int) -> str:
-    worst = 0
-    for code, _ in reasons:
-        severity = REASONS[code]
-        if code == "expires-soon" and days is not None and days >= crit_days:
-            severity = "warning"
-        worst = max(worst, status_rank(severity))
-    return STATUSES[worst]
-
-
 # --- orchestration: the wire, many targets at once ------------------------------------------
 
 
@@ -519,7 +162,7 @@ def check_target(
     try:
         version, cipher, presented, alpn = handshake_alpn(host, port, options.timeout)
     except WireError as exc:
-        reason = _WIRE_REASONS.get(exc.kind, "no-ssl" if exc.kind == "handshake" else "unreachable")
+        reason = WIRE_REASONS.get(exc.kind, "no-ssl" if exc.kind == "handshake" else "unreachable")
         sentence = str(exc)
         if reason != "no-ssl":
             return TargetResult(
@@ -537,7 +180,7 @@ def check_target(
             )
         return TargetResult(
             **base,
-            status=_status(reasons, None, options.crit_days),
+            status=status_of(reasons, None, options.crit_days),
             reasons=tuple(c for c, _ in reasons),
             details=tuple(s for _, s in reasons),
             plaintext=posture.verdict,
@@ -586,13 +229,13 @@ def check_target(
     )
     return TargetResult(
         **base,
-        status=_status(reasons, days, options.crit_days),
+        status=status_of(reasons, days, options.crit_days),
         reasons=tuple(c for c, _ in reasons),
         details=tuple(s for _, s in reasons),
         tls_version=version,
         cipher=cipher,
         negotiation=tuple(negotiation),
-        chain=tuple(_element(c, _role(c, i), now) for i, c in enumerate(chain)),
+        chain=tuple(_element(c, role_of(c, i), now) for i, c in enumerate(chain)),
         verified=verified,
         hostname_ok=hostname_ok,
         plaintext=posture.verdict,

@@ -21,7 +21,7 @@ import struct
 import time
 from collections.abc import Sequence
 
-from pgtls_helpers.errors import InputError
+from pgtls_helpers.pki.target import format_target, is_ip_address
 
 TYPE_CHECKING = False  # typing costs start-up time on every probe; mypy reads this as true
 if TYPE_CHECKING:
@@ -32,85 +32,12 @@ if TYPE_CHECKING:
     #: are exposed).
     Presented: TypeAlias = tuple[str | None, str | None, list[Any]]
 
-DEFAULT_PORT = 5432
 SSL_REQUEST = struct.pack("!ii", 8, 80877103)  # length 8, code 1234 << 16 | 5679
 
 
-def format_target(host: str, port: int) -> str:
-    """``host:port`` as a user would type it.
-
-    >>> format_target("db1.example.com", 5432)
-    'db1.example.com:5432'
-    >>> format_target("::1", 5433)
-    '[::1]:5433'
-    """
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _is_ipv6(text: str) -> bool:
-    try:
-        socket.inet_pton(socket.AF_INET6, text.split("%", 1)[0])
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        socket.inet_pton(socket.AF_INET, host)
-    except (OSError, ValueError):
-        return _is_ipv6(host)
-    return True
-
-
-def parse_target(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
-    """Split ``HOST[:PORT]`` (IPv6 as ``[addr]:port``, ``[addr]`` or a bare address).
-
-    >>> parse_target("db1.example.com:6432")
-    ('db1.example.com', 6432)
-    >>> parse_target("db1.example.com")
-    ('db1.example.com', 5432)
-    >>> parse_target("[::1]:5433")
-    ('::1', 5433)
-    >>> parse_target("::1")
-    ('::1', 5432)
-    >>> parse_target("db1:http")
-    Traceback (most recent call last):
-    ...
-    pgtls_helpers.errors.InputError: 'db1:http': the port must be a number from 1 to 65535; write HOST:PORT, with IPv6 addresses as [ADDRESS]:PORT
-    """  # noqa: E501
-    raw = text.strip()
-    host, port_text = raw, ""
-    if raw.startswith("["):
-        close = raw.find("]")
-        rest = raw[close + 1 :] if close > 0 else "?"
-        if close < 0 or (rest and not rest.startswith(":")) or not _is_ipv6(raw[1:close]):
-            raise InputError(
-                f"{text!r}: an IPv6 address is written [ADDRESS]:PORT, for example [::1]:5432"
-            )
-        host, port_text = raw[1:close], rest[1:]
-    elif raw.count(":") == 1:
-        host, port_text = raw.split(":")
-    elif raw.count(":") > 1 and not _is_ipv6(raw):
-        raise InputError(f"{text!r}: not HOST:PORT; write IPv6 addresses as [ADDRESS]:PORT")
-    if not host:
-        raise InputError(f"{text!r}: the host is missing; write HOST:PORT")
-    if not port_text and raw.endswith(":"):
-        port_text = "?"
-    port = default_port
-    if port_text:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise InputError(
-                f"{text!r}: the port must be a number from 1 to 65535; write "
-                "HOST:PORT, with IPv6 addresses as [ADDRESS]:PORT"
-            )
-        port = int(port_text)
-    return host, port
-
-
-_CONTEXTS: dict[bool, ssl.SSLContext] = {}
 #: The ALPN protocol name PostgreSQL 17 selects (and requires for direct TLS).
 ALPN = "postgresql"
+_CONTEXTS: dict[bool, ssl.SSLContext] = {}
 
 
 def context(alpn: bool = False) -> ssl.SSLContext:
@@ -364,7 +291,9 @@ def handshake_alpn(
         _ssl_request(raw, timeout)
         raw.settimeout(max(0.001, deadline - time.monotonic()))
         try:
-            tls = context(alpn).wrap_socket(raw, server_hostname=None if _is_ip(host) else host)
+            tls = context(alpn).wrap_socket(
+                raw, server_hostname=None if is_ip_address(host) else host
+            )
         except TimeoutError as exc:
             raise WireError(
                 f"the TLS handshake did not finish within {timeout:g} s", "timeout"

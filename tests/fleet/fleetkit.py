@@ -13,7 +13,7 @@ from pathlib import Path
 
 from support import skip_or_fail
 
-from pgtls_helpers.lab_fleet import build_wheelhouse
+from pgtls_helpers.lab.fleet import build_wheelhouse
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST_PYTHON = "/usr/bin/python3"

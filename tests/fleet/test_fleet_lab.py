@@ -20,7 +20,7 @@ from cryptography import x509
 from fleetkit import CACHE, Played, clear, host_files, play, source_digest, wheelhouse
 
 from pgtls_helpers.lab import LabCA, LabCluster, free_port
-from pgtls_helpers.lab_fleet import clusters_of, down, sign, up
+from pgtls_helpers.lab.fleet import clusters_of, down, sign, up
 from pgtls_helpers.postgres.probe import fingerprint, probe
 from pgtls_helpers.runbook.fleet_report import load_fleet_report
 

@@ -33,7 +33,8 @@ from support import skip_or_fail
 
 from pgtls_helpers.errors import PgtlsError
 from pgtls_helpers.lab import LabCluster, find_bindir, free_port
-from pgtls_helpers.postgres.watch import Target, TargetResult, WatchOptions, load_roots, watch
+from pgtls_helpers.pki.posture import Target, TargetResult, WatchOptions
+from pgtls_helpers.postgres.watch import load_roots, watch
 from pgtls_helpers.postgres.watch_wire import direct_tls, plaintext_posture
 
 REPO = Path(__file__).resolve().parents[2]

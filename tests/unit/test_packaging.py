@@ -71,9 +71,18 @@ def test_lower_bounds_agree() -> None:
 
 
 def test_the_wheel_carries_the_package_layers_and_the_notebooks(tmp_path: Path) -> None:
+    import shutil
     import subprocess
     import sys
     import zipfile
+
+    # from a copy of the source: a build in the checkout reuses a stale build/lib
+    source = tmp_path / "source"
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "records", "work"),
+    )
 
     subprocess.run(
         [
@@ -85,13 +94,13 @@ def test_the_wheel_carries_the_package_layers_and_the_notebooks(tmp_path: Path) 
             "-q",
             "-w",
             str(tmp_path),
-            str(ROOT),
+            str(source),
         ],
         check=True,
     )
     (wheel,) = tmp_path.glob("pgtls-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for layer in ("cli", "display", "pki", "postgres", "runbook"):
+    for layer in ("cli", "display", "lab", "pki", "postgres", "runbook"):
         assert f"pgtls_helpers/{layer}/__init__.py" in names
     notebooks = sorted(n for n in names if n.startswith("pgtls_helpers/notebooks/"))
     committed = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))

@@ -20,16 +20,15 @@ from pgtls_helpers.display.watch_formats import (
     sort_worst_first,
 )
 from pgtls_helpers.errors import InputError
-from pgtls_helpers.postgres.watch import (
+from pgtls_helpers.pki.posture import (
     REASONS,
     ChainElement,
     Target,
     TargetResult,
     WatchOptions,
     classify,
-    load_roots,
-    parse_targets,
 )
+from pgtls_helpers.postgres.watch import load_roots, parse_targets
 
 NOW = _dt.datetime(2026, 6, 1, 12, 0, tzinfo=_dt.UTC)
 # check_ssl_cert writes "days_chain_elem1=396;30;15;;": label=value;warn;crit;min;max

@@ -6,7 +6,7 @@ their own. Each host is one throwaway cluster (its own port and data directory) 
 records), as a separate machine would. Between the two phases, :func:`sign` plays the CA: one
 shared lab CA signs every collected CSR, so a client trusts the whole fleet with one root.
 
-Run as ``python -m pgtls_helpers.lab_fleet up|sign|down --dir DIR``.
+Run as ``python -m pgtls_helpers.lab.fleet up|sign|down --dir DIR``.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def up(
     root = Path(base).resolve()
     if (root / "clusters").exists():
         raise InputError(
-            f"{root}: a lab fleet is already there; run 'python -m pgtls_helpers.lab_fleet "
+            f"{root}: a lab fleet is already there; run 'python -m pgtls_helpers.lab.fleet "
             f"down --dir {base}' first"
         )
     (root / "clusters").mkdir(parents=True, exist_ok=True)
@@ -124,7 +124,7 @@ def up(
         raise
     target = root / "inventory.yml"
     target.write_text(
-        "# A lab fleet: throwaway clusters on this machine (python -m pgtls_helpers.lab_fleet)\n"
+        "# A lab fleet: throwaway clusters on this machine (python -m pgtls_helpers.lab.fleet)\n"
         + yaml.safe_dump(
             inventory(root, clusters, change_id=change_id, venv=Path(venv) if venv else None),
             sort_keys=False,
@@ -184,8 +184,9 @@ def build_wheelhouse(
             _check_run([str(python), "-m", "venv", str(venv)], f"making a venv with {python}")
             pip = [str(venv / "bin" / "python"), "-m", "pip"]
         wheels = Path(tmp) / "wheels"
+        clean = _source_copy(Path(source), Path(tmp) / "source")
         _check_run(
-            [*pip, "wheel", "-q", "-w", str(wheels), str(source)],
+            [*pip, "wheel", "-q", "-w", str(wheels), str(clean)],
             f"building the wheelhouse from {source}",
         )
         partial = out.with_name(f".{out.name}.tmp")
@@ -194,6 +195,31 @@ def build_wheelhouse(
                 tar.add(wheel, arcname=wheel.name)
         os.replace(partial, out)
     return out
+
+
+# What a checkout holds besides its source: a build from the checkout itself would reuse a stale
+# build/lib (setuptools never deletes from it), and a renamed module would ship twice.
+_NOT_SOURCE = (
+    ".git",
+    ".venv",
+    "build",
+    "dist",
+    "records",
+    "work",
+    "csr",
+    "ca",
+    "*.egg-info",
+    "__pycache__",
+    ".mypy_cache",
+    ".ruff_cache",
+    ".pytest_cache",
+)
+
+
+def _source_copy(source: Path, dest: Path) -> Path:
+    """A copy of the project's source alone, to build a wheel from."""
+    shutil.copytree(source, dest, ignore=shutil.ignore_patterns(*_NOT_SOURCE), symlinks=True)
+    return dest
 
 
 def _check_run(argv: list[str], what: str) -> None:
@@ -212,7 +238,7 @@ def down(base: str | Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pgtls_helpers.lab_fleet")
+    parser = argparse.ArgumentParser(prog="python -m pgtls_helpers.lab.fleet")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_up = sub.add_parser("up", help="start the lab fleet and write its inventory")
     p_up.add_argument("--dir", required=True)
@@ -244,10 +270,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             down(args.dir)
     except InputError as exc:
-        sys.stderr.write(f"lab_fleet: {exc}\n")
+        sys.stderr.write(f"pgtls lab fleet: {exc}\n")
         return 2
     except PgtlsError as exc:
-        sys.stderr.write(f"lab_fleet: {exc}\n")
+        sys.stderr.write(f"pgtls lab fleet: {exc}\n")
         return 1
     return 0
 
