@@ -136,27 +136,9 @@ class LabCA:
             .add_extension(_ca_usage(), critical=True)
             .sign(root_key, hashes.SHA256())
         )
-        issuer, issuer_key = root, root_key
-        made: list[x509.Certificate] = []
-        keys: list[CAKey] = [root_key]
-        for name in names:
-            key = _ca_key()
-            cert = (
-                _builder_common(
-                    _name(name),
-                    issuer.subject,
-                    key.public_key(),
-                    issuer_key,
-                    not_before=now,
-                    not_after=now + timedelta(days=days),
-                )
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .add_extension(_ca_usage(), critical=True)
-                .sign(issuer_key, hashes.SHA256())
-            )
-            made.append(cert)
-            keys.append(key)
-            issuer, issuer_key = cert, key
+        made, made_keys = _intermediates(root, root_key, names, now=now, days=days)
+        keys: list[CAKey] = [root_key, *made_keys]
+        issuer_key = keys[-1]
         return cls(
             root=root,
             intermediates=tuple(reversed(made)),
@@ -260,25 +242,8 @@ class LabCA:
         if not self._keys:
             raise InputError("this lab CA was loaded from disk; its root key is not kept")
         now = datetime.now(timezone.utc) - timedelta(minutes=5)
-        issuer, issuer_key = self.root, self._keys[0]
-        made: list[x509.Certificate] = []
-        for name in names:
-            key = _ca_key()
-            cert = (
-                _builder_common(
-                    _name(name),
-                    issuer.subject,
-                    key.public_key(),
-                    issuer_key,
-                    not_before=now,
-                    not_after=now + timedelta(days=days),
-                )
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .add_extension(_ca_usage(), critical=True)
-                .sign(issuer_key, hashes.SHA256())
-            )
-            made.append(cert)
-            issuer, issuer_key = cert, key
+        made, made_keys = _intermediates(self.root, self._keys[0], names, now=now, days=days)
+        issuer_key = made_keys[-1] if made_keys else self._keys[0]
         return LabCA(
             root=self.root,
             intermediates=tuple(reversed(made)),
@@ -334,6 +299,38 @@ class LabCA:
         ca = cls.create(root_name=root_name)
         ca.save(base)
         return ca
+
+
+def _intermediates(
+    issuer: x509.Certificate,
+    issuer_key: CAKey,
+    names: Sequence[str],
+    *,
+    now: datetime,
+    days: int,
+) -> tuple[list[x509.Certificate], list[CAKey]]:
+    """A line of intermediate CAs under ``issuer``, each signing the next, with their keys."""
+    made: list[x509.Certificate] = []
+    keys: list[CAKey] = []
+    for name in names:
+        key = _ca_key()
+        cert = (
+            _builder_common(
+                _name(name),
+                issuer.subject,
+                key.public_key(),
+                issuer_key,
+                not_before=now,
+                not_after=now + timedelta(days=days),
+            )
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(_ca_usage(), critical=True)
+            .sign(issuer_key, hashes.SHA256())
+        )
+        made.append(cert)
+        keys.append(key)
+        issuer, issuer_key = cert, key
+    return made, keys
 
 
 def _general_name(value: str) -> x509.GeneralName:
