@@ -17,6 +17,7 @@ import functools
 import os
 import pwd
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -193,25 +194,37 @@ def _environ(**changes: str | None) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def lab_client_user() -> str | None:
-    """As root: the throwaway OS user ``pgtls_client`` (created once), with no old roots."""
+def lab_client_user(*, private: bool = False) -> str | None:
+    """As root: a throwaway client OS user, with no old roots; None when not root.
+
+    ``pgtls_client`` (created once) serves a long-lived lab cluster; a run's own throwaway
+    cluster gets a ``private`` one (``pgtls_client_<hex>``, removed with the cluster by
+    :func:`remove_lab_client_user`), so two lab runs at once never share a ``root.crt``.
+    """
     if os.geteuid() != 0:
         return None
+    name = f"{LAB_CLIENT_USER}_{secrets.token_hex(4)}" if private else LAB_CLIENT_USER
     try:
-        entry = pwd.getpwnam(LAB_CLIENT_USER)
+        entry = pwd.getpwnam(name)
     except KeyError:
         proc = subprocess.run(
-            ["useradd", "--system", "--create-home", "--shell", "/bin/sh", LAB_CLIENT_USER],
+            ["useradd", "--system", "--create-home", "--shell", "/bin/sh", name],
             capture_output=True,
             text=True,
             check=False,
         )
         if proc.returncode != 0:
             return None
-        entry = pwd.getpwnam(LAB_CLIENT_USER)
+        entry = pwd.getpwnam(name)
     # its ~/.postgresql only ever holds roots of throwaway lab CAs
     shutil.rmtree(Path(entry.pw_dir) / ".postgresql", ignore_errors=True)
-    return LAB_CLIENT_USER
+    return name
+
+
+def remove_lab_client_user(name: str | None) -> None:
+    """Delete a run's private lab client user and its home (never the shared one)."""
+    if name and name.startswith(f"{LAB_CLIENT_USER}_"):
+        subprocess.run(["userdel", "--remove", name], capture_output=True, check=False)
 
 
 def on_lab_cluster(params: Params, cluster: Any, *, client_user: str | None) -> Params:
@@ -389,6 +402,7 @@ def run(
             kernel.close()
         if cluster is not None:
             cluster.remove()
+            remove_lab_client_user((lab_info or {}).get("client_user"))
         elif lab_base is not None:
             shutil.rmtree(lab_base, ignore_errors=True)
         if not done:  # interrupted before the first step ended
@@ -429,7 +443,7 @@ def _start_lab(params: Params, base: Path) -> tuple[Params, Any, dict[str, Any]]
     except BaseException:
         cluster.remove()
         raise
-    client = lab_client_user()
+    client = lab_client_user(private=True)
     params = on_lab_cluster(params, cluster, client_user=client)
     info = {"port": cluster.port, "pgdata": str(cluster.pgdata), "client_user": client}
     return params, cluster, info

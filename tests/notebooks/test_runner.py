@@ -70,6 +70,11 @@ def test_the_demo_runs_all_five_steps_and_leaves_a_complete_record(tmp_path: Pat
         psql = [c for c in m["checks"] if c["check"].startswith("psql as OS user pgtls_client")]
         assert psql and psql[0]["observed"] == "ok", psql
         assert "connected as role pgtls_client" in psql[0]["detail"]
+        # that user was this run's own, and left with the run's cluster
+        own = m["lab"]["client_user"]
+        assert own.startswith("pgtls_client_") and f"psql as OS user {own}" in psql[0]["check"]
+        with pytest.raises(KeyError):
+            pwd.getpwnam(own)
     # the chain, as the article's CA shapes it, with fingerprints
     roles = [c["role"] for c in m["certificates"]]
     assert roles == ["leaf", "intermediate", "intermediate", "root"]
