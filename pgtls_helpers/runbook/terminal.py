@@ -34,8 +34,9 @@ def run_summary(m: Mapping[str, Any], record_dir: Path) -> str:
     """A screenful: the outcome first, each step, what changed or would change, the proof,
     what is in place after a failure and the exact rollback command, and the record."""
     result = result_line(m)
+    trust = any(s.get("step") == "client_trust" for s in m.get("steps", []))
     lines = [
-        f"pgtls run: change {m['change_id']} on {m['server']}, ca_mode "
+        f"pgtls {'trust' if trust else 'run'}: change {m['change_id']} on {m['server']}, ca_mode "
         f"{m['parameters'].get('ca_mode')}, apply {str(m['apply']).lower()}"
     ]
     if m.get("lab"):

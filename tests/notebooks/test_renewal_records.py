@@ -79,6 +79,7 @@ def test_pgtls_trust_adds_a_lab_ca_root_and_leaves_a_record(
     )
     out = capsys.readouterr().out
     assert code == 0, out
+    assert "pgtls trust: change CHG-trust" in out and "pgtls run:" not in out, out
     (record,) = [p for p in (records / "CHG-trust").iterdir() if p.is_dir()]
     assert (records / "CHG-trust" / "index.html").is_file()  # the change's index of runs
     m = json.loads((record / "manifest.json").read_text())
