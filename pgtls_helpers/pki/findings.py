@@ -1,5 +1,8 @@
 """Checks on an ordered chain, each result a :class:`Finding` a DBA can act on.
 
+One module of a little over 500 lines: every check, its code and its advice are read together
+when a new finding is added.
+
 >>> Finding("warning", "expires-soon", 'The certificate "db1" expires in 12 days.').code
 'expires-soon'
 >>> CODES["missing-issuer"].split(";")[0]

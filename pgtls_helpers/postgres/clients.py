@@ -3,6 +3,9 @@
 The proof is a table of connection attempts, expected against observed. The ones that must
 fail matter as much as the ones that must succeed, and a failure only counts when it fails for
 the expected reason (a password error is not a certificate refusal).
+
+Writing ``root.crt`` and proving the connections stay together (a little over 500 lines):
+both act as, or for, the same client OS user, with the same refusal of symlinked paths.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ notebook, a readable page per step, ``index.html``, the steps' summaries, and ``
 files installed with their hashes and backups, the server before and after, the verdict). A
 record is written once and never replaced; private key bytes and passphrases are never in it.
 What the terminal says is :mod:`pgtls_helpers.runbook.terminal`.
+
+A little over 500 lines: the run's life (lab cluster, kernel, steps, interruption, record) is one
+sequence that reads best in one place.
 """
 
 from __future__ import annotations
