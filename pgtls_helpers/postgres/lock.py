@@ -1,13 +1,16 @@
 """One change at a time per server: a lock file in the data directory and an advisory lock.
 
 The lock file (``pgtls.lock``, owned by the server's user, mode 0640) is visible to anyone who
-looks at the data directory and names the change that holds it; ``flock`` makes it die with its
-process, so a killed run never leaves a stale lock. ``pg_advisory_lock`` on the server covers a
-run on another host against the same server. Both are held for steps 3 and 4 and for a rollback.
+looks at the data directory while a change runs and names the change that holds it; ``flock``
+makes it die with its process, so a killed run never leaves a stale lock, and the holder removes
+the file when it is done, so a finished change leaves the data directory as it found it.
+``pg_advisory_lock`` on the server covers a run on another host against the same server. Both
+are held for steps 3 and 4 and for a rollback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -57,23 +60,9 @@ def change_lock(
     is down) only the lock file is taken."""
     wait = lock_wait() if wait is None else wait
     path = data_directory / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+    deadline = time.monotonic() + wait
+    fd = _take_file_lock(path, owner, deadline)
     try:
-        st = os.fstat(fd)
-        if owner and os.geteuid() == 0 and (st.st_uid, st.st_gid) != owner:
-            os.fchown(fd, *owner)
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise PreflightError(
-                        f"{path}: {_holder(fd)} is changing this server now; wait for it to "
-                        "finish (or roll it back) and run again"
-                    ) from None
-                time.sleep(0.2)
         info = {
             "change_id": change_id,
             "pid": os.getpid(),
@@ -98,4 +87,44 @@ def change_lock(
             if server is not None:
                 server.advisory_unlock(ADVISORY_KEY)
     finally:
+        with contextlib.suppress(OSError):
+            if _same_file(path, fd):
+                os.unlink(path)  # still holding the lock: nobody else can have taken it
         os.close(fd)
+
+
+def _take_file_lock(path: Path, owner: tuple[int, int] | None, deadline: float) -> int:
+    """An open, ``flock``-ed descriptor of ``path``. A lock taken on a file that its last
+    holder had already unlinked is dropped and taken again on the file now at ``path``."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+        try:
+            st = os.fstat(fd)
+            if owner and os.geteuid() == 0 and (st.st_uid, st.st_gid) != owner:
+                os.fchown(fd, *owner)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise PreflightError(
+                            f"{path}: {_holder(fd)} is changing this server now; wait for it "
+                            "to finish (or roll it back) and run again"
+                        ) from None
+                    time.sleep(0.2)
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_file(path, fd):
+            return fd
+        os.close(fd)  # the holder removed it as we waited: lock the current one
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)

@@ -126,6 +126,8 @@ def test_a_second_change_waits_then_stops_naming_the_first(
         with pytest.raises(PreflightError, match="CHG-first.*is changing this server now"):
             runbook.step3_install_files(second)
         assert not (fresh_cluster.pgdata / "server.crt").exists()
+        assert (fresh_cluster.pgdata / "pgtls.lock").exists()  # visible while a change runs
+    assert not (fresh_cluster.pgdata / "pgtls.lock").exists()  # and gone after it
     # the advisory lock alone (a run on another host) also stops it
     other = Server({**first.conninfo(), "application_name": "pgtls CHG-first"})
     with other:
