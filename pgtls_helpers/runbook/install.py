@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -153,42 +154,23 @@ def step3_install_files(params: Params) -> InstallStepResult:
         )
     if root is not None:
         plan += [plan_root_crt(u, pem_of(root), merge=merge) for u in users]
-    rows = [p.describe() for p in plan]
-    out_facts = facts.as_dict()
-    if any(f.is_error for f in preflight):
-        res = InstallStepResult(
-            facts=out_facts,
-            plan=rows,
-            preflight=preflight,
-            installed=None,
-            applied=False,
-            renewal=renewal,
-        )
-        save_step(params, "03_install_files", res.summary())
+    planned = InstallStepResult(
+        facts=facts.as_dict(),
+        plan=[p.describe() for p in plan],
+        preflight=preflight,
+        installed=None,
+        applied=False,
+        renewal=renewal,
+    )
+    if any(f.is_error for f in preflight) or not params.apply:
+        save_step(params, "03_install_files", planned.summary())
         raise_for_errors(preflight, what="nothing was installed")
-    if not params.apply:
-        res = InstallStepResult(
-            facts=out_facts,
-            plan=rows,
-            preflight=preflight,
-            installed=None,
-            applied=False,
-            renewal=renewal,
-        )
-        save_step(params, "03_install_files", res.summary())
-        return res
+        return planned
     installed = apply_install(params, facts, plan, users, root, merge=merge)
     # After the install the only copies of the key are the installed one and its backup.
     if key_path.exists():
         key_path.unlink()
-    res = InstallStepResult(
-        facts=out_facts,
-        plan=rows,
-        preflight=preflight,
-        installed=installed,
-        applied=True,
-        renewal=renewal,
-    )
+    res = dataclasses.replace(planned, installed=installed, applied=True)
     save_step(params, "03_install_files", res.summary())
     return res
 
