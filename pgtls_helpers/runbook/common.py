@@ -5,6 +5,7 @@ where its TLS files go, and small certificate helpers.
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from pgtls_helpers.errors import InputError, PreflightError
 from pgtls_helpers.pki import chain as chainmod
 from pgtls_helpers.pki import keys
 from pgtls_helpers.postgres.server import Server, ServerFacts
+from pgtls_helpers.postgres.targets import TargetPolicy
 from pgtls_helpers.runbook.params import Params
 
 
@@ -67,7 +69,20 @@ def server_before(params: Params, facts: ServerFacts) -> dict[str, object]:
         "ssl": facts.ssl,
         "served_sha256": served,
         "data_directory": str(facts.data_directory),
+        # with the data directory, where rollback may write (postgres/targets.py)
+        "config_files": [str(facts.config_file), str(facts.hba_file)],
+        "server_owner": list(facts.data_directory_owner or (os.geteuid(), os.getegid())),
     }
+
+
+def target_policy(params: Params, facts: ServerFacts) -> TargetPolicy:
+    """Where this change may write server files (postgres/targets.py)."""
+    return TargetPolicy.of(
+        data_directory=facts.data_directory,
+        config_files=(facts.config_file, facts.hba_file),
+        listed=params.server_file_targets,
+        owner=facts.data_directory_owner or (os.geteuid(), os.getegid()),
+    )
 
 
 def check_pgdata(params: Params, facts: ServerFacts) -> None:

@@ -25,6 +25,7 @@ from pgtls_helpers.runbook.common import (
     save_step,
     server_before,
     ssl_targets,
+    target_policy,
 )
 from pgtls_helpers.runbook.journal import Journal, fault_point
 from pgtls_helpers.runbook.params import Params
@@ -172,6 +173,9 @@ def plan_enable(params: Params, server: Server) -> EnablePlan:
     )
     host_ip = address_of(params.server_host)
     facts = server.facts()
+    # hba_file comes from the server: the same target policy as step 3's files
+    if problem := target_policy(params, facts).problem(facts.hba_file, setting="hba_file"):
+        raise PreflightError(f"{problem}; pg_hba.conf and the settings were not changed")
     hba_text = facts.hba_file.read_bytes().decode()
     plan = hba.plan_hba(
         hba_text,

@@ -27,6 +27,7 @@ from pgtls_helpers.runbook.common import (
     save_step,
     server_before,
     ssl_targets,
+    target_policy,
 )
 from pgtls_helpers.runbook.journal import Journal
 from pgtls_helpers.runbook.params import Params
@@ -78,6 +79,23 @@ def step3_install_files(params: Params) -> InstallStepResult:
     owner = facts.data_directory_owner or (os.geteuid(), os.getegid())
 
     cert_target, installed_key, _ = ssl_targets(facts)
+    # both paths come from the server's settings: refused before anything is written when
+    # they lead outside the places a change may write (postgres/targets.py)
+    policy = target_policy(params, facts)
+    refused = [
+        Finding("error", "target-policy", problem)
+        for setting, path in (("ssl_cert_file", cert_target), ("ssl_key_file", installed_key))
+        if (problem := policy.problem(path, setting=setting))
+    ]
+    if refused:
+        save_step(
+            params,
+            "03_install_files",
+            InstallStepResult(
+                facts=facts.as_dict(), plan=[], preflight=refused, installed=None, applied=False
+            ).summary(),
+        )
+        raise_for_errors(refused, what="nothing was installed")
     # the key: from the work directory, or already installed by an earlier run
     key_bytes: bytes | None = key_path.read_bytes() if key_path.exists() else None
     if key_bytes is None:
@@ -198,7 +216,12 @@ def apply_install(
         open_server(params) as server,
         change_lock(facts.data_directory, facts.data_directory_owner, server, params.change_id),
     ):
-        # planned again under the lock: another change may have finished while we waited
+        # planned again under the lock: another change may have finished while we waited,
+        # and the targets judged again by the same policy as the preflight
+        policy = target_policy(params, facts)
+        for p in plan:
+            if problem := policy.problem(p.target, setting=f"the {p.kind} file"):
+                raise PreflightError(f"{problem}; nothing was installed")
         plan = [
             files.plan_file(p.target, p.data, kind=p.kind, mode=p.mode, owner=(p.uid, p.gid))
             for p in plan

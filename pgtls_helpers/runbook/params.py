@@ -60,6 +60,8 @@ class Params:
     hba_rules: tuple[Mapping[str, Any], ...] = ()
     reject_non_ssl: bool = True
     allow_insecure_rules: bool = False
+    # server files the change may write outside the data and configuration directories
+    server_file_targets: tuple[str, ...] = ()
     verify_hosts: tuple[str, ...] = ()
     apply: bool = False
     lab_cluster: bool = False

@@ -21,7 +21,7 @@ from pgtls_helpers.postgres.server import Server
 from pgtls_helpers.runbook import journal as wal
 from pgtls_helpers.runbook.common import address_of, fingerprint_of, open_server, save_step
 from pgtls_helpers.runbook.params import Params
-from pgtls_helpers.runbook.undo import UndoResult, undo_change
+from pgtls_helpers.runbook.undo import UndoResult, checked_journal, undo_change
 
 __all__ = ["RollbackConflict", "RollbackResult", "check_conflicts", "rollback_change"]
 
@@ -87,7 +87,7 @@ def _diff(change: wal.FileChange) -> str:
 def check_conflicts(params: Params) -> None:
     """Raise :class:`RollbackConflict` (with the diff) when a file the change touched was
     edited since: the rollback would discard that work."""
-    changes = wal.file_changes(wal.read_entries(params.work.journal))
+    _entries, changes, _before = checked_journal(params)
     found = conflicts(changes)
     if found:
         names = ", ".join(str(c.target) for c, _ in found)
@@ -105,14 +105,7 @@ def rollback_change(params: Params, *, force: bool = False) -> RollbackResult:
     Raises :class:`PreflightError` when there is nothing to back out, and
     :class:`RollbackConflict` when a file was edited after the change (unless ``force``).
     """
-    path = params.work.journal
-    entries = wal.read_entries(path)
-    if not entries:
-        raise PreflightError(
-            f"{params.work.path}: no journal for change {params.change_id}; nothing was "
-            "applied, or it was already rolled back"
-        )
-    before = wal.before_state(entries)
+    _entries, _changes, before = checked_journal(params)
     if not force:
         check_conflicts(params)
     log_at = _log_size(params)

@@ -7,17 +7,20 @@ login because of what the change left).
 
 from __future__ import annotations
 
+import os
+import pwd
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from pgtls_helpers.errors import PgtlsError, PreflightError, ServerError
 from pgtls_helpers.postgres.server import Server, signal_reload
+from pgtls_helpers.postgres.targets import TargetPolicy
 from pgtls_helpers.runbook import journal as wal
 from pgtls_helpers.runbook.common import open_server
 from pgtls_helpers.runbook.params import Params
 
-__all__ = ["UndoResult", "undo_change"]
+__all__ = ["UndoResult", "checked_journal", "journal_target_problems", "undo_change"]
 
 Reloaded = Literal["on the open connection", "on a new connection", "by signal", "server down"]
 
@@ -42,12 +45,61 @@ def _data_directory(before: dict[str, object], changes: list[wal.FileChange]) ->
     return None
 
 
-def undo_change(params: Params, *, server: Server | None, reason: str) -> UndoResult:
-    """Put back every file the journal names, reset unreadable settings, reload, seal.
+def journal_target_problems(
+    params: Params, changes: list[wal.FileChange], before: dict[str, object]
+) -> list[str]:
+    """Every journal target the target policy of apply would refuse, as sentences.
 
-    ``server`` is the connection opened before the change (None: open one if the server lets
-    us; if it does not, the postmaster is signalled as ``pg_ctl reload`` would).
+    The journal is the change's own (the work directory is checked to be ours), yet its
+    targets are judged again: rollback writes as root exactly where a journal says.
     """
+    data_dir = _data_directory(before, changes)
+    raw_config = before.get("config_files")
+    raw_owner = before.get("server_owner")
+    owner = (
+        (int(raw_owner[0]), int(raw_owner[1]))
+        if isinstance(raw_owner, list) and len(raw_owner) == 2
+        else (os.geteuid(), os.getegid())
+    )
+    policy = TargetPolicy.of(
+        data_directory=data_dir or "/nonexistent",
+        config_files=[str(f) for f in raw_config] if isinstance(raw_config, list) else [],
+        listed=params.server_file_targets,
+        owner=owner,
+    )
+    problems = []
+    backups = Path(os.path.realpath(params.work.backups))
+    for change in changes:
+        if change.backup is not None and (
+            Path(os.path.realpath(change.backup.parent)) != backups or change.backup.is_symlink()
+        ):
+            problems.append(
+                f"{change.backup}: not a backup in this change's own {params.work.backups}"
+            )
+        if change.kind == "root.crt":
+            # a client's file: only ~/.postgresql/<name> of the user whose uid it carries
+            try:
+                home = Path(pwd.getpwuid(change.uid if change.uid is not None else -1).pw_dir)
+            except (KeyError, OverflowError):
+                problems.append(f"{change.target}: the journal names no existing client user")
+                continue
+            if change.target.parent != home / ".postgresql":
+                problems.append(
+                    f"{change.target}: not in ~/.postgresql of uid {change.uid}, the user the "
+                    "journal names"
+                )
+            continue
+        if problem := policy.problem(change.target, setting=f"the journal's {change.kind} file"):
+            problems.append(problem)
+    return problems
+
+
+def checked_journal(
+    params: Params,
+) -> tuple[list[wal.Entry], list[wal.FileChange], dict[str, object]]:
+    """The change's journal, once the work directory is known to be ours and every target
+    passes the target policy; raises with one sentence otherwise (nothing read or written)."""
+    params.work.check()
     entries = wal.read_entries(params.work.journal)
     if not entries:
         raise PreflightError(
@@ -56,6 +108,20 @@ def undo_change(params: Params, *, server: Server | None, reason: str) -> UndoRe
         )
     changes = wal.file_changes(entries)
     before = wal.before_state(entries)
+    if problems := journal_target_problems(params, changes, before):
+        raise PreflightError(
+            f"{params.work.journal}: {'; '.join(problems)}; nothing was rolled back"
+        )
+    return entries, changes, before
+
+
+def undo_change(params: Params, *, server: Server | None, reason: str) -> UndoResult:
+    """Put back every file the journal names, reset unreadable settings, reload, seal.
+
+    ``server`` is the connection opened before the change (None: open one if the server lets
+    us; if it does not, the postmaster is signalled as ``pg_ctl reload`` would).
+    """
+    entries, changes, before = checked_journal(params)
     restored = wal.restore_files(changes, work_key=params.work.key)
     owned = server is None
     if server is None:

@@ -8,8 +8,11 @@ rollback reads. Records never point into it for key bytes.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+
+from pgtls_helpers.errors import PreflightError
 
 __all__ = ["WorkDir"]
 
@@ -83,8 +86,41 @@ class WorkDir:
         return self.path / "trust.json"
 
     def create(self) -> Path:
-        """Create the directory 0700 (tightening one that others could read) and return it."""
-        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        """Create the directory 0700 (tightening one that others could read) and return it.
+
+        The work root and this directory must be ours (see :meth:`check`): what is in them
+        (the journal, the backups) decides what rollback writes as root.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _check_ours(self.path.parent, "the work directory")
+        self.path.mkdir(exist_ok=True, mode=0o700)
+        _check_ours(self.path, "the change's work directory")
         if self.path.stat().st_mode & 0o077:
             os.chmod(self.path, 0o700)
         return self.path
+
+    def check(self) -> None:
+        """Refuse a work root or change directory that another user owns or could write."""
+        for path, what in (
+            (self.path.parent, "the work directory"),
+            (self.path, "the change's work directory"),
+        ):
+            if os.path.lexists(path):
+                _check_ours(path, what)
+
+
+def _check_ours(path: Path, what: str) -> None:
+    st = os.lstat(path)
+    me = os.geteuid()
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        problem = "is not a real directory (a symbolic link or a file)"
+    elif st.st_uid != me:
+        problem = f"belongs to uid {st.st_uid}, not to the user running pgtls (uid {me})"
+    elif st.st_mode & 0o022:
+        problem = f"can be written by others (mode {stat.S_IMODE(st.st_mode):04o})"
+    else:
+        return
+    raise PreflightError(
+        f"{path}: {what} {problem}, and what it holds decides what pgtls writes; use a work "
+        "directory of your own that only you can write (chmod go-w), or remove this one"
+    )

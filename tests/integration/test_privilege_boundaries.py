@@ -1,0 +1,161 @@
+"""Root is never a lever: the attacks of a superuser role and of another OS user, attempted.
+
+Each test makes a victim file the tool must not touch, attempts the attack the way an attacker
+would (SQL as a superuser role, files prepared by an unprivileged OS user), and asserts the
+victim's bytes, owner and mode are unchanged and the refusal is named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from pgtls_helpers import notebook as runbook
+from pgtls_helpers.errors import PreflightError
+from pgtls_helpers.lab import LabCluster
+from pgtls_helpers.runbook.params import Params
+from pgtls_helpers.runbook.rollback import rollback_change
+from tests.support import skip_or_fail
+
+ParamsFactory = Callable[..., Params]
+
+
+def _state(path: Path) -> tuple[str, int, int, int]:
+    st = path.stat()
+    return (hashlib.sha256(path.read_bytes()).hexdigest(), st.st_uid, st.st_gid, st.st_mode)
+
+
+@pytest.fixture
+def victim() -> Iterator[Path]:
+    """A root-owned file in /etc that stands for /etc/shadow or a cron file."""
+    if os.geteuid() != 0:
+        skip_or_fail("the attacks are on root-owned files; run the tests as root")
+    path = Path(f"/etc/pgtls-victim-{os.getpid()}")
+    path.write_bytes(b"root:$6$do-not-touch:19000:0:99999:7:::\n")
+    path.chmod(0o640)
+    yield path
+    path.unlink(missing_ok=True)
+
+
+def _alter(cluster: LabCluster, **settings: str) -> None:
+    with psycopg.connect(**cluster.conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
+        for name, value in settings.items():
+            conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
+        conn.execute("SELECT pg_reload_conf()")
+
+
+@pytest.mark.parametrize("setting", ["ssl_cert_file", "ssl_key_file"])
+def test_a_superuser_cannot_point_the_tls_files_at_a_root_file(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory, victim: Path, setting: str
+) -> None:
+    # the attacker: a superuser role, through SQL only
+    _alter(fresh_cluster, **{setting: str(victim)})
+    before = _state(victim)
+    params = runbook_params(fresh_cluster)
+    runbook.step1_key_and_csr(params)
+    runbook.step2_ca_response(params)
+    with pytest.raises(PreflightError) as err:
+        runbook.step3_install_files(params)
+    message = str(err.value)
+    assert setting in message and str(victim) in message
+    assert "outside the data directory" in message and "server_file_targets" in message
+    assert _state(victim) == before
+    assert not params.work.journal.exists(), "refused before the first write"
+
+
+def test_a_listed_target_is_still_refused_when_root_owns_it_with_another_group(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory, victim: Path
+) -> None:
+    os.chown(victim, 0, 0)
+    _alter(fresh_cluster, ssl_cert_file=str(victim))
+    before = _state(victim)
+    params = runbook_params(fresh_cluster, server_file_targets=[str(victim)])
+    runbook.step1_key_and_csr(params)
+    runbook.step2_ca_response(params)
+    with pytest.raises(PreflightError, match="neither the server's OS user nor root"):
+        runbook.step3_install_files(params)
+    assert _state(victim) == before
+
+
+def test_a_symlink_in_the_data_directory_is_not_followed(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory, victim: Path
+) -> None:
+    # the attacker: the server's OS user, who owns the data directory
+    link = fresh_cluster.pgdata / "evil.crt"
+    subprocess.run(
+        ["runuser", "-u", "postgres", "--", "ln", "-s", str(victim), str(link)], check=True
+    )
+    _alter(fresh_cluster, ssl_cert_file=str(link))
+    before = _state(victim)
+    params = runbook_params(fresh_cluster)
+    runbook.step1_key_and_csr(params)
+    runbook.step2_ca_response(params)
+    with pytest.raises(PreflightError, match="ssl_cert_file"):
+        runbook.step3_install_files(params)
+    assert _state(victim) == before
+    assert link.is_symlink()
+
+
+def test_a_work_directory_another_user_prepared_is_refused(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory, victim: Path, tmp_path: Path
+) -> None:
+    # the attacker: an unprivileged OS user (nobody) prepares work/<change_id> with a journal
+    # that says the change created the victim, so rollback would remove it
+    work = tmp_path / "work"
+    work.mkdir(mode=0o755)
+    change = work / "CHG-test"
+    change.mkdir(mode=0o700)
+    journal = change / "journal.jsonl"
+    entries = [
+        {"seq": 0, "op": "begin", "step": "install", "before": {"data_directory": "/etc"}},
+        {"seq": 1, "op": "file", "step": "install", "target": str(victim), "kind": "key"},
+    ]
+    journal.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    nobody = 65534
+    os.chown(change, nobody, nobody)
+    os.chown(journal, nobody, nobody)
+    before = _state(victim)
+    params = runbook_params(fresh_cluster, work_dir=str(work))
+    with pytest.raises(PreflightError, match="belongs to uid 65534"):
+        rollback_change(params)
+    assert _state(victim) == before
+
+
+def test_a_forged_journal_in_our_own_work_directory_cannot_aim_rollback_outside(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory, victim: Path, tmp_path: Path
+) -> None:
+    params = runbook_params(fresh_cluster)
+    params.work.create()
+    backups = params.work.backups
+    backups.mkdir(mode=0o700)
+    payload = backups / "server.key.pgtls-backup-x"
+    payload.write_bytes(b"* * * * * root /tmp/owned\n")
+    entries = [
+        {
+            "seq": 0,
+            "op": "begin",
+            "step": "install",
+            "before": {"data_directory": str(fresh_cluster.pgdata)},
+        },
+        {
+            "seq": 1,
+            "op": "file",
+            "step": "install",
+            "target": str(victim),
+            "kind": "key",
+            "backup": str(payload),
+            "previous_sha256": "0" * 64,
+        },
+    ]
+    params.work.journal.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    before = _state(victim)
+    with pytest.raises(PreflightError, match="outside the data directory"):
+        rollback_change(params, force=True)
+    assert _state(victim) == before
