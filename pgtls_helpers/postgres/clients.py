@@ -96,10 +96,30 @@ def prepare_client_dir(user: ClientUser) -> None:
     """Make ``~/.postgresql`` (0700, the user's) when missing; refuse a symlinked one."""
     directory = user.root_crt.parent
     check_client_path(user)
-    if not directory.exists():
-        directory.mkdir(mode=0o700, parents=False)
-        if os.geteuid() == 0:
-            os.chown(directory, user.uid, user.gid)
+    try:
+        os.mkdir(directory, 0o700)
+        created = True
+    except FileExistsError:
+        created = False
+    # The user owns the home and may swap what is at the name at any instant: ownership is
+    # given through a descriptor opened without following a link, never by path.
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise InputError(
+            f"{directory}: not a real directory ({exc.strerror}); the runbook will not work "
+            "through a symbolic link, so replace it with a directory of the user's own"
+        ) from None
+    try:
+        st = os.fstat(fd)
+        if created and os.geteuid() == 0 and st.st_uid == 0:
+            os.fchown(fd, user.uid, user.gid)
+        elif st.st_uid != user.uid:
+            raise InputError(
+                f"{directory}: not owned by {user.name}; the runbook will not write there"
+            )
+    finally:
+        os.close(fd)
 
 
 def check_client_path(user: ClientUser) -> None:

@@ -159,3 +159,45 @@ def test_a_forged_journal_in_our_own_work_directory_cannot_aim_rollback_outside(
     with pytest.raises(PreflightError, match="outside the data directory"):
         rollback_change(params, force=True)
     assert _state(victim) == before
+
+
+def test_a_client_swapping_its_postgresql_directory_for_a_link_never_wins(
+    own_client_user: str, victim: Path
+) -> None:
+    from pgtls_helpers.errors import InputError
+    from pgtls_helpers.postgres.clients import prepare_client_dir, resolve_client_users
+
+    (user,) = resolve_client_users([own_client_user])
+    directory = user.root_crt.parent
+    before = _state(victim)
+    # the attacker: the client OS user, flipping ~/.postgresql between nothing and a link to
+    # the victim as fast as it can, for several seconds
+    swapper = subprocess.Popen(
+        [
+            "runuser",
+            "-u",
+            own_client_user,
+            "--",
+            "timeout",
+            "6",
+            "sh",
+            "-c",
+            f'while :; do rm -rf "{directory}"; ln -s "{victim}" "{directory}" 2>/dev/null; '
+            f'rm -f "{directory}"; done',
+        ]
+    )
+    tries = refused = 0
+    try:
+        while swapper.poll() is None:
+            tries += 1
+            try:
+                prepare_client_dir(user)
+            except (InputError, OSError):
+                refused += 1
+            assert _state(victim) == before
+    finally:
+        swapper.wait(timeout=10)
+    assert tries > 50, f"only {tries} attempts ran in the race"
+    assert _state(victim) == before
+    if directory.exists() and not directory.is_symlink():
+        assert directory.stat().st_uid == user.uid
