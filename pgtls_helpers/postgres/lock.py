@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -100,6 +101,13 @@ def _take_file_lock(path: Path, owner: tuple[int, int] | None, deadline: float) 
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o640)
         try:
             st = os.fstat(fd)
+            # the server's OS user owns the folder and could leave a hard link to a root
+            # file here: only a lone regular file is ever given to the server's owner
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise PreflightError(
+                    f"{path}: not a plain file of its own (a link or a device); remove it and "
+                    "run again"
+                )
             if owner and os.geteuid() == 0 and (st.st_uid, st.st_gid) != owner:
                 os.fchown(fd, *owner)
             while True:

@@ -270,6 +270,15 @@ class Server:
         while True:
             if bool(self._query("SELECT pg_try_advisory_lock(%s)", (key,))[0][0]):
                 return True
+            # Any login role may take any advisory key: only a superuser's hold (a pgtls run
+            # elsewhere logs in as one) is a change in progress; a lesser role's never blocks.
+            if not self._query(
+                "SELECT 1 FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                "JOIN pg_roles r ON r.oid = a.usesysid WHERE l.locktype = 'advisory' "
+                "AND l.objid = %s AND l.granted AND r.rolsuper",
+                (key,),
+            ):
+                return True
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.2)
@@ -282,13 +291,17 @@ class Server:
             pass
 
     def advisory_holder(self, key: int) -> str | None:
-        """Who holds advisory lock ``key`` (application name and pid), if anyone."""
+        """Who holds advisory lock ``key`` (role, client address, backend pid), if anyone;
+        never the ``application_name``, which the holder chooses."""
         rows = self._query(
-            "SELECT a.pid, a.application_name FROM pg_locks l JOIN pg_stat_activity a "
+            "SELECT a.pid, a.usename, a.client_addr FROM pg_locks l JOIN pg_stat_activity a "
             "USING (pid) WHERE l.locktype = 'advisory' AND l.objid = %s AND l.granted",
             (key,),
         )
-        return f"{rows[0][1] or 'a session'} (pid {rows[0][0]})" if rows else None
+        if not rows:
+            return None
+        pid, role, addr = rows[0]
+        return f"a session of role {role} from {addr or 'a local socket'} (backend pid {pid})"
 
     def file_setting_errors(self) -> list[str]:
         """Errors in the configuration files as the server would read them now."""

@@ -201,3 +201,22 @@ def test_a_client_swapping_its_postgresql_directory_for_a_link_never_wins(
     assert _state(victim) == before
     if directory.exists() and not directory.is_symlink():
         assert directory.stat().st_uid == user.uid
+
+
+def test_a_login_role_that_is_not_a_superuser_cannot_block_changes(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pgtls_helpers.postgres.lock import ADVISORY_KEY
+
+    with psycopg.connect(**fresh_cluster.conninfo(), autocommit=True) as admin:  # type: ignore[arg-type]
+        admin.execute("CREATE ROLE lesser LOGIN PASSWORD 'lesser-pw'")
+    params = runbook_params(fresh_cluster)
+    runbook.step1_key_and_csr(params)
+    runbook.step2_ca_response(params)
+    monkeypatch.setenv("PGTLS_LOCK_WAIT", "1")
+    lesser = {**fresh_cluster.conninfo(), "user": "lesser", "password": "lesser-pw"}
+    with psycopg.connect(**lesser, autocommit=True) as attacker:  # type: ignore[arg-type]
+        attacker.execute("SET application_name = 'pgtls CHG-someone-else'")
+        attacker.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_KEY,))
+        result = runbook.step3_install_files(params)
+    assert result.changed
