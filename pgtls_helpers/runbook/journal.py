@@ -127,7 +127,12 @@ class Journal:
             while backup.exists():
                 n += 1
                 backup = directory / f"{target.name}.pgtls-backup-{files.utc_stamp()}.{n}"
-            files.atomic_write(backup, data, mode=0o644, uid=client_uid, gid=target_gid(target))
+            # the backup keeps the file's mode, so rollback gives a 0600 root.crt back as 0600
+            try:
+                mode = stat.S_IMODE(os.lstat(target).st_mode) & 0o777
+            except OSError:
+                mode = 0o644
+            files.atomic_write(backup, data, mode=mode, uid=client_uid, gid=target_gid(target))
             return backup
         if not target.exists():
             return None

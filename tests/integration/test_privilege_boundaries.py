@@ -220,3 +220,25 @@ def test_a_login_role_that_is_not_a_superuser_cannot_block_changes(
         attacker.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_KEY,))
         result = runbook.step3_install_files(params)
     assert result.changed
+
+
+def test_rollback_gives_a_clients_root_crt_back_with_its_mode_and_owner(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory, own_client_user: str
+) -> None:
+    from pgtls_helpers.postgres.clients import resolve_client_users
+
+    (user,) = resolve_client_users([own_client_user])
+    directory = user.root_crt.parent
+    directory.mkdir(mode=0o700)
+    os.chown(directory, user.uid, user.gid)
+    user.root_crt.write_bytes(b"the user's own roots\n")
+    os.chown(user.root_crt, user.uid, user.gid)
+    user.root_crt.chmod(0o600)
+    before = _state(user.root_crt)
+    params = runbook_params(fresh_cluster, client_system_users=[own_client_user])
+    runbook.step1_key_and_csr(params)
+    runbook.step2_ca_response(params)
+    runbook.step3_install_files(params)
+    assert _state(user.root_crt) != before
+    assert rollback_change(params).ok
+    assert _state(user.root_crt) == before
