@@ -30,7 +30,7 @@ from pgtls_helpers.pki import chain as chainmod
 from pgtls_helpers.pki import keys
 from pgtls_helpers.pki.findings import Finding
 from pgtls_helpers.postgres import files
-from pgtls_helpers.postgres.clients import ClientUser
+from pgtls_helpers.postgres.clients import ClientUser, read_client_file
 from pgtls_helpers.runbook.common import (
     address_of,
     key_passphrase,
@@ -52,6 +52,7 @@ __all__ = [
     "installed_key",
     "names_of",
     "read_roots",
+    "user_roots",
     "trusts",
 ]
 
@@ -94,10 +95,22 @@ def read_roots(path: Path) -> list[x509.Certificate]:
         return []
 
 
+def user_roots(user: ClientUser) -> list[x509.Certificate]:
+    """The certificates of a client's ``~/.postgresql/root.crt``, read the client-home way
+    (no link followed, non-blocking, size capped: a FIFO or a device there is refused)."""
+    if not user.root_crt.parent.exists():
+        return []
+    data = read_client_file(user.root_crt, user.uid)
+    try:
+        return list(x509.load_pem_x509_certificates(data)) if data else []
+    except ValueError:
+        return []
+
+
 def trusts(user: ClientUser, root: x509.Certificate) -> bool:
     """Whether ``root`` is in the user's ``~/.postgresql/root.crt``."""
     want = chainmod.fingerprint(root)
-    return any(chainmod.fingerprint(c) == want for c in read_roots(user.root_crt))
+    return any(chainmod.fingerprint(c) == want for c in user_roots(user))
 
 
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -179,7 +192,7 @@ def assess(
         )
     served_sha = [chainmod.fingerprint(c) for c in served]
     new_sha = [chainmod.fingerprint(c) for c in new_chain]
-    roots = [*([new_root] if new_root else []), *(r for u in users for r in read_roots(u.root_crt))]
+    roots = [*([new_root] if new_root else []), *(r for u in users for r in user_roots(u))]
     served_root = next((r for r in roots if _issued_by(served[-1], r)), None)
     # the served top certificate comes from the new root, directly or through the same CA
     same_root = new_root is not None and any(
@@ -451,7 +464,7 @@ class ReloadWatch:
 
         roots = read_roots(params.work.root)
         for user in resolve_client_users(params.client_system_users):
-            roots += read_roots(user.root_crt)
+            roots += user_roots(user)
         if not any(_issued_by(self.before[-1], r) for r in roots):
             return  # nothing here trusts what is served now: a loop would only count refusals
         unique = {chainmod.fingerprint(r): r for r in roots}

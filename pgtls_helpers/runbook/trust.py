@@ -26,7 +26,7 @@ from pgtls_helpers.postgres import files
 from pgtls_helpers.postgres.clients import ClientUser
 from pgtls_helpers.runbook.common import address_of, pem_of, rfc4514, save_step
 from pgtls_helpers.runbook.params import Params
-from pgtls_helpers.runbook.renewal import cert_row, read_roots
+from pgtls_helpers.runbook.renewal import cert_row, user_roots
 
 __all__ = ["TrustResult", "client_trust", "parse_fingerprint", "rollback_trust"]
 
@@ -169,7 +169,7 @@ def client_trust(params: Params) -> TrustResult:
     preflight: list[Finding] = []
     plans, rows = [], []
     for user in users:
-        current = read_roots(user.root_crt)
+        current = user_roots(user)
         seen: set[str] = set()
         after: list[x509.Certificate] = []
         for cert in [*current, *add]:

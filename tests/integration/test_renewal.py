@@ -365,3 +365,31 @@ def test_a_renewal_reuses_the_installed_names_unless_the_parameters_say_otherwis
     plan = runbook.step3_install_files(dropped)
     assert plan.renewal is not None and plan.renewal.names_dropped == ["127.0.0.1"]
     assert [f.code for f in plan.renewal.findings] == ["names-dropped"]
+
+
+def test_a_fifo_for_root_crt_is_refused_not_waited_on(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory, own_client_user: str
+) -> None:
+    import signal
+    import subprocess
+
+    from pgtls_helpers.errors import InputError
+
+    _first_change(fresh_cluster, runbook_params, client_system_users=[own_client_user])
+    (user,) = resolve_client_users([own_client_user])
+    # the attacker: the client user makes its root.crt a FIFO nobody writes to
+    user.root_crt.unlink()
+    subprocess.run(
+        ["runuser", "-u", own_client_user, "--", "mkfifo", str(user.root_crt)], check=True
+    )
+    renew = runbook_params(
+        fresh_cluster, change_id="CHG-fifo", client_system_users=[own_client_user]
+    )
+    runbook.step1_key_and_csr(renew)
+    runbook.step2_ca_response(renew)
+    signal.alarm(60)  # a hang fails the test instead of the whole session
+    try:
+        with pytest.raises(InputError, match="root.crt"):
+            runbook.step3_install_files(renew)
+    finally:
+        signal.alarm(0)
