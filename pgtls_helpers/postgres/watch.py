@@ -31,6 +31,7 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -159,8 +160,13 @@ def check_target(
     now = options.now or _dt.datetime.now(_dt.UTC)
     host, port = target.host, target.port
     base: dict[str, Any] = {"target": target.text, "host": host, "port": port}
+    # One deadline for every connection to this target: --timeout bounds the target, not
+    # each read, or a server trickling bytes could hold a run for as long as it likes.
+    deadline = time.monotonic() + options.timeout
     try:
-        version, cipher, presented, alpn = handshake_alpn(host, port, options.timeout)
+        version, cipher, presented, alpn = handshake_alpn(
+            host, port, options.timeout, deadline=deadline
+        )
     except WireError as exc:
         reason = WIRE_REASONS.get(exc.kind, "no-ssl" if exc.kind == "handshake" else "unreachable")
         sentence = str(exc)
@@ -172,7 +178,7 @@ def check_target(
                 details=(sentence,),
                 error=f"{target.text}: {sentence}",
             )
-        posture = plaintext_posture(host, port, options.timeout)
+        posture = plaintext_posture(host, port, options.timeout, deadline=deadline)
         reasons = [("no-ssl", sentence)]
         if posture.verdict == "accepted":
             reasons.append(
@@ -200,9 +206,9 @@ def check_target(
     negotiation = ["sslrequest"]
     # Only a server that selects ALPN "postgresql" after SSLRequest (PostgreSQL 17 and later)
     # can speak direct TLS; older ones ignore ALPN and are spared a connection.
-    if alpn == ALPN and direct_tls(host, port, options.timeout).supported:
+    if alpn == ALPN and direct_tls(host, port, options.timeout, deadline=deadline).supported:
         negotiation.append("direct")
-    posture = plaintext_posture(host, port, options.timeout)
+    posture = plaintext_posture(host, port, options.timeout, deadline=deadline)
     on_disk_leaf: x509.Certificate | None = None
     disk_note: str | None = None
     if options.on_disk:

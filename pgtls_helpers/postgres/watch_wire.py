@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from pgtls_helpers.postgres.wire import ALPN, WireError, close_politely, connect, context
+from pgtls_helpers.postgres.wire import ALPN, WireError, arm, close_politely, connect, context
 
 __all__ = [
     "ALPN",
@@ -45,6 +45,8 @@ _PROTOCOL_3_0 = 196608  # 3 << 16
 # Messages a server sends first after a StartupMessage: an authentication request, an error,
 # or (for a newer protocol than asked) NegotiateProtocolVersion.
 _FIRST_MESSAGES = {b"R", b"E", b"v"}
+#: The longest first message read; a larger length field is not PostgreSQL talking.
+MAX_MESSAGE = 30_000
 
 
 def startup_message(user: str = WATCH_USER, database: str = "postgres") -> bytes:
@@ -73,9 +75,18 @@ class BackendMessage:
     message: str | None = None
 
 
-def _recv_exactly(sock: socket.socket | ssl.SSLSocket, count: int) -> bytes:
+def _recv_exactly(
+    sock: socket.socket | ssl.SSLSocket, count: int, deadline: float | None = None
+) -> bytes:
+    """Up to ``count`` bytes, fewer when the peer closes.
+
+    Raises:
+        TimeoutError: ``deadline`` passed first (checked before every read).
+    """
     data = b""
     while len(data) < count:
+        if deadline is not None:
+            arm(sock, deadline)
         chunk = sock.recv(count - len(data))
         if not chunk:
             break
@@ -83,15 +94,21 @@ def _recv_exactly(sock: socket.socket | ssl.SSLSocket, count: int) -> bytes:
     return data
 
 
-def _read_first_message(sock: socket.socket | ssl.SSLSocket) -> BackendMessage | None:
-    """The server's first message, or None when what came back is not PostgreSQL's protocol."""
-    head = _recv_exactly(sock, 5)
+def _read_first_message(
+    sock: socket.socket | ssl.SSLSocket, deadline: float | None = None
+) -> BackendMessage | None:
+    """The server's first message, or None when what came back is not PostgreSQL's protocol.
+
+    Raises:
+        TimeoutError: ``deadline`` passed before the message was complete.
+    """
+    head = _recv_exactly(sock, 5, deadline)
     if len(head) < 5 or head[:1] not in _FIRST_MESSAGES:
         return None
     length = int.from_bytes(head[1:], "big")
-    if not 4 <= length <= 30_000:
+    if not 4 <= length <= MAX_MESSAGE:
         return None
-    body = _recv_exactly(sock, length - 4)
+    body = _recv_exactly(sock, length - 4, deadline)
     if len(body) < length - 4:
         return None
     kind = head[:1].decode()
@@ -120,20 +137,25 @@ def _server_hostname(host: str) -> str | None:
     return host
 
 
-def direct_tls(host: str, port: int, timeout: float) -> DirectAnswer:
+def direct_tls(
+    host: str, port: int, timeout: float, *, deadline: float | None = None
+) -> DirectAnswer:
     """Try PostgreSQL 17's direct TLS: ClientHello with ALPN ``postgresql``, then a StartupMessage.
 
-    Never raises for a server that does not take part; the answer says what happened.
+    The whole exchange ends by ``deadline`` (a ``time.monotonic()`` value) when given, else
+    within ``timeout``. Never raises for a server that does not take part; the answer says
+    what happened.
     """
-    deadline = time.monotonic() + timeout
+    if deadline is None:
+        deadline = time.monotonic() + timeout
     try:
-        raw = connect(host, port, timeout)
+        raw = connect(host, port, timeout, deadline)
     except WireError as exc:
         return DirectAnswer(False, str(exc))
     with raw:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        raw.settimeout(max(0.001, deadline - time.monotonic()))
         try:
+            arm(raw, deadline)
             tls = context(alpn=True).wrap_socket(raw, server_hostname=_server_hostname(host))
         except TimeoutError:
             return DirectAnswer(False, f"no TLS handshake without SSLRequest within {timeout:g} s")
@@ -148,10 +170,14 @@ def direct_tls(host: str, port: int, timeout: float) -> DirectAnswer:
                     f"the handshake completed without ALPN {ALPN!r} "
                     f"(selected: {selected or 'none'})",
                 )
-            tls.settimeout(max(0.001, deadline - time.monotonic()))
             try:
+                arm(tls, deadline)
                 tls.sendall(startup_message())
-                first = _read_first_message(tls)
+                first = _read_first_message(tls, deadline)
+            except TimeoutError:
+                return DirectAnswer(
+                    False, f"no answer to a StartupMessage over direct TLS within {timeout:g} s"
+                )
             except (OSError, ssl.SSLError) as exc:
                 return DirectAnswer(False, f"no answer to a StartupMessage over direct TLS ({exc})")
             if first is None:
@@ -172,25 +198,29 @@ class PlaintextAnswer:
     detail: str
 
 
-def plaintext_posture(host: str, port: int, timeout: float) -> PlaintextAnswer:
+def plaintext_posture(
+    host: str, port: int, timeout: float, *, deadline: float | None = None
+) -> PlaintextAnswer:
     """Whether the server would authenticate a client that did not ask for TLS.
 
-    Sends a StartupMessage on a plain connection and reads the first answer; never sends a
-    password and never raises for a misbehaving server.
+    Sends a StartupMessage on a plain connection and reads the first answer, all by
+    ``deadline`` (a ``time.monotonic()`` value) when given, else within ``timeout``; never
+    sends a password and never raises for a misbehaving server.
     """
-    deadline = time.monotonic() + timeout
+    if deadline is None:
+        deadline = time.monotonic() + timeout
     try:
-        raw = connect(host, port, timeout)
+        raw = connect(host, port, timeout, deadline)
     except WireError as exc:
         return PlaintextAnswer(None, str(exc))
     # Closed at the first answer: a client that leaves before sending a password is not
     # logged by the server, and none is ever sent.
     with raw:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        raw.settimeout(max(0.001, deadline - time.monotonic()))
         try:
+            arm(raw, deadline)
             raw.sendall(startup_message())
-            first = _read_first_message(raw)
+            first = _read_first_message(raw, deadline)
         except TimeoutError:
             return PlaintextAnswer(
                 None, f"no answer to a plaintext StartupMessage in {timeout:g} s"

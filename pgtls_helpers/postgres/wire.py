@@ -184,18 +184,57 @@ def close_politely(tls: ssl.SSLSocket) -> None:
         tls.close()
 
 
-def _error_text(raw: socket.socket) -> str:
-    """The message of an ErrorResponse that follows an ``E`` byte (v3 or the old v2 form)."""
+def remaining(deadline: float) -> float:
+    """Seconds left until ``deadline`` (a ``time.monotonic()`` value).
+
+    Raises:
+        TimeoutError: none left; callers report it as they report a socket timeout.
+    """
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the deadline passed")
+    return left
+
+
+def arm(sock: socket.socket, deadline: float) -> None:
+    """Give the next socket operation only the time left until ``deadline``.
+
+    A socket timeout is per call: a server that sends one byte a second would otherwise keep a
+    reading loop going for as long as it likes.
+
+    Raises:
+        TimeoutError: no time left.
+    """
+    sock.settimeout(remaining(deadline))
+
+
+#: The most of an ErrorResponse read after the SSLRequest; the length field is not trusted.
+ERROR_TEXT_CAP = 2048
+
+
+def _error_text(raw: socket.socket, deadline: float) -> str:
+    """The message of an ErrorResponse that follows an ``E`` byte (v3 or the old v2 form).
+
+    Raises:
+        TimeoutError: the deadline passed before the message was complete.
+    """
     data = b""
     try:
-        raw.settimeout(0.5)
-        while len(data) < 2048:
-            chunk = raw.recv(2048)
+        while len(data) < ERROR_TEXT_CAP:
+            # A complete error arrives at once; 0.5 s of silence ends an old v2 one early.
+            raw.settimeout(min(0.5, remaining(deadline)))
+            try:
+                chunk = raw.recv(ERROR_TEXT_CAP - len(data))
+            except TimeoutError:
+                remaining(deadline)  # raises when the deadline, not the silence, ran out
+                break
             if not chunk:
                 break
             data += chunk
             if len(data) >= 4 and len(data) >= int.from_bytes(data[:4], "big"):
                 break
+    except TimeoutError:
+        raise
     except OSError:
         pass
     if len(data) >= 5 and 4 <= int.from_bytes(data[:4], "big") <= 10_000:
@@ -206,9 +245,16 @@ def _error_text(raw: socket.socket) -> str:
     return " ".join(text.split())[:300] or "no message"
 
 
-def connect(host: str, port: int, timeout: float) -> socket.socket:
+def connect(host: str, port: int, timeout: float, deadline: float | None = None) -> socket.socket:
+    """A TCP connection to ``host:port`` within ``timeout`` (or what is left until ``deadline``).
+
+    Raises:
+        WireError: no connection; the message says why in one sentence.
+    """
+    if deadline is None:
+        deadline = time.monotonic() + timeout
     try:
-        return socket.create_connection((host, port), timeout=timeout)
+        return socket.create_connection((host, port), timeout=remaining(deadline))
     except socket.gaierror as exc:
         raise WireError(
             f"cannot resolve the host name ({exc.strerror}); check the spelling and DNS"
@@ -230,9 +276,11 @@ def connect(host: str, port: int, timeout: float) -> socket.socket:
         ) from exc
 
 
-def _ssl_request(raw: socket.socket, timeout: float) -> None:
+def _ssl_request(raw: socket.socket, timeout: float, deadline: float) -> None:
     try:
+        arm(raw, deadline)
         raw.sendall(SSL_REQUEST)
+        arm(raw, deadline)
         answer = raw.recv(1)
     except TimeoutError as exc:
         raise WireError(
@@ -256,7 +304,14 @@ def _ssl_request(raw: socket.socket, timeout: float) -> None:
             "not-postgres",
         )
     if answer == b"E":
-        raise WireError(f"the server answered the SSLRequest with an error: {_error_text(raw)}")
+        try:
+            text = _error_text(raw, deadline)
+        except TimeoutError as exc:
+            raise WireError(
+                f"the server's error answer to the SSLRequest did not end within {timeout:g} s",
+                "timeout",
+            ) from exc
+        raise WireError(f"the server answered the SSLRequest with an error: {text}")
     raise WireError(
         f"the server answered the SSLRequest with {answer!r}, not "
         "'S' or 'N'; is this a PostgreSQL server?",
@@ -265,7 +320,7 @@ def _ssl_request(raw: socket.socket, timeout: float) -> None:
 
 
 def handshake(host: str, port: int, timeout: float) -> Presented:
-    """SSLRequest and an unverified TLS handshake with ``host:port``.
+    """SSLRequest and an unverified TLS handshake with ``host:port``, all within ``timeout``.
 
     Raises:
         WireError: no handshake; the message says why in one sentence.
@@ -275,22 +330,36 @@ def handshake(host: str, port: int, timeout: float) -> Presented:
 
 
 def handshake_alpn(
-    host: str, port: int, timeout: float, *, alpn: bool = True
+    host: str,
+    port: int,
+    timeout: float,
+    *,
+    alpn: bool = True,
+    deadline: float | None = None,
 ) -> tuple[str | None, str | None, list[Any], str | None]:
     """:func:`handshake` offering ALPN ``postgresql``; also returns the protocol selected.
+
+    Args:
+        host: a host name or an IP address.
+        port: the PostgreSQL port.
+        timeout: seconds for the whole exchange; named in the timeout messages.
+        alpn: offer ALPN ``postgresql``.
+        deadline: a ``time.monotonic()`` value ending the exchange instead, for a caller whose
+            several connections share one ``timeout``.
 
     Raises:
         WireError: no handshake; the message says why in one sentence.
     """
-    deadline = time.monotonic() + timeout
-    with connect(host, port, timeout) as raw:
+    if deadline is None:
+        deadline = time.monotonic() + timeout
+    with connect(host, port, timeout, deadline) as raw:
         # Small writes in a row (SSLRequest, handshake, close_notify) must not wait for
         # delayed ACKs; libpq sets the same option.
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        raw.settimeout(max(0.001, deadline - time.monotonic()))
-        _ssl_request(raw, timeout)
-        raw.settimeout(max(0.001, deadline - time.monotonic()))
+        _ssl_request(raw, timeout, deadline)
         try:
+            # The ssl module holds one timeout for the whole handshake, not one per read.
+            arm(raw, deadline)
             tls = context(alpn).wrap_socket(
                 raw, server_hostname=None if is_ip_address(host) else host
             )
