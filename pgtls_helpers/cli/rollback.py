@@ -29,7 +29,9 @@ def main(args: argparse.Namespace) -> int:
             f"{args.params}: lab_cluster runs remove their throwaway cluster at the end, so "
             "there is nothing to roll back"
         )
-    if params.work.trust_journal.exists():  # a client-trust change (pgtls trust)
+    from pgtls_helpers.runbook import journal as wal
+
+    if wal.is_client_trust(wal.read_entries(params.work.journal)):  # pgtls trust's change
         return _rollback_trust(params, dry_run=args.dry_run)
     records = Path(args.records).resolve()
     if not args.dry_run:
@@ -54,12 +56,13 @@ def main(args: argparse.Namespace) -> int:
 
 def _rollback_trust(params: Params, *, dry_run: bool) -> int:
     """Every root.crt a client-trust change wrote, back from its backup (or, dry, listed)."""
-    from pgtls_helpers.postgres.files import load_journal
     from pgtls_helpers.runbook.trust import rollback_trust
+    from pgtls_helpers.runbook.undo import checked_journal
 
     if dry_run:
-        for item in load_journal(params.work.trust_journal).installed:
-            sys.stdout.write(f"would restore {item.target} from {item.backup or '(remove it)'}\n")
+        for change in reversed(checked_journal(params)[1]):
+            source = change.backup or "(remove it: the change created it)"
+            sys.stdout.write(f"would restore {change.target} from {source}\n")
         return 0
     for restored in rollback_trust(params):
         sys.stdout.write(f"restored {restored}\n")

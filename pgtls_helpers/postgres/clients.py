@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pgtls_helpers.errors import InputError
-from pgtls_helpers.postgres.files import InstallResult, PlannedFile, apply_plan, plan_file
+from pgtls_helpers.postgres.files import PlannedFile, sha256_hex
 
 __all__ = [
     "TLS_VERIFIED",
@@ -30,7 +30,6 @@ __all__ = [
     "ConnCheck",
     "classify_error",
     "connection_checks",
-    "install_root_crt",
     "plan_root_crt",
     "psql_as_user",
     "resolve_client_users",
@@ -79,17 +78,45 @@ def _pem_blocks(data: bytes) -> list[bytes]:
 def plan_root_crt(user: ClientUser, root_pem: bytes, *, merge: bool = False) -> PlannedFile:
     """The root.crt write for one user; an existing different file is replaced (with a
     backup) or, with ``merge``, kept and the new root appended to it."""
-    check_client_path(user)
     data = root_pem
-    current = read_client_file(user.root_crt, user.uid) if user.root_crt.parent.exists() else None
-    if merge and current is not None:
-        blocks = _pem_blocks(current)
-        new = _pem_blocks(root_pem)
-        if all(b in blocks for b in new):
-            data = current
-        else:
-            data = current.rstrip(b"\n") + b"\n" + b"".join(b for b in new if b not in blocks)
-    return plan_file(user.root_crt, data, kind="root.crt", mode=0o644, owner=(user.uid, user.gid))
+    if merge:
+        current = read_client_file(user.root_crt, user.uid) if _exists(user) else None
+        if current is not None:
+            blocks = _pem_blocks(current)
+            new = _pem_blocks(root_pem)
+            if all(b in blocks for b in new):
+                data = current
+            else:
+                data = current.rstrip(b"\n") + b"\n" + b"".join(b for b in new if b not in blocks)
+    return plan_client_root(user, data)
+
+
+def _exists(user: ClientUser) -> bool:
+    check_client_path(user)
+    return os.path.lexists(user.root_crt.parent)
+
+
+def plan_client_root(user: ClientUser, data: bytes, *, mode: int = 0o644) -> PlannedFile:
+    """What writing ``data`` to the user's root.crt would do, judged from the file as read
+    through its directory's descriptor (never by path); reads, never writes."""
+    found = client_file(user.root_crt, user.uid) if _exists(user) else None
+    action: Literal["create", "replace", "unchanged"]
+    if found is None:
+        action = "create"
+    else:
+        current, st = found
+        same = current == data and stat.S_IMODE(st.st_mode) == mode and st.st_gid == user.gid
+        action = "unchanged" if same else "replace"
+    return PlannedFile(
+        target=user.root_crt,
+        kind="root.crt",
+        data=data,
+        mode=mode,
+        uid=user.uid,
+        gid=user.gid,
+        action=action,
+        current_sha256=sha256_hex(found[0]) if found is not None else None,
+    )
 
 
 def prepare_client_dir(user: ClientUser) -> None:
@@ -166,6 +193,13 @@ def _client_dir_fd(directory: Path, uid: int) -> int:
 
 def read_client_file(target: Path, uid: int) -> bytes | None:
     """The bytes of a client's file, read without following a link (None: absent)."""
+    found = client_file(target, uid)
+    return found[0] if found is not None else None
+
+
+def client_file(target: Path, uid: int) -> tuple[bytes, os.stat_result] | None:
+    """The bytes and status of a client's file, read through its directory's descriptor:
+    no link followed, never blocking on a FIFO, capped at 10 MB (None: absent)."""
     dfd = _client_dir_fd(target.parent, uid)
     try:
         fd = os.open(target.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
@@ -189,7 +223,7 @@ def read_client_file(target: Path, uid: int) -> bytes | None:
             chunks.append(chunk)
             if sum(map(len, chunks)) > 10 * 1024 * 1024:
                 raise InputError(f"{target}: larger than 10 MB; not a root certificate file")
-        return b"".join(chunks)
+        return b"".join(chunks), st
     finally:
         os.close(fd)
 
@@ -230,15 +264,6 @@ def remove_client_file(target: Path, uid: int) -> None:
         pass
     finally:
         os.close(dfd)
-
-
-def install_root_crt(
-    users: Sequence[ClientUser], root_pem: bytes, *, merge: bool = False, stamp: str | None = None
-) -> InstallResult:
-    """Give each user ``~/.postgresql/root.crt`` (directory 0700, owned by the user)."""
-    for user in users:
-        prepare_client_dir(user)
-    return apply_plan([plan_root_crt(u, root_pem, merge=merge) for u in users], stamp=stamp)
 
 
 # --------------------------------------------------------------------------- connection checks

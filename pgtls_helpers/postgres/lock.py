@@ -4,16 +4,23 @@ The lock file (``pgtls.lock``, owned by the server's user, mode 0640) is visible
 looks at the data directory while a change runs and names the change that holds it; ``flock``
 makes it die with its process, so a killed run never leaves a stale lock, and the holder removes
 the file when it is done, so a finished change leaves the data directory as it found it.
-``pg_advisory_lock`` on the server covers a run on another host against the same server. Both
-are held for steps 3 and 4 and for a rollback.
+``pg_advisory_lock`` on the server covers a run on another host against the same server.
+
+A headless run holds both from before step 3 until its record is sealed, and its notebooks run
+in a kernel (another process) whose steps take the lock again: the runner puts a random token in
+the kernel's environment (``PGTLS_LOCK_TOKEN``) and the lock file carries the token's SHA-256,
+so a step finds the lock held *for its own run* and goes on under it; anyone else waits. A
+rollback and ``pgtls trust`` take the same lock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
+import pwd
 import socket
 import stat
 import time
@@ -24,10 +31,11 @@ from pathlib import Path
 from pgtls_helpers.errors import PreflightError
 from pgtls_helpers.postgres.server import Server
 
-__all__ = ["ADVISORY_KEY", "LOCK_NAME", "change_lock", "lock_wait"]
+__all__ = ["ADVISORY_KEY", "LOCK_NAME", "TOKEN_ENV", "change_lock", "lock_wait"]
 
 LOCK_NAME = "pgtls.lock"
 ADVISORY_KEY = 0x67746C73  # "gtls": one key for every pgtls change on a server
+TOKEN_ENV = "PGTLS_LOCK_TOKEN"  # set by the runner for its kernel: "this run holds the lock"
 
 
 def lock_wait() -> float:
@@ -38,13 +46,57 @@ def lock_wait() -> float:
         return 30.0
 
 
-def _holder(fd: int) -> str:
+def _info(fd: int) -> dict[str, object]:
     try:
-        raw = os.pread(fd, 4096, 0)
-        info = json.loads(raw or b"{}")
-        return f"change {info.get('change_id')} (pid {info.get('pid')} on {info.get('host')})"
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
     except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _holder(fd: int) -> str:
+    info = _info(fd)
+    if not info.get("change_id"):
         return "another change"
+    return (
+        f"change {info.get('change_id')} (pid {info.get('pid')} of {info.get('user')} on "
+        f"{info.get('host')}, since {info.get('since')})"
+    )
+
+
+def _token_hash() -> str | None:
+    token = os.environ.get(TOKEN_ENV)
+    return hashlib.sha256(token.encode()).hexdigest() if token else None
+
+
+def _held_for_this_run(path: Path) -> bool:
+    """True when the lock at ``path`` is held now by the run this process belongs to."""
+    mine = _token_hash()
+    if mine is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: by our run only if it wrote our token's hash
+            return _info(fd).get("token_sha256") == mine
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
 
 
 @contextmanager
@@ -58,18 +110,25 @@ def change_lock(
 ) -> Iterator[None]:
     """Hold the server's change lock for the ``with`` block, or raise :class:`PreflightError`
     naming the change that holds it after waiting ``wait`` seconds. With ``server`` None (it
-    is down) only the lock file is taken."""
+    is down) only the lock file is taken. Within a run that already holds it (see the module
+    docstring) the block runs under the run's lock."""
     wait = lock_wait() if wait is None else wait
     path = data_directory / LOCK_NAME
+    if _held_for_this_run(path):
+        yield
+        return
     deadline = time.monotonic() + wait
     fd = _take_file_lock(path, owner, deadline)
     try:
-        info = {
+        info: dict[str, object] = {
             "change_id": change_id,
             "pid": os.getpid(),
+            "user": _user(),
             "host": socket.gethostname(),
             "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        if token := _token_hash():
+            info["token_sha256"] = token
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         os.fsync(fd)

@@ -147,3 +147,15 @@ def address_of(host: str) -> str:
             f"server_host '{host}' does not resolve; use a name this machine can "
             "resolve, or an IP address"
         ) from None
+
+
+def lock_directory(params: Params, facts: ServerFacts) -> tuple[Path, tuple[int, int] | None]:
+    """Where the change lock file of this server lives, and who should own it: the data
+    directory when this host sees it (every change made here), else the work root, which is
+    ours (a client-trust change run from a client host; the advisory lock covers the rest)."""
+    if facts.data_directory.is_dir():
+        return facts.data_directory, facts.data_directory_owner
+    root = params.work.path.parent
+    root.mkdir(parents=True, exist_ok=True)
+    params.work.check()
+    return root, None

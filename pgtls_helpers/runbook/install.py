@@ -204,7 +204,7 @@ def apply_install(
 ) -> files.InstallResult:
     """Write the planned files under the server's change lock, each journaled before it is
     written; a failure puts back every file the change touched."""
-    from pgtls_helpers.postgres.clients import plan_root_crt, prepare_client_dir
+    from pgtls_helpers.postgres.clients import plan_root_crt
 
     client_plan = (
         [plan_root_crt(u, pem_of(root), merge=merge) for u in users] if root is not None else []
@@ -233,7 +233,7 @@ def apply_install(
             done = list(journal.write_files(plan[:2]).installed)
             if root is not None:
                 for user in users:
-                    prepare_client_dir(user)
+                    journal.client_dir(user)
                     planned = plan_root_crt(user, pem_of(root), merge=merge)
                     done.append(journal.write_file(planned))
         except Exception:

@@ -5,10 +5,13 @@ step's true status (the finished ones as they ended, the running one ``interrupt
 ``not-run``) and what the change has in place, from its write-ahead journal. A run stopped by
 SIGKILL (or a lost machine) leaves a record directory without ``manifest.json``; the next run
 of that change seals it as ``interrupted`` with what its step summaries and the journal show.
+A run claims its record directory (``flock`` on it, which dies with the process) for as long
+as it writes it, so a record whose run is still alive is never sealed by anyone else.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -22,7 +25,7 @@ from typing import Protocol, TypeVar
 from pgtls_helpers.runbook import journal as wal
 from pgtls_helpers.runbook.params import Params
 
-__all__ = ["in_place", "mark_interrupted", "seal_unfinished", "terminate_as_interrupt"]
+__all__ = ["claim", "in_place", "mark_interrupted", "seal_unfinished", "terminate_as_interrupt"]
 
 
 class _Step(Protocol):
@@ -83,6 +86,28 @@ def in_place(params: Params) -> str:
     )
 
 
+def claim(record: Path) -> int:
+    """Claim a record directory for this process; returns the descriptor that holds it."""
+    fd = os.open(record, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _alive(record: Path) -> bool:
+    """True when a live run holds ``record`` (see :func:`claim`)."""
+    try:
+        fd = os.open(record, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock we took
+    return False
+
+
 def seal_unfinished(records: Path, change_id: str, params: Params, *, exclude: Path) -> list[Path]:
     """Seal every record of ``change_id`` that a killed run left without a manifest."""
     sealed: list[Path] = []
@@ -92,7 +117,7 @@ def seal_unfinished(records: Path, change_id: str, params: Params, *, exclude: P
     for record in sorted(parent.iterdir()):
         if not record.is_dir() or record.resolve() == exclude.resolve():
             continue
-        if (record / "manifest.json").exists():
+        if (record / "manifest.json").exists() or _alive(record):
             continue
         summaries = sorted(p.stem for p in (record / "steps").glob("*.json"))
         manifest = {

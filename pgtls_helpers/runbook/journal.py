@@ -182,6 +182,14 @@ class Journal:
             backup,
         )
 
+    def client_dir(self, user: clients.ClientUser) -> None:
+        """Make the user's ``~/.postgresql`` when it is missing, journaled first, so a
+        rollback removes it again once it is empty."""
+        directory = user.root_crt.parent
+        if not os.path.lexists(directory):
+            self.record("dir", step=self.step, target=str(directory), uid=user.uid)
+        clients.prepare_client_dir(user)
+
     def write_files(self, plan: Sequence[files.PlannedFile]) -> files.InstallResult:
         return files.InstallResult(tuple(self.write_file(p) for p in plan))
 
@@ -337,6 +345,15 @@ def before_state(entries: Sequence[Entry]) -> dict[str, object]:
     return {}
 
 
+TRUST_STEP = "trust"  # the one step of a client-trust change (pgtls trust)
+
+
+def is_client_trust(entries: Sequence[Entry]) -> bool:
+    """True for the journal of a client-trust change: clients' roots only, no server file."""
+    begins = [e for e in entries if e.get("op") == "begin"]
+    return bool(begins) and all(e.get("step") == TRUST_STEP for e in begins)
+
+
 def unfinished_steps(entries: Sequence[Entry]) -> list[str]:
     """Steps whose last ``begin`` has no ``end`` after it (that run was stopped)."""
     open_steps: dict[str, bool] = {}
@@ -406,6 +423,35 @@ def restore_files(changes: Sequence[FileChange], *, work_key: Path) -> list[Rest
             gid=st.st_gid,
         )
         done.append(Restored(change.target, "restored"))
+    return done
+
+
+def created_dirs(entries: Sequence[Entry]) -> list[tuple[Path, int]]:
+    """The clients' ``~/.postgresql`` directories the change made, with their users' uids."""
+    out: dict[str, int] = {}
+    for e in entries:
+        if e.get("op") == "dir" and e.get("uid") is not None:
+            out.setdefault(str(e["target"]), int(str(e["uid"])))
+    return [(Path(t), uid) for t, uid in out.items()]
+
+
+def remove_created_dirs(entries: Sequence[Entry]) -> list[Restored]:
+    """Remove each ``~/.postgresql`` the change made, when it is empty again and still a
+    directory of that user's (``rmdir`` never follows a link, and fails on a full one)."""
+    done: list[Restored] = []
+    for directory, uid in reversed(created_dirs(entries)):
+        try:
+            st = os.lstat(directory)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+            continue
+        try:
+            os.rmdir(directory)
+        except OSError:  # the user keeps something there now: it stays
+            continue
+        files.fsync_dir(directory.parent)
+        done.append(Restored(directory, "removed (created by the change)"))
     return done
 
 

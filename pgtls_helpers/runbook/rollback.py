@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import difflib
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,13 @@ from pgtls_helpers.errors import PgtlsError, PreflightError
 from pgtls_helpers.postgres.lock import change_lock
 from pgtls_helpers.postgres.server import Server
 from pgtls_helpers.runbook import journal as wal
-from pgtls_helpers.runbook.common import address_of, fingerprint_of, open_server, save_step
+from pgtls_helpers.runbook.common import (
+    address_of,
+    fingerprint_of,
+    lock_directory,
+    open_server,
+    save_step,
+)
 from pgtls_helpers.runbook.params import Params
 from pgtls_helpers.runbook.undo import UndoResult, checked_journal, undo_change
 
@@ -105,9 +113,7 @@ def rollback_change(params: Params, *, force: bool = False) -> RollbackResult:
     Raises :class:`PreflightError` when there is nothing to back out, and
     :class:`RollbackConflict` when a file was edited after the change (unless ``force``).
     """
-    _entries, _changes, before = checked_journal(params)
-    if not force:
-        check_conflicts(params)
+    params.work.check()
     log_at = _log_size(params)
     server: Server | None = open_server(params)
     try:
@@ -115,26 +121,42 @@ def rollback_change(params: Params, *, force: bool = False) -> RollbackResult:
         server.show("ssl")
     except PgtlsError:
         server = None
-    data_dir = Path(str(before["data_directory"])) if before.get("data_directory") else None
+    data_dir: Path | None = None
+    if server is None:  # the lock file is in the data directory the journal names
+        _entries, _changes, before = checked_journal(params)
+        data_dir = Path(str(before["data_directory"])) if before.get("data_directory") else None
     try:
-        if server is not None:
-            facts = server.facts()
-            with change_lock(
-                facts.data_directory, facts.data_directory_owner, server, params.change_id
-            ):
-                undone = undo_change(params, server=server, reason="rolled-back")
-        elif data_dir is not None and data_dir.is_dir():
-            st = data_dir.stat()
-            with change_lock(data_dir, (st.st_uid, st.st_gid), None, params.change_id):
-                undone = undo_change(params, server=None, reason="rolled-back")
-        else:
-            undone = undo_change(params, server=None, reason="rolled-back")
+        # the lock before the journal is read: a run of this change (or another change) that
+        # is still writing is waited for, and its journal read as that run left it
+        with _rollback_lock(params, server, data_dir):
+            _entries, _changes, before = checked_journal(params)
+            data_dir = Path(str(before["data_directory"])) if before.get("data_directory") else None
+            if not force:
+                check_conflicts(params)
+            undone = undo_change(params, server=server, reason="rolled-back")
     finally:
         if server is not None:
             server.close()
     res = _check(params, undone, before, log_at, data_dir)
     save_step(params, "rollback", res.summary())
     return res
+
+
+@contextmanager
+def _rollback_lock(params: Params, server: Server | None, data_dir: Path | None) -> Iterator[None]:
+    """The server's change lock (the lock file alone when the server is down; nothing when
+    this host cannot see the data directory either)."""
+    if server is not None:
+        facts = server.facts()
+        directory, owner = lock_directory(params, facts)
+        with change_lock(directory, owner, server, params.change_id):
+            yield
+    elif data_dir is not None and data_dir.is_dir():
+        st = data_dir.stat()
+        with change_lock(data_dir, (st.st_uid, st.st_gid), None, params.change_id):
+            yield
+    else:
+        yield
 
 
 def _log_size(params: Params) -> int:

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +64,9 @@ STEPS: tuple[tuple[str, str], ...] = (
     ("04_enable_ssl", "Enable SSL"),
     ("05_verify_clients", "Verify clients"),
 )
+# The notebooks that write to the server or to clients' homes: the run takes the server's
+# change lock before the first of them and keeps it until its record is sealed.
+WRITING_STEPS = frozenset({"03_install_files", "04_enable_ssl", "client_trust"})
 
 
 def _notebooks_dir() -> Path:
@@ -357,6 +360,9 @@ def run(
         )
 
     record, started = new_record_dir(Path(records_dir), params.change_id)
+    hold = ExitStack()  # what this run holds until its record is sealed, released in reverse
+    # a record being written is claimed, so no other run or rollback seals it as interrupted
+    hold.callback(os.close, interrupt.claim(record))
     interrupt.seal_unfinished(Path(records_dir), params.change_id, params, exclude=record)
     params = dataclasses.replace(params, record_dir=str(record))
     done: list[StepOutcome] = []
@@ -371,6 +377,10 @@ def run(
     # (with PGPASSFILE in its environment) while initdb runs
     lab_base = Path(tempfile.mkdtemp(prefix="pgtls-lab-")) if params.lab_cluster else None
     env = {"PGPASSFILE": str(lab_base / "pgpass")} if lab_base else {}
+    # the kernel inherits the token, and with it the right to work under this run's lock
+    from pgtls_helpers.postgres.lock import TOKEN_ENV
+
+    env[TOKEN_ENV] = secrets.token_hex(16)
     _skip_slow_optional_imports()
     from pgtls_helpers.runbook.kernel import Kernel
     from pgtls_helpers.runbook.snapshot import server_state
@@ -392,7 +402,7 @@ def run(
                 done = [StepOutcome(s, t, "not-run") for s, t in steps]
             else:
                 done, outcome = _run_steps(
-                    params, record, nb_dir, kernel, progress, steps, into=done
+                    params, record, nb_dir, kernel, progress, steps, into=done, hold=hold
                 )
                 exit_code = 0 if outcome in ("ok", "waiting-for-ca") else 1
                 after = None if phase_one else server_state(params)
@@ -428,9 +438,12 @@ def run(
             server_after=after,
             records_dir=Path(records_dir).resolve(),
         )
-        rec.write_run_index(record, manifest)
-        rec.seal(record, manifest)
-        rec.write_change_index(record.parent)
+        try:
+            rec.write_run_index(record, manifest)
+            rec.seal(record, manifest)
+            rec.write_change_index(record.parent)
+        finally:
+            hold.close()  # the change lock, then the claim on the record
     return RunOutcome(record, outcome, exit_code, tuple(done), manifest)
 
 
@@ -452,6 +465,27 @@ def _start_lab(params: Params, base: Path) -> tuple[Params, Any, dict[str, Any]]
     return params, cluster, info
 
 
+def _take_run_lock(params: Params, hold: ExitStack) -> str | None:
+    """Take the server's change lock for the rest of the run (into ``hold``); the step's
+    error when another change holds it. A server that cannot be reached is the step's to
+    report: it runs, and fails on its own terms."""
+    from pgtls_helpers.errors import PreflightError
+    from pgtls_helpers.postgres.lock import change_lock
+    from pgtls_helpers.runbook.common import lock_directory, open_server
+
+    try:
+        server = hold.enter_context(open_server(params))
+        facts = server.facts()
+    except PgtlsError:
+        return None
+    try:
+        directory, owner = lock_directory(params, facts)
+        hold.enter_context(change_lock(directory, owner, server, params.change_id))
+    except PreflightError as exc:
+        return f"PreflightError: {exc}"
+    return None
+
+
 def _run_steps(
     params: Params,
     record: Path,
@@ -461,6 +495,7 @@ def _run_steps(
     notebooks: tuple[tuple[str, str], ...] = STEPS,
     *,
     into: list[StepOutcome] | None = None,
+    hold: ExitStack | None = None,
 ) -> tuple[list[StepOutcome], str]:
     from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -495,6 +530,12 @@ def _run_steps(
             if any(s.status == "failed" for s in steps):
                 steps.append(StepOutcome(step, title, "not-run"))
                 continue
+            if hold is not None and params.apply and step in WRITING_STEPS:
+                refused = _take_run_lock(params, hold)
+                hold = None  # taken (or not needed) once, for the rest of the run
+                if refused is not None:
+                    steps.append(StepOutcome(step, title, "failed", error=refused))
+                    continue
             if progress:
                 print(f"[{i + 1}/{len(notebooks)}] {step}", file=sys.stderr, flush=True)
             t = time.monotonic()

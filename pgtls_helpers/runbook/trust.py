@@ -10,8 +10,8 @@ verify what the server serves now is refused before any file is written.
 
 from __future__ import annotations
 
-import os
 import re
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,14 +19,24 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from pgtls_helpers.errors import InputError, PreflightError, ServerError
+from pgtls_helpers.errors import InputError, PgtlsError, PreflightError, ServerError
 from pgtls_helpers.pki import chain as chainmod
 from pgtls_helpers.pki.findings import Finding
 from pgtls_helpers.postgres import files
-from pgtls_helpers.postgres.clients import ClientUser
-from pgtls_helpers.runbook.common import address_of, pem_of, rfc4514, save_step
+from pgtls_helpers.postgres.clients import ClientUser, plan_client_root
+from pgtls_helpers.postgres.lock import change_lock
+from pgtls_helpers.runbook.common import (
+    address_of,
+    lock_directory,
+    open_server,
+    pem_of,
+    rfc4514,
+    save_step,
+)
+from pgtls_helpers.runbook.journal import TRUST_STEP, Journal, is_client_trust
 from pgtls_helpers.runbook.params import Params
 from pgtls_helpers.runbook.renewal import cert_row, user_roots
+from pgtls_helpers.runbook.undo import checked_journal, undo_change
 
 __all__ = ["TrustResult", "client_trust", "parse_fingerprint", "rollback_trust"]
 
@@ -169,15 +179,7 @@ def client_trust(params: Params) -> TrustResult:
     preflight: list[Finding] = []
     plans, rows = [], []
     for user in users:
-        current = user_roots(user)
-        seen: set[str] = set()
-        after: list[x509.Certificate] = []
-        for cert in [*current, *add]:
-            fp = chainmod.fingerprint(cert)
-            if fp in seen or fp in remove:
-                continue
-            seen.add(fp)
-            after.append(cert)
+        current, after, plan = _plan_user(user, add, remove)
         if not after:
             preflight.append(
                 Finding("error", "no-roots-left", f"{user.name}'s root.crt would hold no root")
@@ -193,13 +195,6 @@ def client_trust(params: Params) -> TrustResult:
                     "the new chain",
                 )
             )
-        plan = files.plan_file(
-            user.root_crt,
-            b"".join(pem_of(c) for c in after),
-            kind="root.crt",
-            mode=0o644,
-            owner=(user.uid, user.gid),
-        )
         plans.append(plan)
         rows.append(
             {
@@ -224,62 +219,122 @@ def client_trust(params: Params) -> TrustResult:
                 "no root.crt was changed: " + "; ".join(f"{f.code}: {f.message}" for f in errors)
             )
         return result
-    _make_dirs(users)
-    installed = files.apply_plan(plans)
-    if installed.changed:
-        params.work.create()
-        files.save_journal(installed, params.work.trust_journal)
-    # each client's own login (its role and ~/.pgpass): a refused login still proves the TLS
-    checks = [
-        psql_as_user(
-            u,
-            params.conninfo(),
-            host=params.hosts[0],
-            hostaddr=hostaddr,
-            role=params.client_roles.get(u.name),
+    with ExitStack() as stack:
+        # one change holds the lock from its first write until its proof is in (or undone)
+        if any(p.action != "unchanged" for p in plans):
+            _lock(params, stack)
+        installed = _apply(params, users, plans, add, remove)
+        # each client's own login (its role and ~/.pgpass): a refused login still proves the TLS
+        checks = [
+            psql_as_user(
+                u,
+                params.conninfo(),
+                host=params.hosts[0],
+                hostaddr=hostaddr,
+                role=params.client_roles.get(u.name),
+            )
+            for u in users
+        ]
+        done = TrustResult(
+            result.served,
+            result.added,
+            result.removed,
+            rows,
+            preflight,
+            installed,
+            checks,
+            applied=True,
         )
-        for u in users
-    ]
-    done = TrustResult(
-        result.served,
-        result.added,
-        result.removed,
-        rows,
-        preflight,
-        installed,
-        checks,
-        applied=True,
-    )
-    save_step(params, "client_trust", done.summary())
-    failed = [c for c in checks if not c.passed]
-    if failed:
-        files.rollback(installed)
-        raise ServerError(
-            "verify-full failed after the change ("
-            + "; ".join(f"{c.check}: {c.detail}" for c in failed)
-            + "); every root.crt was restored from its backup"
-        )
+        save_step(params, "client_trust", done.summary())
+        failed = [c for c in checks if not c.passed]
+        if failed:
+            if installed.changed:
+                undo_change(params, server=None, reason="undone")
+            raise ServerError(
+                "verify-full failed after the change ("
+                + "; ".join(f"{c.check}: {c.detail}" for c in failed)
+                + "); every root.crt was restored from its backup"
+            )
     return done
 
 
-def _make_dirs(users: list[ClientUser]) -> None:
-    for user in users:
-        directory = user.root_crt.parent
-        if not directory.exists():
-            directory.mkdir(mode=0o700)
-            if os.geteuid() == 0:
-                os.chown(directory, user.uid, user.gid)
+def _plan_user(
+    user: ClientUser, add: list[x509.Certificate], remove: set[str]
+) -> tuple[list[x509.Certificate], list[x509.Certificate], files.PlannedFile]:
+    """The user's roots now, after the change, and the root.crt write that makes it so."""
+    current = user_roots(user)
+    seen: set[str] = set()
+    after: list[x509.Certificate] = []
+    for cert in [*current, *add]:
+        fp = chainmod.fingerprint(cert)
+        if fp in seen or fp in remove:
+            continue
+        seen.add(fp)
+        after.append(cert)
+    return current, after, plan_client_root(user, b"".join(pem_of(c) for c in after))
+
+
+def _apply(
+    params: Params,
+    users: list[ClientUser],
+    plans: list[files.PlannedFile],
+    add: list[x509.Certificate],
+    remove: set[str],
+) -> files.InstallResult:
+    """Write the planned root.crt files (the caller holds the change lock), each journaled
+    before it is written (a killed change rolls back like any other); a user whose file
+    changed while we waited is planned again, and refused if the plan would differ."""
+    if all(p.action == "unchanged" for p in plans):
+        return files.InstallResult(tuple(Journal.unchanged(p) for p in plans))
+    for user, planned in zip(users, plans, strict=True):
+        _current, _after, again = _plan_user(user, add, remove)
+        if again.data != planned.data:
+            raise PreflightError(
+                f"{user.root_crt}: changed while this change waited for the lock; no "
+                "root.crt was changed, run the trust change again to plan it afresh"
+            )
+    journal = Journal.begin(
+        params.work,
+        TRUST_STEP,
+        {"server": f"{params.server_host}:{params.server_port}", "kind": "client-trust"},
+    )
+    done = []
+    try:
+        for user, planned in zip(users, plans, strict=True):
+            journal.client_dir(user)
+            done.append(journal.write_file(plan_client_root(user, planned.data)))
+    except Exception:
+        undo_change(params, server=None, reason="undone")
+        raise
+    journal.end("ok")
+    return files.InstallResult(tuple(done))
+
+
+def _lock(params: Params, stack: ExitStack) -> None:
+    """The server's change lock (see :func:`pgtls_helpers.runbook.common.lock_directory`);
+    when the runbook's role cannot log in from here, the lock file in the work root."""
+    try:
+        server = stack.enter_context(open_server(params))
+        facts = server.facts()
+    except PgtlsError:
+        params.work.create()
+        stack.enter_context(change_lock(params.work.path.parent, None, None, params.change_id))
+        return
+    directory, owner = lock_directory(params, facts)
+    stack.enter_context(change_lock(directory, owner, server, params.change_id))
 
 
 def rollback_trust(params: Params) -> list[Path]:
-    """Back out an applied client-trust change: every root.crt back from its backup (bytes,
-    owner, mode); the journal is kept, renamed, for the record."""
-    journal = params.work.trust_journal
-    if not journal.exists():
-        raise PreflightError(
-            f"{journal}: no client-trust journal for change {params.change_id}; nothing was "
-            "applied, or it was already rolled back"
-        )
-    restored = files.rollback(files.load_journal(journal))
-    journal.rename(journal.with_name(f"trust.rolled-back-{files.utc_stamp()}.json"))
-    return restored
+    """Back out a client-trust change, applied or killed half-way: every root.crt back from
+    its backup (bytes, owner, mode), a ``~/.postgresql`` it made removed once empty; the
+    journal is kept, renamed, for the record."""
+    with ExitStack() as stack:
+        _lock(params, stack)
+        entries, _changes, _before = checked_journal(params)
+        if not is_client_trust(entries):
+            raise PreflightError(
+                f"{params.work.journal}: the journal of change {params.change_id} is not a "
+                "client-trust change's; roll it back with pgtls rollback"
+            )
+        undone = undo_change(params, server=None, reason="rolled-back")
+    return [r.target for r in undone.restored if r.action != "already as before"]

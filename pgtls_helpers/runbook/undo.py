@@ -22,7 +22,9 @@ from pgtls_helpers.runbook.params import Params
 
 __all__ = ["UndoResult", "checked_journal", "journal_target_problems", "undo_change"]
 
-Reloaded = Literal["on the open connection", "on a new connection", "by signal", "server down"]
+Reloaded = Literal[
+    "on the open connection", "on a new connection", "by signal", "server down", "not needed"
+]
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,13 @@ def journal_target_problems(
     return problems
 
 
+def _client_home(uid: int) -> Path | None:
+    try:
+        return Path(pwd.getpwuid(uid).pw_dir) / ".postgresql"
+    except (KeyError, OverflowError):
+        return None
+
+
 def checked_journal(
     params: Params,
 ) -> tuple[list[wal.Entry], list[wal.FileChange], dict[str, object]]:
@@ -108,7 +117,11 @@ def checked_journal(
         )
     changes = wal.file_changes(entries)
     before = wal.before_state(entries)
-    if problems := journal_target_problems(params, changes, before):
+    problems = journal_target_problems(params, changes, before)
+    for directory, uid in wal.created_dirs(entries):
+        if _client_home(uid) is None or directory != _client_home(uid):
+            problems.append(f"{directory}: not ~/.postgresql of uid {uid}, the user it names")
+    if problems:
         raise PreflightError(
             f"{params.work.journal}: {'; '.join(problems)}; nothing was rolled back"
         )
@@ -123,6 +136,10 @@ def undo_change(params: Params, *, server: Server | None, reason: str) -> UndoRe
     """
     entries, changes, before = checked_journal(params)
     restored = wal.restore_files(changes, work_key=params.work.key)
+    restored += wal.remove_created_dirs(entries)
+    if wal.is_client_trust(entries):  # roots only: the server was never touched
+        sealed = wal.seal(params.work, reason)
+        return UndoResult(restored, {}, "not needed", sealed, before)
     owned = server is None
     if server is None:
         try:

@@ -67,7 +67,8 @@ class WorkDir:
 
     @property
     def journal(self) -> Path:
-        """The write-ahead journal of steps 3 and 4: each change recorded before it is made."""
+        """The write-ahead journal of steps 3 and 4 (or of a client-trust change): each
+        change recorded before it is made."""
         return self.path / "journal.jsonl"
 
     @property
@@ -79,11 +80,6 @@ class WorkDir:
     def client_loop_roots(self) -> Path:
         """The roots the renewal's client loop trusts while it connects across the reload."""
         return self.path / "client-loop-roots.crt"
-
-    @property
-    def trust_journal(self) -> Path:
-        """A client-trust change (``pgtls trust``): each root.crt written and its backup."""
-        return self.path / "trust.json"
 
     def create(self) -> Path:
         """Create the directory 0700 (tightening one that others could read) and return it.
