@@ -15,7 +15,9 @@ retired private key does not ride along in every base backup.
 
 Tests can stop the process at a named point: ``PGTLS_FAULT_AFTER=<point>`` makes
 :meth:`Journal.point` kill its own process group with SIGKILL (or, with
-``PGTLS_FAULT_SIGNAL=INT``, interrupt itself as Ctrl-C would); the code path is the real one.
+``PGTLS_FAULT_SIGNAL=INT``, interrupt itself as Ctrl-C would; with ``STOP``, write its pid to
+the file ``PGTLS_FAULT_PAUSE_FILE`` names and stop itself until a SIGCONT, so a test can act
+while a change is half-way); the code path is the real one.
 """
 
 from __future__ import annotations
@@ -65,6 +67,12 @@ def fault_point(name: str) -> None:
     if how == "INT":
         os.kill(os.getpid(), signal.SIGINT)
         return
+    if how == "STOP":
+        marker = os.environ.get("PGTLS_FAULT_PAUSE_FILE")
+        if marker:
+            Path(marker).write_text(f"{os.getpid()}\n")
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return
     if how == "TERM-PARENT":  # the runner is told to stop; this kernel then dies with it
         os.kill(os.getppid(), signal.SIGTERM)
         time.sleep(1.0)
@@ -102,7 +110,9 @@ class Journal:
         new = not self.path.exists()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
-            os.write(fd, (json.dumps(entry, default=str) + "\n").encode())
+            data = memoryview((json.dumps(entry, default=str) + "\n").encode())
+            while data:  # a short write (a full disk, a signal) is finished or raises
+                data = data[os.write(fd, data) :]
             os.fsync(fd)
         finally:
             os.close(fd)
