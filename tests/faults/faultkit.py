@@ -89,12 +89,19 @@ def env_for(cluster: LabCluster, **extra: str) -> dict[str, str]:
 
 
 def run_steps(
-    params_path: Path, cluster: LabCluster, *, fault: str | None = None, signal: str = "KILL"
+    params_path: Path,
+    cluster: LabCluster,
+    *,
+    fault: str | None = None,
+    signal: str = "KILL",
+    trust: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    """Steps 3 and 4 in a child process (its own process group), stopped at ``fault``."""
+    """Steps 3 and 4 (``trust``: the client-trust change) in a child process (its own
+    process group), stopped at ``fault``."""
     extra = {"PGTLS_FAULT_AFTER": fault, "PGTLS_FAULT_SIGNAL": signal} if fault else {}
     return subprocess.run(
-        [sys.executable, str(HERE / "run_steps.py"), str(params_path)],
+        [sys.executable, str(HERE / "run_steps.py"), str(params_path)]
+        + (["--trust"] if trust else []),
         capture_output=True,
         text=True,
         check=False,

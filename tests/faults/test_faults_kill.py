@@ -209,3 +209,60 @@ def test_sigterm_to_the_runner_finishes_the_record_with_each_steps_true_status(
     back = rollback(path, fresh_cluster)
     assert back.returncode == 0, back.stdout + back.stderr
     assert_as_before(fresh_cluster, before)
+
+
+@pytest.mark.parametrize(
+    ("had_dir", "point"),
+    [(True, "trust:root.crt:intent"), (True, "trust:root.crt"), (False, "trust:root.crt")],
+)
+def test_a_killed_client_trust_change_rolls_back_to_the_users_files(
+    fresh_cluster: LabCluster,
+    runbook_params: ParamsFactory,
+    own_client_user: str,
+    tmp_path: Path,
+    had_dir: bool,
+    point: str,
+) -> None:
+    """``pgtls trust`` killed right before or after it wrote a user's root.crt: the rollback
+    gives the user's file back byte for byte (and removes a ~/.postgresql the change made)."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from pgtls_helpers.postgres.clients import resolve_client_users
+
+    old_ca = LabCA.create(root_name="Served Root")
+    key, cert = old_ca.issue(["db1.lab.pgtls.test", "127.0.0.1"])
+    fresh_cluster.serve_certificate(key, [cert, *old_ca.intermediates])
+    (user,) = resolve_client_users([own_client_user])
+    directory = user.root_crt.parent
+    old_pem = old_ca.root.public_bytes(Encoding.PEM)
+    if had_dir:
+        directory.mkdir(mode=0o700)
+        os.chown(directory, user.uid, user.gid)
+        user.root_crt.write_bytes(old_pem)
+        os.chown(user.root_crt, user.uid, user.gid)
+        user.root_crt.chmod(0o600)
+        before = (user.root_crt.read_bytes(), user.root_crt.stat().st_mode)
+    roots = tmp_path / "roots.crt"
+    roots.write_bytes(old_pem + LabCA.create(root_name="New Root").root.public_bytes(Encoding.PEM))
+    params = runbook_params(
+        fresh_cluster,
+        change_id="CHG-trust-kill",
+        client_system_users=[own_client_user],
+        add_roots=[str(roots)],
+    )
+    path = params_file(params, tmp_path)
+    killed = run_steps_child(path, fresh_cluster, fault=point, trust=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    if point == "trust:root.crt":  # killed after the write: the user's file is the new one
+        assert len(user.root_crt.read_bytes()) > len(old_pem)
+    back = rollback(path, fresh_cluster)
+    assert back.returncode == 0, back.stdout + back.stderr
+    if had_dir:
+        assert (user.root_crt.read_bytes(), user.root_crt.stat().st_mode) == before
+        assert sorted(p.name for p in directory.iterdir()) == ["root.crt"]
+    else:
+        assert not os.path.lexists(directory), "the change's ~/.postgresql was left behind"
+    # a second rollback finds nothing left to undo and says so, changing nothing
+    again = rollback(path, fresh_cluster)
+    assert "Traceback" not in again.stderr, again.stderr
+    assert "already rolled back" in again.stderr, again.stderr
