@@ -4,10 +4,19 @@ Every write goes to a temporary file in the target's directory, created with its
 (0600 for a key from the first byte), owned as planned, fsynced, then renamed over the target.
 Whatever is replaced is first copied to ``NAME.pgtls-backup-<UTC stamp>`` beside it, with the same
 owner and mode, and :func:`rollback` puts those bytes, owner and mode back.
+
+A server's files are written *exactly* (``exact=True``): their directory is opened from ``/``
+one component at a time with ``O_NOFOLLOW``, and every operation (the temporary file, its
+``fchown``, the rename, the fsync) is relative to that directory's descriptor. The path given
+is the canonical one the target policy judged (:func:`canonical`), so a symbolic link swapped
+into it afterwards, by anyone who owns a directory on the way, makes the write fail instead of
+landing where the link leads.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import grp
 import hashlib
 import json
@@ -29,9 +38,12 @@ __all__ = [
     "apply_plan",
     "atomic_write",
     "backup_copy",
+    "canonical",
     "fsync_dir",
     "key_file_problem",
     "plan_file",
+    "read_regular",
+    "remove",
     "rollback",
     "sha256_hex",
     "utc_stamp",
@@ -224,35 +236,137 @@ def _dir_stat(directory: Path) -> os.stat_result:
         ) from None
 
 
+def canonical(path: str | Path) -> Path:
+    """``path`` with its directory's real path (no symbolic link on the way); the name stays."""
+    target = Path(path)
+    return Path(os.path.realpath(target.parent)) / target.name
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def open_directory(directory: Path, *, exact: bool) -> int:
+    """A descriptor of ``directory``; with ``exact``, reached from ``/`` through no symbolic
+    link (``PreflightError`` naming the path otherwise)."""
+    if not exact:
+        return os.open(directory, _DIR_FLAGS)
+    if not directory.is_absolute():
+        raise PreflightError(
+            f"{directory}: not an absolute path; pgtls writes no server file there"
+        )
+    fd = os.open("/", _DIR_FLAGS)
+    try:
+        for part in directory.parts[1:]:
+            try:
+                nxt = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise PreflightError(
+                        f"{directory}: {part} on the way there is not a directory now (a "
+                        "symbolic link appeared after the target was judged), so pgtls writes "
+                        "nothing there; find out who changed it before running again"
+                    ) from None
+                raise
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(path: str | Path, *, exact: bool = False) -> tuple[bytes, os.stat_result] | None:
+    """The bytes and status of the regular file at ``path`` (its last component not followed
+    when it is a link), or None when there is none; a link or a special file there is
+    refused with one sentence."""
+    target = Path(path)
+    try:
+        dfd = open_directory(target.parent, exact=exact)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fd = os.open(
+                target.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd
+            )
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise PreflightError(
+                    f"{target}: a symbolic link; pgtls reads and writes no server file through "
+                    "a link; replace the link by the file it leads to"
+                ) from None
+            raise
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise PreflightError(f"{target}: not a regular file; pgtls will not read it")
+            return fh.read(), st
+    finally:
+        os.close(dfd)
+
+
 def atomic_write(
-    path: str | Path, data: bytes, *, mode: int, uid: int | None = None, gid: int | None = None
+    path: str | Path,
+    data: bytes,
+    *,
+    mode: int,
+    uid: int | None = None,
+    gid: int | None = None,
+    exact: bool = False,
 ) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
 
     The temporary file is created with ``mode`` (so a key is 0600 from its first byte) and
-    handed to ``uid``/``gid`` before any byte is written.
+    handed to ``uid``/``gid`` before any byte is written. With ``exact`` the directory is
+    reached through no symbolic link (see the module docstring).
     """
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.pgtls-tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    old_umask = os.umask(0o077)
+    tmp = f".{target.name}.pgtls-tmp-{os.getpid()}"
+    dfd = open_directory(target.parent, exact=exact)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode & 0o700)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dfd)
+        old_umask = os.umask(0o077)
+        try:
+            fd = os.open(
+                tmp,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                mode & 0o700,
+                dir_fd=dfd,
+            )
+        finally:
+            os.umask(old_umask)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                if uid is not None and gid is not None and os.geteuid() == 0:
+                    os.fchown(fh.fileno(), uid, gid)
+                os.fchmod(fh.fileno(), mode)  # widen to the final mode only after chown
+                fh.write(data)  # buffered: all of it, or an error
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+            raise
+        with contextlib.suppress(OSError):
+            os.fsync(dfd)
     finally:
-        os.umask(old_umask)
+        os.close(dfd)
+
+
+def remove(path: str | Path, *, exact: bool = False) -> None:
+    """Remove the file at ``path`` (never what a link there leads to), durably."""
+    target = Path(path)
+    dfd = open_directory(target.parent, exact=exact)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            if uid is not None and gid is not None and os.geteuid() == 0:
-                os.fchown(fh.fileno(), uid, gid)
-            os.fchmod(fh.fileno(), mode)  # widen to the final mode only after chown
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(target.parent)
+        os.unlink(target.name, dir_fd=dfd)
+        with contextlib.suppress(OSError):
+            os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def fsync_dir(directory: Path) -> None:
@@ -267,19 +381,22 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def backup_copy(path: Path, stamp: str, *, directory: Path | None = None) -> Path:
+def backup_copy(
+    path: Path, stamp: str, *, directory: Path | None = None, exact: bool = False
+) -> Path:
     """Copy ``path`` to ``NAME.pgtls-backup-<stamp>`` beside it (or in ``directory``), same
-    owner and mode."""
-    st = path.stat()
+    owner and mode; with ``exact``, read as :func:`read_regular` reads a server file."""
+    found = read_regular(path, exact=exact)
+    if found is None:
+        raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
+    data, st = found
     where = directory if directory is not None else path.parent
     backup = where / f"{path.name}.pgtls-backup-{stamp}"
     n = 1
     while backup.exists():
         n += 1
         backup = where / f"{path.name}.pgtls-backup-{stamp}.{n}"
-    atomic_write(
-        backup, path.read_bytes(), mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid
-    )
+    atomic_write(backup, data, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid)
     return backup
 
 

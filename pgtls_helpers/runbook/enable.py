@@ -383,8 +383,12 @@ def apply_enable(
         renewed = watch.finish(after)
     hba_write = files.InstallResult(())
     if plan.hba.changed:
+        # judged again by its real path, which is then written exactly (postgres/files.py)
+        hba_target = files.canonical(plan.facts.hba_file)
+        if problem := target_policy(params, plan.facts).problem(hba_target, setting="hba_file"):
+            raise PreflightError(problem)
         planned = files.plan_file(
-            plan.facts.hba_file,
+            hba_target,
             plan.hba.after.encode(),
             kind="hba",
             mode=plan.hba_mode,

@@ -217,20 +217,20 @@ def apply_install(
         change_lock(facts.data_directory, facts.data_directory_owner, server, params.change_id),
     ):
         # planned again under the lock: another change may have finished while we waited,
-        # and the targets judged again by the same policy as the preflight
+        # and the targets judged again by the same policy as the preflight, by the real path
+        # that is then written exactly (a link swapped in afterwards fails the write)
         policy = target_policy(params, facts)
-        for p in plan:
-            if p.kind == "root.crt":
-                continue  # a client's file: the client-home rules of postgres/clients.py
-            if problem := policy.problem(p.target, setting=f"the {p.kind} file"):
+        exact = [(p, files.canonical(p.target)) for p in plan if p.kind != "root.crt"]
+        for p, target in exact:  # a client's root.crt: the client-home rules (clients.py)
+            if problem := policy.problem(target, setting=f"the {p.kind} file"):
                 raise PreflightError(f"{problem}; nothing was installed")
         plan = [
-            files.plan_file(p.target, p.data, kind=p.kind, mode=p.mode, owner=(p.uid, p.gid))
-            for p in plan
+            files.plan_file(target, p.data, kind=p.kind, mode=p.mode, owner=(p.uid, p.gid))
+            for p, target in exact
         ]
         journal = Journal.begin(params.work, "install", server_before(params, facts))
         try:
-            done = list(journal.write_files(plan[:2]).installed)
+            done = list(journal.write_files(plan).installed)
             if root is not None:
                 for user in users:
                     journal.client_dir(user)

@@ -144,10 +144,10 @@ class Journal:
                 mode = 0o644
             files.atomic_write(backup, data, mode=mode, uid=client_uid, gid=target_gid(target))
             return backup
-        if not target.exists():
+        if not os.path.lexists(target):
             return None
         directory.mkdir(mode=0o700, exist_ok=True)
-        return files.backup_copy(target, files.utc_stamp(), directory=directory)
+        return files.backup_copy(target, files.utc_stamp(), directory=directory, exact=True)
 
     @staticmethod
     def unchanged(planned: files.PlannedFile) -> files.Installed:
@@ -179,7 +179,12 @@ class Journal:
             )
         else:
             files.atomic_write(
-                planned.target, planned.data, mode=planned.mode, uid=planned.uid, gid=planned.gid
+                planned.target,
+                planned.data,
+                mode=planned.mode,
+                uid=planned.uid,
+                gid=planned.gid,
+                exact=True,
             )
         self.record("done", ref=seq, sha256=planned.sha256)
         self.point(planned.kind)
@@ -215,10 +220,12 @@ class Journal:
         None when the file is not readable from here (then only the settings' old values are
         journaled, and a rollback needs the server up to reset them).
         """
+        auto_conf = files.canonical(auto_conf)
         try:
-            before = auto_conf.read_bytes()
-        except OSError:
-            before = None
+            found = files.read_regular(auto_conf, exact=True)
+        except PermissionError:
+            found = None
+        before = found[0] if found is not None else None
         backup = self._backup(auto_conf) if before is not None else None
         seq = self.record(
             "file",
@@ -407,8 +414,7 @@ def restore_files(changes: Sequence[FileChange], *, work_key: Path) -> list[Rest
             if client_uid is not None:
                 clients.remove_client_file(change.target, client_uid)
             else:
-                change.target.unlink()
-                files.fsync_dir(change.target.parent)
+                files.remove(change.target, exact=True)
             done.append(Restored(change.target, "removed (created by the change)"))
             continue
         if client_uid is not None:
@@ -431,6 +437,7 @@ def restore_files(changes: Sequence[FileChange], *, work_key: Path) -> list[Rest
             mode=stat.S_IMODE(st.st_mode),
             uid=st.st_uid,
             gid=st.st_gid,
+            exact=True,
         )
         done.append(Restored(change.target, "restored"))
     return done

@@ -242,3 +242,68 @@ def test_rollback_gives_a_clients_root_crt_back_with_its_mode_and_owner(
     assert _state(user.root_crt) != before
     assert rollback_change(params).ok
     assert _state(user.root_crt) == before
+
+
+def test_a_link_swapped_into_a_server_files_path_never_redirects_the_write(
+    tmp_path: Path,
+) -> None:
+    """The server's OS user owns directories on the way to the data directory; flipping one
+    between a directory and a link to a root-owned folder never gets root to write there."""
+    from pgtls_helpers.errors import PreflightError
+    from pgtls_helpers.postgres import files
+
+    if os.geteuid() != 0:
+        skip_or_fail("the attack is on a root-owned directory; run the tests as root")
+    victim_dir = Path(f"/etc/pgtls-victim-dir-{os.getpid()}")
+    victim_dir.mkdir(mode=0o755)
+    try:
+        base = tmp_path / "pg"
+        base.mkdir()
+        base.chmod(0o755)
+        tmp_path.chmod(0o755)
+        nobody = 65534
+        os.chown(base, nobody, nobody)
+        data = base / "main"
+        swapper = subprocess.Popen(
+            [
+                "runuser",
+                "-u",
+                "nobody",
+                "--",
+                "timeout",
+                "5",
+                "sh",
+                "-c",
+                f'while :; do rm -rf "{data}"; mkdir "{data}"; rm -rf "{data}"; '
+                f'ln -s "{victim_dir}" "{data}"; done',
+            ]
+        )
+        tries = written = 0
+        try:
+            while swapper.poll() is None:
+                tries += 1
+                try:
+                    files.atomic_write(data / "server.crt", b"cert\n", mode=0o644, exact=True)
+                    written += 1
+                except (PreflightError, OSError):
+                    pass
+                assert not list(victim_dir.iterdir()), "root wrote through the link"
+        finally:
+            swapper.wait(timeout=10)
+        assert tries > 100, f"only {tries} attempts ran in the race"
+        assert not list(victim_dir.iterdir())
+        # a link in place is refused outright; a path-based write would have followed it
+        if data.is_symlink() or data.is_file():
+            data.unlink()
+        elif data.is_dir():
+            data.rmdir()
+        data.symlink_to(victim_dir)
+        with pytest.raises(PreflightError, match="symbolic link appeared"):
+            files.atomic_write(data / "server.crt", b"cert\n", mode=0o644, exact=True)
+        assert not list(victim_dir.iterdir())
+        files.atomic_write(data / "server.crt", b"cert\n", mode=0o644)
+        assert [p.name for p in victim_dir.iterdir()] == ["server.crt"], "the attack is real"
+    finally:
+        for p in victim_dir.iterdir():
+            p.unlink()
+        victim_dir.rmdir()
