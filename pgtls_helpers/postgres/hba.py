@@ -100,7 +100,7 @@ def insecure_reason(rule: HbaRule) -> str | None:
         return None
     if rule.method == "trust":
         return f"'{rule.line()}' lets anyone in without a password (trust)"
-    if rule.type in ("host", "hostnossl"):
+    if rule.type in ("host", "hostnossl", "hostnogssenc"):
         return f"'{rule.line()}' accepts connections without TLS ({rule.type})"
     return None
 

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pgtls_helpers.errors import PreflightError
+from pgtls_helpers.postgres import files
 
 __all__ = ["HbaLine", "OwnConnection", "check_hba_text", "first_match", "server_bindir"]
 
@@ -94,15 +96,27 @@ def _check_cluster(bindir: Path, uid: int, gid: int) -> Path:
     base = Path("/var/tmp") if Path("/var/tmp").is_dir() else Path(tempfile.gettempdir())  # noqa: S108
     home = base / f"pgtls-hbacheck-{major}-{uid}"
     data = home / "data"
-    if home.exists():
-        st = home.lstat()
-        if not home.is_dir() or home.is_symlink() or st.st_uid != uid or st.st_mode & 0o077:
-            raise PreflightError(
-                f"{home}: not a private directory of the server's user; remove it and rerun"
-            )
-        if (data / "PG_VERSION").exists():
+    try:
+        st: os.stat_result | None = home.lstat()
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        private = stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not st.st_mode & 0o077
+        if private and (data / "PG_VERSION").exists():
             return data
-        shutil.rmtree(home)
+        # unfinished, or not the server user's private directory (another user may have
+        # taken the name first): taken away and made anew, never used
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(home)  # fd-based: never follows a link inside
+            else:
+                home.unlink()
+        except OSError as exc:
+            raise PreflightError(
+                f"{home}: not a private directory of the server's user (owner uid "
+                f"{st.st_uid}) and it cannot be removed from here ({exc.strerror}); remove it "
+                "as root and run again"
+            ) from None
     tmp = Path(tempfile.mkdtemp(prefix=f".pgtls-hbacheck-{major}-", dir=base))
     if os.geteuid() == 0:
         os.chown(tmp, uid, gid)
@@ -198,8 +212,11 @@ def check_hba_text(
                 timeout=120,
             )
         try:
-            raw = out.read_text().splitlines()
-        except OSError:
+            found = files.read_regular(out)  # the server user's directory: no link followed
+            if found is None:
+                raise FileNotFoundError(out)
+            raw = found[0].decode().splitlines()
+        except (OSError, PreflightError, UnicodeDecodeError):
             raise PreflightError(
                 f"{hba_file}: the throwaway server could not parse the planned file "
                 f"({(proc.stderr or proc.stdout).strip()[-200:]})"

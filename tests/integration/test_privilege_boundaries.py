@@ -307,3 +307,41 @@ def test_a_link_swapped_into_a_server_files_path_never_redirects_the_write(
         for p in victim_dir.iterdir():
             p.unlink()
         victim_dir.rmdir()
+
+
+def test_the_hba_checks_cache_taken_first_by_another_user_is_replaced_not_used(
+    fresh_cluster: LabCluster,
+) -> None:
+    from pgtls_helpers.postgres import hbacheck
+
+    if os.geteuid() != 0:
+        skip_or_fail("the attacker is another OS user; run the tests as root")
+    st = fresh_cluster.pgdata.stat()
+    bindir = hbacheck.server_bindir(fresh_cluster.pgdata)
+    home = Path("/var/tmp") / f"pgtls-hbacheck-{hbacheck._major(bindir)}-{st.st_uid}"
+    subprocess.run(["rm", "-rf", str(home)], check=True)
+    # the attacker: nobody takes the name first, with a world-readable "cluster" of its own
+    planted = home / "data" / "PG_VERSION"
+    subprocess.run(
+        [
+            "runuser",
+            "-u",
+            "nobody",
+            "--",
+            "sh",
+            "-c",
+            f'mkdir -p "{planted.parent}" && echo 15 > "{planted}" && chmod -R 0777 "{home}"',
+        ],
+        check=True,
+    )
+    text = (fresh_cluster.pgdata / "pg_hba.conf").read_text()
+    lines = hbacheck.check_hba_text(
+        text,
+        hba_file=fresh_cluster.pgdata / "pg_hba.conf",
+        data_directory=fresh_cluster.pgdata,
+        owner=(st.st_uid, st.st_gid),
+    )
+    assert lines, "the check parsed the file"
+    now = home.lstat()
+    assert (now.st_uid, now.st_mode & 0o077) == (st.st_uid, 0), "the cache is the server user's"
+    assert planted.read_text() != "15\n" or planted.stat().st_uid == st.st_uid

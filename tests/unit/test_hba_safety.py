@@ -52,6 +52,9 @@ def test_rules_of_the_wrong_type_are_one_sentence(raw: object) -> None:
         ({"type": "host"}, "without TLS"),
         ({"type": "hostnossl", "method": "md5"}, "without TLS"),
         ({"type": "hostnossl", "method": "reject"}, None),
+        ({"type": "hostnogssenc"}, "without TLS"),
+        ({"type": "hostnogssenc", "method": "reject"}, None),
+        ({"type": "hostgssenc"}, None),
         ({}, None),
     ],
 )
