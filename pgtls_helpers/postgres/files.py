@@ -44,6 +44,7 @@ __all__ = [
     "plan_file",
     "read_regular",
     "remove",
+    "require_space",
     "rollback",
     "sha256_hex",
     "utc_stamp",
@@ -367,6 +368,22 @@ def remove(path: str | Path, *, exact: bool = False) -> None:
             os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def require_space(directory: Path, need: int, *, what: str) -> None:
+    """Raise :class:`PreflightError` unless the file system of ``directory`` has ``need``
+    bytes free for this user (checked before a step's first write, so a full disk stops the
+    change before it starts, not half-way)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return  # no answer (an unusual file system): the writes report their own errors
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        raise PreflightError(
+            f"{directory}: {free // 1024} KiB free, and {what} needs at least "
+            f"{-(-need // 1024)} KiB there; free some space and run again (nothing was written)"
+        )
 
 
 def fsync_dir(directory: Path) -> None:

@@ -274,7 +274,20 @@ def step4_enable_ssl(params: Params) -> EnableResult:
                 _finish_interrupted(params, server, plan)
                 return _unchanged(params, plan)
             check_enable(params, server, plan)
-            journal = Journal.begin(params.work, "enable", server_before(params, plan.facts))
+            files.require_space(
+                plan.facts.hba_file.parent,
+                2 * len(plan.hba.after.encode()) + (64 << 10),
+                what="the new pg_hba.conf",
+            )
+            journal = Journal.begin(
+                params.work,
+                "enable",
+                server_before(params, plan.facts),
+                backing_up=[
+                    plan.facts.hba_file,
+                    plan.facts.data_directory / "postgresql.auto.conf",
+                ],
+            )
             try:
                 settings_write, hba_write, after, renewed = apply_enable(
                     params, server, plan, journal

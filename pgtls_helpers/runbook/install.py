@@ -228,7 +228,18 @@ def apply_install(
             files.plan_file(target, p.data, kind=p.kind, mode=p.mode, owner=(p.uid, p.gid))
             for p, target in exact
         ]
-        journal = Journal.begin(params.work, "install", server_before(params, facts))
+        # room first: in the work directory for the journal and backups, beside each target
+        # for its new file (a full disk stops the step here, before its first write)
+        for p in plan:
+            files.require_space(
+                p.target.parent, 2 * len(p.data) + (64 << 10), what=f"the new {p.target.name}"
+            )
+        journal = Journal.begin(
+            params.work,
+            "install",
+            server_before(params, facts),
+            backing_up=[p.target for p in plan] + [u.root_crt for u in users],
+        )
         try:
             done = list(journal.write_files(plan).installed)
             if root is not None:

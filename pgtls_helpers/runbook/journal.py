@@ -22,6 +22,7 @@ while a change is half-way); the code path is the real one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -33,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
+from pgtls_helpers.errors import PgtlsError
 from pgtls_helpers.postgres import clients, files
 from pgtls_helpers.runbook.workdir import WorkDir
 
@@ -86,6 +88,9 @@ def fault_point(name: str) -> None:
     os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
+JOURNAL_RESERVE = 1 << 20  # bytes the journal's entries of one step may take, at most
+
+
 class Journal:
     """Append-only, fsynced records of one change; see the module docstring."""
 
@@ -96,9 +101,28 @@ class Journal:
         self._seq = len(read_entries(self.path))
 
     @classmethod
-    def begin(cls, work: WorkDir, step: str, before: Mapping[str, object]) -> Journal:
-        """Open (or continue) the change's journal and record that ``step`` starts."""
+    def begin(
+        cls,
+        work: WorkDir,
+        step: str,
+        before: Mapping[str, object],
+        *,
+        backing_up: Sequence[Path] = (),
+    ) -> Journal:
+        """Open (or continue) the change's journal and record that ``step`` starts.
+
+        The work directory must have room for the journal and a backup of each file in
+        ``backing_up`` first: a full disk stops the step before its first write, and the undo
+        never needs space there (see :func:`seal` and :func:`restore_files`).
+        """
         work.create()
+        sizes = 0
+        for path in backing_up:
+            with contextlib.suppress(OSError):
+                sizes += os.lstat(path).st_size
+        files.require_space(
+            work.path, JOURNAL_RESERVE + 2 * sizes, what=f"the {step} step's journal and backups"
+        )
         journal = cls(work, step)
         journal.record("begin", step=step, pid=os.getpid(), before=dict(before))
         return journal
@@ -108,14 +132,20 @@ class Journal:
         seq = self._seq
         entry = {"seq": seq, "op": op, "at": _now(), **fields}
         new = not self.path.exists()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
-            data = memoryview((json.dumps(entry, default=str) + "\n").encode())
-            while data:  # a short write (a full disk, a signal) is finished or raises
-                data = data[os.write(fd, data) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            try:
+                data = memoryview((json.dumps(entry, default=str) + "\n").encode())
+                while data:  # a short write (a full disk, a signal) is finished or raises
+                    data = data[os.write(fd, data) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise PgtlsError(
+                f"{self.path}: the journal could not be written in the {self.step} step "
+                f"({exc.strerror}); free space or fix the work directory, then roll back"
+            ) from exc
         if new:
             files.fsync_dir(self.path.parent)
         self._seq += 1
@@ -160,7 +190,14 @@ class Journal:
         if planned.action == "unchanged":
             return self.unchanged(planned)
         client = planned.kind == "root.crt"
-        backup = self._backup(planned.target, client_uid=planned.uid if client else None)
+        try:
+            backup = self._backup(planned.target, client_uid=planned.uid if client else None)
+        except OSError as exc:
+            raise PgtlsError(
+                f"{self.work.backups}: the backup of {planned.target} could not be written in "
+                f"the {self.step} step ({exc.strerror}); what this change wrote so far is put "
+                "back"
+            ) from exc
         seq = self.record(
             "file",
             step=self.step,
@@ -173,6 +210,26 @@ class Journal:
             gid=planned.gid,
         )
         self.point(f"{planned.kind}:intent")
+        try:
+            self._write(planned, client=client)
+        except OSError as exc:
+            raise PgtlsError(
+                f"{planned.target}: could not be written in the {self.step} step "
+                f"({exc.strerror}); what this change wrote so far is put back"
+            ) from exc
+        self.record("done", ref=seq, sha256=planned.sha256)
+        self.point(planned.kind)
+        return files.Installed(
+            planned.target,
+            planned.kind,
+            "replace" if backup else "create",
+            planned.sha256,
+            planned.current_sha256,
+            backup,
+        )
+
+    @staticmethod
+    def _write(planned: files.PlannedFile, *, client: bool) -> None:
         if client:
             clients.write_client_file(
                 planned.target, planned.data, mode=planned.mode, uid=planned.uid, gid=planned.gid
@@ -186,16 +243,6 @@ class Journal:
                 gid=planned.gid,
                 exact=True,
             )
-        self.record("done", ref=seq, sha256=planned.sha256)
-        self.point(planned.kind)
-        return files.Installed(
-            planned.target,
-            planned.kind,
-            "replace" if backup else "create",
-            planned.sha256,
-            planned.current_sha256,
-            backup,
-        )
 
     def client_dir(self, user: clients.ClientUser) -> None:
         """Make the user's ``~/.postgresql`` when it is missing, journaled first, so a
@@ -387,7 +434,15 @@ class Restored:
     """What a restore did to one file."""
 
     target: Path
-    action: Literal["restored", "removed (created by the change)", "already as before"]
+    action: Literal[
+        "restored",
+        "removed (created by the change)",
+        "already as before",
+        "not kept (no space in the work directory)",
+    ]
+
+
+CHANGED_BACK = ("restored", "removed (created by the change)")  # what a rollback did to a file
 
 
 def restore_files(changes: Sequence[FileChange], *, work_key: Path) -> list[Restored]:
@@ -405,7 +460,10 @@ def restore_files(changes: Sequence[FileChange], *, work_key: Path) -> list[Rest
             if not work_key.exists():
                 from pgtls_helpers.postgres import keyfiles
 
-                keyfiles.write_private_key(work_key, change.target.read_bytes())
+                try:
+                    keyfiles.write_private_key(work_key, change.target.read_bytes())
+                except OSError:  # the work disk is full: the undo goes on without the copy
+                    done.append(Restored(work_key, "not kept (no space in the work directory)"))
         client_uid = change.uid if change.kind == "root.crt" else None
         if change.backup is None:
             if current is None:
@@ -493,7 +551,8 @@ def seal(work: WorkDir, how: str) -> Path | None:
     path = work.journal
     if not path.exists():
         return None
-    Journal(work, "seal").record("sealed", how=how)
+    with contextlib.suppress(PgtlsError):  # a full disk: the new name alone says it
+        Journal(work, "seal").record("sealed", how=how)
     sealed = path.with_name(f"journal.{how}-{files.utc_stamp()}.jsonl")
     n = 1
     while sealed.exists():

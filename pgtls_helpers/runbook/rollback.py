@@ -176,7 +176,7 @@ def _check(
     """Is the server as the journal says it was before the change?"""
     from pgtls_helpers.postgres.probe import chain_rows, probe
 
-    restored = [str(r.target) for r in undone.restored if r.action != "already as before"]
+    restored = [str(r.target) for r in undone.restored if r.action in wal.CHANGED_BACK]
     rows = [{"file": str(r.target), "action": r.action} for r in undone.restored]
     problems: list[str] = []
     if undone.reloaded == "server down":

@@ -33,7 +33,7 @@ from pgtls_helpers.runbook.common import (
     rfc4514,
     save_step,
 )
-from pgtls_helpers.runbook.journal import TRUST_STEP, Journal, is_client_trust
+from pgtls_helpers.runbook.journal import CHANGED_BACK, TRUST_STEP, Journal, is_client_trust
 from pgtls_helpers.runbook.params import Params
 from pgtls_helpers.runbook.renewal import cert_row, user_roots
 from pgtls_helpers.runbook.undo import checked_journal, undo_change
@@ -297,6 +297,7 @@ def _apply(
         params.work,
         TRUST_STEP,
         {"server": f"{params.server_host}:{params.server_port}", "kind": "client-trust"},
+        backing_up=[planned.target for planned in plans],
     )
     done = []
     try:
@@ -337,4 +338,4 @@ def rollback_trust(params: Params) -> list[Path]:
                 "client-trust change's; roll it back with pgtls rollback"
             )
         undone = undo_change(params, server=None, reason="rolled-back")
-    return [r.target for r in undone.restored if r.action != "already as before"]
+    return [r.target for r in undone.restored if r.action in CHANGED_BACK]

@@ -9,12 +9,14 @@ The default run takes a representative subset on each PostgreSQL major; ``make f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -23,8 +25,10 @@ from faultkit import ALL_POINTS, ServerState, assert_as_before, env_for, params_
 from faultkit import run_steps as run_steps_child
 
 from pgtls_helpers import notebook as runbook
+from pgtls_helpers.errors import PreflightError
 from pgtls_helpers.lab import LabCA, LabCluster
 from pgtls_helpers.runbook.params import Params
+from tests.support import skip_or_fail
 
 ParamsFactory = Callable[..., Params]
 FULL = os.environ.get("PGTLS_FAULTS") == "all"
@@ -266,3 +270,93 @@ def test_a_killed_client_trust_change_rolls_back_to_the_users_files(
     again = rollback(path, fresh_cluster)
     assert "Traceback" not in again.stderr, again.stderr
     assert "already rolled back" in again.stderr, again.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MiB file system of its own, for the work directory (a real ENOSPC)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if made.returncode != 0:
+        skip_or_fail(f"cannot mount a small file system here: {made.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(directory: Path, leave: int = 0) -> None:
+    """Take the free space of ``directory``'s file system, all but ``leave`` bytes."""
+    st = os.statvfs(directory)
+    with open(directory / "filler", "wb") as fh:
+        with contextlib.suppress(OSError):
+            fh.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+
+
+def test_a_full_work_disk_stops_the_change_before_its_first_write(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory, tmp_path: Path, small_disk: Path
+) -> None:
+    before = ServerState.of(fresh_cluster)
+    data_before = sorted(p.name for p in fresh_cluster.pgdata.iterdir())
+    params = runbook_params(fresh_cluster, work_dir=str(small_disk / "work"))
+    runbook.step1_key_and_csr(params)
+    runbook.step2_ca_response(params)
+    _fill(small_disk, leave=256 << 10)
+    with pytest.raises(PreflightError) as err:
+        runbook.step3_install_files(params)
+    message = str(err.value)
+    assert str(small_disk / "work") in message and "KiB free" in message
+    assert "nothing was written" in message
+    assert not params.work.journal.exists()
+    assert sorted(p.name for p in fresh_cluster.pgdata.iterdir()) == data_before
+    assert_as_before(fresh_cluster, before)
+
+
+def test_a_work_disk_that_fills_during_step4_is_undone_whole_and_named(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory, tmp_path: Path, small_disk: Path
+) -> None:
+    """The disk fills after the SSL reload (another process took the space), so the backup of
+    pg_hba.conf cannot be written: the step's error names the file and the step, and the undo,
+    which needs no space there, puts the server back as it was."""
+    before = ServerState.of(fresh_cluster)
+    params = runbook_params(fresh_cluster, work_dir=str(small_disk / "work"))
+    runbook.step1_key_and_csr(params)
+    runbook.step2_ca_response(params)
+    path = params_file(params, tmp_path)
+    marker = tmp_path / "paused"
+    child = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "run_steps.py"), str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env_for(
+            fresh_cluster,
+            PGTLS_FAULT_AFTER="enable:reload-ssl",
+            PGTLS_FAULT_SIGNAL="STOP",
+            PGTLS_FAULT_PAUSE_FILE=str(marker),
+        ),
+        start_new_session=True,
+    )
+    try:
+        for _ in range(1200):
+            if marker.exists() and marker.read_text().strip() or child.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert marker.exists(), child.communicate()[1]
+        _fill(small_disk)
+    finally:
+        if marker.exists():
+            os.kill(int(marker.read_text()), signal.SIGCONT)
+    _out, err = child.communicate(timeout=180)
+    assert child.returncode == 1, err
+    last = err.strip().splitlines()[-1]
+    assert "the backup of" in last and "pg_hba.conf could not be written in the enable" in last
+    assert "No space left on device" in last and "Traceback" not in last, last
+    (small_disk / "filler").unlink()
+    assert_as_before(fresh_cluster, before)
