@@ -12,6 +12,9 @@ umask 077
 mkdir -p "$home/params" "$home/work" "$home/records" "$home/outbox" "$home/ca"
 rm -f "$home/outbox/"*.tar
 if [ ! -x "$venv/bin/pgtls" ] || { [ -n "$want" ] && [ "$(cat "$venv/.pgtls-wheelhouse" 2>/dev/null)" != "$want" ]; }; then
+  # what Ansible is still writing to stdin is read to its end first: leaving now would make
+  # its write fail (a broken pipe, rc 32) instead of this "needs installing"
+  cat > /dev/null
   echo "pgtls-fleet: $venv needs installing from the wheelhouse $want"
   exit 75
 fi
