@@ -138,11 +138,19 @@ class TargetResult:
             "chain": [e.as_json() for e in self.chain],
             "days_left": self.days_left,
             "verified": self.verified,
+            "verifier": _verifier() if self.verified is not None else None,
             "hostname_ok": self.hostname_ok,
             "plaintext": self.plaintext,
             "on_disk_sha256": self.on_disk_sha256,
             "error": self.error,
         }
+
+
+def _verifier() -> str:
+    """Who decided ``verified``: the OpenSSL libpq uses (its version and library)."""
+    from pgtls_helpers.pki import openssl
+
+    return openssl.openssl_name()
 
 
 def status_rank(status: str) -> int:
@@ -216,37 +224,18 @@ def _chain_shape(
 def _verify(
     chain: Sequence[x509.Certificate], roots: Sequence[x509.Certificate], at: _dt.datetime
 ) -> str | None:
-    """cryptography's RFC 5280 verdict on the chain alone (the name is libpq's business)."""
-    from cryptography.x509 import verification as v
+    """OpenSSL's verdict on the chain as libpq reaches it (:mod:`pgtls_helpers.pki.openssl`);
+    the name is libpq's business (:mod:`pgtls_helpers.pki.hostname`)."""
+    from pgtls_helpers.pki import openssl
 
-    leaf = chain[0]
     try:
-        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names: list[x509.GeneralName] = [
-            n for n in sans if isinstance(n, x509.DNSName | x509.IPAddress)
-        ]
-    except (x509.ExtensionNotFound, ValueError):
-        names = []
-    builder = v.PolicyBuilder().store(v.Store(list(roots))).time(at)
-    try:
-        if names:
-            name = names[0]
-            subject = (
-                v.DNSName(name.value) if isinstance(name, x509.DNSName) else v.IPAddress(name.value)
-            )
-            builder.build_server_verifier(subject).verify(leaf, list(chain[1:]))
-        elif hasattr(v, "ExtensionPolicy"):  # cryptography 45+: a CN-only leaf, as libpq allows
-            builder.extension_policies(
-                ca_policy=v.ExtensionPolicy.webpki_defaults_ca(),
-                ee_policy=v.ExtensionPolicy.permit_all(),
-            ).build_client_verifier().verify(leaf, list(chain[1:]))
-        else:
-            return "the leaf has no subjectAltName, which this cryptography cannot verify"
-    except v.VerificationError as exc:
-        return str(exc)
-    except (ValueError, TypeError) as exc:
+        checked = openssl.verify(chain[0], list(chain[1:]), list(roots), at=at)
+    except ValueError as exc:
         return f"cannot be verified ({exc})"
-    return None
+    if checked.ok:
+        return None
+    where = f" at depth {checked.depth} ({checked.subject})" if checked.subject else ""
+    return f'OpenSSL, as libpq uses it, says "{checked.reason}"{where}'
 
 
 @functools.lru_cache(maxsize=256)

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 
 from pgtls_helpers.errors import InputError, PgtlsError, PreflightError, ServerError
 from pgtls_helpers.pki import chain as chainmod
@@ -130,16 +129,13 @@ class TrustResult:
         }
 
 
-def _issued_by_any(cert: x509.Certificate, roots: list[x509.Certificate]) -> bool:
-    for root in roots:
-        if chainmod.fingerprint(root) == chainmod.fingerprint(cert):
-            return True
-        try:
-            cert.verify_directly_issued_by(root)
-        except (ValueError, TypeError, InvalidSignature):
-            continue
-        return True
-    return False
+def _verifies(served: list[x509.Certificate], roots: list[x509.Certificate]) -> str | None:
+    """Why libpq's OpenSSL would refuse the served chain with ``roots`` as root.crt (None: it
+    verifies), the verdict of :mod:`pgtls_helpers.pki.openssl`."""
+    from pgtls_helpers.pki import openssl
+
+    checked = openssl.verify(served[0], served[1:], roots)
+    return None if checked.ok else checked.reason
 
 
 def client_trust(params: Params) -> TrustResult:
@@ -184,15 +180,15 @@ def client_trust(params: Params) -> TrustResult:
             preflight.append(
                 Finding("error", "no-roots-left", f"{user.name}'s root.crt would hold no root")
             )
-        elif not _issued_by_any(served[-1], after):
+        elif (why := _verifies(served, after)) is not None:
             preflight.append(
                 Finding(
                     "error",
                     "would-not-verify",
                     f"after this change {user.name} would no longer trust the chain "
                     f"{params.server_host}:{params.server_port} serves now (issued by "
-                    f"{rfc4514(served[-1].issuer)}); keep that root until the server serves "
-                    "the new chain",
+                    f'{rfc4514(served[-1].issuer)}; OpenSSL, as libpq uses it: "{why}"); keep '
+                    "that root until the server serves the new chain",
                 )
             )
         plans.append(plan)

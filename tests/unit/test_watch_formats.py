@@ -251,9 +251,11 @@ def test_json_has_the_documented_keys() -> None:
     first = doc["targets"][0]
     for key in (
         "target", "host", "port", "status", "reasons", "tls_version", "negotiation",
-        "chain", "verified", "hostname_ok", "plaintext", "error",
+        "chain", "verified", "verifier", "hostname_ok", "plaintext", "error",
     ):  # fmt: skip
         assert key in first
+    if first["verified"] is not None:
+        assert first["verifier"].startswith("OpenSSL ")
     assert set(first["chain"][0]) >= {"sha256", "subject", "issuer", "not_after", "days_left"}
     assert first["negotiation"] == ["sslrequest", "direct"]
     assert doc["targets"][3]["verified"] is None
