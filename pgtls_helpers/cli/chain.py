@@ -151,8 +151,12 @@ def to_json(
             "from_pool": fp in pool_fps,
         }
 
+    from pgtls_helpers.pki import openssl
+
     return {
         "ready": not has_errors(findings),
+        # who decided the trust verdict: the OpenSSL libpq uses (a complete chain only)
+        "verifier": openssl.openssl_name() if result.complete else None,
         "chain": [
             {"role": role, **entry(c)} for c, role in zip(result.path, result.roles, strict=True)
         ],

@@ -154,12 +154,26 @@ def _lib(crypto: str | None) -> _Lib:
     if crypto:
         ctypes.CDLL(crypto)
         return _Lib(ctypes.CDLL(str(Path(crypto).with_name("libssl.so.3"))), crypto)
-    system = ctypes.util.find_library("pq")
-    path = _resolve(system) if system else None
-    found = _libcrypto_of(path) if path else None
-    if path and found:
-        return _Lib(ctypes.CDLL(path), found)
+    for soname in ("libpq.so.5", "libssl.so.3"):  # by soname: no subprocess on the way
+        try:
+            handle = ctypes.CDLL(soname)
+        except OSError:
+            continue
+        return _Lib(handle, _mapped("libcrypto.so") or "libcrypto.so.3")
     return _Lib(ctypes.CDLL(ctypes.util.find_library("ssl") or "libssl.so.3"), "libcrypto.so.3")
+
+
+def _mapped(prefix: str) -> str | None:
+    """The path of the library named ``prefix…`` this process has mapped (``/proc/self/maps``)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.rsplit(None, 1)[-1]
+                if "/" in path and os.path.basename(path).startswith(prefix):
+                    return path
+    except OSError:
+        return None
+    return None
 
 
 @functools.lru_cache(maxsize=4)
@@ -176,21 +190,6 @@ def _other_crypto(libpq: str) -> str | None:
         )
     here = _lib(None).path
     return None if os.path.realpath(crypto) == os.path.realpath(here) else crypto
-
-
-def _resolve(soname: str) -> str:
-    """A library's path from its soname (``ldconfig``'s cache), or the soname itself."""
-    try:
-        out = subprocess.run(
-            ["/sbin/ldconfig", "-p"], capture_output=True, text=True, check=False, timeout=10
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return soname
-    for line in out.splitlines():
-        name, _, path = line.strip().partition(" => ")
-        if name.split(" ", 1)[0] == soname and os.path.exists(path):
-            return path
-    return soname
 
 
 def _current() -> _Lib:

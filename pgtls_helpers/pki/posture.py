@@ -24,6 +24,7 @@ STATUSES = ("ok", "warning", "critical", "unknown")
 #: Every reason code with its status; ``expires-soon`` is a warning or critical by its days.
 REASONS: dict[str, str] = {
     "expired": "critical",
+    "not-yet-valid": "critical",
     "expires-soon": "critical",
     "incomplete-chain": "critical",
     "untrusted": "critical",
@@ -291,6 +292,16 @@ def _chain_reasons(
     elif days < warn_days:
         found.append(
             ("expires-soon", f"the {role} {_label(cert)} expires on {end:%Y-%m-%d}, in {days} days")
+        )
+    early = [c for c in chain if c.not_valid_before_utc > now]
+    if early:  # libpq refuses it until then, as it refuses an expired one
+        first = max(early, key=lambda c: c.not_valid_before_utc)
+        found.append(
+            (
+                "not-yet-valid",
+                f"the {role_of(first, chain.index(first))} {_label(first)} is not valid before "
+                f"{first.not_valid_before_utc:%Y-%m-%d %H:%M} UTC",
+            )
         )
     _, incomplete, untrusted, _ = _verdict(chain, roots, now)
     if incomplete:

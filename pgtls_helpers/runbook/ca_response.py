@@ -53,9 +53,17 @@ class CaResponseResult:
             ],
             "unused": [fingerprint_of(c) for c in self.chain.unused],
             "findings": [f.__dict__ for f in self.findings],
+            "verifier": _verifier() if self.chain.complete else None,
             "notes": self.notes,
             "bundle_sha256": files.sha256_hex(self.bundle_path.read_bytes()),
         }
+
+
+def _verifier() -> str:
+    """Who decided the trust verdict: the OpenSSL libpq uses, as libpq verifies."""
+    from pgtls_helpers.pki import openssl
+
+    return f"{openssl.openssl_name()}, as libpq verifies (X509_verify_cert, ssl_server)"
 
 
 def _lab_sign(params: Params, csr_path: Path, ca_dir: Path) -> list[Path]:

@@ -52,8 +52,9 @@ def test_json_shape(response: Path, art: certfactory.Chain, capsys) -> None:
         "db1.example.com",
     )
     assert code == 0
-    assert set(doc) == {"ready", "chain", "unused", "findings"}
+    assert set(doc) == {"ready", "verifier", "chain", "unused", "findings"}
     assert doc["ready"] is True
+    assert doc["verifier"].startswith("OpenSSL ")  # who decided: libpq's OpenSSL
     assert [e["role"] for e in doc["chain"]] == ["leaf", "intermediate", "intermediate", "root"]
     files = ["db1.example.com.crt", "IntermediateCA_FOO.crt", "IntermediateCA_BAR.crt"]
     files.append("RootCA.crt")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import re
 from pathlib import Path
@@ -139,11 +140,14 @@ def test_options_refuse_nonsense(kwargs: dict[str, float], message: str) -> None
 
 
 def codes(
-    chain: certfactory.Chain | list, host: str = "db1.example.com", **kw: object
+    chain: certfactory.Chain | list,
+    host: str = "db1.example.com",
+    at: _dt.datetime = NOW,
+    **kw: object,
 ) -> list[str]:
     certs = chain.leaf_first(with_root=False) if isinstance(chain, certfactory.Chain) else chain
     opts = WatchOptions(**kw)  # type: ignore[arg-type]
-    found, *_ = classify(Target(host), tls_version="TLSv1.3", chain=certs, options=opts, at=NOW)
+    found, *_ = classify(Target(host), tls_version="TLSv1.3", chain=certs, options=opts, at=at)
     return [c for c, _ in found]
 
 
@@ -209,15 +213,18 @@ def test_the_worst_element_counts_not_only_the_leaf() -> None:
 def test_chain_order_and_completeness_without_and_with_root() -> None:
     chain = certfactory.article_chain()
     leaf, foo, bar = chain.leaf_first(with_root=False)
-    assert codes([leaf, foo, bar]) == []
-    assert codes([leaf, bar, foo]) == ["incomplete-chain"]  # out of order
-    assert codes([leaf, bar]) == ["incomplete-chain"]  # a gap
+    # judged at NOW, before these certificates begin: libpq refuses them until then
+    assert codes([leaf, foo, bar]) == ["not-yet-valid"]
+    at_now = functools.partial(codes, at=_dt.datetime.now(_dt.UTC))
+    assert at_now([leaf, foo, bar]) == []
+    assert at_now([leaf, bar, foo]) == ["incomplete-chain"]  # out of order
+    assert at_now([leaf, bar]) == ["incomplete-chain"]  # a gap
     roots = (chain.root.cert,)
-    assert codes([leaf], roots=roots) == ["incomplete-chain"]  # leaf only
-    assert codes([leaf, foo, bar], roots=roots) == []
+    assert at_now([leaf], roots=roots) == ["incomplete-chain"]  # leaf only
+    assert at_now([leaf, foo, bar], roots=roots) == []
     other = certfactory.make_ca("Other Root")
-    assert codes([leaf, foo, bar], roots=(other.cert,)) == ["untrusted"]
-    assert codes([leaf, foo, bar], host="db2.example.com", roots=roots) == ["hostname-mismatch"]
+    assert at_now([leaf, foo, bar], roots=(other.cert,)) == ["untrusted"]
+    assert at_now([leaf, foo, bar], host="db2.example.com", roots=roots) == ["hostname-mismatch"]
 
 
 def test_every_reason_has_a_status() -> None:
