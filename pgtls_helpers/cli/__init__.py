@@ -227,6 +227,12 @@ def _add_lab(sub: argparse._SubParsersAction) -> None:
     ca.add_argument("--dir", required=True, metavar="DIR", help="where the CA is kept")
     ca.add_argument("--name", default="RootCA", metavar="NAME", help="the root's common name")
     ca.add_argument("--sign", metavar="CSR", help="sign this CSR; files go to DIR/signed/")
+    ca.add_argument(
+        "--minimal",
+        action="store_true",
+        help="a new CA of the minimal-extension profile (a root with basicConstraints only, no "
+        "key identifiers, leaves with only their subjectAltName), as many own CAs make them",
+    )
     ca.set_defaults(func=_lazy("pgtls_helpers.cli.lab", "ca"))
 
 

@@ -205,7 +205,7 @@ def ca(args: argparse.Namespace) -> int:
 
     base = Path(args.dir).resolve()
     existed = (base / "signer.key").exists()
-    lab_ca = LabCA.load_or_create(base, root_name=args.name)
+    lab_ca = LabCA.load_or_create(base, root_name=args.name, minimal=args.minimal)
     root_cn = lab_ca.root.subject.rfc4514_string()
     if existed and f"CN={args.name}" not in root_cn:
         _out(f"note: {base} already holds a lab CA whose root is {root_cn}; it was kept")

@@ -47,10 +47,9 @@ def _builder_common(
     *,
     not_before: datetime,
     not_after: datetime,
+    key_ids: bool = True,
 ) -> x509.CertificateBuilder:
-    ski = x509.SubjectKeyIdentifier.from_public_key(public_key)  # type: ignore[arg-type]
-    aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key())
-    return (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(issuer)
@@ -58,9 +57,12 @@ def _builder_common(
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
-        .add_extension(ski, critical=False)
-        .add_extension(aki, critical=False)
     )
+    if not key_ids:  # the minimal profile: no subject or authority key identifier
+        return builder
+    ski = x509.SubjectKeyIdentifier.from_public_key(public_key)  # type: ignore[arg-type]
+    aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key())
+    return builder.add_extension(ski, critical=False).add_extension(aki, critical=False)
 
 
 def _ca_usage() -> x509.KeyUsage:
@@ -107,6 +109,10 @@ class LabCA:
     intermediates: tuple[x509.Certificate, ...]  # signing order: FOO (signs leaves), BAR
     _signer_key: CAKey
     _keys: tuple[CAKey, ...] = field(default=())
+    #: the minimal-extension profile many own CAs produce (``openssl req -x509`` with OpenSSL
+    #: 3.0's defaults, hand-written extension files, appliances): a root with basicConstraints
+    #: only, no key identifiers anywhere, leaves with nothing but their subjectAltName
+    minimal: bool = False
 
     def __repr__(self) -> str:
         return f"LabCA(root={self.root.subject.rfc4514_string()!r})"
@@ -118,25 +124,26 @@ class LabCA:
         *,
         root_name: str = "RootCA",
         days: int = 3650,
+        minimal: bool = False,
     ) -> LabCA:
-        """Create a root and a line of intermediates, each signing the next."""
+        """Create a root and a line of intermediates, each signing the next (``minimal``: the
+        minimal-extension profile, see :attr:`minimal`)."""
         now = datetime.now(timezone.utc) - timedelta(minutes=5)
         root_key = _ca_key()
         root_subject = _name(root_name)
-        root = (
-            _builder_common(
-                root_subject,
-                root_subject,
-                root_key.public_key(),
-                root_key,
-                not_before=now,
-                not_after=now + timedelta(days=days),
-            )
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(_ca_usage(), critical=True)
-            .sign(root_key, hashes.SHA256())
-        )
-        made, made_keys = _intermediates(root, root_key, names, now=now, days=days)
+        root_builder = _builder_common(
+            root_subject,
+            root_subject,
+            root_key.public_key(),
+            root_key,
+            not_before=now,
+            not_after=now + timedelta(days=days),
+            key_ids=not minimal,
+        ).add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=not minimal)
+        if not minimal:
+            root_builder = root_builder.add_extension(_ca_usage(), critical=True)
+        root = root_builder.sign(root_key, hashes.SHA256())
+        made, made_keys = _intermediates(root, root_key, names, now=now, days=days, minimal=minimal)
         keys: list[CAKey] = [root_key, *made_keys]
         issuer_key = keys[-1]
         return cls(
@@ -144,6 +151,7 @@ class LabCA:
             intermediates=tuple(reversed(made)),
             _signer_key=issuer_key,
             _keys=tuple(keys),
+            minimal=minimal,
         )
 
     @property
@@ -196,21 +204,26 @@ class LabCA:
         not_before: datetime | None = None,
     ) -> x509.Certificate:
         start = not_before or datetime.now(timezone.utc) - timedelta(minutes=5)
-        return (
-            _builder_common(
-                subject,
-                self.signer.subject,
-                public_key,
-                self._signer_key,
-                not_before=start,
-                not_after=start + timedelta(days=days),
+        builder = _builder_common(
+            subject,
+            self.signer.subject,
+            public_key,
+            self._signer_key,
+            not_before=start,
+            not_after=start + timedelta(days=days),
+            key_ids=not self.minimal,
+        ).add_extension(sans, critical=False)
+        if not self.minimal:
+            builder = (
+                builder.add_extension(
+                    x509.BasicConstraints(ca=False, path_length=None), critical=True
+                )
+                .add_extension(_server_usage(public_key), critical=True)
+                .add_extension(
+                    x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+                )
             )
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_server_usage(public_key), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(sans, critical=False)
-            .sign(self._signer_key, hashes.SHA256())
-        )
+        return builder.sign(self._signer_key, hashes.SHA256())
 
     def response_files(self, leaf: x509.Certificate) -> dict[str, bytes]:
         """What a CA hands back, by file name, as in the article."""
@@ -242,13 +255,16 @@ class LabCA:
         if not self._keys:
             raise InputError("this lab CA was loaded from disk; its root key is not kept")
         now = datetime.now(timezone.utc) - timedelta(minutes=5)
-        made, made_keys = _intermediates(self.root, self._keys[0], names, now=now, days=days)
+        made, made_keys = _intermediates(
+            self.root, self._keys[0], names, now=now, days=days, minimal=self.minimal
+        )
         issuer_key = made_keys[-1] if made_keys else self._keys[0]
         return LabCA(
             root=self.root,
             intermediates=tuple(reversed(made)),
             _signer_key=issuer_key,
             _keys=(self._keys[0],),
+            minimal=self.minimal,
         )
 
     # ------------------------------------------------------------------ once per work directory
@@ -288,15 +304,22 @@ class LabCA:
             ) from None
         if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
             raise InputError(f"{base}/signer.key: not an EC or RSA key")
-        return cls(root=root, intermediates=inters, _signer_key=key)
+        try:  # a root without keyUsage: the minimal profile, whose leaves stay minimal too
+            root.extensions.get_extension_for_class(x509.KeyUsage)
+            minimal = False
+        except x509.ExtensionNotFound:
+            minimal = True
+        return cls(root=root, intermediates=inters, _signer_key=key, minimal=minimal)
 
     @classmethod
-    def load_or_create(cls, directory: str | Path, *, root_name: str = "RootCA") -> LabCA:
+    def load_or_create(
+        cls, directory: str | Path, *, root_name: str = "RootCA", minimal: bool = False
+    ) -> LabCA:
         """The lab CA kept in ``directory``, made (and kept) on first use."""
         base = Path(directory)
         if (base / "signer.key").exists():
             return cls.load(base)
-        ca = cls.create(root_name=root_name)
+        ca = cls.create(root_name=root_name, minimal=minimal)
         ca.save(base)
         return ca
 
@@ -308,6 +331,7 @@ def _intermediates(
     *,
     now: datetime,
     days: int,
+    minimal: bool = False,
 ) -> tuple[list[x509.Certificate], list[CAKey]]:
     """A line of intermediate CAs under ``issuer``, each signing the next, with their keys."""
     made: list[x509.Certificate] = []
@@ -322,6 +346,7 @@ def _intermediates(
                 issuer_key,
                 not_before=now,
                 not_after=now + timedelta(days=days),
+                key_ids=not minimal,
             )
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(_ca_usage(), critical=True)

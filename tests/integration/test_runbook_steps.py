@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from cryptography import x509
 
 from pgtls_helpers import notebook as runbook
 from pgtls_helpers.errors import InputError, PreflightError, ServerError
@@ -482,3 +483,43 @@ def test_a_completed_change_backs_out_to_the_server_as_it_was(
         env={**os.environ, "PGPASSFILE": str(fresh_cluster.passfile)},
     )
     assert nothing.returncode == 1 and "nothing was applied" in nothing.stderr
+
+
+def test_a_minimal_extension_ca_runs_end_to_end_renews_and_watches_ok(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory, client_user: str
+) -> None:
+    """The own-CA recipe of many shops (a root with basicConstraints only, no key identifiers,
+    leaves with only their SANs): libpq takes it, so the change goes through, a renewal from
+    the same CA is a same-root renewal, and ``pgtls watch`` says verified, never critical."""
+    from pgtls_helpers.lab import LabCA
+    from pgtls_helpers.pki.posture import Target, WatchOptions
+    from pgtls_helpers.postgres.watch import watch
+
+    params = runbook_params(fresh_cluster, client_system_users=[client_user])
+    ca = LabCA.load_or_create(params.work.shared_lab_ca, minimal=True)
+    assert not ca.root.extensions.get_extension_for_class(x509.BasicConstraints).critical
+    runbook.step1_key_and_csr(params)
+    step2 = runbook.step2_ca_response(params)
+    assert not step2.errors, step2.errors
+    assert "strict-profile" in {f.code for f in step2.findings}  # said, never an error
+    leaf = step2.chain.path[0]
+    assert [e.oid for e in leaf.extensions] == [x509.SubjectAlternativeName.oid]
+    runbook.step3_install_files(params)
+    runbook.step4_enable_ssl(params)
+    verdict = runbook.step5_verify_clients(params)
+    assert verdict.passed, [c for c in verdict.checks if not c.passed]
+
+    renewal = runbook_params(
+        fresh_cluster, change_id="CHG-renew", client_system_users=[client_user]
+    )
+    runbook.step1_key_and_csr(renewal)
+    runbook.step2_ca_response(renewal)
+    installed = runbook.step3_install_files(renewal)
+    assert installed.renewal is not None and installed.renewal.kind.startswith("renewal")
+    runbook.step4_enable_ssl(renewal)
+    assert runbook.step5_verify_clients(renewal).passed
+
+    (watched,) = watch(
+        [Target("127.0.0.1", fresh_cluster.port)], WatchOptions(roots=(ca.root,), timeout=5.0)
+    )
+    assert watched.verified is True and watched.status != "critical", watched.as_json()
