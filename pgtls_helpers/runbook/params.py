@@ -203,11 +203,25 @@ def _convert(source: str, name: str, value: Any, hint: Any) -> Any:
     return value  # Any: checked where it is used
 
 
-def _check_rules(source: str, rules: tuple[Any, ...]) -> None:
+def _check_rules(source: str, rules: tuple[Any, ...], *, allow_insecure: bool) -> None:
+    """Every field of every rule, when the parameters are read: a typo (``scram-sha265``,
+    ``127.0.0.1/33``, ``hostsll``) or a rule that lets clients in without TLS or a password is
+    unusable input before anything runs, never a refusal in step 4 after step 3 wrote."""
+    from pgtls_helpers.postgres import hba
+
     for i, rule in enumerate(rules):
         unknown = [str(k) for k in rule if k not in RULE_KEYS]
         if unknown:
             raise _unknown(source, unknown, RULE_KEYS, where=f"hba_rules[{i}]: ")
+    parsed = hba.parse_rules(list(rules), where=f"{source}: hba_rules")
+    if allow_insecure:
+        return
+    for i, rule in enumerate(parsed):
+        if reason := hba.insecure_reason(rule):
+            raise InputError(
+                f"{source}: hba_rules[{i}]: {reason}; use hostssl with a password or "
+                "certificate method, or set allow_insecure_rules: true if this rule is intended"
+            )
 
 
 def load_params(values: Mapping[str, Any], *, source: str = "parameters") -> Params:
@@ -243,7 +257,11 @@ def load_params(values: Mapping[str, Any], *, source: str = "parameters") -> Par
             f"{source}: new_root must be 'accept' (go on with a CA rotation) or empty, not "
             f"'{known['new_root']}'"
         )
-    _check_rules(source, known.get("hba_rules", ()))
+    _check_rules(
+        source,
+        known.get("hba_rules", ()),
+        allow_insecure=bool(known.get("allow_insecure_rules", False)),
+    )
     users = known.get("client_system_users", ())
     strays = [u for u in known.get("client_roles", {}) if u not in users]
     if strays:

@@ -265,15 +265,15 @@ def test_a_symlinked_dot_postgresql_is_refused_and_rollback_never_follows_a_swap
         {"type": "host", "method": "scram-sha-256"},
     ],
 )
-def test_trust_and_plain_host_rules_stop_step4_unless_allowed(
+def test_trust_and_plain_host_rules_are_refused_with_the_parameters_unless_allowed(
     lab_cluster: LabCluster, runbook_params: ParamsFactory, rule: dict[str, str]
 ) -> None:
     full = {"database": "all", "user": "all", "address": "10.0.0.0/8", **rule}
-    params = runbook_params(lab_cluster, apply=False, hba_rules=[full])
+    with pytest.raises(InputError, match="set allow_insecure_rules: true if this rule"):
+        runbook_params(lab_cluster, apply=False, hba_rules=[full])
+    params = runbook_params(lab_cluster, apply=False)
     runbook.step1_key_and_csr(params)
     runbook.step2_ca_response(params)
-    with pytest.raises(PreflightError, match="insecure-hba-rule"):
-        runbook.step4_enable_ssl(params)
     allowed = runbook_params(lab_cluster, apply=False, hba_rules=[full], allow_insecure_rules=True)
     assert not runbook.step4_enable_ssl(allowed).changed
 

@@ -145,25 +145,22 @@ def test_wrong_key_is_refused_before_any_file_changes(
 def test_the_eject_typo_never_reaches_the_server(
     fresh_cluster: LabCluster, runbook_params: ParamsFactory
 ) -> None:
-    params = runbook_params(
-        fresh_cluster,
-        hba_rules=[
-            {
-                "type": "hostnossl",
-                "database": "all",
-                "user": "all",
-                "address": "all",
-                "method": "eject",
-            }
-        ],
-    )
-    runbook.step1_key_and_csr(params)
-    runbook.step2_ca_response(params)
-    runbook.step3_install_files(params)
-    hba_before = (fresh_cluster.pgdata / "pg_hba.conf").read_bytes()
+    before = _snapshot(fresh_cluster)
+    # refused when the parameters are read: before step 3 writes anything
     with pytest.raises(InputError, match="did you mean 'reject'"):
-        runbook.step4_enable_ssl(params)
-    assert (fresh_cluster.pgdata / "pg_hba.conf").read_bytes() == hba_before
+        runbook_params(
+            fresh_cluster,
+            hba_rules=[
+                {
+                    "type": "hostnossl",
+                    "database": "all",
+                    "user": "all",
+                    "address": "all",
+                    "method": "eject",
+                }
+            ],
+        )
+    assert _snapshot(fresh_cluster) == before
     assert _show_ssl(fresh_cluster) == "off"
 
 

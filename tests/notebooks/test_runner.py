@@ -159,7 +159,8 @@ def test_a_failing_step_says_which_and_why_and_pg_hba_conf_stays_as_it_was(
     monkeypatch.setenv("PGPASSFILE", str(fresh_cluster.passfile))
     hba = fresh_cluster.pgdata / "pg_hba.conf"
     before = hba.read_bytes()
-    bad = {**params_for(fresh_cluster)["hba_rules"][0], "method": "eject"}
+    # well-formed for the parameters, refused by PostgreSQL's own parse of the planned file
+    bad = {**params_for(fresh_cluster)["hba_rules"][0], "options": ["clientcert=maybe"]}
     outcome = run_into(
         tmp_path, write_params(tmp_path / "p.yaml", **params_for(fresh_cluster, hba_rules=[bad]))
     )
@@ -169,10 +170,10 @@ def test_a_failing_step_says_which_and_why_and_pg_hba_conf_stays_as_it_was(
     assert statuses(outcome) == ["ok", "ok", "ok", "failed", "not-run"]
     failed = m["steps"][3]
     assert failed["step"] == "04_enable_ssl"
-    assert "'eject'" in failed["error"] and "reject" in failed["error"]
+    assert "clientcert" in failed["error"] and "nothing was reloaded" in failed["error"]
     assert "\n" not in failed["error"] and "Traceback" not in failed["error"]
-    assert "04 Enable SSL" in outcome.summary() and "eject" in outcome.summary()
-    assert "eject" in (outcome.record_dir / "04_enable_ssl.html").read_text()
+    assert "04 Enable SSL" in outcome.summary() and "clientcert" in outcome.summary()
+    assert "clientcert" in (outcome.record_dir / "04_enable_ssl.html").read_text()
     assert hba.read_bytes() == before
     assert _show_ssl(fresh_cluster) == "off"
     assert m["verdict"] is None
@@ -241,6 +242,21 @@ def test_unusable_input_exits_2_with_one_line_and_no_record(
         "unset-env.yaml": "change_id: CHG-1\ncommon_name: db1.example.com\n"
         "key_passphrase_env: PGTLS_TEST_SURELY_UNSET\n",
     }
+    # every hba_rules field is judged when the parameters are read: before step 1, not in
+    # step 4 after step 3 has replaced the server's files
+    rule = "{type: hostssl, database: all, user: all, address: 127.0.0.1/32, method: scram-sha-256}"
+    for name, (old, new) in {
+        "method-typo.yaml": ("scram-sha-256", "scram-sha265"),
+        "cidr-typo.yaml": ("127.0.0.1/32", "127.0.0.1/33"),
+        "type-typo.yaml": ("hostssl", "hostsll"),
+        "eject.yaml": ("scram-sha-256", "eject"),
+        "trust.yaml": ("scram-sha-256", "trust"),
+        "plain-host.yaml": ("hostssl", "host"),
+    }.items():
+        cases[name] = (
+            "change_id: CHG-1\ncommon_name: db1.example.com\n"
+            f"hba_rules: [{rule.replace(old, new, 1)}]\n"
+        )
     for name, text in cases.items():
         path = tmp_path / name
         path.write_text(text)
@@ -249,6 +265,8 @@ def test_unusable_input_exits_2_with_one_line_and_no_record(
         assert code == 2, (name, err)
         assert err.startswith("pgtls: ") and err.count("\n") == 1, err
         assert "Traceback" not in err
+        if "hba_rules" in text:
+            assert f"{name}: hba_rules[0]:" in err, err
     assert not records.exists()
 
 
