@@ -10,7 +10,7 @@ from typing import Any
 
 from cryptography import x509
 
-from pgtls_helpers.errors import PgtlsError, PreflightError, ServerError
+from pgtls_helpers.errors import InputError, PgtlsError, PreflightError, ServerError
 from pgtls_helpers.pki.findings import Finding, raise_for_errors
 from pgtls_helpers.postgres import files, hba, hbacheck, sessions
 from pgtls_helpers.postgres.lock import change_lock
@@ -209,7 +209,24 @@ def plan_enable(params: Params, server: Server) -> EnablePlan:
     )
 
 
-def check_enable(params: Params, server: Server, plan: EnablePlan) -> None:
+def rehearse_enable(params: Params) -> str | None:
+    """Step 4's plan and checks, run before step 3 writes anything: why step 4 would refuse
+    (the planned pg_hba.conf as the server parses it, the runbook's own login), or None. The
+    whole change is judged before its first write; step 4 judges again when it runs."""
+    try:
+        with open_server(params) as server:
+            plan = plan_enable(params, server)
+            check_enable(params, server, plan, rehearsal=True)
+    except (PreflightError, InputError) as exc:
+        return str(exc)
+    except PgtlsError:
+        return None  # the server cannot be asked now: step 3 and step 4 say so themselves
+    return None
+
+
+def check_enable(
+    params: Params, server: Server, plan: EnablePlan, *, rehearsal: bool = False
+) -> None:
     """Prove the planned pg_hba.conf before it goes live: the server's own parser (a
     throwaway stand-alone backend of the same binaries, SSL on) on a copy, and the runbook's
     own connection still accepted by the planned rules."""
@@ -222,7 +239,8 @@ def check_enable(params: Params, server: Server, plan: EnablePlan) -> None:
         data_directory=plan.facts.data_directory,
         owner=owner,
     )
-    fault_point("enable:hba-checked")
+    if not rehearsal:
+        fault_point("enable:hba-checked")
     problems = [f"line {ln.line_number}: {ln.error}" for ln in lines if ln.error]
     if problems:
         raise PreflightError(

@@ -172,6 +172,14 @@ def step3_install_files(params: Params) -> InstallStepResult:
         )
     if root is not None:
         plan += [plan_root_crt(u, pem_of(root), merge=merge) for u in users]
+    if not any(f.is_error for f in preflight):
+        # the whole change before its first write: what step 4 would refuse stops it here
+        from pgtls_helpers.runbook.enable import rehearse_enable
+
+        if (refusal := rehearse_enable(params)) is not None:
+            preflight.append(
+                Finding("error", "step4-would-refuse", f"step 4 would stop: {refusal}")
+            )
     planned = InstallStepResult(
         facts=facts.as_dict(),
         plan=[p.describe() for p in plan],

@@ -51,6 +51,17 @@ def _steps_1_to_3(params: Params) -> None:
     runbook.step3_install_files(params)
 
 
+def _files(cluster: LabCluster) -> dict[str, str]:
+    """Every file at the top of the data directory, hashed (the server's own files)."""
+    import hashlib
+
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(cluster.pgdata.iterdir())
+        if p.is_file() and p.name not in ("postmaster.pid", "postmaster.opts")
+    }
+
+
 def _ssl(cluster: LabCluster) -> str:
     with psycopg.connect(**cluster.conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
         return str(conn.execute("SHOW ssl").fetchone()[0])  # type: ignore[index]
@@ -72,13 +83,18 @@ def test_a_rule_that_locks_out_the_runbooks_own_login_is_refused_before_any_chan
             }
         ],
     )
-    _steps_1_to_3(params)
-    hba = (fresh_cluster.pgdata / "pg_hba.conf").read_bytes()
-    auto = (fresh_cluster.pgdata / "postgresql.auto.conf").read_bytes()
+    before = _files(fresh_cluster)
+    runbook.step1_key_and_csr(params)
+    runbook.step2_ca_response(params)
+    # the whole change is judged before its first write: step 3 stops, nothing installed
+    with pytest.raises(PreflightError, match="step4-would-refuse.*lock out the runbook's own"):
+        runbook.step3_install_files(params)
+    assert _files(fresh_cluster) == before
+    assert not params.work.journal.exists()
+    # and step 4, run on its own, still guards the same way
     with pytest.raises(PreflightError, match="lock out the runbook's own connection"):
         runbook.step4_enable_ssl(params)
-    assert (fresh_cluster.pgdata / "pg_hba.conf").read_bytes() == hba
-    assert (fresh_cluster.pgdata / "postgresql.auto.conf").read_bytes() == auto
+    assert _files(fresh_cluster) == before
     assert _ssl(fresh_cluster) == "off"
 
 
@@ -294,13 +310,17 @@ def test_reject_lines_go_above_an_included_file_with_tcp_lines(
     lines.insert(first_host, "include_dir hba.d\n")
     hba_file.write_text("".join(lines))
     params = runbook_params(fresh_cluster)
-    _steps_1_to_3(params)
     with psycopg.connect(**fresh_cluster.conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
         major = int(str(conn.execute("SHOW server_version_num").fetchone()[0])) // 10000  # type: ignore[index]
     if major < 16:
+        before = _files(fresh_cluster)
+        runbook.step1_key_and_csr(params)
+        runbook.step2_ca_response(params)
         with pytest.raises(PreflightError, match="the server would reject line"):
-            runbook.step4_enable_ssl(params)
+            runbook.step3_install_files(params)  # before the first write
+        assert _files(fresh_cluster) == before
         return
+    _steps_1_to_3(params)
     runbook.step4_enable_ssl(params)
     after = hba_file.read_text().splitlines()
     reject = next(i for i, ln in enumerate(after) if ln.startswith("hostnossl all"))

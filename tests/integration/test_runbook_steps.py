@@ -183,13 +183,13 @@ def test_a_line_the_server_rejects_is_restored_before_any_reload(
     )
     runbook.step1_key_and_csr(params)
     runbook.step2_ca_response(params)
-    runbook.step3_install_files(params)
-    hba = fresh_cluster.pgdata / "pg_hba.conf"
-    hba_before = hba.read_bytes()
+    before = _snapshot(fresh_cluster)
     log_at = fresh_cluster.log_size()
-    with pytest.raises(PreflightError, match="clientcert.*nothing was reloaded"):
-        runbook.step4_enable_ssl(params)
-    assert hba.read_bytes() == hba_before
+    # judged with the whole change before step 3's first write
+    with pytest.raises(PreflightError, match="step4-would-refuse.*clientcert"):
+        runbook.step3_install_files(params)
+    assert _snapshot(fresh_cluster) == before
+    assert not (fresh_cluster.pgdata / "server.key").exists()
     assert _show_ssl(fresh_cluster) == "off"
     assert fresh_cluster.wait_for_log("received SIGHUP", after=log_at, timeout=1) is None
 

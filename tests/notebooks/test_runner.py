@@ -167,14 +167,16 @@ def test_a_failing_step_says_which_and_why_and_pg_hba_conf_stays_as_it_was(
     assert outcome.exit_code == 1
     m = assert_record_shape(outcome)
     assert m["outcome"] == "failed"
-    assert statuses(outcome) == ["ok", "ok", "ok", "failed", "not-run"]
-    failed = m["steps"][3]
-    assert failed["step"] == "04_enable_ssl"
-    assert "clientcert" in failed["error"] and "nothing was reloaded" in failed["error"]
+    # step 3 judges the whole change before its first write, step 4's pg_hba.conf included
+    assert statuses(outcome) == ["ok", "ok", "failed", "not-run", "not-run"]
+    failed = m["steps"][2]
+    assert failed["step"] == "03_install_files"
+    assert "step4-would-refuse" in failed["error"] and "clientcert" in failed["error"]
     assert "\n" not in failed["error"] and "Traceback" not in failed["error"]
-    assert "04 Enable SSL" in outcome.summary() and "clientcert" in outcome.summary()
-    assert "clientcert" in (outcome.record_dir / "04_enable_ssl.html").read_text()
+    assert "clientcert" in outcome.summary()
+    assert "clientcert" in (outcome.record_dir / "03_install_files.html").read_text()
     assert hba.read_bytes() == before
+    assert not (fresh_cluster.pgdata / "server.key").exists()
     assert _show_ssl(fresh_cluster) == "off"
     assert m["verdict"] is None
 
