@@ -226,9 +226,9 @@ class LabCluster:
         tmp = pgpass.with_name(f".pgpass.tmp-{os.getpid()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
+            if os.geteuid() == 0:
+                os.fchown(fh.fileno(), entry.pw_uid, entry.pw_gid)
             fh.write("\n".join([*keep, f"*:{self.port}:*:{os_user}:{password}"]) + "\n")
-        if os.geteuid() == 0:
-            os.chown(tmp, entry.pw_uid, entry.pw_gid)
         os.replace(tmp, pgpass)
 
     # lifecycle

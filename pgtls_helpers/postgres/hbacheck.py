@@ -118,8 +118,12 @@ def _check_cluster(bindir: Path, uid: int, gid: int) -> Path:
                 "as root and run again"
             ) from None
     tmp = Path(tempfile.mkdtemp(prefix=f".pgtls-hbacheck-{major}-", dir=base))
-    if os.geteuid() == 0:
-        os.chown(tmp, uid, gid)
+    if os.geteuid() == 0:  # through the new directory's descriptor, not its path
+        dfd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            os.fchown(dfd, uid, gid)
+        finally:
+            os.close(dfd)
     proc = _run_as(
         [
             str(bindir / "initdb"),

@@ -91,8 +91,12 @@ class WorkDir:
         _check_ours(self.path.parent, "the work directory")
         self.path.mkdir(exist_ok=True, mode=0o700)
         _check_ours(self.path, "the change's work directory")
-        if self.path.stat().st_mode & 0o077:
-            os.chmod(self.path, 0o700)
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:  # on the directory judged ours, never through a link swapped in since
+            if os.fstat(fd).st_mode & 0o077:
+                os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
         return self.path
 
     def check(self) -> None:
