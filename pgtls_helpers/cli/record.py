@@ -8,7 +8,6 @@ directory (``records/<change_id>/<stamp>.pdf``), since the run's own directory i
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import subprocess
@@ -42,10 +41,10 @@ def combined_html(record: Path) -> str:
             f"{record}: not the record of a run (no manifest.json and index.html); give "
             "records/<change_id>/<stamp>/"
         )
-    manifest = json.loads(manifest_path.read_text())
-    pages = [record / "index.html"] + [
-        record / s["html"] for s in manifest.get("steps", []) if s.get("html")
-    ]
+    from pgtls_helpers.runbook.record import read_manifest
+
+    manifest = read_manifest(manifest_path)
+    pages = [record / "index.html"] + [record / s.html for s in manifest.steps if s.html]
     first = pages[0].read_text(encoding="utf-8")
     style = _STYLE.search(first)
     bodies = []
@@ -54,7 +53,7 @@ def combined_html(record: Path) -> str:
         bodies.append(found.group(1) if found else "")
     css = (style.group(1) if style else "") + "nav{display:none}.page{break-before:page}"
     joined = "".join(f'<div class="page">{b}</div>' if i else b for i, b in enumerate(bodies))
-    title = f"{manifest.get('change_id')} · {record.name}"
+    title = f"{manifest.change_id} · {record.name}"
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
         f"<style>{css}</style></head><body>{joined}</body></html>\n"

@@ -258,6 +258,18 @@ def fingerprint(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex()
 
 
+def names_of(item: x509.Certificate | x509.CertificateSigningRequest) -> list[str]:
+    """The DNS names (lowercased) and IP addresses a certificate or CSR names in its
+    subjectAltName, in that order; none without the extension."""
+    try:
+        ext = item.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(v).lower() for v in ext.get_values_for_type(x509.DNSName)] + [
+        str(v) for v in ext.get_values_for_type(x509.IPAddress)
+    ]
+
+
 def cert_label(cert: x509.Certificate) -> str:
     """How messages name a certificate: its CN in quotes, or its whole subject."""
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)

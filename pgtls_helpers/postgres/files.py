@@ -90,6 +90,18 @@ class PlannedFile:
             "sha256 (current)": self.current_sha256 or "",
         }
 
+    def record(self) -> dict[str, object]:
+        """The same facts for the record (``manifest.PlannedFile``), under data names."""
+        return {
+            "target": str(self.target),
+            "kind": self.kind,
+            "action": self.action,
+            "owner": f"{_user(self.uid)}:{_group(self.gid)}",
+            "mode": f"{self.mode:04o}",
+            "sha256": self.sha256,
+            "current_sha256": self.current_sha256,
+        }
+
 
 @dataclass(frozen=True)
 class Installed:

@@ -48,6 +48,7 @@ class CaResponseResult:
                     "issuer": rfc4514(c.issuer),
                     "sha256": fingerprint_of(c),
                     "not_after": c.not_valid_after_utc.isoformat(),
+                    "names": chainmod.names_of(c) if r == "leaf" else [],
                 }
                 for c, r in zip(self.chain.path, self.chain.roles, strict=True)
             ],

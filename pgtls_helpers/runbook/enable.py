@@ -54,6 +54,9 @@ class EnableResult:
     runbook_connection: str | None = None  # pg_stat_ssl of a new connection afterwards
     renewal: dict[str, Any] | None = None  # served before/after, the client loop (renewal.py)
     sessions_refused: list[dict[str, object]] = field(default_factory=list)  # postgres.sessions
+    settings_planned: list[dict[str, object]] = field(default_factory=list)  # name, before, after
+    settings_applied: bool = False  # ALTER SYSTEM ran and the reload took it
+    hba_written: bool = False  # pg_hba.conf was written and reloaded
 
     def summary(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -138,10 +141,19 @@ class EnablePlan:
     def changes(self) -> bool:
         return self.needs_ssl or self.hba.changed
 
+    def current(self, name: str) -> str:
+        """A planned setting's value now."""
+        return "off" if name == "ssl" else str(self.facts.as_dict().get(name, ""))
+
+    def planned_settings(self) -> list[dict[str, object]]:
+        return [
+            {"name": name, "before": self.current(name), "after": value}
+            for name, value in self.settings.items()
+        ]
+
     def lines(self) -> list[str]:
         out = [
-            f"ALTER SYSTEM SET {name} = '{value}' (now: "
-            f"'{'off' if name == 'ssl' else self.facts.as_dict().get(name, '')}')"
+            f"ALTER SYSTEM SET {name} = '{value}' (now: '{self.current(name)}')"
             for name, value in self.settings.items()
         ]
         if self.hba.changed and any(a.startswith("hostnossl") for a in self.hba.added):
@@ -331,6 +343,9 @@ def step4_enable_ssl(params: Params) -> EnableResult:
             runbook_connection=_runbook_tls(params),
             renewal=renewed,
             sessions_refused=plan.sessions_refused,
+            settings_planned=plan.planned_settings(),
+            settings_applied=settings_write.changed,
+            hba_written=hba_write.changed,
         )
         save_step(params, "04_enable_ssl", res.summary())
         return res
@@ -379,6 +394,7 @@ def _unchanged(params: Params, plan: EnablePlan) -> EnableResult:
         if nothing
         else ["plan only (apply: false): nothing was changed", *plan.lines()],
         sessions_refused=plan.sessions_refused,
+        settings_planned=plan.planned_settings(),
     )
     save_step(params, "04_enable_ssl", res.summary())
     return res

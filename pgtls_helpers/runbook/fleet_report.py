@@ -9,10 +9,8 @@
 :func:`load_fleet_report` turns the latest run (or a named one) into one row per host of the
 play: wave, outcome, failing step and reason, the fingerprint the server now presents and its
 days left, the connection checks passed, and where the record is; hosts the run never reached
-are rows too. The manifest is read defensively (its format is still growing): only
-``kind`` (``rollback``), ``outcome``, ``error``, ``apply``, ``steps[].{step,title,status,error}``,
-``presented_chain[0].sha256``, ``certificates[].{role,sha256,not_after}`` and
-``checks[].passed`` are used, and each may be missing.
+are rows too. A host's record is read as the typed
+:class:`~pgtls_helpers.runbook.manifest.Manifest` (any format; what it lacks reads as missing).
 """
 
 from __future__ import annotations
@@ -23,6 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pgtls_helpers.errors import InputError
+from pgtls_helpers.runbook.manifest import JsonObject, Manifest
+from pgtls_helpers.runbook.record import read_manifest
 
 __all__ = ["FleetReport", "HostRow", "load_fleet_report"]
 
@@ -99,34 +99,6 @@ def _read_json(path: Path) -> Json | None:
     return data if isinstance(data, dict) else None
 
 
-def _int(value: object) -> int | None:
-    try:
-        return int(str(value))
-    except (TypeError, ValueError):
-        return None
-
-
-def _bool(value: object) -> bool:
-    return value is True or str(value).lower() in ("true", "yes", "1")
-
-
-def _list(value: object) -> list[Json]:
-    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
-
-
-def _days_left(manifest: Json, sha256: str | None, now: datetime) -> int | None:
-    for cert in _list(manifest.get("certificates")):
-        if cert.get("role") == "leaf" and (sha256 is None or cert.get("sha256") == sha256):
-            try:
-                end = datetime.fromisoformat(str(cert.get("not_after")))
-            except ValueError:
-                return None
-            if end.tzinfo is None:
-                end = end.replace(tzinfo=timezone.utc)
-            return (end - now).days
-    return None
-
-
 def _first_page(record: Path, failed: str | None) -> Path | None:
     for name in ("index.html", f"{failed}.html" if failed else ""):
         if name and (record / name).is_file():
@@ -135,77 +107,114 @@ def _first_page(record: Path, failed: str | None) -> Path | None:
     return pages[-1] if pages else None
 
 
-def _from_manifest(manifest: Json, now: datetime) -> dict[str, object]:
-    steps = _list(manifest.get("steps"))
-    failed = next((s for s in steps if s.get("status") == "failed"), None)
-    outcome = str(manifest.get("outcome") or "unknown")
-    if manifest.get("kind") == "rollback":
-        outcome = {"ok": "rolled-back", "planned": "planned"}.get(outcome, outcome)
+@dataclass(frozen=True)
+class _Facts:
+    """What a host's row takes from its record."""
+
+    outcome: str
+    failed_step: str | None = None
+    failed_id: str | None = None
+    reason: str | None = None
+    fingerprint: str | None = None
+    days_left: int | None = None
+    checks_passed: int | None = None
+    checks_total: int | None = None
+
+
+def _from_manifest(m: Manifest, now: datetime) -> _Facts:
+    failed = m.failed_step
+    failed_step = f"{failed.step} {failed.title}".strip() if failed else None
+    failed_id = failed.step if failed else None
+    reason = failed.error if failed else None
+    outcome = m.outcome
+    if m.kind == "rollback":
+        outcome = {"ok": "rolled-back", "planned": "planned", "nothing": "rolled-back"}.get(
+            outcome, outcome
+        )
         if outcome == "failed":
-            failed = {"step": "rollback", "error": manifest.get("error")}
-    elif outcome == "ok" and manifest.get("apply") is False:
+            failed_step, failed_id, reason = "rollback", "rollback", m.error
+    elif outcome == "ok" and not m.apply:
         outcome = "planned"
-    presented = _list(manifest.get("presented_chain"))
-    fingerprint = str(presented[0]["sha256"]) if presented and presented[0].get("sha256") else None
-    checks = _list(manifest.get("checks"))
-    error = manifest.get("error")
-    return {
-        "outcome": outcome,
-        "failed_step": (
-            f"{failed.get('step')} {failed.get('title') or ''}".strip() if failed else None
-        ),
-        "failed_id": str(failed.get("step")) if failed else None,
-        "reason": (failed.get("error") if failed else None) or (str(error) if error else None),
-        "fingerprint": fingerprint,
-        "days_left": _days_left(manifest, fingerprint, now) if fingerprint else None,
-        "checks_passed": sum(1 for c in checks if c.get("passed") is True) if checks else None,
-        "checks_total": len(checks) if checks else None,
-    }
+    served = m.presented_chain[0] if m.presented_chain else None
+    fingerprint = served.sha256 if served and served.sha256 else None
+    leaf = next((c for c in m.certificates if c.role == "leaf" and c.sha256 == fingerprint), None)
+    return _Facts(
+        outcome=outcome,
+        failed_step=failed_step,
+        failed_id=failed_id,
+        reason=reason or m.error,
+        fingerprint=fingerprint,
+        days_left=leaf.days_left(now) if leaf else None,
+        checks_passed=m.checks_passed if m.checks else None,
+        checks_total=len(m.checks) if m.checks else None,
+    )
+
+
+@dataclass(frozen=True)
+class _Note:
+    """The fleet's note beside a host's record (``<stamp>.fleet.json``)."""
+
+    run: str
+    wave: int | None
+    phase: str | None
+    last_error: str | None
+    record: str | None
+    exit_code: int | None
+
+    @classmethod
+    def read(cls, path: Path) -> _Note | None:
+        data = _read_json(path)
+        if data is None:
+            return None
+        j = JsonObject(data)
+        stderr = j.strs("stderr")
+        return cls(
+            run=j.text("run"),
+            wave=j.num("wave"),
+            phase=j.opt("phase") or None,
+            last_error=stderr[-1] if stderr else None,
+            record=j.opt("record"),
+            exit_code=j.num("exit_code"),
+        )
 
 
 def _row(host: str, host_dir: Path, run: str, base: Path, now: datetime) -> HostRow:
-    notes = []
-    for path in sorted(host_dir.glob("*.fleet.json")):
-        note = _read_json(path)
-        if note is not None and note.get("run") == run:
-            notes.append(note)
+    notes = [
+        note
+        for path in sorted(host_dir.glob("*.fleet.json"))
+        if (note := _Note.read(path)) is not None and note.run == run
+    ]
     if not notes:
         return HostRow(host=host, reached=False, outcome="not reached")
     note = notes[-1]
-    wave, phase = _int(note.get("wave")), str(note.get("phase") or "") or None
-    stderr = note.get("stderr")
-    last_err = stderr[-1] if isinstance(stderr, list) and stderr else None
-    stamp = note.get("record")
-    record = host_dir / str(stamp) if stamp else None
+    record = host_dir / note.record if note.record else None
     if record is None or not record.is_dir():
         return HostRow(
             host=host,
             reached=True,
             outcome="failed",
-            wave=wave,
-            phase=phase,
+            wave=note.wave,
+            phase=note.phase,
             failed_step="before the runbook",
-            reason=str(last_err or f"the run left no record (exit status {note.get('exit_code')})"),
+            reason=note.last_error or f"the run left no record (exit status {note.exit_code})",
         )
-    facts: dict[str, object] = {}
-    manifest = _read_json(record / "manifest.json")
-    if manifest is not None:
-        facts = _from_manifest(manifest, now)
+    if (record / "manifest.json").is_file():
+        facts = _from_manifest(read_manifest(record / "manifest.json"), now)
     else:
-        facts = {"outcome": "failed", "reason": "the record has no manifest.json"}
-    page = _first_page(record, facts.pop("failed_id", None))  # type: ignore[arg-type]
+        facts = _Facts(outcome="failed", reason="the record has no manifest.json")
+    page = _first_page(record, facts.failed_id)
     return HostRow(
         host=host,
         reached=True,
-        outcome=str(facts.get("outcome")),
-        wave=wave,
-        phase=phase,
-        failed_step=facts.get("failed_step"),  # type: ignore[arg-type]
-        reason=facts.get("reason"),  # type: ignore[arg-type]
-        fingerprint=facts.get("fingerprint"),  # type: ignore[arg-type]
-        days_left=facts.get("days_left"),  # type: ignore[arg-type]
-        checks_passed=facts.get("checks_passed"),  # type: ignore[arg-type]
-        checks_total=facts.get("checks_total"),  # type: ignore[arg-type]
+        outcome=facts.outcome,
+        wave=note.wave,
+        phase=note.phase,
+        failed_step=facts.failed_step,
+        reason=facts.reason,
+        fingerprint=facts.fingerprint,
+        days_left=facts.days_left,
+        checks_passed=facts.checks_passed,
+        checks_total=facts.checks_total,
         record=str(record.relative_to(base)),
         page=str(page.relative_to(base)) if page else None,
     )
@@ -230,19 +239,17 @@ def load_fleet_report(
     chosen = run or runs[-1]
     if chosen not in runs:
         raise InputError(f"{base}: no fleet run '{chosen}'; the runs here: {', '.join(runs)}")
-    info = _read_json(runs_dir / f"{chosen}.json") or {}
-    hosts = info.get("hosts")
-    host_names = [str(h) for h in hosts] if isinstance(hosts, list) else []
+    info = JsonObject(_read_json(runs_dir / f"{chosen}.json"))
     at = now or datetime.now(timezone.utc)
-    rows = tuple(_row(h, base / h, chosen, base, at) for h in host_names)
+    rows = tuple(_row(h, base / h, chosen, base, at) for h in info.strs("hosts"))
     return FleetReport(
-        change_id=str(info.get("change_id") or base.name),
+        change_id=info.text("change_id") or base.name,
         directory=base,
         run=chosen,
-        playbook=str(info.get("playbook") or "change"),
-        check_mode=_bool(info.get("check_mode")),
-        started_utc=str(info["started_utc"]) if info.get("started_utc") else None,
-        max_fail_percentage=_int(info.get("max_fail_percentage")),
+        playbook=info.text("playbook") or "change",
+        check_mode=info.flag("check_mode"),
+        started_utc=info.opt("started_utc"),
+        max_fail_percentage=info.num("max_fail_percentage"),
         rows=rows,
         other_runs=tuple(r for r in runs if r != chosen),
     )

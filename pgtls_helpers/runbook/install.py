@@ -47,6 +47,7 @@ class InstallStepResult:
     installed: files.InstallResult | None
     applied: bool
     renewal: RenewalPlan | None = None  # on a server that serves TLS already
+    planned: list[dict[str, object]] = dataclasses.field(default_factory=list)  # for the record
 
     @property
     def changed(self) -> bool:
@@ -56,6 +57,7 @@ class InstallStepResult:
         return {
             "facts": self.facts,
             "plan": self.plan,
+            "planned_files": self.planned,
             "preflight": [f.__dict__ for f in self.preflight],
             "applied": self.applied,
             "changed": self.changed,
@@ -187,6 +189,7 @@ def step3_install_files(params: Params) -> InstallStepResult:
         installed=None,
         applied=False,
         renewal=renewal,
+        planned=[p.record() for p in plan],
     )
     if any(f.is_error for f in preflight) or not params.apply:
         save_step(params, "03_install_files", planned.summary())

@@ -119,18 +119,25 @@ def seal_unfinished(records: Path, change_id: str, params: Params, *, exclude: P
             continue
         if (record / "manifest.json").exists() or _alive(record):
             continue
+        from pgtls_helpers.runbook.manifest import Manifest, StepRecord
+
         summaries = sorted(p.stem for p in (record / "steps").glob("*.json"))
-        manifest = {
-            "record_format": 1,
-            "change_id": change_id,
-            "outcome": "interrupted",
-            "exit_code": None,
-            "sealed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "error": "the run was killed (SIGKILL, a lost session or machine) before it could "
+        manifest = Manifest(
+            kind="change",
+            change_id=change_id,
+            outcome="interrupted",
+            server=f"{params.server_host}:{params.server_port}",
+            apply=params.apply,
+            ca_mode=params.ca_mode,
+            sealed_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            error="the run was killed (SIGKILL, a lost session or machine) before it could "
             "finish its record; sealed by the next run of this change",
-            "steps_with_a_summary": summaries,
-            "in_place": in_place(params),
-        }
+            # the steps that left a summary before the kill
+            steps=tuple(
+                StepRecord(step=name, title="", status="interrupted") for name in summaries
+            ),
+            in_place=(in_place(params),),
+        ).to_json()
         fd = os.open(record / "manifest.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
         with os.fdopen(fd, "w") as fh:
             json.dump(manifest, fh, indent=2)

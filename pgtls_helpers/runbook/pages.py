@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from pgtls_helpers.runbook.manifest import Check, Manifest, ServerState
+
 __all__ = ["change_page", "run_page", "step_page"]
 
 _CSS = """\
@@ -209,271 +211,322 @@ def _first(error: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- run summary
 
 
-def _sha_pair(row: Mapping[str, Any]) -> str:
-    before = row.get("previous_sha256") or "(none: new file)"
-    return f"{before} → {row.get('sha256') or ''}"
+def _table_of(rows: Sequence[Sequence[object]], columns: Sequence[str]) -> str:
+    return _table([dict(zip(columns, r, strict=True)) for r in rows], columns)
 
 
 _ACTIONS = {"create": "created", "replace": "replaced", "unchanged": "unchanged"}
 
 
-def _files_section(m: Mapping[str, Any], s3: Mapping[str, Any]) -> str:
-    rows = []
-    for f in m.get("files", []):
-        rows.append(
-            {
-                "file": f.get("target"),
-                "kind": f.get("kind"),
-                "action": _ACTIONS.get(str(f.get("action")), f.get("action")),
-                "sha256 before → after": _sha_pair(f),
-                "backup": f.get("backup") or "",
-            }
+def _files_section(m: Manifest) -> str:
+    if m.files:
+        return _table_of(
+            [
+                (
+                    f.target,
+                    f.kind,
+                    _ACTIONS.get(f.action, f.action),
+                    f"{f.previous_sha256 or '(none: new file)'} → {f.sha256}",
+                    f.backup or "",
+                )
+                for f in m.files
+            ],
+            ["file", "kind", "action", "sha256 before → after", "backup"],
         )
-    if rows:
-        return _table(rows, ["file", "kind", "action", "sha256 before → after", "backup"])
-    plan = s3.get("plan") or []
-    if not plan:
+    if not m.planned_files:
         return '<p class="muted">No file was written.</p>'
-    would = [
-        {
-            "file": r.get("file"),
-            "kind": r.get("kind"),
-            "would be": {"create": "created", "replace": "replaced"}.get(
-                str(r.get("action")), r.get("action")
-            ),
-            "sha256 now → planned": f"{r.get('sha256 (current)') or '(none: new file)'} → "
-            f"{r.get('sha256 (new)')}",
-            "backup": f"{r.get('file')}.pgtls-backup-<stamp>"
-            if r.get("action") == "replace"
-            else "",
-        }
-        for r in plan
-    ]
-    return "<p>No file was written. The plan:</p>" + _table(
-        would, ["file", "kind", "would be", "sha256 now → planned", "backup"]
+    return "<p>No file was written. The plan:</p>" + _table_of(
+        [
+            (
+                p.target,
+                p.kind + (f" of {p.user}" if p.user else ""),
+                {"create": "created", "replace": "replaced"}.get(p.action, p.action),
+                f"{p.current_sha256 or '(none: new file)'} → {p.sha256}",
+                f"{p.target}.pgtls-backup-<stamp>" if p.action == "replace" else "",
+            )
+            for p in m.planned_files
+        ],
+        ["file", "kind", "would be", "sha256 now → planned", "backup"],
     )
 
 
-def _settings_section(m: Mapping[str, Any]) -> str:
-    before = (m.get("server_before") or {}).get("settings") or {}
-    after = (m.get("server_after") or {}).get("settings") or {}
-    names = list(dict.fromkeys([*before, *after]))
-    rows = [
-        {
-            "setting": n,
-            "before": before.get(n, ""),
-            "after": after.get(n, ""),
-            "": "changed" if before.get(n) != after.get(n) else "",
-        }
-        for n in names
-    ]
-    return _table(rows, ["setting", "before", "after", ""])
+def _settings_section(m: Manifest) -> str:
+    if m.settings_applied:
+        head = "<h2>Settings before → after</h2>"
+        columns = ["setting", "before", "after", ""]
+        mark = "changed"
+    else:
+        head = "<h2>Settings now → planned (not applied)</h2>"
+        columns = ["setting", "now", "planned", ""]
+        mark = "would change"
+    rows = [(s.name, s.before or "", s.after or "", mark if s.changes else "") for s in m.settings]
+    return head + _table_of(rows, columns)
 
 
-def _served(state: Mapping[str, Any] | None) -> str:
-    if not state:
+def _served(state: ServerState | None) -> str:
+    if state is None:
         return "not looked at"
-    if state.get("error"):
-        return f"could not tell: {state['error']}"
-    served = state.get("served")
-    if not served:
+    if state.error:
+        return f"could not tell: {state.error}"
+    served = state.served
+    if served is None:
         return "no certificate (SSL is off)"
     return (
-        f"{served.get('subject')}; sha256 {served.get('sha256')}; until "
-        f"{str(served.get('not_after', ''))[:10]} ({served.get('days_left')} days left)"
+        f"{served.subject}; sha256 {served.sha256}; until {served.not_after[:10]} "
+        f"({served.days_left} days left)"
     )
 
 
-def _checks_section(checks: Sequence[Mapping[str, Any]]) -> str:
+def _served_section(m: Manifest) -> str:
+    return "<h2>Certificate served</h2>" + _table_of(
+        [("before", _served(m.server_before)), ("after", _served(m.server_after))],
+        ["when", "certificate"],
+    )
+
+
+def _certificate_section(m: Manifest) -> str:
+    leaf = m.leaf
+    if leaf is None:
+        return ""
+    if m.apply and m.written and m.outcome != "failed":
+        head = "Certificate installed"
+    else:
+        head = "Certificate to be installed"
     rows = [
-        {
-            "check": c.get("check"),
-            "expected": c.get("expect"),
-            "observed": c.get("observed"),
-            "as it must be": "yes" if c.get("passed") else "NO",
-            "libpq says": c.get("detail") or c.get("observed_reason"),
-        }
-        for c in checks
+        ("subject", leaf.subject),
+        ("names (subjectAltName)", ", ".join(leaf.names) or "(none)"),
+        ("issuer", leaf.issuer),
+        ("not after", leaf.not_after),
+        ("sha256", leaf.sha256),
+        ("chain", " → ".join(c.role for c in m.certificates)),
     ]
-    return _table(rows, ["check", "expected", "observed", "as it must be", "libpq says"])
+    if m.verifier:
+        rows.append(("trust verdict by", m.verifier))
+    return f'<h2 id="certificate">{head}</h2>' + _table_of(rows, ["", "value"])
+
+
+def _renewal_section(m: Manifest) -> str:
+    r = m.renewal
+    if r is None:
+        return ""
+    rows: list[tuple[str, str]] = [
+        ("kind", r.kind),
+        ("root served before", r.served_root or ""),
+        ("root served after", r.new_root or ""),
+    ]
+    if r.names_added:
+        rows.append(("names added", ", ".join(r.names_added)))
+    if r.names_dropped:
+        rows.append(("names dropped", ", ".join(r.names_dropped)))
+    if r.loop is not None:
+        rows.append(
+            (
+                "verify-full client through the reload",
+                f"{r.loop.connections} connections, {r.loop.failed} failed "
+                f"({r.loop.seconds:.1f} s)",
+            )
+        )
+    elif m.apply and m.outcome != "failed":
+        rows.append(("verify-full client through the reload", "not run (no client trusted it)"))
+    return f'<h2 id="renewal">Renewal: {esc(r.kind)}</h2>' + _table_of(rows, ["", "value"])
+
+
+def _checks_section(checks: Sequence[Check]) -> str:
+    return _table_of(
+        [(c.check, c.expect, c.observed, "yes" if c.passed else "NO", c.detail) for c in checks],
+        ["check", "expected", "observed", "as it must be", "libpq says"],
+    )
 
 
 def _line_class(result: str) -> str:
-    if result.startswith(("failed", "rollback failed")):
+    if result.startswith(("failed", "rollback failed", "interrupted", "unreadable")):
         return "bad"
-    if result.startswith(("changed and proven", "rolled back", "no change")):
+    if result.startswith(("changed and proven", "rolled back", "no change", "nothing to roll")):
         return "ok"
     return "warn"
 
 
-def run_page(m: Mapping[str, Any]) -> str:
+def run_page(m: Manifest) -> str:
     """``index.html`` of one run: who, where, when and the outcome in one line, then what
-    changed and the proof."""
-    from pgtls_helpers.runbook.record import result_line
-
-    steps = {s.get("step"): s for s in m.get("steps", [])}
-    s3 = dict((steps.get("03_install_files") or {}).get("summary") or {})
-    s4 = dict((steps.get("04_enable_ssl") or {}).get("summary") or {})
-    result = result_line(m)
-    kind = m.get("kind", "change")
-    host = m.get("host") or ""
-    if m.get("host_fqdn"):
-        host += f" ({m['host_fqdn']})"
-    title = f"{m.get('change_id')} · {kind} · {str(m.get('started_utc', ''))[:19]}"
+    changed (or would change) and the proof."""
+    result = m.result
+    host = m.host + (f" ({m.host_fqdn})" if m.host_fqdn else "")
+    title = f"{m.change_id} · {m.kind} · {(m.started_utc or '')[:19]}"
     out = [
         '<nav><a href="../index.html">all runs of this change</a>'
         '<a href="manifest.json">manifest.json</a></nav>',
         f"<h1>{esc(title)}</h1>",
         f'<p class="line {_line_class(result)}" id="summary">'
-        f"change <b>{esc(m.get('change_id'))}</b> on <b>{esc(m.get('server'))}</b> · "
-        f"operator {esc(m.get('operator'))} on {esc(host)} · "
-        f"{esc(m.get('started_utc'))} · <b>{esc(result)}</b></p>",
+        f"change <b>{esc(m.change_id)}</b> on <b>{esc(m.server)}</b> · "
+        f"operator {esc(m.operator)} on {esc(host)} · "
+        f"{esc(m.started_utc)} · <b>{esc(result)}</b></p>",
     ]
-    if m.get("error"):
-        out.append(f'<p class="line bad" id="error">{text(m["error"])}</p>')
-    if m.get("in_place"):
+    if m.lab is not None:
+        out.append(
+            f'<p class="muted" id="lab">On a throwaway lab cluster (port {esc(m.lab.port)}) '
+            "and a throwaway CA, both removed after the run.</p>"
+        )
+    if m.error:
+        out.append(f'<p class="line bad" id="error">{text(m.error)}</p>')
+    if m.in_place:
         out.append("<h2>In place now</h2><ul>")
-        out += [f"<li>{text(x)}</li>" for x in m["in_place"]]
+        out += [f"<li>{text(x)}</li>" for x in m.in_place]
         out.append("</ul>")
-    if kind == "rollback":
+    if m.kind == "rollback":
         out += _rollback_body(m)
+    elif m.kind == "trust":
+        out += _trust_body(m)
     else:
-        out += _change_body(m, s3, s4)
-    if m.get("rollback_command"):
+        out += _change_body(m)
+    if m.rollback_command:
         out.append(
             "<h2>Rollback</h2><p>To back this change out, run:</p>"
-            f'<pre id="rollback">{text(m["rollback_command"])}</pre>'
+            f'<pre id="rollback">{text(m.rollback_command)}</pre>'
         )
     links = "".join(
-        f'<li><a href="{esc(s["html"])}">step {esc(str(s["step"])[:2].lstrip("0"))} · '
-        f"{esc(s.get('title'))}</a> ({esc(s.get('status'))})</li>"
-        if s.get("html")
-        else f"<li>step {esc(str(s['step'])[:2].lstrip('0'))} · {esc(s.get('title'))} "
-        f"({esc(s.get('status'))}{': ' + esc(s['note']) if s.get('note') else ''})</li>"
-        for s in m.get("steps", [])
+        f'<li><a href="{esc(s.html)}">step {esc(s.number)} · {esc(s.title)}</a> '
+        f"({esc(s.status)})</li>"
+        if s.html
+        else f"<li>step {esc(s.number)} · {esc(s.title)} "
+        f"({esc(s.status)}{': ' + esc(s.note) if s.note else ''})</li>"
+        for s in m.steps
     )
     if links:
         out.append(f"<h2>Steps</h2><ul>{links}</ul>")
     out.append(
-        '<p class="muted">Every file of this record is hashed in '
-        '<a href="manifest.json">manifest.json</a>, with parameters (secrets redacted), '
-        "versions and each step's status.</p>"
+        '<p class="muted" id="format">Every file of this record is hashed in '
+        '<a href="manifest.json">manifest.json</a> (record format '
+        f"{esc(m.format)}), with parameters (secrets redacted), versions and each step's "
+        "status.</p>"
     )
     return _page(title, "".join(out))
 
 
-def _change_body(m: Mapping[str, Any], s3: Mapping[str, Any], s4: Mapping[str, Any]) -> list[str]:
-    out = ["<h2>Files</h2>", _files_section(m, s3)]
-    out += ["<h2>Settings before → after</h2>", _settings_section(m)]
-    planned = [x for x in s4.get("messages", []) if str(x).startswith("ALTER SYSTEM")]
-    if planned and not s4.get("changed"):
-        out.append("<p>Planned, not run:</p><ul>")
-        out += [f"<li><code>{text(x)}</code></li>" for x in planned]
-        out.append("</ul>")
-    if s4.get("hba_diff"):
-        verb = "" if s4.get("changed") else " (planned, not written)"
-        out += [f"<h2>pg_hba.conf{verb}</h2>", _diff(str(s4["hba_diff"]))]
-        if s4.get("changed") or not m.get("apply"):
+def _change_body(m: Manifest) -> list[str]:
+    out = [_certificate_section(m), _renewal_section(m)]
+    out += ["<h2>Files</h2>", _files_section(m), _settings_section(m)]
+    if m.hba_diff:
+        if m.hba_written:
+            head = "pg_hba.conf (written)"
+        elif m.apply and m.outcome != "failed" and not m.hba_added:
+            head = ""
+        else:
+            head = "pg_hba.conf (planned, not written)"
+        if head:
+            out += [f"<h2>{head}</h2>", _diff(m.hba_diff)]
             out.append(
                 '<p class="muted">Unix-socket (<code>local</code>) lines are not affected: '
                 "only TCP connections are turned away when they do not use SSL.</p>"
             )
-    sessions = m.get("sessions_refused")
-    if sessions is not None:
+    if m.sessions_refused is not None:
         out.append("<h2>Sessions the new pg_hba.conf would refuse</h2>")
         out.append(
-            _table(sessions, ["user", "database", "client_addr", "application_name", "line"])
-            if sessions
+            _table_of(
+                [
+                    (r.user, r.database, r.client_addr, r.application_name, r.line)
+                    for r in m.sessions_refused
+                ],
+                ["user", "database", "client_addr", "application_name", "line"],
+            )
+            if m.sessions_refused
             else '<p class="muted">None: no session connected over TCP without SSL when '
             "the plan was made.</p>"
         )
-    out += [
-        "<h2>Certificate served</h2>",
-        _table(
-            [
-                {"when": "before", "certificate": _served(m.get("server_before"))},
-                {"when": "after", "certificate": _served(m.get("server_after"))},
-            ],
-            ["when", "certificate"],
-        ),
-    ]
-    if m.get("checks"):
-        out += ["<h2>Connection checks</h2>", _checks_section(m["checks"])]
-    if m.get("verdict"):
-        cls = "ok" if m["verdict"] == "pass" else "bad"
-        out.append(f'<p class="line {cls}" id="verdict">verdict: {esc(m["verdict"])}</p>')
+    out.append(_served_section(m))
+    out += _proof(m)
     return out
 
 
-def _rollback_body(m: Mapping[str, Any]) -> list[str]:
+def _trust_body(m: Manifest) -> list[str]:
+    out = ["<h2>Roots added to root.crt</h2>"]
+    out.append(
+        _table_of(
+            [(c.subject, c.not_after[:10], c.sha256) for c in m.trust_added],
+            ["root", "until", "sha256"],
+        )
+    )
+    if m.trust_removed:
+        out.append("<h2>Roots removed from root.crt</h2><ul>")
+        out += [f"<li>{text(r)}</li>" for r in m.trust_removed]
+        out.append("</ul>")
+    out += ["<h2>Files</h2>", _files_section(m)]
+    out += _proof(m)
+    return out
+
+
+def _proof(m: Manifest) -> list[str]:
+    out = []
+    if m.checks:
+        out += ["<h2>Connection checks</h2>", _checks_section(m.checks)]
+    if m.verdict:
+        cls = "ok" if m.verdict == "pass" else "bad"
+        out.append(
+            f'<p class="line {cls}" id="verdict">verdict: {esc(m.verdict)} '
+            f"({m.checks_passed} of {len(m.checks)} connection checks as they must be)</p>"
+        )
+    return out
+
+
+def _rollback_body(m: Manifest) -> list[str]:
     rows = [
-        {"file": f.get("target"), "what": f.get("what"), "from backup": f.get("backup") or ""}
-        for f in m.get("files", [])
+        (
+            f.target,
+            f.what,
+            f.backup or "",
+            "" if f.done is None else "yes" if f.done else "no",
+        )
+        for f in m.backout
     ]
     settings = [
-        {"setting": k, "back to": v if v is not None else "(its postgresql.conf value)"}
-        for k, v in (m.get("settings") or {}).items()
+        (k, v if v is not None else "(its postgresql.conf value)")
+        for k, v in m.reset_settings.items()
     ]
-    verb = "would be" if m.get("dry_run") else "were"
+    verb = "would be" if m.dry_run else "were"
     return [
         f"<h2>Files that {verb} put back</h2>",
-        _table(rows, ["file", "what", "from backup"]),
+        _table_of(rows, ["file", "what", "from backup", "done"]),
         f"<h2>Settings that {verb} reset (ALTER SYSTEM)</h2>",
-        _table(settings, ["setting", "back to"]),
-        "<h2>Certificate served</h2>",
-        _table(
-            [
-                {"when": "before", "certificate": _served(m.get("server_before"))},
-                {"when": "after", "certificate": _served(m.get("server_after"))},
-            ],
-            ["when", "certificate"],
-        ),
+        _table_of(settings, ["setting", "back to"]),
+        _served_section(m),
     ]
 
 
 # --------------------------------------------------------------------------- change index
 
 
-def change_page(change_id: str, runs: Iterable[tuple[str, Mapping[str, Any]]]) -> str:
+def change_page(change_id: str, runs: Iterable[tuple[str, Manifest]]) -> str:
     """``records/<change_id>/index.html``: every run, newest first, with its outcome."""
-    from pgtls_helpers.runbook.record import result_line
-
     runs = list(runs)
     rows = []
     proven = next(
-        (
-            (name, m)
-            for name, m in runs
-            if m.get("kind", "change") == "change" and m.get("verdict") == "pass"
-        ),
-        None,
+        ((name, m) for name, m in runs if m.kind == "change" and m.verdict == "pass"), None
     )
     newest = runs[0] if runs else None
     head = []
     if newest is not None:
         head.append(
-            f'<p class="line {_line_class(result_line(newest[1]))}" id="now">newest run: '
+            f'<p class="line {_line_class(newest[1].result)}" id="now">newest run: '
             f'<a href="{esc(newest[0])}/index.html">{esc(newest[0])}</a>, '
-            f"{esc(result_line(newest[1]))}</p>"
+            f"{esc(newest[1].result)}</p>"
         )
     if proven is not None:
         head.append(
             f'<p id="proven">last proven by step 5: <a href="{esc(proven[0])}/index.html">'
-            f"{esc(proven[0])}</a> ({esc(result_line(proven[1]))})</p>"
+            f"{esc(proven[0])}</a> ({esc(proven[1].result)})</p>"
         )
     for name, m in runs:
-        result = result_line(m) if "steps" in m or "kind" in m else str(m.get("outcome"))
-        when = m.get("started_utc") or name
+        result = m.result if m.outcome != "unreadable manifest" else m.outcome
+        when = m.started_utc or name
         try:
-            when = datetime.fromisoformat(str(when)).strftime("%Y-%m-%d %H:%M:%S UTC")
+            when = datetime.fromisoformat(when).strftime("%Y-%m-%d %H:%M:%S UTC")
         except ValueError:
             pass
         rows.append(
             f'<tr><td><a href="{esc(name)}/index.html">{esc(when)}</a></td>'
-            f"<td>{esc(m.get('kind', 'change'))}</td>"
-            f"<td>{esc(_mode(m))}</td>"
+            f"<td>{esc(m.kind)}</td>"
+            f"<td>{esc(m.mode)}</td>"
             f'<td class="{_line_class(result)}">{esc(result)}</td>'
-            f"<td>{esc(m.get('operator', ''))}</td></tr>"
+            f"<td>{esc(m.operator)}</td></tr>"
         )
     body = (
         f"<h1>{esc(change_id)}: every run</h1>{''.join(head)}<p>Newest first. Each run's "
@@ -483,11 +536,3 @@ def change_page(change_id: str, runs: Iterable[tuple[str, Mapping[str, Any]]]) -
         f"<th>operator</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )
     return _page(f"{change_id} · all runs", body)
-
-
-def _mode(m: Mapping[str, Any]) -> str:
-    if m.get("kind") == "rollback":
-        return "dry run" if m.get("dry_run") else "rollback"
-    if m.get("outcome") == "waiting-for-ca":
-        return "phase 1 (CSR)"
-    return "apply" if m.get("apply") else "plan"

@@ -25,11 +25,22 @@ from pathlib import Path
 from typing import Any
 
 from pgtls_helpers.errors import PgtlsError
+from pgtls_helpers.runbook.manifest import (
+    FORMAT,
+    JsonObject,
+    Lab,
+    Manifest,
+    ServerState,
+    StepRecord,
+    from_json,
+    from_steps,
+)
 from pgtls_helpers.runbook.params import Params, redacted
 
 __all__ = [
     "host_names",
     "new_record_dir",
+    "read_manifest",
     "result_line",
     "rollback_command",
     "run_manifest",
@@ -39,7 +50,7 @@ __all__ = [
     "write_change_index",
 ]
 
-RECORD_FORMAT = 2
+RECORD_FORMAT = FORMAT  # manifest.FORMAT, the version of manifest.json
 
 
 def utc() -> datetime:
@@ -163,56 +174,42 @@ def rollback_command(params_file: Path, work_dir: str | Path, records: Path) -> 
     )
 
 
-def result_line(m: Mapping[str, Any]) -> str:
+def result_line(m: Manifest) -> str:
     """The run's outcome in words a change manager uses."""
-    if m.get("kind") == "rollback":
-        if m.get("outcome") == "failed":
-            return f"rollback failed: {m.get('error')}"
-        return "dry run: nothing restored" if m.get("dry_run") else "rolled back"
-    outcome = m.get("outcome")
-    if outcome == "failed":
-        failed = next((s for s in m.get("steps", []) if s.get("status") == "failed"), None)
-        where = f"step {failed['step'][:2].lstrip('0')} {failed['title']}" if failed else "set-up"
-        return f"failed at {where}"
-    if outcome == "waiting-for-ca":
-        return "waiting for the CA: CSR made, nothing on the server changed"
-    if not m.get("apply"):
-        return "plan: no change made"
-    if not changed(m):
-        return "no change: already as planned"
-    return "changed and proven" if m.get("verdict") == "pass" else "changed"
+    return m.result
 
 
-def changed(m: Mapping[str, Any]) -> bool:
-    """Whether the run changed the server (a file written, or step 4 applied)."""
-    s4 = _summary(m, "04_enable_ssl")
-    return bool(
-        any(f.get("action") in ("create", "replace") for f in m.get("files", []))
-        or s4.get("changed")
-    )
-
-
-def _summary(m: Mapping[str, Any], step: str) -> dict[str, Any]:
-    for s in m.get("steps", []):
-        if s.get("step") == step:
-            return dict(s.get("summary") or {})
-    return {}
-
-
-def seal(record: Path, manifest: dict[str, Any]) -> None:
-    """Hash every file of the record into the manifest, write it, make it all read-only."""
+def seal(record: Path, manifest: Manifest) -> Manifest:
+    """Hash every file of the record into the manifest, write it, make it all read-only;
+    returns the manifest as written."""
     files = sorted(p for p in record.rglob("*") if p.is_file())
-    manifest["record_files"] = {str(p.relative_to(record)): sha256_file(p) for p in files}
+    sealed = dataclasses.replace(
+        manifest, record_files={str(p.relative_to(record)): sha256_file(p) for p in files}
+    )
     target = record / "manifest.json"
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     with os.fdopen(fd, "w") as fh:
-        json.dump(manifest, fh, indent=2, default=str)
+        json.dump(sealed.to_json(), fh, indent=2, default=str)
         fh.write("\n")
     for path in [*files, target]:
         path.chmod(0o444)
+    return sealed
 
 
-def write_run_index(record: Path, manifest: Mapping[str, Any]) -> None:
+def read_manifest(path: Path) -> Manifest:
+    """A record's ``manifest.json``, typed; one that cannot be read is a manifest saying so."""
+    try:
+        return from_json(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return Manifest(
+            kind="change",
+            change_id=path.parent.parent.name,
+            outcome="unreadable manifest",
+            error=f"{path}: cannot be read",
+        )
+
+
+def write_run_index(record: Path, manifest: Manifest) -> None:
     """``index.html`` of one run (before :func:`seal`, so the manifest hashes it)."""
     from pgtls_helpers.runbook.pages import run_page
 
@@ -223,12 +220,10 @@ def write_change_index(change_dir: Path) -> Path:
     """Rewrite ``records/<change_id>/index.html`` from the manifests of its runs, atomically."""
     from pgtls_helpers.runbook.pages import change_page
 
-    runs = []
-    for path in sorted(change_dir.glob("*/manifest.json"), reverse=True):
-        try:
-            runs.append((path.parent.name, json.loads(path.read_text())))
-        except (OSError, ValueError):
-            runs.append((path.parent.name, {"outcome": "unreadable manifest"}))
+    runs = [
+        (path.parent.name, read_manifest(path))
+        for path in sorted(change_dir.glob("*/manifest.json"), reverse=True)
+    ]
     target = change_dir / "index.html"
     tmp = change_dir / f".index.html.{os.getpid()}"
     tmp.write_text(change_page(change_dir.name, runs), encoding="utf-8")
@@ -256,16 +251,11 @@ def run_manifest(
     server_before: dict[str, Any] | None,
     server_after: dict[str, Any] | None,
     records_dir: Path,
-) -> dict[str, Any]:
-    """The manifest of a run of the runbook (``kind: change``); ``steps`` are the runner's
-    :class:`~pgtls_helpers.runbook.runner.StepOutcome` values."""
-    summaries = step_summaries(record)
-    s1 = summaries.get("01_key_and_csr", {})
-    s2 = summaries.get("02_ca_response", {})
-    s3 = summaries.get("03_install_files", {})
-    s4 = summaries.get("04_enable_ssl", {})
-    s5 = summaries.get("05_verify_clients") or summaries.get("client_trust", {})
-    installed = [*s3.get("installed", []), *s4.get("installed", [])]
+) -> Manifest:
+    """The manifest of a run of the runbook (``kind: change``, or ``trust`` for ``pgtls
+    trust``); ``steps`` are the runner's :class:`~pgtls_helpers.runbook.runner.StepOutcome`
+    values."""
+    facts = from_steps(step_summaries(record))
     failed = next((s for s in steps if s.status == "failed"), None)
     if outcome == "failed" and not error:
         error = (
@@ -273,71 +263,86 @@ def run_manifest(
             if failed
             else "the run failed before its first step"
         )
-
+    before = ServerState.read(JsonObject(server_before)) if server_before else None
+    after = ServerState.read(JsonObject(server_after)) if server_after else None
     journals = params.work.journal.exists()
-    m: dict[str, Any] = {
-        "record_format": RECORD_FORMAT,
-        "kind": "change",
-        "change_id": params.change_id,
-        "outcome": outcome,
-        "exit_code": exit_code,
-        "error": error,
-        "parameters_file": str(params_file),
-        "parameters_file_sha256": sha256_file(params_file),
-        "parameters": redacted(dict(injected)),
-        "parameters_as_given": redacted(dict(values)),
-        "server": f"{params.server_host}:{params.server_port}",
-        "apply": params.apply,
-        **who_and_where(),
-        "started_utc": started.isoformat(timespec="seconds"),
-        "finished_utc": utc().isoformat(timespec="seconds"),
-        "seconds": round(seconds, 2),
-        "versions": versions(),
-        "lab": lab,
-        "steps": [
-            {
-                **dataclasses.asdict(s),
-                "seconds": round(s.seconds, 2),
-                "notebook": f"{s.step}.ipynb" if s.status in ("ok", "failed") else None,
-                "html": f"{s.step}.html" if s.status in ("ok", "failed") else None,
-                "summary": summaries.get(s.step),
-            }
+    parameters = redacted(dict(injected))
+    m = Manifest(
+        kind="trust" if any(s.step == "client_trust" for s in steps) else "change",
+        change_id=params.change_id,
+        outcome=outcome,
+        exit_code=exit_code,
+        error=error,
+        parameters_file=str(params_file),
+        parameters_file_sha256=sha256_file(params_file),
+        parameters=parameters,
+        parameters_as_given=redacted(dict(values)),
+        server=f"{params.server_host}:{params.server_port}",
+        apply=params.apply,
+        ca_mode=params.ca_mode,
+        operator=getpass.getuser(),
+        host=host_names()["host"] or "",
+        host_fqdn=host_names()["host_fqdn"],
+        started_utc=started.isoformat(timespec="seconds"),
+        finished_utc=utc().isoformat(timespec="seconds"),
+        seconds=round(seconds, 2),
+        versions=versions(),
+        lab=Lab.read(JsonObject(lab)) if lab else None,
+        steps=tuple(
+            StepRecord(
+                step=s.step,
+                title=s.title,
+                status=s.status,
+                seconds=round(s.seconds, 2),
+                error=s.error,
+                note=s.note,
+                notebook=f"{s.step}.ipynb" if s.status in ("ok", "failed") else None,
+                html=f"{s.step}.html" if s.status in ("ok", "failed") else None,
+            )
             for s in steps
-        ],
-        "csr_file": s1.get("csr_file") or str(params.work.csr),
-        "csr_sha256": s1.get("csr_sha256"),
-        "public_key_sha256": s1.get("public_key_sha256"),
-        "certificates": s2.get("chain", []),
-        "unused_certificates": s2.get("unused", []),
-        "findings": s2.get("findings", []),
-        "files": installed,
-        "ssl_before": s4.get("ssl_before"),
-        "ssl_after": s4.get("ssl_after"),
-        "presented_chain": s4.get("presented", []),
-        "tls_version": s4.get("tls_version"),
-        "hba_added": s4.get("hba_added", []),
-        "sessions_refused": s4.get("sessions_refused"),
-        "renewal": {"plan": s3.get("renewal"), "reload": s4.get("renewal")},
-        "server_before": server_before,
-        "server_after": server_after,
-        "verdict": s5.get("verdict"),
-        "checks": s5.get("checks", []),
+        ),
+        key_type=facts.key_type,
+        key_encrypted=facts.key_encrypted,
+        csr_file=facts.csr_file or str(params.work.csr),
+        csr_sha256=facts.csr_sha256,
+        public_key_sha256=facts.public_key_sha256,
+        certificates=facts.certificates,
+        unused_certificates=facts.unused_certificates,
+        findings=facts.findings,
+        verifier=facts.verifier,
+        files=facts.files,
+        planned_files=facts.planned_files,
+        settings=facts.settings(before, after),
+        settings_applied=facts.enable_changed,
+        hba_diff=facts.hba_diff,
+        hba_added=facts.hba_added,
+        hba_written=facts.hba_written,
+        sessions_refused=facts.sessions_refused,
+        presented_chain=facts.presented_chain,
+        tls_version=facts.tls_version,
+        renewal=facts.renewal,
+        trust_added=facts.trust_added,
+        trust_removed=facts.trust_removed,
+        verdict=facts.verdict,
+        checks=facts.checks,
+        server_before=before,
+        server_after=after,
         # a lab cluster is gone after the run: nothing there to roll back
-        "rollback_command": rollback_command(params_file, params.work_dir, records_dir)
+        rollback_command=rollback_command(params_file, params.work_dir, records_dir)
         if journals and not lab
         else None,
-    }
-    m["in_place"] = (
-        []
-        if outcome != "failed"
-        else ["nothing: the throwaway lab cluster was removed at the end of the run"]
-        if lab
-        else _in_place(params, m)
     )
-    return m
+    if outcome != "failed":
+        return m
+    in_place = (
+        ("nothing: the throwaway lab cluster was removed at the end of the run",)
+        if lab
+        else _in_place(params, after)
+    )
+    return dataclasses.replace(m, in_place=in_place)
 
 
-def _in_place(params: Params, m: Mapping[str, Any]) -> list[str]:
+def _in_place(params: Params, after: ServerState | None) -> tuple[str, ...]:
     """After a failure: what of the change is on the server now, in sentences."""
     from pgtls_helpers.runbook import journal as wal
 
@@ -346,13 +351,12 @@ def _in_place(params: Params, m: Mapping[str, Any]) -> list[str]:
     for change in changes:
         verb = "created" if change.backup is None else "replaced"
         out.append(f"{change.target} ({change.kind}): {verb} by this change")
-    after = m.get("server_after") or {}
-    if after.get("settings"):
-        served = after.get("served")
+    if after is not None and after.settings:
+        served = after.served
         out.append(
-            f"the server has ssl {after['settings'].get('ssl')}"
-            + (f" and presents {served['subject']} (sha256 {served['sha256']})" if served else "")
+            f"the server has ssl {after.settings.get('ssl')}"
+            + (f" and presents {served.subject} (sha256 {served.sha256})" if served else "")
         )
     if not changes:
-        out.insert(0, "nothing of this change is in place: the server is as it was before")
-    return out
+        out.insert(0, "nothing was changed: every server and client file is as it was before")
+    return tuple(out)

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from pgtls_helpers.errors import InputError, PgtlsError
 from pgtls_helpers.runbook import interrupt
 from pgtls_helpers.runbook import record as rec
+from pgtls_helpers.runbook.manifest import Manifest
 from pgtls_helpers.runbook.params import (
     PARAMETER_NAMES,
     Params,
@@ -115,13 +116,18 @@ class RunOutcome:
     outcome: str  # "ok", "failed" or "waiting-for-ca"
     exit_code: int
     steps: tuple[StepOutcome, ...]
-    manifest: dict[str, Any] = field(repr=False)
+    record: Manifest = field(repr=False)
+
+    @property
+    def manifest(self) -> dict[str, object]:
+        """The record's ``manifest.json``, as written."""
+        return self.record.to_json()
 
     def summary(self) -> str:
         """What the terminal shows at the end of a run."""
         from pgtls_helpers.runbook.terminal import run_summary
 
-        return run_summary(self.manifest, self.record_dir)
+        return run_summary(self.record, self.record_dir)
 
 
 def kernel_name() -> str:
@@ -440,7 +446,7 @@ def run(
         )
         try:
             rec.write_run_index(record, manifest)
-            rec.seal(record, manifest)
+            manifest = rec.seal(record, manifest)
             rec.write_change_index(record.parent)
         finally:
             hold.close()  # the change lock, then the claim on the record

@@ -1,154 +1,141 @@
-"""What ``pgtls run`` and ``pgtls rollback`` say on the terminal at the end: one screen, in the
-words of the record's summary page, and every command in it runs as printed."""
+"""What ``pgtls run``, ``pgtls trust`` and ``pgtls rollback`` say on the terminal at the end:
+one screen, in the words of the record's summary page, drawn from the typed
+:class:`~pgtls_helpers.runbook.manifest.Manifest`; every command in it runs as printed."""
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from pgtls_helpers.runbook.record import changed, result_line
+from pgtls_helpers.runbook.manifest import Check, Manifest
 
 __all__ = ["failed_checks", "rollback_summary", "run_summary"]
 
 
-def _summary(m: Mapping[str, Any], step: str) -> dict[str, Any]:
-    for s in m.get("steps", []):
-        if s.get("step") == step:
-            return dict(s.get("summary") or {})
-    return {}
-
-
-def failed_checks(checks: Sequence[Mapping[str, Any]]) -> list[str]:
+def failed_checks(checks: Sequence[Check]) -> list[str]:
     """Each connection check that did not behave as it must, with libpq's own message."""
     return [
-        f"  check failed: {c.get('check')}: expected {c.get('expect')}, got "
-        f"{c.get('observed')}; libpq: {c.get('detail') or c.get('observed_reason')}"
+        f"  check failed: {c.check}: expected {c.expect}, got {c.observed}; libpq: {c.detail}"
         for c in checks
-        if not c.get("passed")
+        if not c.passed
     ]
 
 
-def run_summary(m: Mapping[str, Any], record_dir: Path) -> str:
+def run_summary(m: Manifest, record_dir: Path) -> str:
     """A screenful: the outcome first, each step, what changed or would change, the proof,
     what is in place after a failure and the exact rollback command, and the record."""
-    result = result_line(m)
-    trust = any(s.get("step") == "client_trust" for s in m.get("steps", []))
+    result = m.result
     lines = [
-        f"pgtls {'trust' if trust else 'run'}: change {m['change_id']} on {m['server']}, ca_mode "
-        f"{m['parameters'].get('ca_mode')}, apply {str(m['apply']).lower()}"
+        f"pgtls {'trust' if m.kind == 'trust' else 'run'}: change {m.change_id} on {m.server}, "
+        f"ca_mode {m.ca_mode}, apply {str(m.apply).lower()}"
     ]
-    if m.get("lab"):
-        lines.append(
-            f"  on a throwaway lab cluster (port {m['lab']['port']}), removed after the run"
-        )
+    if m.lab is not None:
+        lines.append(f"  on a throwaway lab cluster (port {m.lab.port}), removed after the run")
     last_note = None
-    for s in m.get("steps", []):
-        took = f"{s['seconds']:5.1f} s" if s["status"] in ("ok", "failed") else ""
-        lines.append(f"  {s['step'][:2]} {s['title']:<15} {s['status']:<8} {took}".rstrip())
-        if s.get("error"):
-            lines.append(f"     {s['error']}")
-        elif s.get("note") and s["note"] != last_note:
-            lines.append(f"     {s['note']}")
-        last_note = s.get("note")
-    lines += failed_checks(m.get("checks", []))
+    for s in m.steps:
+        took = f"{s.seconds:5.1f} s" if s.status in ("ok", "failed") else ""
+        lines.append(f"  {s.step[:2]} {s.title:<15} {s.status:<8} {took}".rstrip())
+        if s.error:
+            lines.append(f"     {s.error}")
+        elif s.note and s.note != last_note:
+            lines.append(f"     {s.note}")
+        last_note = s.note
+    lines += failed_checks(m.checks)
     if result.startswith("plan"):
         lines.append("plan only: nothing changed")
         lines += _plan_lines(m)
     elif result.startswith("no change"):
         lines.append("no change: already as planned")
-    elif m.get("outcome") == "failed":
+    elif m.outcome == "failed":
         # the failed step's reason is printed under it; a set-up failure has no step
-        named = any(s.get("error") for s in m.get("steps", []))
-        lines.append(result if named else f"{result}: {m.get('error')}")
-        if m.get("in_place"):
+        named = any(s.error for s in m.steps)
+        lines.append(result if named else f"{result}: {m.error}")
+        if m.in_place:
             lines.append("in place now:")
-            lines += [f"  {x}" for x in m["in_place"]]
-    if m.get("verdict"):
-        checks = m.get("checks", [])
-        good = sum(1 for c in checks if c.get("passed"))
+            lines += [f"  {x}" for x in m.in_place]
+    if m.renewal is not None and m.outcome != "failed":
+        lines.append(_renewal_line(m))
+    if m.verdict:
         lines.append(
-            f"verdict: {m['verdict']} ({good} of {len(checks)} connection checks as they must be)"
+            f"verdict: {m.verdict} ({m.checks_passed} of {len(m.checks)} connection checks "
+            "as they must be)"
         )
-    leaf = next((c for c in m.get("certificates", []) if c.get("role") == "leaf"), None)
-    if leaf and m.get("apply") and m.get("outcome") != "failed":
-        cn = re.search(r"(?:^|,)CN=((?:[^,\\]|\\.)+)", leaf["subject"])
+    leaf = m.leaf
+    if leaf and m.apply and m.outcome != "failed":
+        lines.append(f"certificate: {leaf.cn}, until {leaf.not_after[:10]}, sha256 {leaf.sha256}")
+    for f in m.written if m.outcome != "failed" else ():  # see "in place now"
         lines.append(
-            f"certificate: {cn.group(1) if cn else leaf['subject']}, until "
-            f"{leaf['not_after'][:10]}, sha256 {leaf['sha256']}"
+            f"wrote {f.target} ({f.action}" + (f", backup {f.backup}" if f.backup else "") + ")"
         )
-    for f in m.get("files", []) if m.get("outcome") != "failed" else []:  # see "in place now"
-        if f.get("action") in ("create", "replace"):
-            lines.append(
-                f"wrote {f['target']} ({f['action']}"
-                + (f", backup {f['backup']}" if f.get("backup") else "")
-                + ")"
-            )
-    if m.get("outcome") == "waiting-for-ca":
+    if m.outcome == "waiting-for-ca":
         lines.append(
-            f"next: send {m['csr_file']} to your CA; then list the files it returns "
-            f"in ca_files and run again: pgtls run {m['parameters_file']}"
+            f"next: send {m.csr_file} to your CA; then list the files it returns "
+            f"in ca_files and run again: pgtls run {m.parameters_file}"
         )
-    if m.get("rollback_command") and (changed(m) or m.get("outcome") == "failed"):
-        lines.append(f"to roll back: {m['rollback_command']}")
-    lines.append(f"took {m['seconds']:.1f} s; record: {record_dir / 'index.html'}")
+    if m.rollback_command and (m.changed or m.outcome == "failed"):
+        lines.append(f"to roll back: {m.rollback_command}")
+    lines.append(f"took {m.seconds:.1f} s; record: {record_dir / 'index.html'}")
     return "\n".join(lines)
 
 
-def _plan_lines(m: Mapping[str, Any]) -> list[str]:
-    s3 = _summary(m, "03_install_files")
-    s4 = _summary(m, "04_enable_ssl")
+def _renewal_line(m: Manifest) -> str:
+    r = m.renewal
+    assert r is not None
+    line = f"{r.kind}"
+    if r.loop is not None:
+        line += (
+            f": a verify-full client connected {r.loop.connections} times through the reload, "
+            f"{r.loop.failed} failed"
+        )
+    return line
+
+
+def _plan_lines(m: Manifest) -> list[str]:
     out = []
-    for row in s3.get("plan", []):
-        if row.get("action") in ("create", "replace"):
-            out.append(f"  would write {row.get('file')} ({row.get('action')})")
-    for msg in s4.get("messages", []):
-        if msg.startswith("ALTER SYSTEM"):
-            out.append(f"  would run {msg}")
-    added = s4.get("hba_added") or []
-    if added:
+    for p in m.planned_files:
+        if p.would_write:
+            who = f" for {p.user}" if p.user else ""
+            out.append(f"  would write {p.target}{who} ({p.action})")
+    for s in m.settings:
+        if s.changes:
+            out.append(f"  would run ALTER SYSTEM SET {s.name} = '{s.after}' (now: '{s.before}')")
+    if m.hba_added:
         out.append("  would add to pg_hba.conf:")
-        out += [f"    {line}" for line in added]
-    refused = m.get("sessions_refused") or []
+        out += [f"    {line}" for line in m.hba_added]
+    refused = m.sessions_refused or ()
     if refused:
         out.append(f"  {len(refused)} session(s) connected now without SSL would be refused:")
         out += [
-            f"    {r.get('user')}@{r.get('database')} from {r.get('client_addr')}"
-            f" ({r.get('application_name') or 'no application name'})"
+            f"    {r.user}@{r.database} from {r.client_addr}"
+            f" ({r.application_name or 'no application name'})"
             for r in refused
         ]
     return out
 
 
-def rollback_summary(m: Mapping[str, Any], record_dir: Path | None) -> str:
+def rollback_summary(m: Manifest, record_dir: Path | None) -> str:
     """What a rollback did (or, as a dry run, would do), and where its record is."""
-    dry = bool(m.get("dry_run"))
-    lines = [
-        f"pgtls rollback{' --dry-run' if dry else ''}: change {m['change_id']} on {m['server']}"
-    ]
-    for f in m.get("files", []):
-        verb = f["what"] if not dry else "would be " + f["what"]
-        lines.append(
-            f"{verb}: {f['target']}" + (f" (from {f['backup']})" if f.get("backup") else "")
-        )
-    for name, value in (m.get("settings") or {}).items():
+    dry = m.dry_run
+    lines = [f"pgtls rollback{' --dry-run' if dry else ''}: change {m.change_id} on {m.server}"]
+    for f in m.backout:
+        verb = f.what if not dry else "would be " + f.what
+        lines.append(f"{verb}: {f.target}" + (f" (from {f.backup})" if f.backup else ""))
+    for name, value in m.reset_settings.items():
         shown = f"'{value}'" if value is not None else "its postgresql.conf value (RESET)"
         verb = "would set" if dry else "ALTER SYSTEM:"
         lines.append(f"{verb} {name} back to {shown}")
     if dry:
         lines.append("dry run: nothing restored, nothing reloaded")
-    elif m.get("outcome") == "failed":
-        lines.append(f"rollback failed: {m.get('error')}")
-    elif m.get("server_running") is False:
-        lines.append(str(m.get("reloaded")))
+    elif m.outcome == "failed":
+        lines.append(f"rollback failed: {m.error}")
+    elif m.server_running is False:
+        lines.append(str(m.reloaded))
     else:
-        after = m.get("server_after") or {}
-        state = (after.get("settings") or {}).get("ssl", "unknown")
-        served = after.get("served")
-        leaf = served["subject"] if served else "no certificate"
-        how = str(m.get("reloaded") or "reloaded")
-        lines.append(f"{how}; {m['server']} has ssl {state} and presents {leaf}")
+        after = m.server_after
+        state = (after.settings.get("ssl") if after else None) or "unknown"
+        served = after.served if after else None
+        leaf = served.subject if served else "no certificate"
+        lines.append(f"{m.reloaded or 'reloaded'}; {m.server} has ssl {state} and presents {leaf}")
     if record_dir is not None:
         lines.append(f"record: {record_dir / 'index.html'}")
     return "\n".join(lines)

@@ -32,12 +32,18 @@ from pgtls_helpers.runbook.common import (
     rfc4514,
     save_step,
 )
-from pgtls_helpers.runbook.journal import CHANGED_BACK, TRUST_STEP, Journal, is_client_trust
+from pgtls_helpers.runbook.journal import (
+    CHANGED_BACK,
+    TRUST_STEP,
+    FileChange,
+    Journal,
+    is_client_trust,
+)
 from pgtls_helpers.runbook.params import Params
 from pgtls_helpers.runbook.renewal import cert_row, user_roots
 from pgtls_helpers.runbook.undo import checked_journal, undo_change
 
-__all__ = ["TrustResult", "client_trust", "parse_fingerprint", "rollback_trust"]
+__all__ = ["TrustResult", "client_trust", "parse_fingerprint", "rollback_trust", "trust_backout"]
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -108,6 +114,7 @@ class TrustResult:
     installed: files.InstallResult | None = None
     checks: list[Any] = field(default_factory=list)
     applied: bool = False
+    planned: list[dict[str, object]] = field(default_factory=list)  # for the record
 
     @property
     def verdict(self) -> str | None:
@@ -121,6 +128,7 @@ class TrustResult:
             "added": self.added,
             "removed": self.removed,
             "plan": self.plan,
+            "planned_files": self.planned,
             "preflight": [f.__dict__ for f in self.preflight],
             "applied": self.applied,
             "installed": self.installed.as_dicts() if self.installed else [],
@@ -206,6 +214,7 @@ def client_trust(params: Params) -> TrustResult:
         removed=sorted(remove),
         plan=rows,
         preflight=preflight,
+        planned=[{**p.record(), "user": u.name} for u, p in zip(users, plans, strict=True)],
     )
     errors = [f for f in preflight if f.severity == "error"]
     if errors or not params.apply:
@@ -240,6 +249,7 @@ def client_trust(params: Params) -> TrustResult:
             installed,
             checks,
             applied=True,
+            planned=result.planned,
         )
         save_step(params, "client_trust", done.summary())
         failed = [c for c in checks if not c.passed]
@@ -307,18 +317,32 @@ def _apply(
     return files.InstallResult(tuple(done))
 
 
-def _lock(params: Params, stack: ExitStack) -> None:
+def _lock(params: Params, stack: ExitStack, *, take: bool = True) -> None:
     """The server's change lock (see :func:`pgtls_helpers.runbook.common.lock_directory`);
-    when the runbook's role cannot log in from here, the lock file in the work root."""
+    when the runbook's role cannot log in from here, the lock file in the work root. With
+    ``take`` False (a dry run) the lock is only looked at, and nothing is created."""
     try:
         server = stack.enter_context(open_server(params))
         facts = server.facts()
     except PgtlsError:
-        params.work.create()
-        stack.enter_context(change_lock(params.work.path.parent, None, None, params.change_id))
+        if take:
+            params.work.create()
+        root = params.work.path.parent
+        stack.enter_context(change_lock(root, None, None, params.change_id, take=take))
         return
     directory, owner = lock_directory(params, facts)
-    stack.enter_context(change_lock(directory, owner, server, params.change_id))
+    stack.enter_context(change_lock(directory, owner, server, params.change_id, take=take))
+
+
+def _trust_journal(params: Params) -> list[FileChange]:
+    """The change's journal, checked (:func:`checked_journal`) and a client-trust change's."""
+    entries, changes, _before = checked_journal(params)
+    if not is_client_trust(entries):
+        raise PreflightError(
+            f"{params.work.journal}: the journal of change {params.change_id} is not a "
+            "client-trust change's; roll it back with pgtls rollback"
+        )
+    return changes
 
 
 def rollback_trust(params: Params) -> list[Path]:
@@ -327,11 +351,15 @@ def rollback_trust(params: Params) -> list[Path]:
     journal is kept, renamed, for the record."""
     with ExitStack() as stack:
         _lock(params, stack)
-        entries, _changes, _before = checked_journal(params)
-        if not is_client_trust(entries):
-            raise PreflightError(
-                f"{params.work.journal}: the journal of change {params.change_id} is not a "
-                "client-trust change's; roll it back with pgtls rollback"
-            )
+        _trust_journal(params)
         undone = undo_change(params, server=None, reason="rolled-back")
     return [r.target for r in undone.restored if r.action in CHANGED_BACK]
+
+
+def trust_backout(params: Params) -> list[FileChange]:
+    """What :func:`rollback_trust` would put back, in its order, after the same checks and
+    with the same refusals (the change lock only looked at); nothing is written."""
+    with ExitStack() as stack:
+        _lock(params, stack, take=False)
+        changes = _trust_journal(params)
+    return list(reversed(changes))

@@ -166,9 +166,10 @@ def test_runner_and_kernel_killed_in_step4_then_rollback(
     assert "sealed the record of an interrupted run" in back.stderr
     sealed = json.loads((left / "manifest.json").read_text())
     assert sealed["outcome"] == "interrupted"
-    assert "enable interrupted" in sealed["in_place"]
-    assert "pg_hba.conf" in sealed["in_place"]
-    assert "01_key_and_csr" in sealed["steps_with_a_summary"]
+    assert sealed["format"] == 3
+    assert "enable interrupted" in sealed["in_place"][0]
+    assert "pg_hba.conf" in sealed["in_place"][0]
+    assert "01_key_and_csr" in [s["step"] for s in sealed["steps"]]
 
 
 def test_sigterm_to_the_runner_finishes_the_record_with_each_steps_true_status(

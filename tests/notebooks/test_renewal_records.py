@@ -91,8 +91,13 @@ def test_pgtls_trust_adds_a_lab_ca_root_and_leaves_a_record(
     for cell in nbformat.read(record / "client_trust.ipynb", as_version=4).cells:
         for out in cell.get("outputs", []):
             assert out["output_type"] not in ("error", "stream"), out
-    summary = m["steps"][0]["summary"]
-    assert summary["added"][0]["sha256"] == fingerprint(new_root)
+    assert m["kind"] == "trust" and m["trust_added"][0]["sha256"] == fingerprint(new_root)
+    # the record lists the root.crt it replaced; it never says no file was written
+    (written,) = [f for f in m["files"] if f["action"] in ("create", "replace")]
+    assert written["target"].endswith("/.postgresql/root.crt") and written["kind"] == "root.crt"
+    index = (record / "index.html").read_text()
+    assert written["target"].split("/")[-1] in index and "No file was written" not in index
+    assert "no change" not in index
     assert all(c["passed"] for c in m["checks"])
     (user,) = resolve_client_users([own_client_user])
     assert {fingerprint(c) for c in read_roots(user.root_crt)} == {
@@ -132,12 +137,19 @@ def test_a_renewal_run_records_served_before_and_after_and_the_client_loop(
     outcome = run_into(tmp_path, write_params(tmp_path / "renew.yaml", **values))
     assert outcome.exit_code == 0, outcome.summary()
     m = outcome.manifest
-    assert m["renewal"]["plan"]["kind"] == "renewal"
-    reload = m["renewal"]["reload"]
-    assert reload["served_before"]["sha256"] == old
-    assert reload["served_after"]["sha256"] == m["certificates"][0]["sha256"] != old
-    assert reload["served_after"]["days_left"] > 300
-    assert reload["client_loop"]["connections"] >= 200 and reload["client_loop"]["failed"] == 0
+    renewal = m["renewal"]
+    assert renewal["kind"] == "renewal"
+    assert renewal["served_before"] == old
+    assert renewal["served_after"] == m["certificates"][0]["sha256"] != old
+    assert outcome.record.leaf is not None and (outcome.record.leaf.days_left() or 0) > 300
+    assert renewal["loop"]["connections"] >= 200 and renewal["loop"]["failed"] == 0
+    # the summary page a reviewer opens first says which kind of change, and the loop's count
+    index = (outcome.record_dir / "index.html").read_text()
+    assert "Renewal: renewal" in index
+    assert f"{renewal['loop']['connections']} connections, 0 failed" in index
+    assert f"connected {renewal['loop']['connections']} times through the reload, 0 failed" in (
+        outcome.summary()
+    )
     html = (outcome.record_dir / "03_install_files.html").read_text()
     assert "Served now" in html and "Will be served" in html
     assert (

@@ -194,9 +194,9 @@ def test_apply_false_changes_nothing_on_the_server(
     assert statuses(outcome) == ["ok", "ok", "ok", "ok", "skipped"]
     assert _data_files(fresh_cluster) == before
     assert _show_ssl(fresh_cluster) == "off"
-    plan = m["steps"][2]["summary"]
-    assert plan["applied"] is False and {r["action"] for r in plan["plan"]} == {"create"}
-    assert "+hostnossl" in m["steps"][3]["summary"]["hba_diff"]
+    assert {p["action"] for p in m["planned_files"]} == {"create"}
+    assert "+hostnossl" in m["hba_diff"] and m["hba_written"] is False
+    assert {s["name"]: (s["before"], s["after"]) for s in m["settings"]}["ssl"] == ("off", "on")
     assert m["files"] == [] and m["verdict"] is None
     html = (outcome.record_dir / "04_enable_ssl.html").read_text()
     assert "apply is false" in html
@@ -224,7 +224,7 @@ def test_an_encrypted_key_and_its_passphrase_never_reach_the_record(
     outcome = run_into(tmp_path, write_params(tmp_path / "p.yaml", **values))
     assert outcome.exit_code == 0, outcome.summary()
     m = assert_record_shape(outcome)
-    assert m["steps"][0]["summary"]["key_encrypted"] is True
+    assert m["key_encrypted"] is True
     assert m["verdict"] == "pass"
     assert m["parameters"]["key_passphrase_env"] == "PGTLS_TEST_KEY_PASSPHRASE"
     installed = (fresh_cluster.pgdata / "server.key").read_bytes()

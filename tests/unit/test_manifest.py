@@ -1,0 +1,132 @@
+"""The record's format (runbook/manifest.py): typed, versioned, read back as written, and
+older records read into the same type."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pgtls_helpers.runbook import manifest as mf
+from pgtls_helpers.runbook.pages import change_page, run_page
+from pgtls_helpers.runbook.terminal import rollback_summary, run_summary
+
+LEAF = mf.Certificate(
+    role="leaf",
+    subject="CN=db1.example.com,O=Example",
+    issuer="CN=Issuing CA",
+    sha256="ab" * 32,
+    not_after="2027-12-01T00:00:00+00:00",
+    names=("db1.example.com", "10.0.0.5"),
+)
+
+
+def _plan() -> mf.Manifest:
+    facts = mf.from_steps(
+        {
+            "02_ca_response": {
+                "chain": [
+                    {
+                        "role": "leaf",
+                        "subject": LEAF.subject,
+                        "issuer": LEAF.issuer,
+                        "sha256": LEAF.sha256,
+                        "not_after": LEAF.not_after,
+                        "names": list(LEAF.names),
+                    }
+                ]
+            },
+            "03_install_files": {
+                "planned_files": [
+                    {
+                        "target": "/srv/pg/server.crt",
+                        "kind": "certificate",
+                        "action": "create",
+                        "sha256": "cd" * 32,
+                        "current_sha256": None,
+                    }
+                ]
+            },
+            "04_enable_ssl": {
+                "settings_planned": [{"name": "ssl", "before": "off", "after": "on"}],
+                "hba_diff": "+hostnossl all all all reject",
+                "hba_added": ["hostnossl all all all reject"],
+                "changed": False,
+            },
+        }
+    )
+    before = mf.ServerState(
+        settings={"ssl": "off", "ssl_cert_file": "server.crt"}, served=None, error=None
+    )
+    return mf.Manifest(
+        kind="change",
+        change_id="CHG-1",
+        outcome="ok",
+        server="db1:5432",
+        apply=False,
+        ca_mode="files",
+        certificates=facts.certificates,
+        planned_files=facts.planned_files,
+        settings=facts.settings(before, before),
+        hba_diff=facts.hba_diff,
+        hba_added=facts.hba_added,
+        server_before=before,
+        server_after=before,
+        steps=(mf.StepRecord("01_key_and_csr", "Key and CSR", "ok", 1.0),),
+    )
+
+
+def test_a_manifest_reads_back_as_written() -> None:
+    m = _plan()
+    data = json.loads(json.dumps(m.to_json()))
+    assert data["format"] == mf.FORMAT
+    assert mf.from_json(data) == m
+
+
+def test_a_plan_says_planned_settings_as_planned_and_the_certificate_to_install() -> None:
+    m = _plan()
+    assert [(s.name, s.before, s.after) for s in m.settings if s.changes] == [("ssl", "off", "on")]
+    assert m.result == "plan: no change made" and not m.changed
+    page = run_page(m)
+    assert "Settings now → planned (not applied)" in page
+    assert "Certificate to be installed" in page and "db1.example.com, 10.0.0.5" in page
+    assert "pg_hba.conf (planned, not written)" in page
+    assert "throwaway" not in page  # no lab text in a files-mode record
+    terminal = run_summary(m, Path("/r"))
+    assert "would run ALTER SYSTEM SET ssl = 'on' (now: 'off')" in terminal
+    assert "would write /srv/pg/server.crt (create)" in terminal
+
+
+def test_a_format_2_rollback_and_a_format_1_sealed_record_read_as_the_same_type() -> None:
+    rollback = {
+        "record_format": 2,
+        "kind": "rollback",
+        "dry_run": True,
+        "change_id": "CHG-1",
+        "server": "db1:5432",
+        "files": [{"target": "/srv/pg/server.crt", "kind": "certificate", "what": "removed"}],
+        "settings": {"ssl": None},
+        "outcome": "planned",
+    }
+    m = mf.from_json(rollback)
+    assert m.backout[0].target == "/srv/pg/server.crt" and m.files == ()
+    assert m.reset_settings == {"ssl": None} and m.result == "dry run: nothing restored"
+    assert "would be removed: /srv/pg/server.crt" in rollback_summary(m, None)
+    sealed = mf.from_json(
+        {
+            "record_format": 1,
+            "change_id": "CHG-1",
+            "outcome": "interrupted",
+            "in_place": "enable interrupted; pg_hba.conf replaced",
+            "steps_with_a_summary": ["01_key_and_csr"],
+        }
+    )
+    assert sealed.in_place == ("enable interrupted; pg_hba.conf replaced",)
+    assert [s.step for s in sealed.steps] == ["01_key_and_csr"] and sealed.result == "interrupted"
+    page = change_page("CHG-1", [("20261203T000000Z", sealed), ("20261202T000000Z", m)])
+    assert "interrupted" in page and "dry run" in page
+
+
+def test_a_damaged_manifest_still_renders() -> None:
+    m = mf.from_json({"kind": 7, "steps": "not a list", "checks": [1, None], "seconds": "x"})
+    assert m.kind == "change" and m.steps == () and m.checks == () and m.seconds == 0.0
+    assert "<html" in run_page(m)
