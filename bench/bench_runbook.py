@@ -67,7 +67,7 @@ SIZES: list[dict[str, int]] = []
 
 def record_sizes(record: Path) -> dict[str, int]:
     """Bytes of each step's page, of index.html, of manifest.json, and of the whole record."""
-    sizes = {step: (record / f"{step}.html").stat().st_size for step, _ in STEPS}
+    sizes = {step: (record / f"{step}.html").stat().st_size for step in (s.name for s in STEPS)}
     sizes["set-up and record"] = (record / "index.html").stat().st_size
     sizes["manifest.json"] = (record / "manifest.json").stat().st_size
     sizes["total"] = sum(p.stat().st_size for p in record.rglob("*") if p.is_file())
@@ -86,7 +86,7 @@ def direct(params_file: Path, scratch: Path) -> dict[str, float]:
         params = on_lab_cluster(params, cluster, client_user=lab_client_user())
         os.environ["PGPASSFILE"] = str(cluster.passfile)
         times = {"set-up and record": time.perf_counter() - t0}
-        for (step, _), func in zip(STEPS, STEP_FUNCTIONS, strict=True):
+        for step, func in zip((s.name for s in STEPS), STEP_FUNCTIONS, strict=True):
             t = time.perf_counter()
             result = func(params)
             times[step] = time.perf_counter() - t
@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def med(runs: list[dict[str, float]], key: str) -> float:
         return statistics.median(r[key] for r in runs)
 
-    rows = [*(s for s, _ in STEPS), "set-up and record", "total"]
+    rows = [*(s.name for s in STEPS), "set-up and record", "total"]
     print(
         f"lab runbook ({params_file.name}), {args.repeat} run(s) each, median seconds; "
         f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}"
@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         a, b = med(nb_runs, row), med(py_runs, row)
         kb = statistics.median(z[row] for z in SIZES) / 1024
         print(f"  {row:<22}{a:>11.2f}{b:>9.2f}{a - b:>12.2f}{kb:>10.1f}")
-    largest = max(max(z[s] for s, _ in STEPS) for z in SIZES) / 1024
+    largest = max(max(z[s.name] for s in STEPS) for z in SIZES) / 1024
     manifest_kb = statistics.median(z["manifest.json"] for z in SIZES) / 1024
     print(
         "page KB: each step's HTML page; on the set-up row index.html, on the total row the "

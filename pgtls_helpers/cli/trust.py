@@ -13,9 +13,8 @@ from pathlib import Path
 from pgtls_helpers.errors import InputError
 from pgtls_helpers.runbook.params import load_params, read_params_file, resolve_paths
 from pgtls_helpers.runbook.runner import run
+from pgtls_helpers.runbook.steps import TRUST
 from pgtls_helpers.runbook.trust import parse_fingerprint
-
-TRUST_STEPS: tuple[tuple[str, str], ...] = (("client_trust", "Client trust"),)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -26,7 +25,7 @@ def main(args: argparse.Namespace) -> int:
         records_dir=args.records,
         work_dir=args.work,
         progress=not args.no_progress,
-        steps=TRUST_STEPS,
+        steps=TRUST,
     )
     sys.stdout.write(outcome.summary() + "\n")
     return outcome.exit_code

@@ -24,6 +24,7 @@ from typing import Protocol, TypeVar
 
 from pgtls_helpers.runbook import journal as wal
 from pgtls_helpers.runbook.params import Params
+from pgtls_helpers.runbook.steps import Step
 
 __all__ = ["claim", "in_place", "mark_interrupted", "seal_unfinished", "terminate_as_interrupt"]
 
@@ -55,7 +56,7 @@ def terminate_as_interrupt() -> Iterator[None]:
 
 
 def mark_interrupted(
-    done: Sequence[S], table: Sequence[tuple[str, str]], make: Callable[[str, str, str], S]
+    done: Sequence[S], table: Sequence[Step], make: Callable[[str, str, str], S]
 ) -> list[S]:
     """The finished steps as they ended, the next one ``interrupted``, the rest ``not-run``.
 
@@ -63,7 +64,7 @@ def mark_interrupted(
     """
     out = list(done)
     names = {s.step for s in out}
-    missing = [(step, title) for step, title in table if step not in names]
+    missing = [(s.name, s.title) for s in table if s.name not in names]
     for i, (step, title) in enumerate(missing):
         out.append(make(step, title, "interrupted" if i == 0 else "not-run"))
     return out

@@ -118,12 +118,13 @@ def _diff(diff: str) -> str:
 
 
 def _output_html(output: Mapping[str, Any]) -> str:
-    kind = output.get("output_type")
+    # the fields nbformat 4 requires of each output type are read as required
+    kind = output["output_type"]
     if kind == "stream":
-        return f"<pre>{text(''.join(output.get('text', '')))}</pre>"
+        return f"<pre>{text(''.join(output['text']))}</pre>"
     if kind == "error":
         return ""  # the step's own statement says where and why it stopped
-    data = output.get("data", {})
+    data = output["data"]
     if "text/html" in data:
         fragment = "".join(data["text/html"])
         fragment = re.sub(r"(?is)<script\b.*?</script>", "", fragment)
@@ -174,20 +175,20 @@ def step_page(
     ]
     stopped = False
     for cell in nb.cells:
-        tags = set(cell.get("metadata", {}).get("tags", []))
+        tags = set(cell["metadata"].get("tags", []))
         if tags & {"parameters", "injected-parameters", "papermill-error-cell-tag"}:
             continue
-        source = cell.get("source", "")
-        if cell.get("cell_type") == "markdown":
+        source = "".join(cell["source"])
+        if cell["cell_type"] == "markdown":
             out.append(_markdown(source))
             continue
-        if cell.get("cell_type") != "code" or not source.strip():
+        if cell["cell_type"] != "code" or not source.strip():
             continue
-        count = cell.get("execution_count")
+        count = cell["execution_count"]
         label = f"In [{count}]" if count else "not run"
         out.append(f'<div class="in">{label}</div><pre>{text(source)}</pre>')
-        parts = [_output_html(o) for o in cell.get("outputs", [])]
-        errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+        parts = [_output_html(o) for o in cell["outputs"]]
+        errors = [o for o in cell["outputs"] if o["output_type"] == "error"]
         if any(parts):
             out.append('<div class="out">' + "".join(p for p in parts if p) + "</div>")
         if errors and not stopped:

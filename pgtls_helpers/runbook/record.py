@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgtls_helpers.errors import PgtlsError
 from pgtls_helpers.runbook.manifest import (
@@ -36,6 +36,9 @@ from pgtls_helpers.runbook.manifest import (
     from_steps,
 )
 from pgtls_helpers.runbook.params import Params, redacted
+
+if TYPE_CHECKING:
+    from pgtls_helpers.runbook.runner import StepOutcome
 
 __all__ = [
     "host_names",
@@ -245,7 +248,7 @@ def run_manifest(
     seconds: float,
     outcome: str,
     exit_code: int,
-    steps: Sequence[Any],
+    steps: Sequence[StepOutcome],
     lab: dict[str, Any] | None,
     error: str | None,
     server_before: dict[str, Any] | None,

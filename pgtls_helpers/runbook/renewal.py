@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -40,6 +40,10 @@ from pgtls_helpers.runbook.common import (
     ssl_targets,
 )
 from pgtls_helpers.runbook.params import Params
+
+if TYPE_CHECKING:
+    from pgtls_helpers.postgres.probe import ProbeResult
+    from pgtls_helpers.postgres.server import ServerFacts
 
 __all__ = [
     "LoopResult",
@@ -143,7 +147,7 @@ class RenewalPlan:
 
 def assess(
     params: Params,
-    facts: Any,
+    facts: ServerFacts,
     new_chain: Sequence[x509.Certificate],
     new_root: x509.Certificate | None,
     users: Sequence[ClientUser],
@@ -446,7 +450,7 @@ class ReloadWatch:
     failed reload: after the restore, proof that the old certificate is served again.
     """
 
-    def __init__(self, params: Params, host_ip: str, before: Any) -> None:
+    def __init__(self, params: Params, host_ip: str, before: ProbeResult | None) -> None:
         self.params, self.host_ip = params, host_ip
         self.before = list(before.chain) if before is not None and before.ok else []
         self.loop: ClientLoop | None = None
@@ -494,7 +498,7 @@ class ReloadWatch:
         got = chainmod.fingerprint(seen.chain[0])[:16] + "…" if seen.chain else seen.error
         return f"the previous certificate (sha256 {want[:16]}…) is NOT served again: {got}"
 
-    def finish(self, after: Any) -> dict[str, Any] | None:
+    def finish(self, after: ProbeResult | None) -> dict[str, Any] | None:
         """The record's part: served before and after (fingerprint, days left), the loop."""
         loop = self.loop.stop() if self.loop is not None else None
         if not self.before:

@@ -44,8 +44,10 @@ from pgtls_helpers.runbook.params import (
     resolve_paths,
 )
 from pgtls_helpers.runbook.record import new_record_dir
+from pgtls_helpers.runbook.steps import SERVER, Step
 
 if TYPE_CHECKING:
+    from pgtls_helpers.lab.cluster import LabCluster
     from pgtls_helpers.runbook.kernel import Kernel
 
 __all__ = [
@@ -58,16 +60,7 @@ __all__ = [
     "run",
 ]
 
-STEPS: tuple[tuple[str, str], ...] = (
-    ("01_key_and_csr", "Key and CSR"),
-    ("02_ca_response", "CA response"),
-    ("03_install_files", "Install files"),
-    ("04_enable_ssl", "Enable SSL"),
-    ("05_verify_clients", "Verify clients"),
-)
-# The notebooks that write to the server or to clients' homes: the run takes the server's
-# change lock before the first of them and keeps it until its record is sealed.
-WRITING_STEPS = frozenset({"03_install_files", "04_enable_ssl", "client_trust"})
+STEPS: tuple[Step, ...] = SERVER  # the server runbook's notebooks, from the registry
 
 
 def _notebooks_dir() -> Path:
@@ -239,7 +232,7 @@ def remove_lab_client_user(name: str | None) -> None:
         subprocess.run(["userdel", "--remove", name], capture_output=True, check=False)
 
 
-def on_lab_cluster(params: Params, cluster: Any, *, client_user: str | None) -> Params:
+def on_lab_cluster(params: Params, cluster: LabCluster, *, client_user: str | None) -> Params:
     """``params`` pointed at a lab cluster, with the lab's client OS user added; that user gets
     a login of its own on the cluster (its role, its ``~/.pgpass``), never the runbook's."""
     users = list(params.client_system_users)
@@ -311,10 +304,10 @@ def prepare_notebooks(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     made = []
-    for step, _ in STEPS:
-        target = out / f"{step}.ipynb"
+    for step in STEPS:
+        target = out / step.notebook
         papermill.execute_notebook(
-            str(Path(notebooks_dir or NOTEBOOKS_DIR) / f"{step}.ipynb"),
+            str(Path(notebooks_dir or NOTEBOOKS_DIR) / step.notebook),
             str(target),
             parameters=_injected(params),
             prepare_only=True,
@@ -341,7 +334,7 @@ def run(
     progress: bool = True,
     *,
     notebooks_dir: str | Path | None = None,
-    steps: tuple[tuple[str, str], ...] = STEPS,
+    steps: tuple[Step, ...] = STEPS,
 ) -> RunOutcome:
     """Run the runbook for a parameters file and write its record.
 
@@ -358,7 +351,7 @@ def run(
     params = load_params(values, source=str(params_path))
     _check_input(params)
     nb_dir = Path(notebooks_dir or NOTEBOOKS_DIR)
-    missing = [s for s, _ in steps if not (nb_dir / f"{s}.ipynb").exists()]
+    missing = [s.name for s in steps if not (nb_dir / s.notebook).exists()]
     if missing:
         raise InputError(
             f"{nb_dir}: the runbook notebooks {', '.join(missing)} are missing; "
@@ -373,7 +366,7 @@ def run(
     params = dataclasses.replace(params, record_dir=str(record))
     done: list[StepOutcome] = []
     lab_info: dict[str, Any] | None = None
-    cluster: Any = None
+    cluster: LabCluster | None = None
     kernel: Kernel | None = None
     error: str | None = None
     before: dict[str, Any] | None = None
@@ -405,7 +398,7 @@ def run(
             except PgtlsError as exc:
                 error = f"set-up failed: {exc}"
                 exit_code = 2 if isinstance(exc, InputError) else 1
-                done = [StepOutcome(s, t, "not-run") for s, t in steps]
+                done = [StepOutcome(s.name, s.title, "not-run") for s in steps]
             else:
                 done, outcome = _run_steps(
                     params, record, nb_dir, kernel, progress, steps, into=done, hold=hold
@@ -425,7 +418,7 @@ def run(
         elif lab_base is not None:
             shutil.rmtree(lab_base, ignore_errors=True)
         if not done:  # interrupted before the first step ended
-            done = [StepOutcome(s, t, "not-run") for s, t in steps]
+            done = [StepOutcome(s.name, s.title, "not-run") for s in steps]
             error = error or "interrupted"
         manifest = rec.run_manifest(
             params=params,
@@ -453,7 +446,7 @@ def run(
     return RunOutcome(record, outcome, exit_code, tuple(done), manifest)
 
 
-def _start_lab(params: Params, base: Path) -> tuple[Params, Any, dict[str, Any]]:
+def _start_lab(params: Params, base: Path) -> tuple[Params, LabCluster, dict[str, Any]]:
     """A throwaway cluster for this run; the change's work directory starts empty, since
     whatever an earlier lab run left there belonged to a server that no longer exists."""
     from pgtls_helpers.lab import LabCluster
@@ -498,7 +491,7 @@ def _run_steps(
     nb_dir: Path,
     kernel: Kernel,
     progress: bool,
-    notebooks: tuple[tuple[str, str], ...] = STEPS,
+    notebooks: tuple[Step, ...] = STEPS,
     *,
     into: list[StepOutcome] | None = None,
     hold: ExitStack | None = None,
@@ -506,37 +499,25 @@ def _run_steps(
     from concurrent.futures import Future, ThreadPoolExecutor
 
     parameters = _injected(params)
-    phase_one = notebooks == STEPS and params.ca_mode == "files" and not params.ca_files
+    # phase one: the CA has not answered yet, so the steps that need its answer wait
+    phase_one = (
+        params.ca_mode == "files" and not params.ca_files and any(s.needs_ca for s in notebooks)
+    )
     steps: list[StepOutcome] = into if into is not None else []  # filled as steps end
     # HTML is rendered while the next notebook runs (the kernel is another process)
     html = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgtls-html")
     rendering: dict[str, Future[None]] = {}
     try:
-        for i, (step, title) in enumerate(notebooks):
-            if phase_one and i > 0:
-                steps.append(
-                    StepOutcome(
-                        step,
-                        title,
-                        "not-run",
-                        note="waiting for the CA's response (ca_files is empty)",
-                    )
-                )
-                continue
-            if step == "05_verify_clients" and not params.apply:
-                steps.append(
-                    StepOutcome(
-                        step,
-                        title,
-                        "skipped",
-                        note="apply is false: nothing was changed, so there is nothing to verify",
-                    )
-                )
+        for i, entry in enumerate(notebooks):
+            step, title = entry.name, entry.title
+            if (skip := entry.skipped(params, phase_one=phase_one)) is not None:
+                status, why = skip
+                steps.append(StepOutcome(step, title, status, note=why))
                 continue
             if any(s.status == "failed" for s in steps):
                 steps.append(StepOutcome(step, title, "not-run"))
                 continue
-            if hold is not None and params.apply and step in WRITING_STEPS:
+            if hold is not None and params.apply and entry.writes:
                 refused = _take_run_lock(params, hold)
                 hold = None  # taken (or not needed) once, for the rest of the run
                 if refused is not None:
@@ -546,8 +527,8 @@ def _run_steps(
                 print(f"[{i + 1}/{len(notebooks)}] {step}", file=sys.stderr, flush=True)
             t = time.monotonic()
             error, nb = _run_notebook(
-                nb_dir / f"{step}.ipynb",
-                record / f"{step}.ipynb",
+                nb_dir / entry.notebook,
+                record / entry.notebook,
                 parameters,
                 kernel,
                 progress,

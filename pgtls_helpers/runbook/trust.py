@@ -22,7 +22,7 @@ from pgtls_helpers.errors import InputError, PgtlsError, PreflightError, ServerE
 from pgtls_helpers.pki import chain as chainmod
 from pgtls_helpers.pki.findings import Finding
 from pgtls_helpers.postgres import files
-from pgtls_helpers.postgres.clients import ClientUser, plan_client_root
+from pgtls_helpers.postgres.clients import ClientUser, ConnCheck, plan_client_root
 from pgtls_helpers.postgres.lock import change_lock
 from pgtls_helpers.runbook.common import (
     address_of,
@@ -112,7 +112,7 @@ class TrustResult:
     plan: list[dict[str, Any]]
     preflight: list[Finding]
     installed: files.InstallResult | None = None
-    checks: list[Any] = field(default_factory=list)
+    checks: list[ConnCheck] = field(default_factory=list)
     applied: bool = False
     planned: list[dict[str, object]] = field(default_factory=list)  # for the record
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from pgtls_helpers.errors import PreflightError
 from pgtls_helpers.postgres import files
+from pgtls_helpers.postgres.clients import ConnCheck
 from pgtls_helpers.runbook.common import address_of, pem_of, save_step
 from pgtls_helpers.runbook.params import Params
 
@@ -18,7 +19,7 @@ from pgtls_helpers.runbook.params import Params
 class VerifyResult:
     """Step 5: every connection check, expected against observed, and the verdict."""
 
-    checks: list[Any]
+    checks: list[ConnCheck]
     verdict: str
 
     @property

@@ -20,7 +20,7 @@ HBA_RULE = {
     "address": "127.0.0.1/32",
     "method": "scram-sha-256",
 }
-STEP_NAMES = [s for s, _ in STEPS]
+STEP_NAMES = [s.name for s in STEPS]
 _PEM_KEY = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----")
 
 

@@ -16,7 +16,7 @@ NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 _DECLARED = re.compile(r"^(\w+): ([^=]+?) = (.+?)  # \S.*$")
 
 
-@pytest.mark.parametrize("step", [s for s, _ in STEPS])
+@pytest.mark.parametrize("step", [s.name for s in STEPS])
 def test_committed_notebook_follows_the_conventions(step: str) -> None:
     nb = nbformat.read(NOTEBOOKS / f"{step}.ipynb", as_version=4)
     nbformat.validate(nb)
