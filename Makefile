@@ -25,8 +25,9 @@ lint: $(STAMP)
 fleet-lint: $(STAMP)
 	cd fleet && PATH=$(CURDIR)/$(BIN):$$PATH ANSIBLE_CONFIG=ansible.cfg ansible-lint -q pgtls.yml rollback.yml roles
 
+# a session per PostgreSQL major, both at once (tests/by_major.sh); `--durations` is printed
 test: lint
-	$(BIN)/pytest
+	tests/by_major.sh $(BIN)
 
 # Every fault point, on a server with SSL off and one with SSL on, each killed run followed by
 # a rollback and by a rerun then a rollback (`make test` runs a representative subset).

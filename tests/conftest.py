@@ -81,7 +81,8 @@ def fresh_cluster(make_cluster: Callable[[], LabCluster]) -> LabCluster:
     return make_cluster()
 
 
-CLIENT_USER = "pgtls_test_client"
+# one per test session: `make test` runs a session per PostgreSQL major at the same time
+CLIENT_USER = f"pgtls_tc{os.getpid()}"
 
 
 @pytest.fixture(scope="session")
