@@ -114,3 +114,37 @@ def assert_no_secrets(record: Path, *secrets: str) -> None:
         assert not _PEM_KEY.search(data), f"{path} holds a private key"
         for secret in secrets:
             assert secret.encode() not in data, f"{path} holds a secret"
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def read_in_chromium(*pages: Path) -> list[str]:
+    """Each page's text as headless Chromium renders it, as a reviewer reads it; a page that
+    asks the network for anything fails the test."""
+    from support import skip_or_fail
+
+    if not Path(CHROMIUM).exists():
+        skip_or_fail(f"{CHROMIUM} is not installed (Debian: apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    texts = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+            headless=True,
+        )
+        try:
+            page = browser.new_page()
+            asked: list[str] = []
+            page.on("request", lambda r: asked.append(r.url))
+            for path in pages:
+                page.goto(path.as_uri())
+                page.wait_for_load_state("load")
+                texts.append(str(page.inner_text("body")))
+            outside = [u for u in asked if not u.startswith(("file:", "data:"))]
+            assert outside == [], outside
+        finally:
+            browser.close()
+    return texts

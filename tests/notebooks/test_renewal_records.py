@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from record_checks import assert_no_secrets, write_params
+from record_checks import assert_no_secrets, read_in_chromium, write_params
 
 from pgtls_helpers import notebook as runbook
 from pgtls_helpers.cli import main as cli_main
@@ -95,9 +95,11 @@ def test_pgtls_trust_adds_a_lab_ca_root_and_leaves_a_record(
     # the record lists the root.crt it replaced; it never says no file was written
     (written,) = [f for f in m["files"] if f["action"] in ("create", "replace")]
     assert written["target"].endswith("/.postgresql/root.crt") and written["kind"] == "root.crt"
-    index = (record / "index.html").read_text()
-    assert written["target"].split("/")[-1] in index and "No file was written" not in index
-    assert "no change" not in index
+    (index,) = read_in_chromium(record / "index.html")
+    assert written["target"] in " ".join(index.split()).replace(" /", "/")
+    assert "No file was written" not in index and "no change" not in index
+    assert "Roots added to root.crt" in index and fingerprint(new_root)[:16] in index
+    assert "record format 3" in index
     assert all(c["passed"] for c in m["checks"])
     (user,) = resolve_client_users([own_client_user])
     assert {fingerprint(c) for c in read_roots(user.root_crt)} == {
@@ -144,9 +146,10 @@ def test_a_renewal_run_records_served_before_and_after_and_the_client_loop(
     assert outcome.record.leaf is not None and (outcome.record.leaf.days_left() or 0) > 300
     assert renewal["loop"]["connections"] >= 200 and renewal["loop"]["failed"] == 0
     # the summary page a reviewer opens first says which kind of change, and the loop's count
-    index = (outcome.record_dir / "index.html").read_text()
-    assert "Renewal: renewal" in index
+    (index,) = read_in_chromium(outcome.record_dir / "index.html")
+    assert "Renewal: renewal" in index and "Certificate installed" in index
     assert f"{renewal['loop']['connections']} connections, 0 failed" in index
+    assert "throwaway lab cluster" not in index  # the change ran on a server of its own
     assert f"connected {renewal['loop']['connections']} times through the reload, 0 failed" in (
         outcome.summary()
     )
