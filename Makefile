@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PARAMS ?= parameters/lab.yaml
 
-.PHONY: venv test lint fleet-lint demo run rollback trust lab notebook bench faults clean fleet-wheels fleet-demo fleet-down bench-fleet
+.PHONY: venv test lint fleet-lint demo run rollback trust lab notebook parameters-cells bench faults clean fleet-wheels fleet-demo fleet-down bench-fleet
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ lab: $(STAMP)
 # the lab cluster in work/lab (started if needed; `pgtls lab down --dir work/lab` removes it).
 notebook: $(STAMP)
 	$(BIN)/python -m pgtls_helpers lab notebook --params $(PARAMS) --dir work/lab --work work
+
+# The notebooks' parameters cell, written from Params (pgtls_helpers/runbook/params.py): after
+# a parameter is added, removed or given another default there.
+parameters-cells: $(STAMP)
+	$(BIN)/python -m pgtls_helpers.runbook.params --cells notebooks
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_chain.py

@@ -8,7 +8,7 @@ import sys
 from pgtls_helpers.errors import InputError
 from pgtls_helpers.pki.csr import load_csr, render_csr
 from pgtls_helpers.pki.keys import KEY_TYPES, passphrase_from_env, passphrase_from_prompt
-from pgtls_helpers.pki.subject import make_subject
+from pgtls_helpers.pki.subject import subject_from
 from pgtls_helpers.postgres.keyfiles import write_key_and_csr
 
 __all__ = ["main"]
@@ -20,16 +20,8 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(
             f"--key-type {args.key_type!r} is not supported; use one of {', '.join(KEY_TYPES)}."
         )
-    subject = make_subject(
-        args.cn,
-        country=args.country,
-        state=args.state,
-        locality=args.locality,
-        organization=args.organization,
-        organizational_unit=args.organizational_unit,
-        email=args.email,
-        sans=args.san,
-    )
+    # the subject options are named as the fields of SUBJECT_FIELDS (--organizational-unit ...)
+    subject = subject_from({**vars(args), "common_name": args.cn}, args.san)
     if args.passphrase_env and args.passphrase_prompt:
         raise InputError("Give --passphrase-env or --passphrase-prompt, not both.")
     passphrase = (

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 from pgtls_helpers.display.html import (
     BAD,
     CELL,
+    INFO,
     MUTED,
     OK,
     ROLE_COLOURS,
@@ -36,10 +37,13 @@ from pgtls_helpers.display.html import (
 # --------------------------------------------------------------------------- step 2
 
 
-def show_sources(ca: CaResponseResult) -> Rendered:
-    """The files read, the bundle written, and notes about anything set aside."""
+def show_sources(ca: CaResponseResult, params: Params | None = None) -> Rendered:
+    """The files read, the bundle written, and notes about anything set aside; with
+    ``ca_mode: lab``, first which CA that was (the notebook's text speaks of any CA, and the
+    record of a real change shows only what happened in it)."""
     rows = [{"read": s} for s in ca.sources]
-    parts = [
+    parts = [lab_note(ca)] if params is not None and params.ca_mode == "lab" else []
+    parts += [
         heading("Files read from the CA's response:"),
         table(rows, mono=("read",)),
         heading("Written to the work directory:"),
@@ -58,6 +62,19 @@ def show_sources(ca: CaResponseResult) -> Rendered:
     if ca.notes:
         parts += [heading("Set aside:"), table([{"note": n} for n in ca.notes])]
     return join(*parts)
+
+
+def lab_note(ca: CaResponseResult) -> Rendered:
+    """What ``ca_mode: lab`` did in step 2: the throwaway CA signed the CSR, then its files were
+    read like any CA's."""
+    signers = " → ".join(_cn(c) for c in reversed(ca.chain.path[1:])) or "its root"
+    return banner(
+        f"Lab mode: the throwaway CA ({signers}) signed the CSR of step 1 and handed back its "
+        "files the way a real CA would; they are read and checked below like any CA's. A real "
+        "change reads the files listed in ca_files instead.",
+        INFO,
+        "Lab CA",
+    )
 
 
 def inspection_table(ca: CaResponseResult) -> Rendered:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pgtls_helpers.errors import InputError
+from pgtls_helpers.pki.subject import READING_ORDER, subject_from
 from pgtls_helpers.runbook.params import PARAMETER_NAMES, Params, load_params, redacted
 
 if TYPE_CHECKING:
@@ -140,30 +141,17 @@ def show_parameters(params: Params, names: Iterable[str] | None = None) -> Rende
 
 # --------------------------------------------------------------------------- step 1: the form
 
-_FORM_FIELDS = (
-    ("common_name", "Common name (CN)", "db1.example.com"),
-    ("country", "Country (C)", "US"),
-    ("state", "State or province (ST)", "Pennsylvania"),
-    ("locality", "Locality (L)", "Malvern"),
-    ("organization", "Organization (O)", "Example Corp"),
-    ("organizational_unit", "Organizational unit (OU)", "Databases"),
-    ("email", "Email address", "dba@example.com"),
-)
 _PROBE_CN = "probe.example.com"
 
 
 def _field_problem(name: str, value: str) -> str | None:
-    """The form's inline check: what :func:`make_subject` says about this one field."""
-    from pgtls_helpers.pki.subject import make_subject
-
+    """The form's inline check: what :func:`subject_from` says about this one field."""
     try:
-        if name == "common_name":
-            make_subject(value)
-        elif name == "subject_alt_names":
-            make_subject(_PROBE_CN, sans=_lines(value))
+        if name == "subject_alt_names":
+            subject_from({"common_name": _PROBE_CN}, _lines(value))
         else:
-            one: dict[str, Any] = {name: value}
-            make_subject(_PROBE_CN, **one)
+            # any other field beside a CN that passes (the CN itself replaces it)
+            subject_from({"common_name": _PROBE_CN, name: value})
     except InputError as exc:
         return str(exc)
     return None
@@ -201,11 +189,12 @@ class CsrForm:
         self.inputs: dict[str, Any] = {}
         self._errors: dict[str, Any] = {}
         rows = []
-        for name, label, example in _FORM_FIELDS:
+        for f in READING_ORDER:  # the subject's fields, as pki.subject lists them
+            name = f.name
             text = w.Text(
                 value=getattr(shown, name) or "",
-                description=label,
-                placeholder=example,
+                description=f.label,
+                placeholder=f.example,
                 style=style,
                 layout=wide,
             )
@@ -295,25 +284,17 @@ class CsrForm:
 
     def values(self) -> Params:
         """The form's values as parameters (checked; raises :class:`InputError`)."""
-        from pgtls_helpers.pki.subject import make_subject
-
         for name in self.inputs:
             if name != "key_type" and not self._check(name):
                 raise InputError(_field_problem(name, self.inputs[name].value) or "invalid value")
-        fields: dict[str, Any] = {
-            name: (self.inputs[name].value.strip() or None) for name, _, _ in _FORM_FIELDS
-        }
         sans = tuple(_lines(self.inputs["subject_alt_names"].value))
-        subject = make_subject(str(fields.pop("common_name") or ""), sans=sans, **fields)
+        subject = subject_from(
+            {f.name: self.inputs[f.name].value.strip() or None for f in READING_ORDER}, sans
+        )
+        chosen: dict[str, Any] = {f.name: getattr(subject, f.name) for f in READING_ORDER}
         return dataclasses.replace(
             self._given,
-            common_name=subject.common_name,
-            country=subject.country,
-            state=subject.state,
-            locality=subject.locality,
-            organization=subject.organization,
-            organizational_unit=subject.organizational_unit,
-            email=subject.email,
+            **chosen,
             subject_alt_names=sans,
             key_type=str(self.inputs["key_type"].value),
         )

@@ -23,7 +23,7 @@ from pgtls_helpers.pki.keys import (
     describe_key,
     key_size_bits,
 )
-from pgtls_helpers.pki.subject import Subject
+from pgtls_helpers.pki.subject import SUBJECT_FIELDS, Subject
 
 __all__ = [
     "build_csr",
@@ -39,14 +39,9 @@ _EXTENSION_REQUEST = x509.ObjectIdentifier("1.2.840.113549.1.9.14")
 KEY_FILE = "server.key"
 CSR_FILE = "server.csr"
 
+# openssl's short names: the subject fields of a server CSR, and two that CA names carry
 _SHORT_NAMES = {
-    NameOID.COUNTRY_NAME: "C",
-    NameOID.STATE_OR_PROVINCE_NAME: "ST",
-    NameOID.LOCALITY_NAME: "L",
-    NameOID.ORGANIZATION_NAME: "O",
-    NameOID.ORGANIZATIONAL_UNIT_NAME: "OU",
-    NameOID.COMMON_NAME: "CN",
-    NameOID.EMAIL_ADDRESS: "emailAddress",
+    **{f.oid: f.short for f in SUBJECT_FIELDS},
     NameOID.DOMAIN_COMPONENT: "DC",
     NameOID.SERIAL_NUMBER: "serialNumber",
 }

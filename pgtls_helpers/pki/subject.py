@@ -1,7 +1,12 @@
 """The subject of a server CSR: distinguished-name fields and subject alternative names.
 
-Build one with :func:`make_subject`, which checks every field and returns a normalized
-:class:`Subject` (or raises :class:`~pgtls_helpers.errors.InputError` with one sentence).
+:data:`SUBJECT_FIELDS` is the one list of the fields a server CSR's subject may carry: each
+field's name (the parameter, the form's input, the key in ``subject.json``), its OID, the label a
+person reads, openssl's short name, an example value and RFC 5280's upper bound. Everything that
+builds, checks, shows or reads a subject goes through it.
+
+Build a :class:`Subject` with :func:`make_subject`, which checks every field and returns it
+normalized (or raises :class:`~pgtls_helpers.errors.InputError` with one sentence).
 
 >>> s = make_subject("db1.example.com", country="us", organization="Example Corp",
 ...                  sans=["DB1.example.com", "db1", "10.0.0.5"])
@@ -15,38 +20,73 @@ Build one with :func:`make_subject`, which checks every field and returns a norm
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from pgtls_helpers.errors import InputError
 
-__all__ = ["Subject", "is_dns_name", "is_ip_literal", "make_subject"]
+__all__ = [
+    "READING_ORDER",
+    "SUBJECT_FIELDS",
+    "Subject",
+    "SubjectField",
+    "is_dns_name",
+    "is_ip_literal",
+    "make_subject",
+    "subject_from",
+]
 
+
+@dataclass(frozen=True)
+class SubjectField:
+    """One attribute of a server CSR's subject (a row of :data:`SUBJECT_FIELDS`)."""
+
+    name: str  # the parameter, the form's input and the key in subject.json
+    oid: x509.ObjectIdentifier
+    label: str  # what a person reads, in the form, the CSR summary and messages
+    short: str  # openssl's short name, as `openssl req -subject` prints it
+    example: str  # the form's placeholder
+    max_length: int | None  # RFC 5280, Appendix A.1 (characters); None: checked otherwise
+
+
+# In the order `openssl req` writes a subject (C first, CN after OU, emailAddress last); people
+# read the common name first (:data:`READING_ORDER`), because it is the one clients compare.
+SUBJECT_FIELDS: tuple[SubjectField, ...] = (
+    SubjectField("country", NameOID.COUNTRY_NAME, "Country (C)", "C", "US", None),
+    SubjectField(
+        "state", NameOID.STATE_OR_PROVINCE_NAME, "State or province (ST)", "ST", "Pennsylvania", 128
+    ),
+    SubjectField("locality", NameOID.LOCALITY_NAME, "Locality (L)", "L", "Malvern", 128),
+    SubjectField(
+        "organization", NameOID.ORGANIZATION_NAME, "Organization (O)", "O", "Example Corp", 64
+    ),
+    SubjectField(
+        "organizational_unit",
+        NameOID.ORGANIZATIONAL_UNIT_NAME,
+        "Organizational unit (OU)",
+        "OU",
+        "Databases",
+        64,
+    ),
+    SubjectField(
+        "common_name", NameOID.COMMON_NAME, "Common name (CN)", "CN", "db1.example.com", 64
+    ),
+    SubjectField(
+        "email", NameOID.EMAIL_ADDRESS, "Email address", "emailAddress", "dba@example.com", 255
+    ),
+)
+READING_ORDER: tuple[SubjectField, ...] = tuple(
+    sorted(SUBJECT_FIELDS, key=lambda f: f.name != "common_name")
+)
+_BY_NAME = {f.name: f for f in SUBJECT_FIELDS}
 # RFC 5280, Appendix A.1: upper bounds of the attributes a server CSR uses (characters).
-UPPER_BOUNDS = {
-    "common_name": 64,
-    "organization": 64,
-    "organizational_unit": 64,
-    "locality": 128,
-    "state": 128,
-    "email": 255,
-}
-
-_LABELS = {
-    "common_name": "Common name (CN)",
-    "country": "Country (C)",
-    "state": "State or province (ST)",
-    "locality": "Locality (L)",
-    "organization": "Organization (O)",
-    "organizational_unit": "Organizational unit (OU)",
-    "email": "Email address",
-}
+UPPER_BOUNDS = {f.name: f.max_length for f in SUBJECT_FIELDS if f.max_length is not None}
 
 _LDH_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+\Z")
@@ -54,7 +94,8 @@ _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+\Z")
 
 @dataclass(frozen=True)
 class Subject:
-    """What a server CSR names: DN fields plus subject alternative names.
+    """What a server CSR names: the fields of :data:`SUBJECT_FIELDS` plus subject alternative
+    names.
 
     Build it with :func:`make_subject`; a ``Subject`` built directly is not checked until
     :meth:`validate` runs. ``sans`` holds every alternative name, the CN first when the CN is a
@@ -70,19 +111,13 @@ class Subject:
     email: str | None = None
     sans: tuple[str, ...] = ()
 
+    def values(self) -> dict[str, str | None]:
+        """The fields of :data:`SUBJECT_FIELDS` by name, in reading order (CN first)."""
+        return {f.name: getattr(self, f.name) for f in READING_ORDER}
+
     def validate(self, *, for_verify_full: bool = True) -> Subject:
         """Return a checked and normalized copy (raises :class:`InputError`)."""
-        return make_subject(
-            self.common_name,
-            country=self.country,
-            state=self.state,
-            locality=self.locality,
-            organization=self.organization,
-            organizational_unit=self.organizational_unit,
-            email=self.email,
-            sans=self.sans,
-            for_verify_full=for_verify_full,
-        )
+        return _checked(self.values(), self.sans, for_verify_full=for_verify_full)
 
     def alt_names(self) -> tuple[str, ...]:
         """The SAN list a CSR carries: the CN (when it is a name or IP) first, no duplicates."""
@@ -91,16 +126,13 @@ class Subject:
 
     def to_x509_name(self) -> x509.Name:
         """The distinguished name, in the order ``openssl req`` writes it (C first, CN last)."""
-        pairs = [
-            (NameOID.COUNTRY_NAME, self.country),
-            (NameOID.STATE_OR_PROVINCE_NAME, self.state),
-            (NameOID.LOCALITY_NAME, self.locality),
-            (NameOID.ORGANIZATION_NAME, self.organization),
-            (NameOID.ORGANIZATIONAL_UNIT_NAME, self.organizational_unit),
-            (NameOID.COMMON_NAME, self.common_name),
-            (NameOID.EMAIL_ADDRESS, self.email),
-        ]
-        return x509.Name([x509.NameAttribute(oid, v) for oid, v in pairs if v])
+        return x509.Name(
+            [
+                x509.NameAttribute(f.oid, value)
+                for f in SUBJECT_FIELDS
+                if (value := getattr(self, f.name))
+            ]
+        )
 
     def san_extension(self) -> x509.SubjectAlternativeName:
         """IP literals become ``IPAddress`` entries, everything else ``DNSName``.
@@ -116,11 +148,7 @@ class Subject:
 
     def fields(self) -> list[tuple[str, str]]:
         """``(label, value)`` pairs of the fields that are set, for display."""
-        out = [
-            (_LABELS[f.name], getattr(self, f.name))
-            for f in dataclasses.fields(self)
-            if f.name in _LABELS and getattr(self, f.name)
-        ]
+        out = [(f.label, value) for f in READING_ORDER if (value := getattr(self, f.name))]
         out.append(("Subject alternative names", ", ".join(self.alt_names()) or "(none)"))
         return out
 
@@ -154,28 +182,54 @@ def make_subject(
     >>> make_subject("my db", for_verify_full=False).sans
     ()
     """
-    cn = _clean(common_name)
+    given = Subject(
+        common_name=common_name,
+        country=country,
+        state=state,
+        locality=locality,
+        organization=organization,
+        organizational_unit=organizational_unit,
+        email=email,
+    )
+    return _checked(given.values(), sans, for_verify_full=for_verify_full)
+
+
+def subject_from(
+    values: Mapping[str, str | None], sans: Iterable[str] = (), *, for_verify_full: bool = True
+) -> Subject:
+    """:func:`make_subject` from the fields of :data:`SUBJECT_FIELDS` by name (a missing one is
+    not given); other names in ``values`` are not looked at.
+
+    >>> subject_from({"common_name": "db1.example.com", "country": "de", "key_type": "rsa4096"})
+    Subject(common_name='db1.example.com', country='DE', state=None, locality=None, \
+organization=None, organizational_unit=None, email=None, sans=('db1.example.com',))
+    """
+    return _checked(
+        {f.name: values.get(f.name) for f in READING_ORDER}, sans, for_verify_full=for_verify_full
+    )
+
+
+def _checked(
+    given: dict[str, str | None], sans: Iterable[str], *, for_verify_full: bool
+) -> Subject:
+    """The checks of :func:`make_subject`, field by field as :data:`SUBJECT_FIELDS` says."""
+    values = {name: _clean(value) for name, value in given.items()}
+    cn = values["common_name"]
     if not cn:
-        raise InputError("Common name (CN) is empty; give the host name clients connect to.")
-    values = {
-        "common_name": cn,
-        "country": _clean(country),
-        "state": _clean(state),
-        "locality": _clean(locality),
-        "organization": _clean(organization),
-        "organizational_unit": _clean(organizational_unit),
-        "email": _clean(email),
-    }
-    for key, value in values.items():
+        raise InputError(
+            f"{_BY_NAME['common_name'].label} is empty; give the host name clients connect to."
+        )
+    for f in READING_ORDER:
+        value = values[f.name]
         if value is None:
             continue
         bad = next((ch for ch in value if ord(ch) < 0x20 or ord(ch) == 0x7F), None)
         if bad is not None:
-            raise InputError(f"{_LABELS[key]} contains a control character; remove it.")
-        bound = UPPER_BOUNDS.get(key)
-        if bound is not None and len(value) > bound:
+            raise InputError(f"{f.label} contains a control character; remove it.")
+        if f.max_length is not None and len(value) > f.max_length:
             raise InputError(
-                f"{_LABELS[key]} is {len(value)} characters long; RFC 5280 allows at most {bound}."
+                f"{f.label} is {len(value)} characters long; RFC 5280 allows at most "
+                f"{f.max_length}."
             )
 
     c = values["country"]
@@ -183,19 +237,20 @@ def make_subject(
         c = c.upper()
         if not re.fullmatch(r"[A-Z]{2}", c):
             raise InputError(
-                f"Country (C) must be two letters A-Z, like US or DE; got {values['country']!r}."
+                f"{_BY_NAME['country'].label} must be two letters A-Z, like US or DE; got "
+                f"{values['country']!r}."
             )
         values["country"] = c
     e = values["email"]
     if e is not None and (not e.isascii() or not _EMAIL.match(e)):
-        raise InputError(f"Email address {e!r} is not an address like dba@example.com.")
+        raise InputError(f"{_BY_NAME['email'].label} {e!r} is not an address like dba@example.com.")
 
     if for_verify_full:
         problem = _name_problem(cn, allow_wildcard=True)
         if problem:
             raise InputError(
-                f"Common name (CN) {cn!r} {problem}; with sslmode=verify-full clients compare it "
-                "with the host name they connect to."
+                f"{_BY_NAME['common_name'].label} {cn!r} {problem}; with sslmode=verify-full "
+                "clients compare it with the host name they connect to."
             )
         cn = _normalize_san(cn)
         values["common_name"] = cn
@@ -210,16 +265,8 @@ def make_subject(
             raise InputError(f"Subject alternative name {san!r} {problem}.")
         alt.append(_normalize_san(san))
     head = (cn,) if _is_san_value(cn) else ()
-    return Subject(
-        common_name=cn,
-        country=values["country"],
-        state=values["state"],
-        locality=values["locality"],
-        organization=values["organization"],
-        organizational_unit=values["organizational_unit"],
-        email=values["email"],
-        sans=_dedupe(head + tuple(alt)),
-    )
+    checked: dict[str, Any] = {**values, "common_name": cn}
+    return Subject(**checked, sans=_dedupe(head + tuple(alt)))
 
 
 def is_ip_literal(value: str) -> bool:

@@ -14,6 +14,7 @@ from cryptography.x509.oid import NameOID
 from pgtls_helpers.errors import InputError, PreflightError
 from pgtls_helpers.pki import keys
 from pgtls_helpers.pki.csr import spki_sha256
+from pgtls_helpers.pki.subject import SUBJECT_FIELDS, Subject
 from pgtls_helpers.postgres import files, keyfiles
 from pgtls_helpers.runbook.common import (
     key_passphrase,
@@ -50,19 +51,9 @@ class KeyCsrResult:
         }
 
 
-def subject_of(params: Params) -> Any:
-    from pgtls_helpers.pki.subject import make_subject
-
-    return make_subject(
-        params.common_name,
-        country=params.country,
-        state=params.state,
-        locality=params.locality,
-        organization=params.organization,
-        organizational_unit=params.organizational_unit,
-        email=params.email,
-        sans=params.subject_alt_names,
-    )
+def subject_of(params: Params) -> Subject:
+    """The subject the CSR of ``params`` carries (:attr:`Params.subject`)."""
+    return params.subject
 
 
 def step1_key_and_csr(params: Params) -> KeyCsrResult:
@@ -149,16 +140,12 @@ def _csr_sans(csr: x509.CertificateSigningRequest) -> set[str]:
 # --------------------------------------------------------------------------- the chosen names
 
 # What the CSR form chooses; saved in the change's work directory when "Use these values" is
-# pressed, so the choice outlives the kernel and every later notebook can see it.
-SUBJECT_FIELDS = (
+# pressed, so the choice outlives the kernel and every later notebook can see it. The keys of
+# subject.json: the fields of SUBJECT_FIELDS, the SANs after the CN, and the key type.
+SAVED_FIELDS = (
     "common_name",
     "subject_alt_names",
-    "country",
-    "state",
-    "locality",
-    "organization",
-    "organizational_unit",
-    "email",
+    *(f.name for f in SUBJECT_FIELDS if f.name != "common_name"),
     "key_type",
 )
 
@@ -166,7 +153,7 @@ SUBJECT_FIELDS = (
 def save_subject(params: Params) -> Path:
     """Write the subject and key type of ``params`` to ``subject.json`` in the work directory."""
     params.work.create()
-    values = {name: getattr(params, name) for name in SUBJECT_FIELDS}
+    values = {name: getattr(params, name) for name in SAVED_FIELDS}
     values["subject_alt_names"] = list(params.subject_alt_names)
     data = (json.dumps(values, indent=2) + "\n").encode()
     files.atomic_write(params.work.subject, data, mode=0o644)
@@ -189,7 +176,7 @@ def saved_subject(params: Params) -> Params | None:
             f"{path}: not a subject saved by the CSR form ({exc}); delete it and press "
             '"Use these values" again'
         ) from None
-    if not isinstance(values, dict) or set(values) - set(SUBJECT_FIELDS):
+    if not isinstance(values, dict) or set(values) - set(SAVED_FIELDS):
         raise InputError(
             f"{path}: not a subject saved by the CSR form; delete it and press "
             '"Use these values" again'
@@ -197,9 +184,8 @@ def saved_subject(params: Params) -> Params | None:
     from pgtls_helpers.runbook.params import load_params
 
     plain = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
-    chosen = load_params({**plain, **values}, source=str(path))
-    subject_of(chosen)  # the same checks as the form
-    return chosen
+    # load_params checks the subject as the form does
+    return load_params({**plain, **values}, source=str(path))
 
 
 def names_from_csr(params: Params) -> Params:

@@ -3,25 +3,34 @@
 from __future__ import annotations
 
 import difflib
+import json
 import re
+import sys
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from pgtls_helpers.errors import InputError
+from pgtls_helpers.pki.subject import SUBJECT_FIELDS, Subject, subject_from
 from pgtls_helpers.postgres.hba import RULE_KEYS
 from pgtls_helpers.runbook.workdir import WorkDir
 
 __all__ = [
     "PARAMETER_NAMES",
     "Params",
+    "cell_defaults",
     "load_params",
+    "parameters_cell_source",
+    "plain_annotation",
+    "plain_value",
+    "plain_values",
     "read_params_file",
     "redacted",
     "resolve_paths",
+    "write_parameters_cells",
 ]
 
 _CHANGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -29,51 +38,138 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _FINGERPRINT = re.compile(r"^(?:[0-9A-Fa-f]{2}:?){31}[0-9A-Fa-f]{2}$")
 
 
+def _about(text: str) -> dict[str, str]:
+    """A parameter's meaning in a few words: the comment of its line in the notebooks'
+    parameters cell, which ``papermill --help-notebook`` shows."""
+    return {"help": text}
+
+
 @dataclass(frozen=True)
 class Params:
-    """Everything a run needs. Secrets are never values here: only names of variables."""
+    """Everything a run needs. Secrets are never values here: only names of variables.
 
-    change_id: str
-    common_name: str
-    server_host: str = "localhost"
-    server_port: int = 5432
-    server_user: str = "postgres"
-    server_dbname: str = "postgres"
-    pgdata: str | None = None
-    subject_alt_names: tuple[str, ...] = ()
-    country: str | None = None
-    state: str | None = None
-    locality: str | None = None
-    organization: str | None = None
-    organizational_unit: str | None = None
-    email: str | None = None
-    key_type: str = "rsa4096"
-    key_passphrase_env: str | None = None
-    ca_mode: str = "files"
-    ca_files: tuple[str, ...] = ()
-    ca_files_password_env: str | None = None
-    client_system_users: tuple[str, ...] = ()
-    client_root_merge: bool = False
-    # OS user -> the database role its psql check logs in as (default: the user's own name);
-    # the password is that user's own (its ~/.pgpass), never the runbook's
-    client_roles: Mapping[str, str] = field(default_factory=dict)
-    hba_rules: tuple[Mapping[str, Any], ...] = ()
-    reject_non_ssl: bool = True
-    allow_insecure_rules: bool = False
-    # server files the change may write outside the data and configuration directories
-    server_file_targets: tuple[str, ...] = ()
-    verify_hosts: tuple[str, ...] = ()
-    apply: bool = False
-    lab_cluster: bool = False
-    server_log_file: str | None = None
-    work_dir: str = "work"
-    record_dir: str | None = None
-    # renewal and CA rotation
-    allow_shorter_validity: bool = False
-    reuse_key: bool = False
-    new_root: str = ""
-    add_roots: tuple[str, ...] = ()
-    remove_roots: tuple[str, ...] = ()
+    The one declaration of the runbook's parameters: their names, types, defaults and meaning.
+    The notebooks' ``parameters`` cell is written from it (:func:`parameters_cell_source`,
+    ``make parameters-cells``); the subject fields are those of
+    :data:`~pgtls_helpers.pki.subject.SUBJECT_FIELDS`, gathered by :attr:`subject`.
+    """
+
+    change_id: str = field(metadata=_about("names work/<change_id>/ and records/<change_id>/"))
+    common_name: str = field(metadata=_about("the host name clients connect to (CN)"))
+    server_host: str = field(
+        default="localhost", metadata=_about("where the runbook connects, over TCP like clients")
+    )
+    server_port: int = field(default=5432, metadata=_about("the server's port"))
+    server_user: str = field(
+        default="postgres",
+        metadata=_about("a superuser: ALTER SYSTEM and pg_reload_conf() need one"),
+    )
+    server_dbname: str = field(
+        default="postgres", metadata=_about("the database of the runbook's own connection")
+    )
+    pgdata: str | None = field(
+        default=None, metadata=_about("the data directory; empty: asked from the server")
+    )
+    subject_alt_names: tuple[str, ...] = field(
+        default=(), metadata=_about("other names and IPs clients use (SANs)")
+    )
+    country: str | None = field(default=None, metadata=_about("C: two letters"))
+    state: str | None = field(default=None, metadata=_about("ST: state or province, written out"))
+    locality: str | None = field(default=None, metadata=_about("L: city"))
+    organization: str | None = field(default=None, metadata=_about("O: company"))
+    organizational_unit: str | None = field(default=None, metadata=_about("OU: department"))
+    email: str | None = field(default=None, metadata=_about("emailAddress in the subject"))
+    key_type: str = field(
+        default="rsa4096",
+        metadata=_about("rsa2048, rsa3072, rsa4096, ecdsa-p256 or ecdsa-p384"),
+    )
+    key_passphrase_env: str | None = field(
+        default=None,
+        metadata=_about("name of a variable holding a key passphrase; empty: none"),
+    )
+    ca_mode: str = field(
+        default="files",
+        metadata=_about("files: read ca_files; lab: a throwaway CA signs the CSR"),
+    )
+    ca_files: tuple[str, ...] = field(
+        default=(), metadata=_about("what the CA returned: PEM, DER, PKCS#7, PKCS#12 or folders")
+    )
+    ca_files_password_env: str | None = field(
+        default=None, metadata=_about("name of a variable holding a PKCS#12 password")
+    )
+    client_system_users: tuple[str, ...] = field(
+        default=(), metadata=_about("OS users that get ~/.postgresql/root.crt")
+    )
+    client_root_merge: bool = field(
+        default=False, metadata=_about("add the root to a user's existing root.crt, not replace")
+    )
+    # the password of a client's psql check is that user's own (its ~/.pgpass), never the
+    # runbook's
+    client_roles: Mapping[str, str] = field(
+        default_factory=dict,
+        metadata=_about("OS user -> database role of its psql check; default: its name"),
+    )
+    hba_rules: tuple[Mapping[str, object], ...] = field(
+        default=(), metadata=_about("lines to add: {type, database, user, address, method}")
+    )
+    reject_non_ssl: bool = field(
+        default=True,
+        metadata=_about("put `hostnossl all all all reject` before the other TCP lines"),
+    )
+    allow_insecure_rules: bool = field(
+        default=False, metadata=_about("accept `trust` and non-SSL `host` lines in hba_rules")
+    )
+    server_file_targets: tuple[str, ...] = field(
+        default=(),
+        metadata=_about("server files writable outside the data and config dirs"),
+    )
+    verify_hosts: tuple[str, ...] = field(
+        default=(), metadata=_about("names checked with verify-full; empty: the CN and the SANs")
+    )
+    apply: bool = field(
+        default=False, metadata=_about("false: plan only, nothing on the server changes")
+    )
+    lab_cluster: bool = field(
+        default=False, metadata=_about("true when the runner made a throwaway cluster for the run")
+    )
+    server_log_file: str | None = field(
+        default=None, metadata=_about("the server's log file, quoted when a reload fails")
+    )
+    work_dir: str = field(
+        default="work",
+        metadata=_about("private per-change work directories (keys, CSRs, CA files)"),
+    )
+    record_dir: str | None = field(
+        default=None, metadata=_about("this run's record directory; set by the runner")
+    )
+    allow_shorter_validity: bool = field(
+        default=False, metadata=_about("renewal: accept a new certificate that expires sooner")
+    )
+    reuse_key: bool = field(
+        default=False,
+        metadata=_about("renewal: the CA re-signs a CSR of the installed key (never copied)"),
+    )
+    new_root: str = field(
+        default="",
+        metadata=_about("CA rotation: 'accept' once the clients not listed trust the new root"),
+    )
+    add_roots: tuple[str, ...] = field(
+        default=(), metadata=_about("client trust: root certificate files to add to root.crt")
+    )
+    remove_roots: tuple[str, ...] = field(
+        default=(), metadata=_about("client trust: roots to retire (files or SHA-256 fingerprints)")
+    )
+
+    @property
+    def subject(self) -> Subject:
+        """The CSR's subject: the fields of :data:`SUBJECT_FIELDS` and the SANs, checked.
+
+        Raises:
+            InputError: a field is malformed (parameters from :func:`load_params` never are).
+        """
+        return subject_from(
+            {f.name: getattr(self, f.name) for f in SUBJECT_FIELDS}, self.subject_alt_names
+        )
 
     @property
     def work(self) -> WorkDir:
@@ -262,6 +358,10 @@ def load_params(values: Mapping[str, Any], *, source: str = "parameters") -> Par
         known.get("hba_rules", ()),
         allow_insecure=bool(known.get("allow_insecure_rules", False)),
     )
+    try:  # the subject as the CSR will carry it, with the checks of the form and `pgtls csr`
+        subject_from(known, known.get("subject_alt_names", ()))
+    except InputError as exc:
+        raise InputError(f"{source}: {exc}") from None
     users = known.get("client_system_users", ())
     strays = [u for u in known.get("client_roles", {}) if u not in users]
     if strays:
@@ -336,3 +436,173 @@ def resolve_paths(
                 for f in items
             ]
     return out
+
+
+# --------------------------------------------------------------------------- the notebooks' cell
+#
+# A notebook holds plain values, as papermill injects them: lists for tuples, dicts for
+# mappings, "" for an optional text that is not given; :func:`load_params` turns them back into
+# exactly the values of :class:`Params`. The parameters cell is written from ``Params`` in that
+# form, and ``pgtls run`` injects the values of a parameters file in the same form after it.
+
+_CELL_HEAD = (
+    "# The runbook's parameters, as Params (pgtls_helpers/runbook/params.py) declares them;\n"
+    "# `make parameters-cells` writes this cell. `pgtls run PARAMS.yaml` injects a parameters\n"
+    "# file's values after it (papermill); interactively, edit them here. Secrets are never\n"
+    "# values here: a passphrase is read from the environment variable *named* below.\n"
+)
+
+
+def plain_annotation(hint: Any) -> str:
+    """The annotation a parameter has in the notebooks: the plain form of its type in
+    :class:`Params`, written with builtins only (a notebook evaluates it).
+
+    >>> plain_annotation(tuple[str, ...]), plain_annotation(str | None)
+    ('list[str]', 'str')
+    >>> plain_annotation(tuple[Mapping[str, object], ...])
+    'list[dict[str, object]]'
+    """
+    inner = _optional(hint)
+    if inner is str:
+        return "str"
+    origin, args = _parts(hint)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return f"list[{plain_annotation(args[0])}]"
+    if origin in (Mapping, dict) and len(args) == 2:
+        return f"dict[{plain_annotation(args[0])}, {plain_annotation(args[1])}]"
+    if hint in (str, int, bool, object):
+        return str(hint.__name__)
+    raise TypeError(f"no plain form for a parameter of type {hint!r}; add one here")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def plain_value(name: str, value: Any) -> Any:
+    """A parameter's value as a notebook holds it (and papermill injects it).
+
+    >>> plain_value("ca_files", ("a.crt",)), plain_value("pgdata", None)
+    (['a.crt'], '')
+    """
+    if value is None and _optional(_TYPES[name]) is str:
+        return ""
+    return _plain(value)
+
+
+def plain_values(params: Params) -> dict[str, Any]:
+    """Every parameter of ``params`` as papermill injects it into a notebook."""
+    return {name: plain_value(name, getattr(params, name)) for name in PARAMETER_NAMES}
+
+
+def cell_defaults() -> dict[str, Any]:
+    """What the parameters cell says for each parameter: its default in the plain form, and ""
+    for one that has no default (``change_id``, ``common_name``: a parameters file sets them)."""
+    out: dict[str, Any] = {}
+    for f in fields(Params):
+        if f.default is not MISSING:
+            out[f.name] = plain_value(f.name, f.default)
+        elif f.default_factory is not MISSING:
+            out[f.name] = plain_value(f.name, f.default_factory())
+        elif plain_annotation(_TYPES[f.name]) == "str":
+            out[f.name] = ""
+        else:
+            raise TypeError(f"the required parameter {f.name} has no plain empty value")
+    return out
+
+
+def _literal(value: Any) -> str:
+    """``value`` as a Python literal, strings in double quotes like the rest of the code."""
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_literal(k)}: {_literal(v)}" for k, v in value.items()) + "}"
+    if value is None or isinstance(value, bool | int | float):
+        return repr(value)
+    raise TypeError(f"no literal for {value!r}")
+
+
+def parameters_cell_source() -> str:
+    """The source of the notebooks' ``parameters`` cell: one line per field of :class:`Params`,
+    in its order, ``name: type = default  # meaning``.
+
+    >>> parameters_cell_source().splitlines()[4]
+    'change_id: str = ""  # required: names work/<change_id>/ and records/<change_id>/'
+    """
+    defaults = cell_defaults()
+    lines = []
+    for f in fields(Params):
+        about = f.metadata["help"]
+        if f.default is MISSING and f.default_factory is MISSING:
+            about = f"required: {about}"
+        annotation = plain_annotation(_TYPES[f.name])
+        lines.append(f"{f.name}: {annotation} = {_literal(defaults[f.name])}  # {about}")
+    return _CELL_HEAD + "\n".join(lines)
+
+
+def _reads_params(nb: Any) -> bool:
+    """Whether a notebook's parameters are the runbook's (it reads them with
+    ``pgtls.notebook_params``), so its parameters cell is :func:`parameters_cell_source`."""
+    return any(c.cell_type == "code" and "notebook_params(" in c.source for c in nb.cells)
+
+
+def write_parameters_cells(notebooks_dir: str | Path, *, check: bool = False) -> list[Path]:
+    """Write :func:`parameters_cell_source` into the ``parameters`` cell of every notebook in
+    ``notebooks_dir`` that reads the runbook's parameters; returns the notebooks whose cell
+    differed. With ``check`` nothing is written. The cell keeps its id and its ``parameters``
+    tag, and is left without outputs."""
+    import nbformat
+
+    source = parameters_cell_source()
+    changed = []
+    for path in sorted(Path(notebooks_dir).glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        if not _reads_params(nb):
+            continue
+        cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        if len(cells) != 1:
+            raise InputError(f"{path}: expected one cell tagged 'parameters', found {len(cells)}")
+        cell = cells[0]
+        if cell.source == source and not cell.outputs and cell.execution_count is None:
+            continue
+        changed.append(path)
+        if not check:
+            cell.source, cell.outputs, cell.execution_count = source, [], None
+            nbformat.write(nb, path)
+    return changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pgtls_helpers.runbook.params --cells [--check] [DIR]``: write (or check) the
+    notebooks' parameters cells from :class:`Params`."""
+    import argparse
+
+    from pgtls_helpers.runbook.runner import NOTEBOOKS_DIR
+
+    parser = argparse.ArgumentParser(prog="python -m pgtls_helpers.runbook.params")
+    parser.add_argument(
+        "--cells",
+        action="store_true",
+        required=True,
+        help="write the notebooks' parameters cells from Params",
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 when a cell is out of date"
+    )
+    parser.add_argument("notebooks", nargs="?", default=str(NOTEBOOKS_DIR), metavar="DIR")
+    args = parser.parse_args(argv)
+    changed = write_parameters_cells(args.notebooks, check=args.check)
+    verb = "out of date" if args.check else "rewritten"
+    for path in changed:
+        sys.stdout.write(f"{path}: parameters cell {verb}\n")
+    return 1 if args.check and changed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -45,3 +45,14 @@ def test_committed_notebook_follows_the_conventions(step: str) -> None:
     for cell in code[2:]:
         statements = ast.parse(cell.source).body
         assert 1 <= len(statements) <= 2, cell.source
+
+
+@pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.stem)
+def test_no_markdown_speaks_of_the_lab(path: Path) -> None:
+    """The text of a notebook is in the record of every change, a real one too: what only a lab
+    run does is said by the step's output, and only in a lab run."""
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            assert "IntermediateCA_" not in cell.source, cell.source
+            assert "throwaway" not in cell.source.lower(), cell.source

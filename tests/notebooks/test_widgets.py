@@ -40,6 +40,18 @@ def _ca_result(
     return CaResponseResult(["reply.pem"], result, findings, [], tmp_path / "server.crt", None)
 
 
+def test_the_lab_ca_is_named_in_step_2_only_in_a_lab_run(tmp_path: Path) -> None:
+    chain = certfactory.make_chain(intermediates=("IntermediateCA_BAR", "IntermediateCA_FOO"))
+    ca = _ca_result(tmp_path, chain)
+    lab = widgets.show_sources(ca, _params(ca_mode="lab"))  # type: ignore[arg-type]
+    signers = "Test Root CA → IntermediateCA_BAR → IntermediateCA_FOO"
+    assert f"Lab mode: the throwaway CA ({signers}) signed the CSR" in lab.text
+    assert "Lab CA" in lab.html
+    files = widgets.show_sources(ca, _params(ca_mode="files"))  # type: ignore[arg-type]
+    for shown in (files, widgets.show_sources(ca)):
+        assert "Lab" not in shown.text and "throwaway" not in shown.html
+
+
 def test_the_form_is_prefilled_and_checks_each_field(tmp_path: Path) -> None:
     params = _params(work_dir=str(tmp_path / "work"))
     form = widgets.csr_form(params)  # type: ignore[arg-type]
