@@ -160,6 +160,14 @@ def _add_rollback(sub: argparse._SubParsersAction) -> None:
     back = sub.add_parser(
         "rollback",
         help="back out an applied change: pg_hba.conf, settings and files from their backups",
+        description="Back out an applied or interrupted change from its journal, reload, check "
+        "that the server is as before, and record it. --dry-run makes the same checks first "
+        "and refuses alike, but writes nothing.",
+        epilog="exit status: 0 rolled back (or, with --dry-run, it would be); 0 also when there "
+        "is nothing to roll back (the change was never applied, or was already rolled back), "
+        "said in one sentence; 1 a check refused (a file changed after the change: roll back "
+        "the later change first, or --force; the change lock held by a live change) or the "
+        "server is not as before afterwards; 2 unusable input",
     )
     back.add_argument("params", metavar="PARAMS.yaml", help="the parameters file of the change")
     back.add_argument(
@@ -178,7 +186,8 @@ def _add_rollback(sub: argparse._SubParsersAction) -> None:
     back.add_argument(
         "--dry-run",
         action="store_true",
-        help="show what would be removed, restored and reset; change nothing",
+        help="make every check the rollback makes and show what would be removed, restored "
+        "and reset; write nothing (same refusals, same exit status)",
     )
     back.add_argument(
         "--force",

@@ -10,7 +10,8 @@ A headless run holds both from before step 3 until its record is sealed, and its
 in a kernel (another process) whose steps take the lock again: the runner puts a random token in
 the kernel's environment (``PGTLS_LOCK_TOKEN``) and the lock file carries the token's SHA-256,
 so a step finds the lock held *for its own run* and goes on under it; anyone else waits. A
-rollback and ``pgtls trust`` take the same lock.
+rollback and ``pgtls trust`` take the same lock; their dry runs wait for it and refuse the same
+way, but only look (``take=False``): no lock file is created or written.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal, overload
 
 from pgtls_helpers.errors import PreflightError
 from pgtls_helpers.postgres.server import Server
@@ -107,17 +109,27 @@ def change_lock(
     change_id: str,
     *,
     wait: float | None = None,
+    take: bool = True,
 ) -> Iterator[None]:
     """Hold the server's change lock for the ``with`` block, or raise :class:`PreflightError`
     naming the change that holds it after waiting ``wait`` seconds. With ``server`` None (it
     is down) only the lock file is taken. Within a run that already holds it (see the module
-    docstring) the block runs under the run's lock."""
+    docstring) the block runs under the run's lock.
+
+    With ``take`` False (a dry run) it waits and refuses exactly so, but holds only a shared
+    ``flock`` on a lock file that is already there, and the advisory lock: nothing is created
+    or written in the data directory, and a change started meanwhile waits for the block.
+    """
     wait = lock_wait() if wait is None else wait
     path = data_directory / LOCK_NAME
     if _held_for_this_run(path):
         yield
         return
     deadline = time.monotonic() + wait
+    if not take:
+        with _looking(path, server, deadline):
+            yield
+        return
     fd = _take_file_lock(path, owner, deadline)
     try:
         info: dict[str, object] = {
@@ -132,20 +144,8 @@ def change_lock(
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         os.fsync(fd)
-        if server is not None and not server.advisory_lock(
-            ADVISORY_KEY, timeout=max(deadline - time.monotonic(), 0.0)
-        ):
-            holder = server.advisory_holder(ADVISORY_KEY) or "another session"
-            raise PreflightError(
-                f"{server.conninfo.get('host')}:{server.conninfo.get('port')}: {holder} holds "
-                "the pgtls change lock on this server; wait for that change to finish and run "
-                "again"
-            )
-        try:
+        with _advisory(server, deadline):
             yield
-        finally:
-            if server is not None:
-                server.advisory_unlock(ADVISORY_KEY)
     finally:
         with contextlib.suppress(OSError):
             if _same_file(path, fd):
@@ -153,11 +153,63 @@ def change_lock(
         os.close(fd)
 
 
-def _take_file_lock(path: Path, owner: tuple[int, int] | None, deadline: float) -> int:
+@contextmanager
+def _looking(path: Path, server: Server | None, deadline: float) -> Iterator[None]:
+    """A dry run's hold: a shared ``flock`` on the lock file if one is there, and the
+    advisory lock; the same waits and the same refusals as :func:`change_lock`."""
+    fd = _take_file_lock(path, None, deadline, create=False)
+    try:
+        with _advisory(server, deadline):
+            yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+@contextmanager
+def _advisory(server: Server | None, deadline: float) -> Iterator[None]:
+    if server is not None and not server.advisory_lock(
+        ADVISORY_KEY, timeout=max(deadline - time.monotonic(), 0.0)
+    ):
+        holder = server.advisory_holder(ADVISORY_KEY) or "another session"
+        raise PreflightError(
+            f"{server.conninfo.get('host')}:{server.conninfo.get('port')}: {holder} holds "
+            "the pgtls change lock on this server; wait for that change to finish and run "
+            "again"
+        )
+    try:
+        yield
+    finally:
+        if server is not None:
+            server.advisory_unlock(ADVISORY_KEY)
+
+
+@overload
+def _take_file_lock(
+    path: Path, owner: tuple[int, int] | None, deadline: float, *, create: Literal[True] = True
+) -> int: ...
+@overload
+def _take_file_lock(
+    path: Path, owner: tuple[int, int] | None, deadline: float, *, create: bool
+) -> int | None: ...
+def _take_file_lock(
+    path: Path, owner: tuple[int, int] | None, deadline: float, *, create: bool = True
+) -> int | None:
     """An open, ``flock``-ed descriptor of ``path``. A lock taken on a file that its last
-    holder had already unlinked is dropped and taken again on the file now at ``path``."""
+    holder had already unlinked is dropped and taken again on the file now at ``path``.
+
+    With ``create`` False the lock is shared and only taken on a file that is there (None when
+    there is none: no change holds the lock); nothing is created, owned or written."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+        try:
+            if create:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+            else:  # non-blocking: a FIFO left here is refused below, not waited on
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            if create:
+                raise
+            return None
         try:
             st = os.fstat(fd)
             # the server's OS user owns the folder and could leave a hard link to a root
@@ -167,11 +219,11 @@ def _take_file_lock(path: Path, owner: tuple[int, int] | None, deadline: float) 
                     f"{path}: not a plain file of its own (a link or a device); remove it and "
                     "run again"
                 )
-            if owner and os.geteuid() == 0 and (st.st_uid, st.st_gid) != owner:
+            if create and owner and os.geteuid() == 0 and (st.st_uid, st.st_gid) != owner:
                 os.fchown(fd, *owner)
             while True:
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fd, (fcntl.LOCK_EX if create else fcntl.LOCK_SH) | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
                     if time.monotonic() >= deadline:

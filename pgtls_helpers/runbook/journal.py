@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import stat
 import time
@@ -43,6 +44,7 @@ __all__ = [
     "Journal",
     "before_state",
     "file_changes",
+    "last_sealed",
     "read_entries",
     "restore_files",
     "seal",
@@ -566,3 +568,22 @@ def seal(work: WorkDir, how: str) -> Path | None:
             item.unlink()
         backups.rmdir()
     return sealed
+
+
+_SEALED = re.compile(r"journal\.(?P<how>.+)-\d{8}T\d{6}Z(?:\.\d+)?\.jsonl")
+
+
+def last_sealed(work: WorkDir) -> tuple[str, Path] | None:
+    """The newest journal :func:`seal` closed in the change's folder, and how it was closed
+    (``rolled-back``, ``undone``); None when there is none."""
+    found: list[tuple[int, str, Path]] = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(work.path):
+            if (m := _SEALED.fullmatch(entry.name)) and entry.is_file(follow_symlinks=False):
+                found.append(
+                    (entry.stat(follow_symlinks=False).st_mtime_ns, m["how"], Path(entry.path))
+                )
+    if not found:
+        return None
+    _mtime, how, path = max(found)
+    return how, path

@@ -11,6 +11,7 @@ errors, and the server log.
 from __future__ import annotations
 
 import difflib
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,13 +30,29 @@ from pgtls_helpers.runbook.common import (
     save_step,
 )
 from pgtls_helpers.runbook.params import Params
-from pgtls_helpers.runbook.undo import UndoResult, checked_journal, undo_change
+from pgtls_helpers.runbook.undo import (
+    NothingToRollBack,
+    UndoResult,
+    checked_journal,
+    settings_need_server,
+    undo_change,
+)
+from pgtls_helpers.runbook.workdir import WorkDir
 
-__all__ = ["RollbackConflict", "RollbackResult", "check_conflicts", "rollback_change"]
+__all__ = [
+    "Backout",
+    "NothingToRollBack",
+    "RollbackConflict",
+    "RollbackResult",
+    "check_conflicts",
+    "checked_rollback",
+    "rollback_change",
+]
 
 
 class RollbackConflict(PreflightError):
-    """A file was changed by someone else after the change; ``diff`` shows what would be lost."""
+    """A file was changed by someone else after the change; ``diff`` shows what would be lost
+    (for a program; the terminal gets the sentence alone)."""
 
     def __init__(self, message: str, diff: str):
         super().__init__(message)
@@ -92,26 +109,97 @@ def _diff(change: wal.FileChange) -> str:
     )
 
 
-def check_conflicts(params: Params) -> None:
-    """Raise :class:`RollbackConflict` (with the diff) when a file the change touched was
-    edited since: the rollback would discard that work."""
-    _entries, changes, _before = checked_journal(params)
+def check_conflicts(params: Params, changes: list[wal.FileChange] | None = None) -> None:
+    """Raise :class:`RollbackConflict` when a file the change touched was edited since: the
+    rollback would discard that work. The sentence names the files and the fix (roll back the
+    later change first, or ``--force``); the diff is kept on the exception, off the terminal."""
+    if changes is None:
+        changes = checked_journal(params)[1]
     found = conflicts(changes)
-    if found:
-        names = ", ".join(str(c.target) for c, _ in found)
-        raise RollbackConflict(
-            f"{names}: changed after change {params.change_id} (see the diff); the rollback "
-            "would discard that work, so nothing was restored; merge it by hand or run the "
-            "rollback again with --force",
-            "".join(d for _, d in found),
+    if not found:
+        return
+    later = [(c, _later_change(params, c)) for c, _ in found]
+    by = sorted({b for _, b in later if b})
+    by_hand = [c for c, b in later if not b]
+    if len(by) == 1 and not by_hand:
+        what = f"{', '.join(str(c.target) for c, _ in later)}: replaced by change {by[0]}"
+    else:
+        what = ", ".join(f"{c.target} (by change {b})" if b else str(c.target) for c, b in later)
+        what += ": changed"
+    fixes = []
+    if by:
+        whose = "its" if len(by) == 1 else "their"
+        fixes.append(
+            f"roll back change {' and '.join(by)} first (pgtls rollback with {whose} "
+            "parameters file)"
         )
+    if by_hand:
+        shown = [f"diff -u {c.target} {c.backup}" for c in by_hand if c.backup and c.kind != "key"]
+        fixes.append(
+            "merge the edit by hand"
+            + (f" ({' and '.join(shown)} shows what would be lost)" if shown else "")
+        )
+    raise RollbackConflict(
+        f"{what} after change {params.change_id}, so rolling it back would discard that work "
+        f"and nothing was restored; {', '.join(fixes)}, or run the rollback again with --force "
+        "to discard it",
+        "".join(d for _, d in found),
+    )
 
 
-def rollback_change(params: Params, *, force: bool = False) -> RollbackResult:
-    """Back out the change whose journal is in the work directory; see the module docstring.
+def _later_change(params: Params, change: wal.FileChange) -> str | None:
+    """The change (a folder beside this one in the work root, with an open journal) that
+    replaced ``change.target`` after this change left it, if one did."""
+    root = params.work.path.parent  # checked ours with the change's folder (WorkDir.check)
+    try:
+        folders = sorted(e.name for e in os.scandir(root) if e.is_dir(follow_symlinks=False))
+    except OSError:
+        return None
+    for name in folders:
+        if name == params.work.path.name:
+            continue
+        try:
+            entries = wal.read_entries(WorkDir(root / name).journal)
+        except OSError:  # not a change's folder (the lab CA's, or not readable): not it
+            continue
+        for other in wal.file_changes(entries):
+            if other.target == change.target and other.previous_sha256 in change.left_sha256:
+                return name
+    return None
 
-    Raises :class:`PreflightError` when there is nothing to back out, and
-    :class:`RollbackConflict` when a file was edited after the change (unless ``force``).
+
+@dataclass(frozen=True)
+class Backout:
+    """A rollback that passed every check, held by :func:`checked_rollback` under the
+    change lock until :meth:`apply` writes."""
+
+    params: Params
+    server: Server | None  # None: the server is down or refuses us (files, then a signal)
+    before: dict[str, object]  # the server as the journal recorded it before the change
+    data_dir: Path | None
+    log_at: int  # the server log's size before the rollback: what it logs is read from here
+
+    def apply(self) -> RollbackResult:
+        """Put every file back, reload, and check that the server is as before."""
+        undone = undo_change(self.params, server=self.server, reason="rolled-back")
+        res = _check(self.params, undone, self.before, self.log_at, self.data_dir)
+        save_step(self.params, "rollback", res.summary())
+        return res
+
+
+@contextmanager
+def checked_rollback(
+    params: Params, *, force: bool = False, dry_run: bool = False
+) -> Iterator[Backout]:
+    """Every check a rollback makes before its first write, then the ``with`` block under the
+    server's change lock: the work directory and the journal (:func:`checked_journal`), the
+    lock (waited for ``PGTLS_LOCK_WAIT`` seconds, then refused naming its holder), files
+    edited after the change (unless ``force``), and a server for settings only ``ALTER
+    SYSTEM`` can reset. A dry run makes the same checks and gets the same refusals, but only
+    looks at the lock (:func:`change_lock` with ``take=False``) and writes nothing.
+
+    Raises :class:`NothingToRollBack` when the change has no journal, :class:`RollbackConflict`,
+    or the :class:`PreflightError` / :class:`ServerError` of a check.
     """
     params.work.check()
     log_at = _log_size(params)
@@ -121,39 +209,55 @@ def rollback_change(params: Params, *, force: bool = False) -> RollbackResult:
         server.show("ssl")
     except PgtlsError:
         server = None
-    data_dir: Path | None = None
-    if server is None:  # the lock file is in the data directory the journal names
-        _entries, _changes, before = checked_journal(params)
-        data_dir = Path(str(before["data_directory"])) if before.get("data_directory") else None
     try:
+        data_dir: Path | None = None
+        if server is None:  # the lock file is in the data directory the journal names
+            data_dir = _data_dir(checked_journal(params)[2])
         # the lock before the journal is read: a run of this change (or another change) that
         # is still writing is waited for, and its journal read as that run left it
-        with _rollback_lock(params, server, data_dir):
-            _entries, _changes, before = checked_journal(params)
-            data_dir = Path(str(before["data_directory"])) if before.get("data_directory") else None
+        with _rollback_lock(params, server, data_dir, take=not dry_run):
+            _entries, changes, before = checked_journal(params)
             if not force:
-                check_conflicts(params)
-            undone = undo_change(params, server=server, reason="rolled-back")
+                check_conflicts(params, changes)
+            if server is None and (refused := settings_need_server(changes)) is not None:
+                raise refused
+            yield Backout(params, server, before, _data_dir(before), log_at)
     finally:
         if server is not None:
             server.close()
-    res = _check(params, undone, before, log_at, data_dir)
-    save_step(params, "rollback", res.summary())
-    return res
+
+
+def rollback_change(params: Params, *, force: bool = False) -> RollbackResult:
+    """Back out the change whose journal is in the work directory; see the module docstring.
+
+    Raises what :func:`checked_rollback` raises, before anything is written: among them
+    :class:`NothingToRollBack` and :class:`RollbackConflict` (unless ``force``).
+    """
+    with checked_rollback(params, force=force) as backout:
+        return backout.apply()
+
+
+def _data_dir(before: dict[str, object]) -> Path | None:
+    return Path(str(before["data_directory"])) if before.get("data_directory") else None
 
 
 @contextmanager
-def _rollback_lock(params: Params, server: Server | None, data_dir: Path | None) -> Iterator[None]:
+def _rollback_lock(
+    params: Params, server: Server | None, data_dir: Path | None, *, take: bool
+) -> Iterator[None]:
     """The server's change lock (the lock file alone when the server is down; nothing when
-    this host cannot see the data directory either)."""
+    this host cannot see the data directory either); with ``take`` False, only looked at."""
     if server is not None:
         facts = server.facts()
-        directory, owner = lock_directory(params, facts)
-        with change_lock(directory, owner, server, params.change_id):
+        if take or facts.data_directory.is_dir():
+            directory, owner = lock_directory(params, facts)
+        else:  # a dry run from another host: the work root's lock file, never a new root
+            directory, owner = params.work.path.parent, None
+        with change_lock(directory, owner, server, params.change_id, take=take):
             yield
     elif data_dir is not None and data_dir.is_dir():
         st = data_dir.stat()
-        with change_lock(data_dir, (st.st_uid, st.st_gid), None, params.change_id):
+        with change_lock(data_dir, (st.st_uid, st.st_gid), None, params.change_id, take=take):
             yield
     else:
         yield

@@ -1,9 +1,10 @@
 """A rollback as change management sees it: what it would put back (the dry run), and the
 record it leaves next to the change's (``records/<change_id>/<stamp>/``, kind ``rollback``).
 
-The back-out itself is :func:`pgtls_helpers.runbook.rollback.rollback_change`; this module only
-reads the change's journals beforehand to say what each file is (a file the change created is
-removed, a file it replaced is restored from its backup), and records the result.
+The checks and the back-out itself are :mod:`pgtls_helpers.runbook.rollback`'s
+(:func:`~pgtls_helpers.runbook.rollback.checked_rollback`, then ``Backout.apply``); this module
+only reads the change's journals beforehand to say what each file is (a file the change created
+is removed, a file it replaced is restored from its backup), and records the result.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pgtls_helpers.errors import PgtlsError, PreflightError
+from pgtls_helpers.errors import PgtlsError
 from pgtls_helpers.runbook import record as rec
+from pgtls_helpers.runbook.manifest import from_json
 from pgtls_helpers.runbook.params import Params, redacted
+from pgtls_helpers.runbook.rollback import Backout, checked_rollback
+from pgtls_helpers.runbook.undo import NothingToRollBack
 
 __all__ = ["BackoutItem", "backout_plan", "rollback_with_record"]
 
@@ -40,16 +44,13 @@ class BackoutItem:
 def backout_plan(params: Params) -> tuple[list[BackoutItem], dict[str, str | None]]:
     """From the change's write-ahead journal: each file a rollback would put back, in the order
     it does (newest first), and the settings ``postgresql.auto.conf`` held before (what its
-    restored bytes set back). Raises :class:`PreflightError` when there is nothing to back
-    out."""
+    restored bytes set back). Raises :class:`NothingToRollBack` when there is nothing to
+    back out."""
     from pgtls_helpers.runbook import journal as wal
 
     entries = wal.read_entries(params.work.journal)
     if not entries:
-        raise PreflightError(
-            f"{params.work.path}: no journal for change {params.change_id}; nothing was "
-            "applied, or it was already rolled back"
-        )
+        raise NothingToRollBack.of(params)
     items: list[BackoutItem] = []
     settings: dict[str, str | None] = {}
     for change in reversed(wal.file_changes(entries)):
@@ -77,16 +78,36 @@ def rollback_with_record(
 ) -> tuple[dict[str, Any], Path | None]:
     """Back the change out (or, with ``dry_run``, only say what would be put back).
 
-    A real rollback writes its record and rewrites the change's index; a dry run writes
-    nothing. Returns the manifest and the record directory (``None`` for a dry run).
+    Both make every check first (:func:`~pgtls_helpers.runbook.rollback.checked_rollback`:
+    the journal, the change lock, later edits unless ``force``) and refuse alike, before
+    anything is written. A real rollback then writes its record and rewrites the change's
+    index, under the lock; a dry run writes nothing. Returns the manifest and the record
+    directory (``None`` for a dry run).
     """
-    from pgtls_helpers.runbook.rollback import check_conflicts, rollback_change
+    t0 = time.monotonic()
+    with checked_rollback(params, force=force, dry_run=dry_run) as backout:
+        return _with_record(
+            params,
+            backout,
+            params_file=params_file,
+            records_dir=records_dir,
+            dry_run=dry_run,
+            t0=t0,
+        )
+
+
+def _with_record(
+    params: Params,
+    backout: Backout,
+    *,
+    params_file: Path,
+    records_dir: Path,
+    dry_run: bool,
+    t0: float,
+) -> tuple[dict[str, Any], Path | None]:
     from pgtls_helpers.runbook.snapshot import server_state
 
-    t0 = time.monotonic()
     items, settings = backout_plan(params)
-    if not dry_run and not force:
-        check_conflicts(params)  # later work on a file: stop before anything, with the diff
     m: dict[str, Any] = {
         "record_format": rec.RECORD_FORMAT,
         "kind": "rollback",
@@ -109,7 +130,7 @@ def rollback_with_record(
     m["server_before"] = server_state(params)
     exit_error: PgtlsError | None = None
     try:
-        result = rollback_change(params, force=True)  # conflicts were checked above
+        result = backout.apply()
     except PgtlsError as exc:
         exit_error = exc
         m["outcome"], m["error"] = "failed", str(exc)
@@ -128,8 +149,9 @@ def rollback_with_record(
     m["finished_utc"] = rec.utc().isoformat(timespec="seconds")
     m["seconds"] = round(time.monotonic() - t0, 2)
     m["versions"] = rec.versions()
-    rec.write_run_index(record, m)
-    rec.seal(record, m)
+    typed = from_json(m)  # the record's format (manifest.py): files become its backout
+    rec.write_run_index(record, typed)
+    rec.seal(record, typed)
     rec.write_change_index(record.parent)
     if exit_error is not None:
         raise RollbackFailed(str(exit_error), m, record)

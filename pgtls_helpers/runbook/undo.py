@@ -20,7 +20,32 @@ from pgtls_helpers.runbook import journal as wal
 from pgtls_helpers.runbook.common import open_server
 from pgtls_helpers.runbook.params import Params
 
-__all__ = ["UndoResult", "checked_journal", "journal_target_problems", "undo_change"]
+__all__ = [
+    "NothingToRollBack",
+    "UndoResult",
+    "checked_journal",
+    "journal_target_problems",
+    "settings_need_server",
+    "undo_change",
+]
+
+
+class NothingToRollBack(PreflightError):
+    """The change has no open journal: it was never applied, or it was already rolled back
+    (or undone by its own run). Not a failure: ``pgtls rollback`` says so and exits 0."""
+
+    @classmethod
+    def of(cls, params: Params) -> NothingToRollBack:
+        """The sentence for this change, naming the journal that closed it, if any."""
+        sealed = wal.last_sealed(params.work)
+        if sealed is None:
+            why = f"{params.work.path} holds no journal of it, so it was never applied"
+        elif sealed[0] == "rolled-back":
+            why = f"it was already rolled back ({sealed[1]})"
+        else:
+            why = f"its run put everything back itself ({sealed[1]})"
+        return cls(f"change {params.change_id}: nothing to roll back; {why}")
+
 
 Reloaded = Literal[
     "on the open connection", "on a new connection", "by signal", "server down", "not needed"
@@ -111,10 +136,7 @@ def checked_journal(
     params.work.check()
     entries = wal.read_entries(params.work.journal)
     if not entries:
-        raise PreflightError(
-            f"{params.work.path}: no journal for change {params.change_id}; nothing was "
-            "applied, or it was already rolled back"
-        )
+        raise NothingToRollBack.of(params)
     changes = wal.file_changes(entries)
     before = wal.before_state(entries)
     problems = journal_target_problems(params, changes, before)
@@ -126,6 +148,19 @@ def checked_journal(
             f"{params.work.journal}: {'; '.join(problems)}; nothing was rolled back"
         )
     return entries, changes, before
+
+
+def settings_need_server(changes: list[wal.FileChange]) -> ServerError | None:
+    """The refusal when the server is not reachable: settings the change made in a
+    ``postgresql.auto.conf`` that could not be read are reset only by ``ALTER SYSTEM``."""
+    for change in changes:
+        if change.kind == "auto.conf" and not change.readable:
+            return ServerError(
+                f"{change.target} could not be read, so its settings can only be reset "
+                "through the server, which is not reachable; start it and run the "
+                "rollback again"
+            )
+    return None
 
 
 def undo_change(params: Params, *, server: Server | None, reason: str) -> UndoResult:
@@ -149,14 +184,11 @@ def undo_change(params: Params, *, server: Server | None, reason: str) -> UndoRe
             server = None
     reset: dict[str, str | None] = {}
     try:
+        refused = settings_need_server(changes) if server is None else None
+        if refused is not None:
+            raise refused
         for change in changes:
-            if change.kind == "auto.conf" and not change.readable:
-                if server is None:
-                    raise ServerError(
-                        f"{change.target} could not be read, so its settings can only be reset "
-                        "through the server, which is not reachable; start it and run the "
-                        "rollback again"
-                    )
+            if server is not None and change.kind == "auto.conf" and not change.readable:
                 for name, (previous, _new) in change.settings.items():
                     server.alter_system(name, previous)
                     reset[name] = previous

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -174,7 +175,20 @@ def test_rollback_with_the_server_down_restores_every_file_and_says_to_start_it(
     assert _ssl(fresh_cluster) == "off"
 
 
-def test_rollback_after_a_dba_edit_shows_the_diff_and_stops_unless_forced(
+def _written(cluster: LabCluster, tmp_path: Path) -> tuple[dict[str, str], int]:
+    """What a dry run must leave alone: every file at the top of the data directory and under
+    ``tmp_path`` (the work directory, the records, the parameters files), hashed, and the data
+    directory's mtime (a lock file created and removed there would change it)."""
+    import hashlib
+
+    hashed = {f"data/{name}": digest for name, digest in _files(cluster).items()}
+    for p in sorted(tmp_path.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            hashed[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return hashed, cluster.pgdata.stat().st_mtime_ns
+
+
+def test_rollback_after_a_dba_edit_names_the_file_and_stops_unless_forced(
     fresh_cluster: LabCluster, runbook_params: ParamsFactory, tmp_path: Path
 ) -> None:
     params = runbook_params(fresh_cluster)
@@ -185,14 +199,103 @@ def test_rollback_after_a_dba_edit_shows_the_diff_and_stops_unless_forced(
     with open(hba_file, "a") as fh:
         fh.write("hostssl reporting analyst 10.9.0.0/16 scram-sha-256\n")
     edited = hba_file.read_bytes()
-    stopped = _rollback(path, fresh_cluster)
+    records = ("--records", str(tmp_path / "records"))
+    dry = _rollback(path, fresh_cluster, "--dry-run", *records)
+    stopped = _rollback(path, fresh_cluster, *records)
+    assert (dry.returncode, dry.stderr) == (stopped.returncode, stopped.stderr)
     assert stopped.returncode == 1
-    assert "-hostssl reporting analyst 10.9.0.0/16" in stopped.stderr
-    assert "--force" in stopped.stderr
+    # one sentence naming the file and the fix; the diff stays off the terminal ...
+    (line,) = stopped.stderr.splitlines()
+    assert f"{hba_file}: changed after change {params.change_id}" in line, line
+    assert "merge the edit by hand (diff -u " in line
+    assert line.endswith("or run the rollback again with --force to discard it"), line
+    assert "reporting analyst" not in line and "@@" not in line
+    # ... and the command it names shows what would be lost
+    shown = re.search(r"\((diff -u \S+ \S+) shows what would be lost\)", line)
+    assert shown, line
+    diff = subprocess.run(shown[1].split(), capture_output=True, text=True, check=False)
+    assert "-hostssl reporting analyst 10.9.0.0/16" in diff.stdout, diff.stdout
     assert hba_file.read_bytes() == edited and _ssl(fresh_cluster) == "on"
-    forced = _rollback(path, fresh_cluster, "--force")
+    assert not (tmp_path / "records").exists(), "a refused rollback left a record"
+    forced = _rollback(path, fresh_cluster, "--force", *records)
     assert forced.returncode == 0, forced.stderr
     assert _ssl(fresh_cluster) == "off"
+
+
+def test_a_dry_run_of_an_older_change_under_a_later_one_refuses_as_the_rollback_does(
+    fresh_cluster: LabCluster, runbook_params: ParamsFactory, tmp_path: Path
+) -> None:
+    older = runbook_params(fresh_cluster, change_id="CHG-older")
+    _steps_1_to_3(older)
+    runbook.step4_enable_ssl(older)
+    later = runbook_params(fresh_cluster, change_id="CHG-later")
+    _steps_1_to_3(later)  # a new key and certificate over the older change's
+    runbook.step4_enable_ssl(later)
+    older_file, later_file = _params_file(older, tmp_path), _params_file(later, tmp_path)
+    records = ("--records", str(tmp_path / "records"))
+    before = _written(fresh_cluster, tmp_path)
+
+    dry = _rollback(older_file, fresh_cluster, "--dry-run", *records)
+    assert _written(fresh_cluster, tmp_path) == before, "the dry run wrote"
+    real = _rollback(older_file, fresh_cluster, *records)
+    # (the rollback took the lock, so only the data directory's mtime moved)
+    assert _written(fresh_cluster, tmp_path)[0] == before[0], "the refused rollback wrote"
+    assert not (tmp_path / "records").exists(), "a refused rollback left a record"
+    # the same exit status and the same sentence: what the dry run lists, the rollback does
+    assert (dry.returncode, dry.stdout, dry.stderr) == (real.returncode, real.stdout, real.stderr)
+    assert real.returncode == 1 and real.stdout == ""
+    (line,) = real.stderr.splitlines()
+    crt = fresh_cluster.pgdata / "server.crt"
+    assert str(crt) in line and "replaced by change CHG-later after change CHG-older" in line
+    assert "roll back change CHG-later first" in line and "--force" in line, line
+    assert "BEGIN CERTIFICATE" not in line and "diff -u" not in line
+
+    # --force skips the check in the dry run as in the rollback: the back-out is listed
+    before = _written(fresh_cluster, tmp_path)
+    forced = _rollback(older_file, fresh_cluster, "--dry-run", "--force", *records)
+    assert forced.returncode == 0, forced.stderr
+    assert f"would be removed (created by the change): {crt}" in forced.stdout, forced.stdout
+    assert _written(fresh_cluster, tmp_path) == before
+    # in the order the fix names, both come back out
+    for params_file in (later_file, older_file):
+        back = _rollback(params_file, fresh_cluster, *records)
+        assert back.returncode == 0, back.stdout + back.stderr
+    assert _ssl(fresh_cluster) == "off"
+
+
+def test_a_dry_run_while_another_change_holds_the_lock_refuses_as_the_rollback_does(
+    fresh_cluster: LabCluster,
+    runbook_params: ParamsFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    params = runbook_params(fresh_cluster)
+    _steps_1_to_3(params)
+    runbook.step4_enable_ssl(params)
+    path = _params_file(params, tmp_path)
+    records = ("--records", str(tmp_path / "records"))
+    monkeypatch.setenv("PGTLS_LOCK_WAIT", "1")
+    holder = Server({**params.conninfo(), "application_name": "pgtls CHG-other"})
+    with holder, change_lock(fresh_cluster.pgdata, None, holder, "CHG-other"):
+        before = _written(fresh_cluster, tmp_path)
+        dry = _rollback(path, fresh_cluster, "--dry-run", *records)
+        assert _written(fresh_cluster, tmp_path) == before
+        real = _rollback(path, fresh_cluster, *records)
+        assert _written(fresh_cluster, tmp_path) == before
+    assert (dry.returncode, dry.stdout, dry.stderr) == (real.returncode, real.stdout, real.stderr)
+    assert real.returncode == 1
+    (line,) = real.stderr.splitlines()
+    assert "change CHG-other (pid" in line and "is changing this server now" in line, line
+    assert not (tmp_path / "records").exists(), "a refused rollback left a record"
+    assert _ssl(fresh_cluster) == "on"
+    # the holder gone, the dry run goes through as the rollback then does, and neither
+    # leaves a lock file behind
+    dry = _rollback(path, fresh_cluster, "--dry-run", *records)
+    assert dry.returncode == 0 and "dry run: nothing restored" in dry.stdout, dry.stderr
+    assert not (fresh_cluster.pgdata / "pgtls.lock").exists()
+    back = _rollback(path, fresh_cluster, *records)
+    assert back.returncode == 0, back.stderr
+    assert _ssl(fresh_cluster) == "off" and not (fresh_cluster.pgdata / "pgtls.lock").exists()
 
 
 def test_rollback_checks_its_result_and_fails_when_the_server_is_not_as_before(

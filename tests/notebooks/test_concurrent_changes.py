@@ -161,7 +161,8 @@ def test_a_second_change_waits_for_the_whole_first_one_and_both_roll_back(
 
     # the first change cannot be backed out under the second one
     code, out = _finish(_pgtls(tmp_path, fresh_cluster, "rollback", str(first)))
-    assert code == 1 and "changed after change CHG-first" in out, out
+    assert code == 1 and "after change CHG-first" in out, out
+    assert "roll back change CHG-second first" in out and out.count("\n") == 1, out
     for params in (second, first):
         code, out = _finish(_pgtls(tmp_path, fresh_cluster, "rollback", str(params)))
         assert code == 0, out
