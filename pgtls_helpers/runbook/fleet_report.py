@@ -35,7 +35,8 @@ class HostRow:
 
     host: str
     reached: bool
-    outcome: str  # ok, waiting-for-ca, planned, failed, rolled-back, not reached
+    outcome: str  # ok, waiting-for-ca, planned, failed, rolled-back, nothing to roll back,
+    # not reached
     wave: int | None = None
     phase: str | None = None
     failed_step: str | None = None
@@ -49,7 +50,13 @@ class HostRow:
 
     @property
     def good(self) -> bool:
-        return self.outcome in ("ok", "waiting-for-ca", "planned", "rolled-back")
+        return self.outcome in (
+            "ok",
+            "waiting-for-ca",
+            "planned",
+            "rolled-back",
+            "nothing to roll back",
+        )
 
 
 @dataclass(frozen=True)
@@ -188,6 +195,15 @@ def _row(host: str, host_dir: Path, run: str, base: Path, now: datetime) -> Host
         return HostRow(host=host, reached=False, outcome="not reached")
     note = notes[-1]
     record = host_dir / note.record if note.record else None
+    if (record is None or not record.is_dir()) and note.phase == "rollback" and note.exit_code == 0:
+        # a rollback with nothing to back out writes no record, and that is good news
+        return HostRow(
+            host=host,
+            reached=True,
+            outcome="nothing to roll back",
+            wave=note.wave,
+            phase=note.phase,
+        )
     if record is None or not record.is_dir():
         return HostRow(
             host=host,

@@ -29,6 +29,7 @@ from pgtls_helpers.errors import PgtlsError, PreflightError
 from pgtls_helpers.pki import chain as chainmod
 from pgtls_helpers.pki import keys
 from pgtls_helpers.pki.findings import Finding
+from pgtls_helpers.pki.subject import SUBJECT_FIELDS
 from pgtls_helpers.postgres import files
 from pgtls_helpers.postgres.clients import ClientUser, read_client_file
 from pgtls_helpers.runbook.common import (
@@ -293,14 +294,8 @@ def _show(params: Params, name: str) -> str:
         return str(server.show(name))
 
 
-_SUBJECT_FIELDS = {
-    "country": NameOID.COUNTRY_NAME,
-    "state": NameOID.STATE_OR_PROVINCE_NAME,
-    "locality": NameOID.LOCALITY_NAME,
-    "organization": NameOID.ORGANIZATION_NAME,
-    "organizational_unit": NameOID.ORGANIZATIONAL_UNIT_NAME,
-    "email": NameOID.EMAIL_ADDRESS,
-}
+# the subject fields a renewal inherits from the installed certificate (all but the CN)
+_SUBJECT_FIELDS = {f.name: f.oid for f in SUBJECT_FIELDS if f.name != "common_name"}
 
 
 def inherit_names(params: Params) -> Params:

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,9 +37,9 @@ from pgtls_helpers.runbook import interrupt
 from pgtls_helpers.runbook import record as rec
 from pgtls_helpers.runbook.manifest import Manifest
 from pgtls_helpers.runbook.params import (
-    PARAMETER_NAMES,
     Params,
     load_params,
+    plain_values,
     read_params_file,
     resolve_paths,
 )
@@ -73,19 +73,6 @@ def _notebooks_dir() -> Path:
 
 NOTEBOOKS_DIR = _notebooks_dir()
 LAB_CLIENT_USER = "pgtls_client"
-_OPTIONAL_TEXT = (
-    "pgdata",
-    "server_log_file",
-    "country",
-    "state",
-    "locality",
-    "organization",
-    "organizational_unit",
-    "email",
-    "key_passphrase_env",
-    "ca_files_password_env",
-    "record_dir",
-)
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -166,19 +153,9 @@ def _key_types() -> tuple[str, ...]:
     return tuple(KEY_TYPES)
 
 
-def _plain(name: str, value: Any) -> Any:
-    """A parameter as papermill injects it: lists, dicts and scalars only."""
-    if value is None and name in _OPTIONAL_TEXT:
-        return ""
-    if isinstance(value, tuple | list):
-        return [_plain(name, v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _plain(name, v) for k, v in value.items()}
-    return value
-
-
 def _injected(params: Params) -> dict[str, Any]:
-    return {name: _plain(name, getattr(params, name)) for name in PARAMETER_NAMES}
+    """The parameters as papermill injects them (the notebooks' cells have the same shape)."""
+    return plain_values(params)
 
 
 @contextmanager

@@ -225,10 +225,10 @@ def test_the_rollback_restores_removes_and_records(change: Change) -> None:
     assert not (change.cluster.pgdata / "server.crt").exists()
     m = _manifest(change.rollback_dir)
     assert m["kind"] == "rollback" and m["outcome"] == "ok" and m["error"] is None
-    whats = {Path(f["target"]).name: f["what"] for f in m["files"]}
+    whats = {Path(f["target"]).name: f["what"] for f in m["backout"]}
     assert whats["server.crt"] == "removed (created by the change)"
     assert whats["pg_hba.conf"] == "restored from its backup"
-    assert all(f["done"] for f in m["files"])
+    assert all(f["done"] for f in m["backout"]) and m["files"] == []
     assert m["server_after"]["settings"]["ssl"] == "off"
     for name, digest in m["record_files"].items():
         data = (change.rollback_dir / name).read_bytes()
@@ -395,14 +395,19 @@ def test_the_change_summary_page_shows_what_changed_and_the_proof(
     assert "Unix-socket (local) lines are not affected" in text
     # the checks with libpq's words, the verdict, the rollback command, the links
     assert 'pg_hba.conf rejects connection for host "127.0.0.1"' in text
-    assert r.page.inner_text("#verdict") == "verdict: pass"
+    good = sum(1 for c in m["checks"] if c["passed"])
+    assert r.page.inner_text("#verdict") == (
+        f"verdict: pass ({good} of {len(m['checks'])} connection checks as they must be)"
+    )
+    # an applied change shows the certificate it installed, and no lab text unless a lab run
+    assert "Certificate installed" in text
     assert r.page.inner_text("#rollback").strip() == m["rollback_command"]
     r.page.click("text=step 4 · Enable SSL")
     assert r.page.title() == f"{CHANGE} · step 4 · Enable SSL"
     r.page.go_back()
     with r.page.expect_navigation():
         r.page.click("nav >> text=manifest.json")
-    assert '"record_format"' in r.page.content()
+    assert '"format": 3' in r.page.content()
     assert r.external == []
     _self_contained(record)
 
@@ -445,7 +450,16 @@ def test_the_plan_page_says_no_change_and_shows_what_would_change(
     assert "No file was written. The plan:" in text
     assert re.search(r"server\.crt\s+certificate\s+created", text), text
     assert "pg_hba.conf (planned, not written)" in text and "+hostnossl all" in text
-    assert "ALTER SYSTEM SET ssl = 'on'" in text and "Planned, not run:" in text
+    # the settings as planned, not as they are now
+    assert "Settings now → planned (not applied)" in text
+    assert re.search(r"ssl\s+off\s+on\s+would change", text), text
+    # the certificate the change would install, as a reviewer checks it against the CSR
+    leaf = next(c for c in _manifest(record)["certificates"] if c["role"] == "leaf")
+    cert = r.page.inner_text("#certificate + table")
+    assert "Certificate to be installed" in text
+    assert leaf["subject"] in cert and leaf["issuer"] in cert and leaf["not_after"] in cert
+    assert leaf["sha256"] in "".join(cert.split()) and "localhost" in cert
+    assert "record format 3" in r.page.inner_text("#format")
     assert "Sessions the new pg_hba.conf would refuse" in text
     assert re.search(r"postgres\s+postgres\s+127\.0\.0\.1\s+legacy-app", text), text
     assert "Rollback" not in text

@@ -157,3 +157,14 @@ def test_a_rollback_record_reads_as_rolled_back(folder: Path) -> None:
         "rollback",
         "no journal",
     )
+
+
+def test_a_rollback_with_nothing_to_roll_back_is_good_news(folder: Path) -> None:
+    _note(folder, "db4", None, 1, phase="rollback", exit_code=0)
+    report = load_fleet_report(folder, now=NOW)
+    row = {r.host: r for r in report.rows}["db4"]
+    assert (row.outcome, row.good, row.record) == ("nothing to roll back", True, None)
+    # the same host failing its rollback before any record is a failure, as before
+    _note(folder, "db4", None, 1, phase="rollback", exit_code=1)
+    row = {r.host: r for r in load_fleet_report(folder, now=NOW).rows}["db4"]
+    assert row.outcome == "failed" and not row.good
