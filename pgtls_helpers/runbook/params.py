@@ -149,6 +149,10 @@ class Params:
         default=False,
         metadata=_about("renewal: the CA re-signs a CSR of the installed key (never copied)"),
     )
+    allow_dropped_names: bool = field(
+        default=False,
+        metadata=_about("renewal: go on though the new certificate drops a served name"),
+    )
     new_root: str = field(
         default="",
         metadata=_about("CA rotation: 'accept' once the clients not listed trust the new root"),

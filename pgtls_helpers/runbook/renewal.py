@@ -180,11 +180,11 @@ def assess(
     if dropped:
         findings.append(
             Finding(
-                "warning",
+                "warning" if params.allow_dropped_names else "error",
                 "names-dropped",
                 f"the new certificate no longer covers {', '.join(dropped)}; clients that "
-                "connect with verify-full under those names will be refused; add them to "
-                "subject_alt_names unless that is intended",
+                "connect with verify-full under those names would be refused; add them to "
+                "subject_alt_names, or set allow_dropped_names: true if no client uses them",
             )
         )
     served_sha = [chainmod.fingerprint(c) for c in served]

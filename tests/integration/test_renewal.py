@@ -3,6 +3,7 @@ failed connection, and clients moved to a new root in three phases."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
@@ -356,15 +357,17 @@ def test_a_renewal_reuses_the_installed_names_unless_the_parameters_say_otherwis
     runbook.step2_ca_response(renew)
     plan = runbook.step3_install_files(runbook_params(fresh_cluster, change_id="CHG-names"))
     assert plan.renewal is not None and plan.renewal.names_dropped == []
-    # a name dropped on purpose is shown, with the clients it would break
+    # a dropped name is refused before anything is written, unless it is dropped on purpose
     dropped = runbook_params(
         fresh_cluster, change_id="CHG-drop", subject_alt_names=["localhost"], apply=False
     )
     runbook.step1_key_and_csr(dropped)
     runbook.step2_ca_response(dropped)
-    plan = runbook.step3_install_files(dropped)
+    with pytest.raises(PreflightError, match="names-dropped: .*127.0.0.1.*allow_dropped_names"):
+        runbook.step3_install_files(dropped)
+    plan = runbook.step3_install_files(dataclasses.replace(dropped, allow_dropped_names=True))
     assert plan.renewal is not None and plan.renewal.names_dropped == ["127.0.0.1"]
-    assert [f.code for f in plan.renewal.findings] == ["names-dropped"]
+    assert [(f.code, f.severity) for f in plan.renewal.findings] == [("names-dropped", "warning")]
 
 
 def test_a_fifo_for_root_crt_is_refused_not_waited_on(

@@ -304,6 +304,7 @@ REFUSALS = {
         "new-root-untrusted", "served", {"new_root": "accept"}, new_root=True
     ),
     "shorter-validity": Refusal("shorter-validity", "served", days=30),
+    "a-dropped-name": Refusal("names-dropped", "served", {"subject_alt_names": ["127.0.0.1"]}),
     "passphrase-without-reload": Refusal(
         "passphrase-reload",
         "served",
