@@ -1,5 +1,5 @@
 """Command line: ``pgtls chain``, ``csr``, ``probe``, ``watch``, ``run``, ``rollback``,
-``record``, ``trust``, ``lab``, ``fleet``.
+``record``, ``trust``, ``clients``, ``lab``, ``fleet``.
 
 Each command's body lives in a small ``_cli_*`` module so that importing the CLI stays cheap
 (``chain inspect`` must not pay for pandas or papermill unless it needs them).
@@ -143,6 +143,23 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     run.set_defaults(func=_lazy("pgtls_helpers.cli.run", "main"))
 
 
+def _add_clients(sub: argparse._SubParsersAction) -> None:
+    clients = sub.add_parser(
+        "clients",
+        help="the client-certificate runbook: clients log in with CA-signed certificates",
+        description="Give each client OS user in `clients` a key and a CA-signed client "
+        "certificate in ~/.postgresql, make the server trust the client-issuing roots "
+        "(ssl_ca_file), add the cert lines of hba_rules and the maps of ident_maps, and prove "
+        "that each client logs in with its certificate and that the wrong ones are refused. "
+        "Exit status: 0 done (or planned), 1 failed (undone), 2 unusable parameters.",
+    )
+    clients.add_argument("params", metavar="PARAMS.yaml")
+    clients.add_argument("--records", default="records", metavar="DIR")
+    clients.add_argument("--work", default="work", metavar="DIR")
+    clients.add_argument("--no-progress", action="store_true")
+    clients.set_defaults(func=_lazy("pgtls_helpers.cli.clients", "main"))
+
+
 def _add_trust(sub: argparse._SubParsersAction) -> None:
     trust = sub.add_parser(
         "trust",
@@ -279,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_rollback(sub)
     _add_trust(sub)
+    _add_clients(sub)
     _add_record(sub)
     _add_lab(sub)
     _add_fleet(sub)

@@ -50,7 +50,18 @@ __all__ = [
     "utc_stamp",
 ]
 
-Kind = Literal["key", "certificate", "hba", "root.crt", "auto.conf", "other"]
+Kind = Literal[
+    "key",
+    "certificate",
+    "hba",
+    "root.crt",
+    "auto.conf",
+    "ssl_ca_file",  # the roots the server trusts for client certificates
+    "ident",  # pg_ident.conf
+    "client.crt",  # a client's ~/.postgresql/postgresql.crt
+    "client.key",  # a client's ~/.postgresql/postgresql.key (or .pk8)
+    "other",
+]
 
 
 def sha256_hex(data: bytes) -> str:

@@ -46,7 +46,7 @@ __all__ = [
 
 FORMAT = 3
 
-Kind = Literal["change", "trust", "rollback"]
+Kind = Literal["change", "trust", "clients", "rollback"]
 
 
 class JsonObject:
@@ -391,8 +391,9 @@ class StepRecord:
 
     @property
     def number(self) -> str:
-        head = self.step[:2]
-        return head.lstrip("0") if head.isdigit() else self.step
+        """How pages number it: ``4`` for 04_enable_ssl, ``c2`` for c2_client_certs."""
+        found = re.match(r"(c?)0*(\d+)_", self.step)
+        return found.group(1) + found.group(2) if found else self.step
 
     @classmethod
     def read(cls, j: JsonObject) -> StepRecord:
@@ -490,6 +491,7 @@ class Manifest:
     hba_diff: str = ""
     hba_added: tuple[str, ...] = ()
     hba_written: bool = False
+    ident_diff: str = ""  # pg_ident.conf (the client-certificate runbook)
     sessions_refused: tuple[Session, ...] | None = None
     presented_chain: tuple[Certificate, ...] = ()
     tls_version: str | None = None
@@ -586,7 +588,7 @@ def _plain(value: object) -> object:
 
 def _kind(j: JsonObject) -> Kind:
     kind = j.text("kind", "change")
-    return cast(Kind, kind) if kind in ("change", "trust", "rollback") else "change"
+    return cast(Kind, kind) if kind in ("change", "trust", "clients", "rollback") else "change"
 
 
 def from_json(data: object) -> Manifest:
@@ -656,6 +658,7 @@ def from_json(data: object) -> Manifest:
         hba_diff=j.text("hba_diff"),
         hba_added=j.strs("hba_added"),
         hba_written=j.flag("hba_written"),
+        ident_diff=j.text("ident_diff"),
         sessions_refused=tuple(Session.read(s) for s in sessions) if sessions is not None else None,
         presented_chain=tuple(Certificate.read(c) for c in j.objs("presented_chain")),
         tls_version=j.opt("tls_version"),
@@ -719,6 +722,7 @@ class StepFacts:
     hba_diff: str = ""
     hba_added: tuple[str, ...] = ()
     hba_written: bool = False
+    ident_diff: str = ""
     sessions_refused: tuple[Session, ...] | None = None
     presented_chain: tuple[Certificate, ...] = ()
     tls_version: str | None = None
@@ -757,11 +761,21 @@ def from_steps(summaries: Mapping[str, object]) -> StepFacts:
     s4 = JsonObject(summaries.get("04_enable_ssl"))
     s5 = JsonObject(summaries.get("05_verify_clients"))
     trust = JsonObject(summaries.get("client_trust"))
-    proof = trust if "verdict" in trust or "checks" in trust else s5
+    c3 = JsonObject(summaries.get("c3_install_clients"))
+    c4 = JsonObject(summaries.get("c4_server_trust"))
+    c5 = JsonObject(summaries.get("c5_verify_clients"))
+    # the server side of the change: step 4, or the client runbook's server step
+    server = c4 if "c4_server_trust" in summaries else s4
+    proof = next((p for p in (trust, c5) if "verdict" in p or "checks" in p), s5)
     planned = {
-        s.text("name"): (s.opt("before"), s.opt("after")) for s in s4.objs("settings_planned")
+        s.text("name"): (s.opt("before"), s.opt("after")) for s in server.objs("settings_planned")
     }
-    sessions = s4.objs("sessions_refused") if "sessions_refused" in s4 else None
+    sessions = server.objs("sessions_refused") if "sessions_refused" in server else None
+    writes = [*s3.objs("installed"), *s4.objs("installed"), *trust.objs("installed")]
+    writes += [*c3.objs("installed"), *c4.objs("installed")]
+    plans = [*s3.objs("planned_files"), *trust.objs("planned_files")]
+    plans += [*c3.objs("planned_files"), *c4.objs("planned_files")]
+    c4_wrote = any(FileWrite.read(f).written for f in c4.objs("installed"))
     return StepFacts(
         key_type=s1.opt("key_type"),
         key_encrypted=s1.opt_flag("key_encrypted"),
@@ -772,19 +786,15 @@ def from_steps(summaries: Mapping[str, object]) -> StepFacts:
         unused_certificates=s2.strs("unused"),
         findings=tuple(Finding.read(f) for f in s2.objs("findings")),
         verifier=s2.opt("verifier"),
-        files=tuple(
-            FileWrite.read(f)
-            for f in [*s3.objs("installed"), *s4.objs("installed"), *trust.objs("installed")]
-        ),
-        planned_files=tuple(
-            PlannedFile.read(p) for p in [*s3.objs("planned_files"), *trust.objs("planned_files")]
-        ),
+        files=tuple(FileWrite.read(f) for f in writes),
+        planned_files=tuple(PlannedFile.read(p) for p in plans),
         planned_settings=planned,
-        settings_applied=s4.flag("settings_applied"),
-        enable_changed=s4.flag("changed"),
-        hba_diff=s4.text("hba_diff"),
-        hba_added=s4.strs("hba_added"),
-        hba_written=s4.flag("hba_written"),
+        settings_applied=server.flag("settings_applied"),
+        enable_changed=s4.flag("changed") or c4_wrote,
+        hba_diff=server.text("hba_diff"),
+        hba_added=server.strs("hba_added"),
+        hba_written=server.flag("hba_written"),
+        ident_diff=c4.text("ident_diff"),
         sessions_refused=tuple(Session.read(s) for s in sessions) if sessions is not None else None,
         presented_chain=tuple(Certificate.read(c) for c in s4.objs("presented")),
         tls_version=s4.opt("tls_version"),

@@ -142,6 +142,20 @@ class Params:
     record_dir: str | None = field(
         default=None, metadata=_about("this run's record directory; set by the runner")
     )
+    # the client-certificate runbook (`pgtls clients`): clients prove who they are
+    clients: tuple[Mapping[str, object], ...] = field(
+        default=(),
+        metadata=_about("client certificates: {os_user, role, subject (default CN=role)}"),
+    )
+    client_ca_files: tuple[str, ...] = field(
+        default=(), metadata=_about("client certificates: the files the CA returned for them")
+    )
+    ident_maps: tuple[Mapping[str, object], ...] = field(
+        default=(), metadata=_about("pg_ident.conf lines to add: {map, system_user, role}")
+    )
+    client_driver_files: tuple[str, ...] = field(
+        default=(), metadata=_about("extra client key files: pk8 (PKCS#8 DER, for pgjdbc)")
+    )
     allow_shorter_validity: bool = field(
         default=False, metadata=_about("renewal: accept a new certificate that expires sooner")
     )
@@ -324,6 +338,52 @@ def _check_rules(source: str, rules: tuple[Any, ...], *, allow_insecure: bool) -
             )
 
 
+CLIENT_KEYS = ("os_user", "role", "subject")
+IDENT_KEYS = ("map", "system_user", "role")
+DRIVER_FILES = ("pk8",)
+
+
+def _check_clients(source: str, known: Mapping[str, Any]) -> None:
+    """The client-certificate runbook's parameters, every field, when they are read."""
+    seen: set[str] = set()
+    for i, client in enumerate(known.get("clients", ())):
+        where = f"clients[{i}]: "
+        unknown = [str(k) for k in client if k not in CLIENT_KEYS]
+        if unknown:
+            raise _unknown(source, unknown, CLIENT_KEYS, where=where)
+        for key in ("os_user", "role"):
+            if not isinstance(client.get(key), str) or not client[key].strip():
+                raise InputError(f"{source}: {where}{key} is missing; name the client's {key}")
+        if client["os_user"] in seen:
+            raise InputError(
+                f"{source}: {where}os_user {client['os_user']} is listed twice; one "
+                "certificate per client OS user"
+            )
+        seen.add(str(client["os_user"]))
+        subject = client.get("subject")
+        if subject is not None and (not isinstance(subject, str) or "CN=" not in subject):
+            raise InputError(
+                f"{source}: {where}subject must be a DN with a CN, such as "
+                f"'CN={client['role']},OU=dba,O=Example', not {subject!r}"
+            )
+    for i, line in enumerate(known.get("ident_maps", ())):
+        unknown = [str(k) for k in line if k not in IDENT_KEYS]
+        if unknown:
+            raise _unknown(source, unknown, IDENT_KEYS, where=f"ident_maps[{i}]: ")
+        missing = [k for k in IDENT_KEYS if not str(line.get(k) or "").strip()]
+        if missing:
+            raise InputError(
+                f"{source}: ident_maps[{i}]: {', '.join(missing)} missing; each line names "
+                "map, system_user (the CN or DN the certificate shows) and role"
+            )
+    wrong = [f for f in known.get("client_driver_files", ()) if f not in DRIVER_FILES]
+    if wrong:
+        raise InputError(
+            f"{source}: client_driver_files: {', '.join(wrong)} is not one of "
+            f"{', '.join(DRIVER_FILES)}"
+        )
+
+
 def load_params(values: Mapping[str, Any], *, source: str = "parameters") -> Params:
     """Validate plain values (a notebook's parameters cell, a YAML file) into :class:`Params`.
 
@@ -362,6 +422,7 @@ def load_params(values: Mapping[str, Any], *, source: str = "parameters") -> Par
         known.get("hba_rules", ()),
         allow_insecure=bool(known.get("allow_insecure_rules", False)),
     )
+    _check_clients(source, known)
     try:  # the subject as the CSR will carry it, with the checks of the form and `pgtls csr`
         subject_from(known, known.get("subject_alt_names", ()))
     except InputError as exc:

@@ -28,6 +28,7 @@ from pgtls_helpers.errors import PgtlsError
 from pgtls_helpers.runbook.manifest import (
     FORMAT,
     JsonObject,
+    Kind,
     Lab,
     Manifest,
     ServerState,
@@ -271,7 +272,7 @@ def run_manifest(
     journals = params.work.journal.exists()
     parameters = redacted(dict(injected))
     m = Manifest(
-        kind="trust" if any(s.step == "client_trust" for s in steps) else "change",
+        kind=_kind_of(steps),
         change_id=params.change_id,
         outcome=outcome,
         exit_code=exit_code,
@@ -320,6 +321,7 @@ def run_manifest(
         hba_diff=facts.hba_diff,
         hba_added=facts.hba_added,
         hba_written=facts.hba_written,
+        ident_diff=facts.ident_diff,
         sessions_refused=facts.sessions_refused,
         presented_chain=facts.presented_chain,
         tls_version=facts.tls_version,
@@ -343,6 +345,15 @@ def run_manifest(
         else _in_place(params, after)
     )
     return dataclasses.replace(m, in_place=in_place)
+
+
+def _kind_of(steps: Sequence[StepOutcome]) -> Kind:
+    names = {s.step for s in steps}
+    if "client_trust" in names:
+        return "trust"
+    if any(n.startswith("c1_") for n in names):
+        return "clients"
+    return "change"
 
 
 def _in_place(params: Params, after: ServerState | None) -> tuple[str, ...]:

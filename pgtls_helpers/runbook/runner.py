@@ -44,7 +44,7 @@ from pgtls_helpers.runbook.params import (
     resolve_paths,
 )
 from pgtls_helpers.runbook.record import new_record_dir
-from pgtls_helpers.runbook.steps import SERVER, Step
+from pgtls_helpers.runbook.steps import SERVER, Step, waits_for_the_ca
 
 if TYPE_CHECKING:
     from pgtls_helpers.lab.cluster import LabCluster
@@ -369,7 +369,7 @@ def run(
                 if lab_base is not None:
                     params, cluster, lab_info = _start_lab(params, lab_base)
                 # phase 1 (the CSR, waiting for the CA) does not touch the server
-                phase_one = params.ca_mode == "files" and not params.ca_files
+                phase_one = waits_for_the_ca(params, steps)
                 before = None if phase_one else server_state(params)
                 kernel_ready()
             except PgtlsError as exc:
@@ -477,9 +477,7 @@ def _run_steps(
 
     parameters = _injected(params)
     # phase one: the CA has not answered yet, so the steps that need its answer wait
-    phase_one = (
-        params.ca_mode == "files" and not params.ca_files and any(s.needs_ca for s in notebooks)
-    )
+    phase_one = waits_for_the_ca(params, notebooks)
     steps: list[StepOutcome] = into if into is not None else []  # filled as steps end
     # HTML is rendered while the next notebook runs (the kernel is another process)
     html = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgtls-html")

@@ -3,7 +3,8 @@ writes to the server or a client's home, and the type its summary comes from.
 
 The runner (:mod:`pgtls_helpers.runbook.runner`) walks a tuple of :class:`Step` and asks each
 step, never its name, whether it runs: :data:`SERVER` is the server runbook's five notebooks,
-:data:`TRUST` the client-trust change of ``pgtls trust``.
+:data:`TRUST` the client-trust change of ``pgtls trust``, :data:`CLIENTS` the client-certificate
+runbook of ``pgtls clients``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pgtls_helpers.runbook.params import Params
 
-__all__ = ["SERVER", "TRUST", "Step"]
+__all__ = ["CLIENTS", "SERVER", "TRUST", "Step", "waits_for_the_ca"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Step:
         needs_ca: it needs the CA's answer: in phase one (``ca_mode: files`` and no
             ``ca_files`` yet) it waits, and the run ends "waiting for the CA".
         proves: it proves an applied change, so it is skipped when ``apply`` is false.
+        answer: the parameter that lists the CA's answer files for ``needs_ca`` steps.
     """
 
     name: str
@@ -38,16 +40,21 @@ class Step:
     writes: bool = False
     needs_ca: bool = False
     proves: bool = False
+    answer: str = "ca_files"
 
     @property
     def notebook(self) -> str:
         return f"{self.name}.ipynb"
 
+    def waits(self, params: Params) -> bool:
+        """In ``ca_mode: files`` with no answer listed yet, this step waits for the CA."""
+        return self.needs_ca and params.ca_mode == "files" and not getattr(params, self.answer)
+
     def skipped(self, params: Params, *, phase_one: bool) -> tuple[str, str] | None:
         """``(status, why)`` when this step does not run for ``params``, else ``None``."""
         # phase_one: the run's steps need the CA's answer and it has not come (see needs_ca)
         if phase_one and self.needs_ca:
-            return "not-run", "waiting for the CA's response (ca_files is empty)"
+            return "not-run", f"waiting for the CA's response ({self.answer} is empty)"
         if self.proves and not params.apply:
             return "skipped", "apply is false: nothing was changed, so there is nothing to verify"
         return None
@@ -96,3 +103,47 @@ TRUST: tuple[Step, ...] = (
         writes=True,
     ),
 )
+
+CLIENTS: tuple[Step, ...] = (
+    Step(
+        "c1_client_keys",
+        "Client keys",
+        "pgtls_helpers.runbook.client_keys:ClientKeysResult",
+    ),
+    Step(
+        "c2_client_certs",
+        "Client certificates",
+        "pgtls_helpers.runbook.client_keys:ClientCertsResult",
+        needs_ca=True,
+        answer="client_ca_files",
+    ),
+    Step(
+        "c3_install_clients",
+        "Install client files",
+        "pgtls_helpers.runbook.client_keys:ClientInstallResult",
+        writes=True,
+        needs_ca=True,
+        answer="client_ca_files",
+    ),
+    Step(
+        "c4_server_trust",
+        "Server trusts clients",
+        "pgtls_helpers.runbook.client_server:ServerTrustResult",
+        writes=True,
+        needs_ca=True,
+        answer="client_ca_files",
+    ),
+    Step(
+        "c5_verify_clients",
+        "Verify client logins",
+        "pgtls_helpers.runbook.client_server:ClientProofResult",
+        needs_ca=True,
+        answer="client_ca_files",
+        proves=True,
+    ),
+)
+
+
+def waits_for_the_ca(params: Params, steps: tuple[Step, ...]) -> bool:
+    """The run waits for the CA: a step needs its answer and none is listed yet."""
+    return any(s.waits(params) for s in steps)
