@@ -1,7 +1,7 @@
 """The lab CA: a throwaway CA shaped like the article's.
 
-root → ``IntermediateCA_BAR`` → ``IntermediateCA_FOO`` → server; it hands back the files a real CA
-would (``SERVER-FQDN.crt``, the two intermediates, ``RootCA.crt``).
+root → ``IntermediateCA_BAR`` → ``IntermediateCA_FOO`` → server or client; it hands back the files
+a real CA would (``SERVER-FQDN.crt``, the two intermediates, ``RootCA.crt``).
 """
 
 from __future__ import annotations
@@ -85,6 +85,21 @@ def _server_usage(public_key: object) -> x509.KeyUsage:
         digital_signature=True,
         content_commitment=False,
         key_encipherment=is_rsa,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _client_usage() -> x509.KeyUsage:
+    # a TLS client signs the handshake (TLS 1.3, and ECDHE with either key type): nothing else
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
         data_encipherment=False,
         key_agreement=False,
         key_cert_sign=False,
@@ -180,6 +195,44 @@ class LabCA:
                 ) from None
             sans = x509.SubjectAlternativeName([_general_name(str(cns[0].value))])
         return self._issue(csr.subject, csr.public_key(), sans, days=days, not_before=not_before)
+
+    def sign_client_csr(
+        self,
+        csr: x509.CertificateSigningRequest,
+        *,
+        days: int = 397,
+        not_before: datetime | None = None,
+        server_auth_only: bool = False,
+    ) -> x509.Certificate:
+        """Sign a CSR into a client certificate: the CSR's subject as it is, clientAuth.
+
+        ``server_auth_only`` makes what a CA's wrong profile gives instead (extendedKeyUsage
+        serverAuth alone), which the server refuses from a client, for tests.
+        """
+        if not csr.is_signature_valid:
+            raise InputError("the CSR's signature does not verify; generate the CSR again")
+        if not csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+            raise InputError("the CSR has no common name; give it the role the client logs in as")
+        start = not_before or datetime.now(timezone.utc) - timedelta(minutes=5)
+        eku = (
+            ExtendedKeyUsageOID.SERVER_AUTH if server_auth_only else ExtendedKeyUsageOID.CLIENT_AUTH
+        )
+        public_key = csr.public_key()
+        builder = (
+            _builder_common(
+                csr.subject,
+                self.signer.subject,
+                public_key,
+                self._signer_key,
+                not_before=start,
+                not_after=start + timedelta(days=days),
+                key_ids=not self.minimal,
+            )
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_client_usage(), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+        )
+        return builder.sign(self._signer_key, hashes.SHA256())
 
     def issue(
         self, hosts: Sequence[str], *, key_type: str = "ecdsa-p256", days: int = 397

@@ -1,4 +1,5 @@
-"""The client side: ``~/.postgresql/root.crt`` for each client OS user, and proof through libpq.
+"""The client side: ``~/.postgresql/root.crt`` for each client OS user (and, for client
+certificates, ``postgresql.crt``, ``postgresql.key``, ``postgresql.pk8``), and proof through libpq.
 
 The proof is a table of connection attempts, expected against observed. The ones that must
 fail matter as much as the ones that must succeed, and a failure only counts when it fails for
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pgtls_helpers.errors import InputError
-from pgtls_helpers.postgres.files import PlannedFile, sha256_hex
+from pgtls_helpers.postgres.files import Kind, PlannedFile, sha256_hex
 
 __all__ = [
     "TLS_VERIFIED",
@@ -30,6 +31,7 @@ __all__ = [
     "ConnCheck",
     "classify_error",
     "connection_checks",
+    "plan_client_file",
     "plan_root_crt",
     "psql_as_user",
     "resolve_client_users",
@@ -49,16 +51,33 @@ class ClientUser:
     def root_crt(self) -> Path:
         return self.home / ".postgresql" / "root.crt"
 
+    @property
+    def client_crt(self) -> Path:
+        """The certificate libpq sends when a server asks for one (and it always may)."""
+        return self.home / ".postgresql" / "postgresql.crt"
 
-def resolve_client_users(names: Sequence[str]) -> list[ClientUser]:
-    """Look the names up in the OS user database."""
+    @property
+    def client_key(self) -> Path:
+        """Its private key; libpq refuses one that others can read."""
+        return self.home / ".postgresql" / "postgresql.key"
+
+    @property
+    def client_pk8(self) -> Path:
+        """The same key as PKCS#8 DER, where pgjdbc looks for it."""
+        return self.home / ".postgresql" / "postgresql.pk8"
+
+
+def resolve_client_users(
+    names: Sequence[str], *, source: str = "client_system_users"
+) -> list[ClientUser]:
+    """Look the names up in the OS user database (``source`` names the parameter)."""
     users = []
     for name in names:
         try:
             entry = pwd.getpwnam(name)
         except KeyError:
             raise InputError(
-                f"client_system_users: there is no OS user '{name}' on this machine; create it "
+                f"{source}: there is no OS user '{name}' on this machine; create it "
                 "or remove it from the list"
             ) from None
         users.append(ClientUser(name, Path(entry.pw_dir), entry.pw_uid, entry.pw_gid))
@@ -119,6 +138,42 @@ def plan_client_root(user: ClientUser, data: bytes, *, mode: int = 0o644) -> Pla
     )
 
 
+def plan_client_file(
+    user: ClientUser,
+    target: Path,
+    data: bytes,
+    *,
+    kind: Kind,
+    mode: int,
+) -> PlannedFile:
+    """What writing ``data`` to ``target`` in the user's ``~/.postgresql`` would do, judged
+    from the file as read through its directory's descriptor (a link there, or a file another
+    user owns, is refused with one sentence); reads, never writes."""
+    directory = user.home / ".postgresql"
+    if target.parent != directory:
+        raise InputError(f"{target}: not in {directory}; pgtls writes client files only there")
+    # only the directory and the target itself: a root.crt the user linked to a bundle of
+    # their own is no business of this write
+    found = client_file(target, user.uid) if check_client_dir(user) else None
+    action: Literal["create", "replace", "unchanged"]
+    if found is None:
+        action = "create"
+    else:
+        current, st = found
+        same = current == data and stat.S_IMODE(st.st_mode) == mode and st.st_gid == user.gid
+        action = "unchanged" if same else "replace"
+    return PlannedFile(
+        target=target,
+        kind=kind,
+        data=data,
+        mode=mode,
+        uid=user.uid,
+        gid=user.gid,
+        action=action,
+        current_sha256=sha256_hex(found[0]) if found is not None else None,
+    )
+
+
 def prepare_client_dir(user: ClientUser) -> None:
     """Make ``~/.postgresql`` (0700, the user's) when missing; refuse a symlinked one."""
     directory = user.root_crt.parent
@@ -149,20 +204,28 @@ def prepare_client_dir(user: ClientUser) -> None:
         os.close(fd)
 
 
-def check_client_path(user: ClientUser) -> None:
+def check_client_dir(user: ClientUser) -> bool:
     """Refuse to work through a link: ``~/.postgresql`` must be a real directory the user
-    owns, and ``root.crt`` a regular file (or absent)."""
+    owns (True), or absent (False)."""
     directory = user.root_crt.parent
     try:
         st = directory.lstat()
     except FileNotFoundError:
-        return
+        return False
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != user.uid:
         raise InputError(
             f"{directory}: not a real directory owned by {user.name} (a symbolic link or "
             "another owner); the runbook will not write through it, so replace it with a "
             "directory of the user's own"
         )
+    return True
+
+
+def check_client_path(user: ClientUser) -> None:
+    """Refuse to work through a link: ``~/.postgresql`` must be a real directory the user
+    owns, and ``root.crt`` a regular file (or absent)."""
+    if not check_client_dir(user):
+        return
     try:
         fst = user.root_crt.lstat()
     except FileNotFoundError:

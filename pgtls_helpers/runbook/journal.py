@@ -52,6 +52,9 @@ __all__ = [
 
 Entry = dict[str, object]
 
+# files in a client OS user's ~/.postgresql: read and written as that user's, never by path
+CLIENT_KINDS = ("root.crt", "client.crt", "client.key")
+
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -169,7 +172,7 @@ class Journal:
             while backup.exists():
                 n += 1
                 backup = directory / f"{target.name}.pgtls-backup-{files.utc_stamp()}.{n}"
-            # the backup keeps the file's mode, so rollback gives a 0600 root.crt back as 0600
+            # the backup keeps the file's mode, so rollback gives a 0600 file back as 0600
             try:
                 mode = stat.S_IMODE(os.lstat(target).st_mode) & 0o777
             except OSError:
@@ -191,7 +194,7 @@ class Journal:
         """Back up, journal, write, journal: one file of the change."""
         if planned.action == "unchanged":
             return self.unchanged(planned)
-        client = planned.kind == "root.crt"
+        client = planned.kind in CLIENT_KINDS
         try:
             backup = self._backup(planned.target, client_uid=planned.uid if client else None)
         except OSError as exc:
@@ -347,7 +350,7 @@ class FileChange:
     gid: int | None = None
 
     def current_sha256(self) -> str | None:
-        if self.kind == "root.crt" and self.uid is not None:
+        if self.kind in CLIENT_KINDS and self.uid is not None:
             data = clients.read_client_file(self.target, self.uid)
             return files.sha256_hex(data) if data is not None else None
         try:
@@ -403,12 +406,16 @@ def file_changes(entries: Sequence[Entry]) -> list[FileChange]:
 
 
 def before_state(entries: Sequence[Entry]) -> dict[str, object]:
-    """How the server was before the change, as the first ``begin`` recorded it."""
+    """How the server was before the change, as the first ``begin`` that saw the server
+    recorded it (a clients' step run where the server is out of reach records none), else
+    the first ``begin``'s."""
+    begins: list[dict[str, object]] = []
     for e in entries:
         value = e.get("before")
         if e.get("op") == "begin" and isinstance(value, dict):
-            return {str(k): v for k, v in value.items()}
-    return {}
+            begins.append({str(k): v for k, v in value.items()})
+    saw_server = [b for b in begins if "data_directory" in b]
+    return (saw_server or begins or [{}])[0]
 
 
 TRUST_STEP = "trust"  # the one step of a client-trust change (pgtls trust)
@@ -466,7 +473,7 @@ def restore_files(changes: Sequence[FileChange], *, work_key: Path) -> list[Rest
                     keyfiles.write_private_key(work_key, change.target.read_bytes())
                 except OSError:  # the work disk is full: the undo goes on without the copy
                     done.append(Restored(work_key, "not kept (no space in the work directory)"))
-        client_uid = change.uid if change.kind == "root.crt" else None
+        client_uid = change.uid if change.kind in CLIENT_KINDS else None
         if change.backup is None:
             if current is None:
                 done.append(Restored(change.target, "already as before"))

@@ -95,7 +95,7 @@ def conflicts(changes: list[wal.FileChange]) -> list[tuple[wal.FileChange, str]]
 
 
 def _diff(change: wal.FileChange) -> str:
-    if change.kind in ("key",):
+    if change.kind in ("key", "client.key"):
         return f"{change.target}: changed since the change (content not shown)\n"
     try:
         now = change.target.read_text().splitlines(keepends=True)
@@ -134,7 +134,11 @@ def check_conflicts(params: Params, changes: list[wal.FileChange] | None = None)
             "parameters file)"
         )
     if by_hand:
-        shown = [f"diff -u {c.target} {c.backup}" for c in by_hand if c.backup and c.kind != "key"]
+        shown = [
+            f"diff -u {c.target} {c.backup}"
+            for c in by_hand
+            if c.backup and c.kind not in ("key", "client.key")
+        ]
         fixes.append(
             "merge the edit by hand"
             + (f" ({' and '.join(shown)} shows what would be lost)" if shown else "")

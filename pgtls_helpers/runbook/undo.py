@@ -103,7 +103,7 @@ def journal_target_problems(
             problems.append(
                 f"{change.backup}: not a backup in this change's own {params.work.backups}"
             )
-        if change.kind == "root.crt":
+        if change.kind in wal.CLIENT_KINDS:
             # a client's file: only ~/.postgresql/<name> of the user whose uid it carries
             try:
                 home = Path(pwd.getpwuid(change.uid if change.uid is not None else -1).pw_dir)

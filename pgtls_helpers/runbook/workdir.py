@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pgtls_helpers.errors import PreflightError
 
-__all__ = ["WorkDir"]
+__all__ = ["ClientWork", "WorkDir"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,21 @@ class WorkDir:
         """The roots the renewal's client loop trusts while it connects across the reload."""
         return self.path / "client-loop-roots.crt"
 
+    @property
+    def clients(self) -> Path:
+        """The client certificates of ``pgtls clients``: one folder per client OS user."""
+        return self.path / "clients"
+
+    @property
+    def client_roots(self) -> Path:
+        """The distinct roots that issued the clients' certificates, for the server's
+        ``ssl_ca_file``."""
+        return self.clients / "roots.pem"
+
+    def client(self, os_user: str) -> ClientWork:
+        """The files of one client OS user's certificate."""
+        return ClientWork(self.clients / os_user)
+
     def create(self) -> Path:
         """Create the directory 0700 (tightening one that others could read) and return it.
 
@@ -107,6 +122,39 @@ class WorkDir:
         ):
             if os.path.lexists(path):
                 _check_ours(path, what)
+
+
+@dataclass(frozen=True)
+class ClientWork:
+    """``work/<change_id>/clients/<os_user>/`` (0700): one client's key from c1 until c3
+    installs it, its CSR, what the CA returned, and the checked certificate."""
+
+    path: Path
+
+    @property
+    def key(self) -> Path:
+        """The client's private key (0600), until it is installed as ``postgresql.key``."""
+        return self.path / "postgresql.key"
+
+    @property
+    def csr(self) -> Path:
+        """The client's signing request."""
+        return self.path / "postgresql.csr"
+
+    @property
+    def ca_response(self) -> Path:
+        """What the lab CA returned for this client (``ca_mode: lab``)."""
+        return self.path / "ca"
+
+    @property
+    def bundle(self) -> Path:
+        """The client's certificate and the intermediates, leaf first: ``postgresql.crt``."""
+        return self.path / "postgresql.crt"
+
+    @property
+    def root(self) -> Path:
+        """The root the client's certificate chains to."""
+        return self.path / "root.crt"
 
 
 def _check_ours(path: Path, what: str) -> None:
