@@ -625,7 +625,7 @@ def _plan_client(
     if key_bytes is None:
         raise PreflightError(
             f"{cw.key}: the key of client {client.os_user} is gone (it is removed once "
-            f"installed, and {user.client_key} holds another); start again from c1 with a "
+            f"installed, and {user.client_key} does not hold it); start again from c1 with a "
             "new change_id"
         )
     key = keys.load_key(key_bytes, source=str(cw.key), validate=False)
