@@ -299,6 +299,12 @@ def same_name(a: x509.Name, b: x509.Name, raw: tuple[bytes, bytes] | None = None
     return a == b or _name_key(a) == _name_key(b)
 
 
+def issued_by(child: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether ``issuer`` issued ``child``: its subject is the child's issuer (as OpenSSL
+    compares names) and its key verifies the child's signature. The one such test here."""
+    return same_name(child.issuer, issuer.subject) and signed_by(child, issuer)
+
+
 def signed_by(child: x509.Certificate, issuer: x509.Certificate) -> bool:
     """Whether ``issuer``'s public key verifies ``child``'s signature.
 

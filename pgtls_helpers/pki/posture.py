@@ -16,7 +16,7 @@ from typing import Any
 from cryptography import x509
 
 from pgtls_helpers.errors import InputError
-from pgtls_helpers.pki.chain import is_ca, is_self_signed, same_name, signed_by
+from pgtls_helpers.pki.chain import is_ca, is_self_signed, issued_by
 from pgtls_helpers.pki.hostname import check_host, explain
 from pgtls_helpers.pki.target import DEFAULT_PORT, format_target
 
@@ -180,8 +180,7 @@ def role_of(cert: x509.Certificate, index: int) -> str:
     return "root" if is_self_signed(cert) else "intermediate"
 
 
-def _issued_by(child: x509.Certificate, issuer: x509.Certificate) -> bool:
-    return same_name(child.issuer, issuer.subject) and signed_by(child, issuer)
+_issued_by = issued_by
 
 
 def _chain_shape(

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pgtls_helpers.pki import chain as chainmod
 from pgtls_helpers.pki.target import DEFAULT_PORT, format_target, parse_target
 from pgtls_helpers.postgres.wire import attempt, attempt_many, cert_der
 
@@ -115,11 +116,7 @@ def probe_many(
     return [_result(host, port, a) for (host, port), a in zip(pairs, answers, strict=True)]
 
 
-def fingerprint(cert: x509.Certificate) -> str:
-    """SHA-256 of the DER encoding, lower-case hex without separators."""
-    from cryptography.hazmat.primitives import hashes
-
-    return cert.fingerprint(hashes.SHA256()).hex()
+fingerprint = chainmod.fingerprint  # the one fingerprint: SHA-256 of the DER, lower-case hex
 
 
 def chain_rows(result: ProbeResult) -> list[dict[str, str]]:

@@ -145,7 +145,7 @@ class Params:
     # the client-certificate runbook (`pgtls clients`): clients prove who they are
     clients: tuple[Mapping[str, object], ...] = field(
         default=(),
-        metadata=_about("client certificates: {os_user, role, subject (default CN=role)}"),
+        metadata=_about("client certificates: {os_user, role, subject DN}"),
     )
     client_ca_files: tuple[str, ...] = field(
         default=(), metadata=_about("client certificates: the files the CA returned for them")
