@@ -29,7 +29,15 @@ from pathlib import Path
 from pgtls_helpers.errors import PreflightError
 from pgtls_helpers.postgres import files
 
-__all__ = ["HbaLine", "OwnConnection", "check_hba_text", "first_match", "server_bindir"]
+__all__ = [
+    "HbaLine",
+    "IdentRow",
+    "OwnConnection",
+    "check_hba_text",
+    "check_ident_text",
+    "first_match",
+    "server_bindir",
+]
 
 
 @dataclass(frozen=True)
@@ -250,6 +258,88 @@ def check_hba_text(
             )
         )
     return lines
+
+
+@dataclass(frozen=True)
+class IdentRow:
+    """One row of ``pg_ident_file_mappings`` (PostgreSQL 15+) as the throwaway backend parsed
+    it."""
+
+    line_number: int
+    map_name: str | None
+    sys_name: str | None
+    pg_username: str | None
+    error: str | None
+
+
+def check_ident_text(
+    text: str, *, ident_file: Path, data_directory: Path, owner: tuple[int, int]
+) -> list[IdentRow]:
+    """Parse ``text`` as ``ident_file`` would be parsed; the live file is untouched.
+
+    The same throwaway backend as :func:`check_hba_text`, with ``ident_file`` pointing at a
+    copy beside the live file (so PostgreSQL 16's relative ``include`` lines resolve as they
+    will); it is removed afterwards.
+    """
+    uid, gid = owner
+    bindir = server_bindir(data_directory)
+    data = _check_cluster(bindir, uid, gid)
+    copy = ident_file.with_name(f".{ident_file.name}.pgtls-check-{os.getpid()}")
+    out = data.parent / f"ident-{os.getpid()}.json"
+    copy.unlink(missing_ok=True)  # left by a run killed during its check
+    out.unlink(missing_ok=True)
+    fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            if os.geteuid() == 0:
+                os.fchown(fh.fileno(), uid, gid)
+            fh.write(text)
+        query = (
+            "COPY (SELECT row_to_json(r) FROM pg_ident_file_mappings r ORDER BY line_number) "
+            f"TO '{out}'\n"
+        )
+        with _exclusive(data.parent / "check.lock"):
+            proc = _run_as(
+                [
+                    str(bindir / "postgres"),
+                    "--single",
+                    "-D",
+                    str(data),
+                    "-c",
+                    f"ident_file={copy}",
+                    "postgres",
+                ],
+                uid,
+                gid,
+                stdin=query,
+                timeout=120,
+            )
+        try:
+            found = files.read_regular(out)
+            if found is None:
+                raise FileNotFoundError(out)
+            raw = found[0].decode().splitlines()
+        except (OSError, PreflightError, UnicodeDecodeError):
+            raise PreflightError(
+                f"{ident_file}: the throwaway server could not parse the planned file "
+                f"({(proc.stderr or proc.stdout).strip()[-200:]})"
+            ) from None
+    finally:
+        copy.unlink(missing_ok=True)
+        out.unlink(missing_ok=True)
+    rows = []
+    for row in raw:
+        r = json.loads(row.replace("\\\\", "\\"))
+        rows.append(
+            IdentRow(
+                line_number=int(r["line_number"] or 0),
+                map_name=r["map_name"],
+                sys_name=r["sys_name"],
+                pg_username=r["pg_username"],
+                error=r["error"],
+            )
+        )
+    return rows
 
 
 def _messages_by_line(output: str) -> dict[int, str]:
