@@ -343,6 +343,16 @@ def test_refused_plans_leave_every_file_byte_identical(
             },
             "regular expression",
         ),
+        (
+            {
+                "hba_rules": [_rule("erin", "cert", "map=m1")],
+                "ident_maps": [
+                    {"map": "m1", "system_user": "erin", "role": "erin"},
+                    {"map": "m2", "system_user": "/(", "role": "erin"},
+                ],
+            },
+            "the server would reject line",  # the throwaway backend's verdict on the regex
+        ),
     ]
     for n, (overrides, message) in enumerate(cases):
         params = runbook_params(
@@ -421,3 +431,37 @@ def test_the_whole_client_runbook_in_the_lab_then_rolled_back(
     assert _files(fresh_cluster) == before
     gina_home = Path(pwd.getpwnam(u_gina).pw_dir) / ".postgresql"
     assert not (gina_home / "postgresql.crt").exists()
+
+
+def test_a_c4_stopped_after_its_last_write_rolls_back_byte_for_byte(
+    fresh_cluster: LabCluster,
+    runbook_params: ParamsFactory,
+    own_client_user: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first = _serve_tls(fresh_cluster, runbook_params)
+    _roles(fresh_cluster, "ivy")
+    issuer = _own_ca()
+    _place(own_client_user, "CN=ivy,O=Example", issuer, first.work.root)
+    names = ("pg_hba.conf", "pg_ident.conf", "postgresql.auto.conf")
+    before = {n: (fresh_cluster.pgdata / n).read_bytes() for n in names}
+    params = runbook_params(
+        fresh_cluster,
+        change_id="CHG-stopped",
+        clients=[{"os_user": own_client_user, "role": "ivy"}],
+        ident_maps=[{"map": "m", "system_user": "CN=ivy,O=Example", "role": "ivy"}],
+        hba_rules=[_rule("ivy", "cert", "clientname=DN", "map=m")],
+    )
+    _roots(params, issuer[2])
+    monkeypatch.setenv("PGTLS_FAULT_AFTER", f"{client_server.JOURNAL_STEP}:auto.conf")
+    monkeypatch.setenv("PGTLS_FAULT_SIGNAL", "INT")  # as Ctrl-C would, after ALTER SYSTEM
+    with pytest.raises(KeyboardInterrupt):
+        client_server.step_c4_server_trust(params)
+    monkeypatch.delenv("PGTLS_FAULT_AFTER")
+    assert all((fresh_cluster.pgdata / n).read_bytes() != before[n] for n in names)
+    assert (fresh_cluster.pgdata / "client_ca.crt").exists()
+    rollback_change(params)
+    assert {n: (fresh_cluster.pgdata / n).read_bytes() for n in names} == before
+    assert not (fresh_cluster.pgdata / "client_ca.crt").exists()
+    with psycopg.connect(**fresh_cluster.conninfo(sslmode="require"), autocommit=True) as conn:  # type: ignore[arg-type]
+        assert conn.execute("SHOW ssl_ca_file").fetchone() == ("",)
