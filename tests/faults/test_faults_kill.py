@@ -58,8 +58,10 @@ def _prepare(
         old_key, old_cert = old_ca.issue(["old.lab.pgtls.test"])
         cluster.serve_certificate(old_key, [old_cert, *old_ca.intermediates])
     before = ServerState.of(cluster)
-    # a new lab CA: a CA rotation, accepted (the clients are not what these tests are about)
-    params = runbook_params(cluster, **({"new_root": "accept"} if server == "ssl-on" else {}))
+    # a new lab CA: a CA rotation, accepted, and the old name dropped on purpose (the clients
+    # are not what these tests are about)
+    rotation = {"new_root": "accept", "allow_dropped_names": True}
+    params = runbook_params(cluster, **(rotation if server == "ssl-on" else {}))
     runbook.step1_key_and_csr(params)
     runbook.step2_ca_response(params)
     return params_file(params, tmp_path), before

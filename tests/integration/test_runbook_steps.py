@@ -229,7 +229,9 @@ def test_replacing_an_existing_certificate_keeps_backups_and_rollback_restores(
     old_key, old_cert = ca.issue(["old.lab.pgtls.test"])
     fresh_cluster.serve_certificate(old_key, [old_cert, *ca.intermediates])
     old = {n: (fresh_cluster.pgdata / n).read_bytes() for n in ("server.crt", "server.key")}
-    params = runbook_params(fresh_cluster, new_root="accept")  # another root: a CA rotation
+    params = runbook_params(  # another root (a CA rotation), and the old name goes
+        fresh_cluster, new_root="accept", allow_dropped_names=True
+    )
     verdict = _run_all(params)
     assert verdict.passed
     # backups live in the change's 0700 work directory, never in the data directory (so a
