@@ -310,7 +310,13 @@ def _identity(
     rule, database = found
     installed = read_client_file(_client_crt(user), user.uid)
     if installed is not None:
-        name = x509.load_pem_x509_certificate(installed).subject
+        try:
+            name = x509.load_pem_x509_certificate(installed).subject
+        except ValueError:
+            raise PreflightError(
+                f"{_client_crt(user)}: not a PEM certificate; run step c3 again. Nothing was "
+                "changed"
+            ) from None
     else:
         name = x509.Name.from_rfc4514_string(str(client.get("subject") or f"CN={role}"))
     cns = name.get_attributes_for_oid(NameOID.COMMON_NAME)
@@ -736,19 +742,25 @@ def _psql(
 
 
 @contextmanager
-def _user_tmp(user: ClientUser) -> Iterator[Path]:
-    """A private temporary folder of ``user``'s (never in the home), removed afterwards."""
+def _private_tmp() -> Iterator[Path]:
+    """A new private temporary folder (never in a client's home), removed afterwards."""
     path = Path(tempfile.mkdtemp(prefix="pgtls-c5-"))
     try:
-        if os.geteuid() == 0:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-            try:
-                os.fchown(fd, user.uid, user.gid)
-            finally:
-                os.close(fd)
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _hand_over(directory: Path, user: ClientUser) -> None:
+    """Give the folder to ``user`` once everything in it is written (through its descriptor),
+    so the tool never writes as root into a folder the user controls."""
+    if os.geteuid() != 0:
+        return
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.fchown(fd, user.uid, user.gid)
+    finally:
+        os.close(fd)
 
 
 def _write_pair(
@@ -827,45 +839,33 @@ def step_c5_verify_clients(params: Params) -> ClientProofResult:
             "connect_timeout": "10",
         }
 
-        checks.append(_own_login(user, role, {**base, "user": role}, seen))
-        with _user_tmp(user) as tmp:
-            checks.append(
-                _attempt(
-                    user,
-                    {**base, "user": role},
-                    "no client certificate",
-                    NO_CERTIFICATE,
-                    {"sslcert": str(tmp / "none.crt"), "sslkey": str(tmp / "none.key")},
-                )
-            )
+        as_role = {**base, "user": role}
+        checks.append(_own_login(user, role, as_role, seen))
+        with _private_tmp() as tmp:
             stranger = LabCA.create(
                 ("pgtls throwaway client issuer",), root_name="pgtls throwaway root"
             )
             key, cert = stranger.issue([role])
-            crt, key_path = _write_pair(
-                tmp, "unrelated", key, [cert, *stranger.intermediates], user
-            )
-            checks.append(
-                _attempt(
-                    user,
-                    {**base, "user": role},
-                    "a certificate of an unrelated CA",
-                    UNKNOWN_CA,
-                    {"sslcert": str(crt), "sslkey": str(key_path)},
-                )
-            )
+            unrelated = _write_pair(tmp, "unrelated", key, [cert, *stranger.intermediates], user)
+            server_only = None
             if lab is not None:
                 key, cert = lab.issue([role])
-                crt, key_path = _write_pair(
-                    tmp, "server-only", key, [cert, *lab.intermediates], user
-                )
-                checks.append(
-                    _attempt(
-                        user,
-                        {**base, "user": role},
+                server_only = _write_pair(tmp, "server-only", key, [cert, *lab.intermediates], user)
+            _hand_over(tmp, user)
+            tries = [
+                (
+                    "no client certificate",
+                    NO_CERTIFICATE,
+                    (tmp / "none.crt", tmp / "none.key"),  # absent: libpq sends none
+                ),
+                ("a certificate of an unrelated CA", UNKNOWN_CA, unrelated),
+            ]
+            if server_only is not None:
+                tries.append(
+                    (
                         "a certificate for servers only (serverAuth, no clientAuth)",
                         SERVER_AUTH_ONLY,
-                        {"sslcert": str(crt), "sslkey": str(key_path)},
+                        server_only,
                     )
                 )
             else:
@@ -873,9 +873,12 @@ def step_c5_verify_clients(params: Params) -> ClientProofResult:
                     f"{os_user}: the serverAuth-only check needs the CA of the client roots at "
                     "hand (a lab run); not run"
                 )
+            for case, expect, (crt, key_path) in tries:
+                extra = {"sslcert": str(crt), "sslkey": str(key_path)}
+                checks.append(_attempt(user, as_role, case, expect, extra))
         other = next(
             (
-                r
+                (r, f[1])
                 for _u, r in clients
                 if r != role
                 and (f := client_rule(rules, r, params.server_dbname)) is not None
@@ -883,12 +886,12 @@ def step_c5_verify_clients(params: Params) -> ClientProofResult:
             ),
             None,
         )
-        if other is not None:
+        if other is not None:  # the other role's own line, with this client's certificate
             checks.append(
                 _attempt(
                     user,
-                    {**base, "user": other},
-                    f"its own certificate as role {other}",
+                    {**base, "user": other[0], "dbname": other[1]},
+                    f"its own certificate as role {other[0]}",
                     OTHER_ROLE,
                     {},
                 )
