@@ -1,6 +1,6 @@
 """What the notebooks call, and nothing more: the five steps and the displays of their
-evidence, and the watch report. Notebooks import this one module
-(``from pgtls_helpers import notebook as pgtls``)."""
+evidence, the client-certificate runbook's five, and the watch report. Notebooks import this
+one module (``from pgtls_helpers import notebook as pgtls``)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from pgtls_helpers.display.changes import (
     show_installed,
     show_ssl_plan,
 )
+from pgtls_helpers.display.clients import show_client_step
 from pgtls_helpers.display.form import (
     csr_form,
     notebook_params,
@@ -46,6 +47,12 @@ from pgtls_helpers.display.watch import (
     watch_table,
 )
 from pgtls_helpers.runbook.ca_response import step2_ca_response
+from pgtls_helpers.runbook.client_keys import (
+    step_c1_client_keys,
+    step_c2_client_certs,
+    step_c3_install_clients,
+)
+from pgtls_helpers.runbook.client_server import step_c4_server_trust, step_c5_verify_clients
 from pgtls_helpers.runbook.enable import step4_enable_ssl
 from pgtls_helpers.runbook.install import step3_install_files
 from pgtls_helpers.runbook.key_and_csr import step1_key_and_csr
@@ -84,6 +91,13 @@ __all__ = [
     "step5_verify_clients",
     "stop_on_errors",
     "validity_timeline",
+    # notebooks/c1_*.ipynb to c5_*.ipynb: the client-certificate runbook
+    "show_client_step",
+    "step_c1_client_keys",
+    "step_c2_client_certs",
+    "step_c3_install_clients",
+    "step_c4_server_trust",
+    "step_c5_verify_clients",
     # notebooks/watch.ipynb
     "days_picture",
     "expiry_timeline",

@@ -27,6 +27,7 @@ __all__ = [
     "Backout",
     "Certificate",
     "Check",
+    "ClientCertificate",
     "FileWrite",
     "Finding",
     "JsonObject",
@@ -161,6 +162,36 @@ class Certificate:
             sha256=j.text("sha256"),
             not_after=j.text("not_after"),
             names=j.strs("names"),
+        )
+
+
+@dataclass(frozen=True)
+class ClientCertificate:
+    """A client's certificate (``pgtls clients``): who it is for, the DN forms the server
+    matches and prints, and by whom until when."""
+
+    os_user: str
+    role: str
+    subject: str
+    hba_dn: str  # as a clientname=DN map matches it
+    stat_ssl_dn: str  # as pg_stat_ssl.client_dn prints it
+    serial: str
+    issuer: str
+    not_after: str
+    sha256: str
+
+    @classmethod
+    def read(cls, j: JsonObject) -> ClientCertificate:
+        return cls(
+            os_user=j.text("os_user"),
+            role=j.text("role"),
+            subject=j.text("subject"),
+            hba_dn=j.text("hba_dn"),
+            stat_ssl_dn=j.text("stat_ssl_dn"),
+            serial=j.text("serial"),
+            issuer=j.text("issuer"),
+            not_after=j.text("not_after"),
+            sha256=j.text("sha256"),
         )
 
 
@@ -497,6 +528,7 @@ class Manifest:
     tls_version: str | None = None
     renewal: Renewal | None = None
     trust_added: tuple[Certificate, ...] = ()  # roots pgtls trust adds to root.crt
+    client_certificates: tuple[ClientCertificate, ...] = ()  # pgtls clients
     trust_removed: tuple[str, ...] = ()
     # step 5 (or pgtls trust's proof)
     verdict: str | None = None
@@ -665,6 +697,7 @@ def from_json(data: object) -> Manifest:
         renewal=renewal,
         trust_added=tuple(Certificate.read(c) for c in j.objs("trust_added")),
         trust_removed=j.strs("trust_removed"),
+        client_certificates=tuple(ClientCertificate.read(c) for c in j.objs("client_certificates")),
         verdict=j.opt("verdict"),
         checks=tuple(Check.read(c) for c in j.objs("checks")),
         server_before=ServerState.read(j.obj("server_before")) if "server_before" in j else None,
@@ -729,6 +762,7 @@ class StepFacts:
     renewal: Renewal | None = None
     trust_added: tuple[Certificate, ...] = ()
     trust_removed: tuple[str, ...] = ()
+    client_certificates: tuple[ClientCertificate, ...] = ()
     verdict: str | None = None
     checks: tuple[Check, ...] = ()
 
@@ -801,6 +835,10 @@ def from_steps(summaries: Mapping[str, object]) -> StepFacts:
         renewal=_renewal_of(s3.obj("renewal"), s4.obj("renewal")),
         trust_added=tuple(Certificate.read(c) for c in trust.objs("added")),
         trust_removed=trust.strs("removed"),
+        client_certificates=tuple(
+            ClientCertificate.read(c)
+            for c in JsonObject(summaries.get("c2_client_certs")).objs("clients")
+        ),
         verdict=proof.opt("verdict"),
         checks=tuple(Check.read(c) for c in proof.objs("checks")),
     )

@@ -377,6 +377,8 @@ def run_page(m: Manifest) -> str:
         out += _rollback_body(m)
     elif m.kind == "trust":
         out += _trust_body(m)
+    elif m.kind == "clients":
+        out += _clients_body(m)
     else:
         out += _change_body(m)
     if m.rollback_command:
@@ -433,6 +435,33 @@ def _change_body(m: Manifest) -> list[str]:
             else '<p class="muted">None: no session connected over TCP without SSL when '
             "the plan was made.</p>"
         )
+    out.append(_served_section(m))
+    out += _proof(m)
+    return out
+
+
+def _clients_body(m: Manifest) -> list[str]:
+    out = ['<h2 id="clients">Client certificates</h2>']
+    out.append(
+        _table_of(
+            [
+                (c.os_user, c.role, c.hba_dn, c.stat_ssl_dn, c.issuer, c.not_after[:10], c.serial)
+                for c in m.client_certificates
+            ],
+            ["OS user", "role", "DN (as a map matches it)", "pg_stat_ssl.client_dn", "issuer"]
+            + ["until", "serial"],
+        )
+    )
+    out += ["<h2>Files</h2>", _files_section(m), _settings_section(m)]
+    for name, diff, written in (
+        ("pg_hba.conf", m.hba_diff, m.hba_written),
+        ("pg_ident.conf", m.ident_diff, any(f.kind == "ident" for f in m.written)),
+    ):
+        if diff:
+            out += [
+                f"<h2>{name} ({'written' if written else 'planned, not written'})</h2>",
+                _diff(diff),
+            ]
     out.append(_served_section(m))
     out += _proof(m)
     return out

@@ -328,6 +328,7 @@ def run_manifest(
         renewal=facts.renewal,
         trust_added=facts.trust_added,
         trust_removed=facts.trust_removed,
+        client_certificates=facts.client_certificates,
         verdict=facts.verdict,
         checks=facts.checks,
         server_before=before,

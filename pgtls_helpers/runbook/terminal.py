@@ -21,12 +21,15 @@ def failed_checks(checks: Sequence[Check]) -> list[str]:
     ]
 
 
+_COMMAND = {"trust": "trust", "clients": "clients"}
+
+
 def run_summary(m: Manifest, record_dir: Path) -> str:
     """A screenful: the outcome first, each step, what changed or would change, the proof,
     what is in place after a failure and the exact rollback command, and the record."""
     result = m.result
     lines = [
-        f"pgtls {'trust' if m.kind == 'trust' else 'run'}: change {m.change_id} on {m.server}, "
+        f"pgtls {_COMMAND.get(m.kind, 'run')}: change {m.change_id} on {m.server}, "
         f"ca_mode {m.ca_mode}, apply {str(m.apply).lower()}"
     ]
     if m.lab is not None:
@@ -34,7 +37,7 @@ def run_summary(m: Manifest, record_dir: Path) -> str:
     last_note = None
     for s in m.steps:
         took = f"{s.seconds:5.1f} s" if s.status in ("ok", "failed") else ""
-        lines.append(f"  {s.step[:2]} {s.title:<15} {s.status:<8} {took}".rstrip())
+        lines.append(f"  {s.step[:2]} {s.title:<22} {s.status:<8} {took}".rstrip())
         if s.error:
             lines.append(f"     {s.error}")
         elif s.note and s.note != last_note:
