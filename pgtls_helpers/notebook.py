@@ -59,7 +59,22 @@ from pgtls_helpers.runbook.key_and_csr import step1_key_and_csr
 from pgtls_helpers.runbook.trust import client_trust
 from pgtls_helpers.runbook.verify import step5_verify_clients
 
+# what the client-certificate notebooks show of their parameters
+CLIENT_PARAMETERS = (
+    "change_id",
+    "server_host",
+    "server_port",
+    "clients",
+    "ca_mode",
+    "client_ca_files",
+    "hba_rules",
+    "ident_maps",
+    "client_driver_files",
+    "apply",
+)
+
 __all__ = [
+    "CLIENT_PARAMETERS",
     "apply_step",
     "chain_picture",
     "client_trust",
