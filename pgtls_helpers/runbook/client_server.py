@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ __all__ = [
     "ProofCheck",
     "ServerTrustPlan",
     "ServerTrustResult",
+    "asked_ca_names",
     "check_server_trust",
     "plan_server_trust",
     "step_c4_server_trust",
@@ -641,7 +643,66 @@ def _apply(
             f"ssl_ca_file is '{now}' after the reload, not '{plan.settings['ssl_ca_file']}'; "
             "the change was rolled back and the server reloaded"
         )
+    missing = _roots_not_asked_for(plan.host_ip, params.server_port, plan.roots_after)
+    if missing:
+        raise ServerError(
+            f"{params.server_host}:{params.server_port} does not name "
+            f"{', '.join(missing)} among the CAs it accepts client certificates from after the "
+            "reload (did it load ssl_ca_file? its log says why); ssl_ca_file, pg_hba.conf and "
+            "pg_ident.conf were rolled back and the server reloaded"
+        )
     return files.InstallResult(tuple(written)), applied
+
+
+_CA_NAMES = "Acceptable client certificate CA names"
+
+
+def asked_ca_names(host: str, port: int, *, timeout: float = 10.0) -> list[str] | None:
+    """The CA names the server sends when it asks for a client certificate (RFC 2253), seen
+    from outside by ``openssl s_client -starttls postgres``; None when there is no openssl or
+    no answer within ``timeout`` for the whole exchange, [] when it asks for none."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        return None
+    try:
+        proc = subprocess.run(
+            [openssl, "s_client", "-starttls", "postgres", "-connect", f"{host}:{port}"]
+            + ["-nameopt", "RFC2253"],
+            input="",
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"},
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    lines = proc.stdout.splitlines()
+    if _CA_NAMES not in lines:
+        return [] if "Server certificate" in proc.stdout else None
+    names = []
+    for line in lines[lines.index(_CA_NAMES) + 1 :]:
+        if not line.strip() or line.startswith(("Requested ", "Client Certificate Types", "---")):
+            break
+        names.append(line.strip())
+    return names
+
+
+def _roots_not_asked_for(
+    host: str, port: int, roots: Sequence[x509.Certificate], *, timeout: float = 5.0
+) -> list[str]:
+    """The roots the server does not name yet when it asks for a client certificate (each
+    new connection gets the reloaded SSL settings; a short wait covers the postmaster)."""
+    wanted = [ident.server_dn(r.subject) for r in roots]
+    deadline = time.monotonic() + timeout
+    while True:
+        names = asked_ca_names(host, port)
+        if names is None:
+            return []  # no openssl here: c5 proves it with the clients' own logins
+        missing = [w for w in wanted if w not in names]
+        if not missing or time.monotonic() >= deadline:
+            return missing
+        time.sleep(0.2)
 
 
 def _loaded_ident_errors(server: Server) -> list[str]:

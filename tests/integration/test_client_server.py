@@ -220,6 +220,9 @@ def test_cert_lines_with_and_without_a_map_and_clientcert_prove_and_roll_back(
     summary = json.loads((record / "steps" / "c4_server_trust.json").read_text())
     assert {"installed", "planned_files", "hba_diff", "ident_diff", "roots_after"} <= set(summary)
     assert (fresh_cluster.pgdata / "client_ca.crt").exists()
+    # from outside: the server now asks for a client certificate and names the client root
+    asked = client_server.asked_ca_names("127.0.0.1", fresh_cluster.port)
+    assert asked == [ident.server_dn(issuer[2].subject)]
     hba_text = (fresh_cluster.pgdata / "pg_hba.conf").read_text()
     assert hba_text.index("cert clientname=DN map=dnmap") < hba_text.index(
         "all             127.0.0.1/32            scram-sha-256"
@@ -256,6 +259,7 @@ def test_cert_lines_with_and_without_a_map_and_clientcert_prove_and_roll_back(
     assert (fresh_cluster.pgdata / "postgresql.auto.conf").read_bytes() == auto_before
     assert not (fresh_cluster.pgdata / "client_ca.crt").exists()
     assert _files(fresh_cluster) == before
+    assert client_server.asked_ca_names("127.0.0.1", fresh_cluster.port) == []
 
 
 def test_an_existing_ssl_ca_file_is_merged_not_replaced_and_rolled_back_exactly(
@@ -292,6 +296,10 @@ def test_an_existing_ssl_ca_file_is_merged_not_replaced_and_rolled_back_exactly(
         issuer[2].subject.rfc4514_string(),
     ]
     assert result.settings_planned == [] and not result.settings_applied
+    assert client_server.asked_ca_names("127.0.0.1", fresh_cluster.port) == [
+        ident.server_dn(other.cert.subject),
+        ident.server_dn(issuer[2].subject),
+    ]
     merged = bundle.read_bytes()
     assert merged.startswith(old_bytes) and merged.count(b"BEGIN CERTIFICATE") == 2
     proof = client_server.step_c5_verify_clients(params)
