@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PARAMS ?= parameters/lab.yaml
 
-.PHONY: venv test lint fleet-lint demo run rollback trust lab notebook parameters-cells bench faults clean fleet-wheels fleet-demo fleet-down bench-fleet
+.PHONY: venv test lint fleet-lint demo run rollback trust clients lab notebook parameters-cells bench faults clean fleet-wheels fleet-demo fleet-down bench-fleet
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ run: $(STAMP)
 # CA rotation, client side: add_roots / remove_roots in the listed users' root.crt
 trust: $(STAMP)
 	$(BIN)/python -m pgtls_helpers trust $(PARAMS) --records records --work work
+
+# The client-certificate runbook: CA-signed client certificates for the listed client OS users
+clients: $(STAMP)
+	$(BIN)/python -m pgtls_helpers clients $(PARAMS) --records records --work work
 
 # Back out the change of PARAMS (DRY_RUN=1: only show what would be put back).
 rollback: $(STAMP)
