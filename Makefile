@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PARAMS ?= parameters/lab.yaml
 
-.PHONY: venv test lint fleet-lint demo run rollback trust clients lab notebook parameters-cells bench faults clean fleet-wheels fleet-demo fleet-down bench-fleet
+.PHONY: venv test lint fleet-lint demo demo-clients run rollback trust clients lab notebook parameters-cells bench faults clean fleet-wheels fleet-demo fleet-down bench-fleet
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ faults: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m pgtls_helpers run parameters/lab.yaml --records records --work work
+
+# The client-certificate runbook on the embedded default (as root: a throwaway client OS user)
+demo-clients: $(STAMP)
+	$(BIN)/python -m pgtls_helpers lab demo-clients --records records --work work
 
 run: $(STAMP)
 	$(BIN)/python -m pgtls_helpers run $(PARAMS) --records records --work work

@@ -245,6 +245,17 @@ def _add_lab(sub: argparse._SubParsersAction) -> None:
     nb.add_argument("--dir", default="work/lab", metavar="DIR", help="the lab cluster's directory")
     nb.add_argument("--work", default="work", metavar="DIR")
     nb.set_defaults(func=_lazy("pgtls_helpers.cli.lab", "notebook"))
+    demo = lsub.add_parser(
+        "demo-clients",
+        help="the client-certificate runbook on a throwaway cluster, CA and client OS user "
+        "(as root); the records stay, the rest is removed",
+    )
+    demo.add_argument(
+        "--dir", default="work/lab-clients", metavar="DIR", help="where its parameters files go"
+    )
+    demo.add_argument("--records", default="records", metavar="DIR")
+    demo.add_argument("--work", default="work", metavar="DIR")
+    demo.set_defaults(func=_lazy("pgtls_helpers.cli.lab", "demo_clients"))
     ca = lsub.add_parser(
         "ca",
         help="a throwaway CA of its own (another root, for CA rotation drills); with --sign, "

@@ -218,3 +218,77 @@ def ca(args: argparse.Namespace) -> int:
         for path in written:
             _out(f"  {path}")
     return 0
+
+
+def demo_clients(args: argparse.Namespace) -> int:
+    """The client-certificate runbook on the embedded default: a throwaway cluster brought to
+    TLS by the server runbook, a throwaway client OS user and role, then ``pgtls clients``;
+    everything made for the demo is removed afterwards, the records stay."""
+    import psycopg
+
+    from pgtls_helpers.errors import InputError
+    from pgtls_helpers.runbook.runner import lab_client_user, remove_lab_client_user, run
+    from pgtls_helpers.runbook.steps import CLIENTS
+
+    if os.geteuid() != 0:
+        raise InputError(
+            "the client demo makes a throwaway client OS user, which needs root; run it as root "
+            "(your own ~/.postgresql is never used for a demo)"
+        )
+    base = Path(args.dir)
+    base.mkdir(parents=True, exist_ok=True)
+    cluster = LabCluster.create()  # in a folder of its own the server's OS user can reach
+    user = None
+    saved = os.environ.get("PGPASSFILE")
+    try:
+        cluster.start()
+        user = lab_client_user(private=True)
+        if user is None:
+            raise InputError("could not make a throwaway client OS user (useradd failed)")
+        os.environ["PGPASSFILE"] = str(cluster.passfile)
+        server = {**_runbook_params(cluster), "change_id": "lab-clients-server"}
+        server["client_system_users"] = [user]
+        server_file = base / "server.yaml"
+        server_file.write_text(yaml.safe_dump(server, sort_keys=False))
+        first = run(server_file, records_dir=args.records, work_dir=args.work, progress=False)
+        _out(first.summary())
+        if first.exit_code != 0:
+            return first.exit_code
+        with psycopg.connect(**cluster.conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
+            conn.execute(f'CREATE ROLE "{user}" LOGIN')
+        clients = {
+            **server,
+            "change_id": "lab-clients",
+            "clients": [{"os_user": user, "role": user}],
+            "hba_rules": [
+                {
+                    "type": "hostssl",
+                    "database": "all",
+                    "user": user,
+                    "address": f"{cluster.host}/32",
+                    "method": "cert",
+                }
+            ],
+        }
+        clients_file = base / "clients.yaml"
+        clients_file.write_text(yaml.safe_dump(clients, sort_keys=False))
+        second = run(
+            clients_file,
+            records_dir=args.records,
+            work_dir=args.work,
+            progress=False,
+            steps=CLIENTS,
+        )
+        _out(second.summary())
+        _out(
+            f"the demo's cluster and client OS user {user} are removed now (nothing to roll "
+            f"back); its records stay in {args.records}/"
+        )
+        return second.exit_code
+    finally:
+        if saved is None:
+            os.environ.pop("PGPASSFILE", None)
+        else:
+            os.environ["PGPASSFILE"] = saved
+        cluster.remove()
+        remove_lab_client_user(user)

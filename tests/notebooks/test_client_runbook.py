@@ -140,3 +140,25 @@ def test_two_clients_log_in_with_their_certificates_and_the_rollback_puts_it_all
     out = capsys.readouterr().out
     assert code == 0, out
     assert _state(one_cluster, two_users) == before
+
+
+def test_the_client_demo_runs_both_runbooks_and_leaves_only_records(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the client demo makes a client OS user, which needs root")
+    records = tmp_path / "records"
+    code = cli_main(
+        ["lab", "demo-clients", "--dir", str(tmp_path / "lab"), "--records", str(records)]
+        + ["--work", str(tmp_path / "work")]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.count("verdict: pass") == 2, out
+    for change in ("lab-clients-server", "lab-clients"):
+        (manifest,) = (records / change).glob("*/manifest.json")
+        assert json.loads(manifest.read_text())["verdict"] == "pass"
+    user = out.split("client OS user ")[1].split()[0]
+    with pytest.raises(KeyError):
+        pwd.getpwnam(user)
+    assert {p.name for p in (tmp_path / "lab").iterdir()} == {"server.yaml", "clients.yaml"}
