@@ -1,21 +1,35 @@
 #!/usr/bin/env bash
 # `make test`: one pytest session per PostgreSQL major, at the same time. The first major's
-# session runs every test; each other session runs only the tests on a cluster of its major
-# (their ids carry "pgNN"). The first session prints as it goes, the others when they end;
-# the exit status is the first non-zero one.
+# session runs every test on its clusters and the tests that need none; each other session runs
+# the tests on a cluster of its major (their ids carry "pgNN"), and the second one also takes
+# the slow tests that are not per major (the fleet and the browser), so the two take about as
+# long. The first session prints as it goes, the others when they end; the exit status is the
+# first non-zero one.
 set -u
 bin=${1:?usage: tests/by_major.sh VENV_BIN [pytest options]}
 shift
 IFS=, read -ra majors <<<"${PGTLS_PG_MAJORS:-15,17}"
+# not per major, and slow: with a second session, they run there
+moved=(tests/fleet tests/notebooks/test_browser.py)
+moved_k="test_fleet or test_browser"
 scratch=$(mktemp -d -t pgtls-tests-XXXXXX)
 trap 'rm -rf "$scratch"' EXIT
 pids=()
-for major in "${majors[@]:1}"; do
-  PGTLS_PG_MAJORS=$major "$bin/pytest" -p no:cacheprovider -k "pg$major" \
+first_opts=()
+for i in "${!majors[@]}"; do
+  [ "$i" -gt 0 ] || continue
+  major=${majors[$i]}
+  select="pg$major"
+  if [ "$i" -eq 1 ]; then
+    select="$select or $moved_k"
+    for path in "${moved[@]}"; do first_opts+=("--ignore=$path"); done
+  fi
+  PGTLS_PG_MAJORS=$major "$bin/pytest" -p no:cacheprovider -k "$select" \
     --basetemp="$scratch/pg$major" "$@" >"$scratch/pg$major.log" 2>&1 &
   pids+=("$!")
 done
-PGTLS_PG_MAJORS=${majors[0]} "$bin/pytest" --basetemp="$scratch/pg${majors[0]}" "$@"
+PGTLS_PG_MAJORS=${majors[0]} "$bin/pytest" --basetemp="$scratch/pg${majors[0]}" \
+  "${first_opts[@]}" "$@"
 status=$?
 for i in "${!pids[@]}"; do
   wait "${pids[$i]}"
