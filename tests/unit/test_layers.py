@@ -13,7 +13,7 @@ import pgtls_helpers
 
 PACKAGE = Path(pgtls_helpers.__file__).parent
 # A layer may import the ones after it, never the ones before it.
-LAYERS = ["cli", "display", "runbook", "postgres", "pki"]
+LAYERS = ["cli", "display", "runbook", "ca", "postgres", "pki"]
 MODULES = sorted(
     m.name
     for m in pkgutil.walk_packages([str(PACKAGE)], prefix="pgtls_helpers.")
