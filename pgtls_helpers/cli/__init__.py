@@ -122,10 +122,30 @@ def _add_watch(sub: argparse._SubParsersAction) -> None:
     w.add_argument(
         "--on-disk",
         action="store_true",
-        help="also read ssl_cert_file through libpq: renewed on disk but not reloaded?",
+        help="also read ssl_cert_file (and ssl_crl_file) through libpq: renewed on disk but "
+        "not reloaded?",
     )
     w.add_argument("--user", metavar="ROLE", help="--on-disk: the role libpq logs in as")
-    w.add_argument("--dbname", default="postgres", help="--on-disk: the database")
+    w.add_argument("--dbname", default="postgres", help="--on-disk, --sessions: the database")
+    w.add_argument(
+        "--client-user",
+        action="append",
+        default=[],
+        metavar="USER",
+        help="also that OS user's ~/.postgresql/postgresql.crt and .key (repeatable)",
+    )
+    w.add_argument(
+        "--crl",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="also this CRL's nextUpdate (repeatable); --on-disk reads ssl_crl_file too",
+    )
+    w.add_argument(
+        "--sessions",
+        action="store_true",
+        help="log in and count pg_stat_ssl's client-certificate sessions by issuer",
+    )
     w.set_defaults(func=_lazy("pgtls_helpers.cli.watch", "main"))
 
 

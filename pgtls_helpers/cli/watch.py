@@ -9,6 +9,7 @@ rename), so node_exporter's textfile collector never reads half a file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import os
 import sys
@@ -19,6 +20,11 @@ from pgtls_helpers.errors import InputError
 from pgtls_helpers.pki.posture import WatchOptions
 from pgtls_helpers.postgres.files import atomic_write
 from pgtls_helpers.postgres.watch import load_roots, parse_targets, watch
+from pgtls_helpers.postgres.watch_clients import (
+    check_client_users,
+    check_crl_files,
+    resolve_watch_users,
+)
 
 __all__ = ["main"]
 
@@ -42,10 +48,16 @@ def _colour(stream: object) -> bool:
 
 def main(args: argparse.Namespace) -> int:
     """Check every target concurrently, then print (or write) one format."""
-    if not args.targets and not args.targets_file:
+    local_only = bool(args.client_user or args.crl) and not args.sessions
+    if not args.targets and not args.targets_file and not local_only:
         raise InputError("no targets: give HOST[:PORT] arguments or --targets-file FILE")
-    targets = parse_targets(args.targets, args.targets_file)
+    targets = (
+        parse_targets(args.targets, args.targets_file) if args.targets or args.targets_file else []
+    )
     roots = load_roots(args.root) if args.root else None
+    users = resolve_watch_users(args.client_user)
+    now = _dt.datetime.now(_dt.UTC)
+    # the thresholds are checked by WatchOptions before any file is read
     options = WatchOptions(
         roots=roots,
         root_path=str(Path(args.root).resolve()) if args.root else None,
@@ -56,10 +68,16 @@ def main(args: argparse.Namespace) -> int:
         on_disk=args.on_disk,
         user=args.user,
         dbname=args.dbname,
-        now=_dt.datetime.now(_dt.UTC),
+        now=now,
+        sessions=args.sessions,
     )
     out = _check_out(args.out) if args.out else None
-    results = watch(targets, options)
+    clients, known = check_client_users(
+        users, warn_days=args.warn_days, crit_days=args.crit_days, now=now
+    )
+    crls = check_crl_files(args.crl, now=now)
+    options = dataclasses.replace(options, client_certs=known)
+    results = watch(targets, options) if targets else []
     text = render(
         results,
         args.format,
@@ -67,10 +85,12 @@ def main(args: argparse.Namespace) -> int:
         crit_days=args.crit_days,
         colour=out is None and _colour(sys.stdout),
         checked_at=options.now,
+        clients=clients,
+        crls=crls,
     )
     if out is not None:
         atomic_write(out, text.encode("utf-8"), mode=0o644)
     else:
         sys.stdout.write(text)
         sys.stdout.flush()
-    return exit_code(results, args.format)
+    return exit_code(results, args.format, clients=clients, crls=crls)

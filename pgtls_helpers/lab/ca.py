@@ -234,6 +234,31 @@ class LabCA:
         )
         return builder.sign(self._signer_key, hashes.SHA256())
 
+    def sign_crl(
+        self,
+        *,
+        last_update: datetime,
+        next_update: datetime,
+        revoked: Sequence[x509.Certificate] = (),
+    ) -> x509.CertificateRevocationList:
+        """A CRL from the CA that signs leaves (:attr:`signer`), revoking ``revoked``; dates
+        in the past make the stale CRL a server refuses every client certificate for."""
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.signer.subject)
+            .last_update(last_update)
+            .next_update(next_update)
+            .add_extension(x509.CRLNumber(1), critical=False)
+        )
+        for cert in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(cert.serial_number)
+                .revocation_date(last_update)
+                .build()
+            )
+        return builder.sign(self._signer_key, hashes.SHA256())
+
     def issue(
         self, hosts: Sequence[str], *, key_type: str = "ecdsa-p256", days: int = 397
     ) -> tuple[CAKey, x509.Certificate]:

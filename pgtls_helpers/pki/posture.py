@@ -17,6 +17,7 @@ from cryptography import x509
 
 from pgtls_helpers.errors import InputError
 from pgtls_helpers.pki.chain import is_ca, is_self_signed, issued_by
+from pgtls_helpers.pki.client_posture import CrlResult, SessionInventory
 from pgtls_helpers.pki.hostname import check_host, explain
 from pgtls_helpers.pki.target import DEFAULT_PORT, format_target
 
@@ -68,6 +69,10 @@ class WatchOptions:
     user: str | None = None
     dbname: str = "postgres"
     now: _dt.datetime | None = None
+    #: with a login: count the sessions of ``pg_stat_ssl`` by issuer
+    sessions: bool = False
+    #: the listed client users' certificates, to know a session's certificate by its serial
+    client_certs: tuple[x509.Certificate, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.crit_days <= self.warn_days:
@@ -123,6 +128,8 @@ class TargetResult:
     error: str | None = None
     on_disk_sha256: str | None = None
     days_left: int | None = None  # the worst element's, the trust anchor included
+    crls: tuple[CrlResult, ...] = ()  # the server's ssl_crl_file, read with --on-disk
+    sessions: SessionInventory | None = None  # with --sessions
 
     def as_json(self) -> dict[str, Any]:
         """The documented JSON object, keys in order."""
@@ -143,6 +150,7 @@ class TargetResult:
             "hostname_ok": self.hostname_ok,
             "plaintext": self.plaintext,
             "on_disk_sha256": self.on_disk_sha256,
+            "sessions": None if self.sessions is None else self.sessions.as_json(),
             "error": self.error,
         }
 

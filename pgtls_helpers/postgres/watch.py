@@ -3,8 +3,9 @@
 Per target, with many targets at once: the SSLRequest handshake and the presented chain
 (:mod:`pgtls_helpers.postgres.wire`), PostgreSQL 17's direct TLS (tried where the SSLRequest
 handshake selected ALPN ``postgresql``, as only 17 and later do) and the plaintext posture
-(:mod:`pgtls_helpers.postgres.watch_wire`), optionally the certificate on disk; then one status and
-stable reason codes:
+(:mod:`pgtls_helpers.postgres.watch_wire`), optionally, through one login
+(:mod:`pgtls_helpers.postgres.watch_login`), the certificate and the CRLs on disk and the sessions
+by issuer; then one status and stable reason codes:
 
 ========  =====================================================================================
 status    reasons
@@ -41,6 +42,7 @@ from typing import Any
 from cryptography import x509
 
 from pgtls_helpers.errors import InputError
+from pgtls_helpers.pki.client_posture import CrlResult, SessionInventory, session_inventory
 from pgtls_helpers.pki.posture import (
     WIRE_REASONS,
     ChainElement,
@@ -52,7 +54,9 @@ from pgtls_helpers.pki.posture import (
     status_of,
 )
 from pgtls_helpers.pki.target import parse_target
-from pgtls_helpers.postgres.watch_wire import direct_tls, plaintext_posture, served_vs_disk
+from pgtls_helpers.postgres.watch_clients import crls_in
+from pgtls_helpers.postgres.watch_login import server_facts
+from pgtls_helpers.postgres.watch_wire import direct_tls, plaintext_posture
 from pgtls_helpers.postgres.wire import ALPN, WireError, cert_der, handshake_alpn
 
 
@@ -210,20 +214,42 @@ def check_target(
         negotiation.append("direct")
     posture = plaintext_posture(host, port, options.timeout, deadline=deadline)
     on_disk_leaf: x509.Certificate | None = None
-    disk_note: str | None = None
-    if options.on_disk:
-        disk = served_vs_disk(
+    login_note: str | None = None
+    crls: tuple[CrlResult, ...] = ()
+    sessions: SessionInventory | None = None
+    if options.on_disk or options.sessions:
+        facts = server_facts(
             host,
             port,
             timeout=options.timeout,
             user=options.user,
             dbname=options.dbname,
             root_path=options.root_path,
+            on_disk=options.on_disk,
+            sessions=options.sessions,
         )
-        if disk.leaf_der is not None:
-            on_disk_leaf = cache.load(disk.leaf_der)
-        else:
-            disk_note = f"{target.text}: --on-disk: {disk.error}"
+        if facts.leaf_der is not None:
+            on_disk_leaf = cache.load(facts.leaf_der)
+        if facts.crl_data is not None and facts.crl_path:
+            crls = tuple(
+                crls_in(
+                    facts.crl_data,
+                    source=f"{target.text} ssl_crl_file",
+                    path=facts.crl_path,
+                    now=now,
+                    target=target.text,
+                )
+            )
+        if facts.sessions is not None:
+            sessions = session_inventory(facts.sessions, options.client_certs, now)
+        elif options.sessions:
+            sessions = SessionInventory(error=facts.error or "not read")
+        if facts.error is not None:
+            flags = " ".join(
+                f for f, on in (("--on-disk", options.on_disk), ("--sessions", options.sessions))
+                if on
+            )  # fmt: skip
+            login_note = f"{target.text}: {flags}: {facts.error}"
     reasons, verified, hostname_ok, days = classify(
         target,
         tls_version=version,
@@ -245,9 +271,11 @@ def check_target(
         verified=verified,
         hostname_ok=hostname_ok,
         plaintext=posture.verdict,
-        error=disk_note,
+        error=login_note,
         on_disk_sha256=None if on_disk_leaf is None else _element(on_disk_leaf, "leaf", now).sha256,
         days_left=days,
+        crls=crls,
+        sessions=sessions,
     )
 
 

@@ -1,7 +1,8 @@
 """The network half of ``pgtls watch``: PostgreSQL 17's direct TLS, plaintext posture, on disk.
 
 The SSLRequest handshake and the presented chain come from :mod:`pgtls_helpers.postgres.wire`;
-this module adds the three other questions ``watch`` asks a server:
+this module adds the two other questions ``watch`` asks a server without logging in (what it
+learns by logging in is :mod:`pgtls_helpers.postgres.watch_login`'s):
 
 * :func:`direct_tls`: does it speak PostgreSQL 17's direct TLS? A ClientHello with ALPN
   ``postgresql`` and no SSLRequest; the answer is yes only when the server selects that ALPN
@@ -11,8 +12,6 @@ this module adds the three other questions ``watch`` asks a server:
   ``pgtls_watch``, database ``postgres``) on a plain connection; an authentication request means
   ``accepted``, a refusal from ``pg_hba.conf`` (SQLSTATE 28000: "no encryption") ``rejected``.
   No password is ever sent: the connection is closed at the first answer.
-* :func:`served_vs_disk`: which certificate is in ``ssl_cert_file`` now, read by the server
-  itself through libpq, to catch a renewal that was installed but never reloaded.
 """
 
 from __future__ import annotations
@@ -31,11 +30,9 @@ __all__ = [
     "WATCH_USER",
     "BackendMessage",
     "DirectAnswer",
-    "OnDisk",
     "PlaintextAnswer",
     "direct_tls",
     "plaintext_posture",
-    "served_vs_disk",
     "startup_message",
 ]
 
@@ -236,78 +233,3 @@ def plaintext_posture(
     if first.kind == "E" and first.sqlstate == "28000":
         return PlaintextAnswer("rejected", first.message or "refused by pg_hba.conf")
     return PlaintextAnswer(None, first.message or f"answered with {first.kind!r}")
-
-
-@dataclass(frozen=True)
-class OnDisk:
-    """The leaf in the server's ``ssl_cert_file`` as the server reads it now.
-
-    Attributes:
-        leaf_der: the DER of the first certificate in the file, or None when unread.
-        path: the value of ``ssl_cert_file``, when it was read.
-        error: why the file could not be read, or None.
-    """
-
-    leaf_der: bytes | None
-    path: str | None = None
-    error: str | None = None
-
-
-def served_vs_disk(
-    host: str,
-    port: int,
-    *,
-    timeout: float,
-    user: str | None = None,
-    dbname: str = "postgres",
-    root_path: str | None = None,
-) -> OnDisk:
-    """Read the first certificate of ``ssl_cert_file`` through a libpq connection.
-
-    libpq takes the password from its usual places (``PGPASSFILE``, ``~/.pgpass``,
-    ``PGPASSWORD``); with ``root_path`` the server's chain is verified (``verify-ca``) before
-    any authentication, else TLS is required without verification.
-    """
-    import psycopg
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    info: dict[str, str | int] = {
-        "host": host,
-        "port": port,
-        "dbname": dbname,
-        "connect_timeout": max(1, int(timeout + 0.999)),
-        "sslmode": "verify-ca" if root_path else "require",
-        "application_name": "pgtls-watch",
-    }
-    if root_path:
-        info["sslrootcert"] = root_path
-    if user:
-        info["user"] = user
-    try:
-        with psycopg.connect(**info, autocommit=True) as conn:  # type: ignore[arg-type]
-            setting = conn.execute("SELECT current_setting('ssl_cert_file')").fetchone()
-            path = str(setting[0]) if setting else "ssl_cert_file"
-            try:
-                row = conn.execute(
-                    "SELECT pg_read_binary_file(current_setting('ssl_cert_file'))"
-                ).fetchone()
-            except psycopg.errors.InsufficientPrivilege:
-                return OnDisk(
-                    None,
-                    path,
-                    f"the role may not read {path}; grant it pg_read_server_files or use "
-                    "a superuser for --on-disk",
-                )
-    except psycopg.Error as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return OnDisk(None, None, f"libpq could not read ssl_cert_file: {text}")
-    data = bytes(row[0]) if row and row[0] is not None else b""
-    try:
-        certs = x509.load_pem_x509_certificates(data)
-    except ValueError:
-        try:
-            certs = [x509.load_der_x509_certificate(data)]
-        except ValueError:
-            return OnDisk(None, path, f"{path} holds no certificate the server could load")
-    return OnDisk(certs[0].public_bytes(Encoding.DER), path)

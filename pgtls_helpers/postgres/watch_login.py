@@ -1,0 +1,153 @@
+"""What ``pgtls watch`` learns by logging in to a server: one libpq connection per target.
+
+* with ``--on-disk``: the first certificate of ``ssl_cert_file`` as the server reads it now (a
+  renewal installed but never reloaded), and the CRLs of ``ssl_crl_file`` (read with
+  ``pg_read_binary_file``, so a relative name is the data directory's, as the server takes it);
+* with ``--sessions``: the client sessions of ``pg_stat_ssl`` (:data:`SESSIONS_SQL`); a role
+  without ``pg_read_all_stats`` (or superuser) sees only its own, so it is told so instead.
+
+libpq takes the password from its usual places (``PGPASSFILE``, ``~/.pgpass``,
+``PGPASSWORD``); with a root the server's chain is verified (``verify-ca``) before any
+authentication, else TLS is required without verification.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pgtls_helpers.pki.client_posture import SessionRow
+
+__all__ = ["SESSIONS_SQL", "LoginFacts", "server_facts"]
+
+#: Every client backend but this one: TLS or not, over TCP or the Unix socket, and the client
+#: certificate's serial and issuer.
+SESSIONS_SQL = """
+SELECT s.ssl, a.client_addr IS NOT NULL, s.client_serial::text, s.issuer_dn
+FROM pg_stat_ssl s JOIN pg_stat_activity a ON a.pid = s.pid
+WHERE a.backend_type = 'client backend' AND a.pid <> pg_backend_pid()
+"""
+
+
+@dataclass(frozen=True)
+class LoginFacts:
+    """What one login read; a part not asked for, or not read, is None (``error`` says why).
+
+    Attributes:
+        leaf_der: the DER of the first certificate in ``ssl_cert_file``.
+        cert_path: the value of ``ssl_cert_file``.
+        crl_path: the value of ``ssl_crl_file`` ('' when unset).
+        crl_data: the bytes of that file.
+        sessions: rows of :data:`SESSIONS_SQL`.
+        error: the first thing that could not be read, in a sentence.
+    """
+
+    leaf_der: bytes | None = None
+    cert_path: str | None = None
+    crl_path: str | None = None
+    crl_data: bytes | None = None
+    sessions: tuple[SessionRow, ...] | None = None
+    error: str | None = None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _leaf_der(data: bytes) -> bytes | None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    try:
+        return x509.load_pem_x509_certificates(data)[0].public_bytes(Encoding.DER)
+    except ValueError:
+        try:
+            return x509.load_der_x509_certificate(data).public_bytes(Encoding.DER)
+        except ValueError:
+            return None
+
+
+def server_facts(
+    host: str,
+    port: int,
+    *,
+    timeout: float,
+    user: str | None = None,
+    dbname: str = "postgres",
+    root_path: str | None = None,
+    on_disk: bool = True,
+    sessions: bool = False,
+) -> LoginFacts:
+    """Log in once and read what ``on_disk`` and ``sessions`` ask for; never raises for a
+    server that refuses: :attr:`LoginFacts.error` says why."""
+    import psycopg
+
+    info: dict[str, str | int] = {
+        "host": host,
+        "port": port,
+        "dbname": dbname,
+        "connect_timeout": max(1, int(timeout + 0.999)),
+        "sslmode": "verify-ca" if root_path else "require",
+        "application_name": "pgtls-watch",
+    }
+    if root_path:
+        info["sslrootcert"] = root_path
+    if user:
+        info["user"] = user
+    found: dict[str, object] = {}
+    errors: list[str] = []
+    try:
+        with psycopg.connect(**info, autocommit=True) as conn:  # type: ignore[arg-type]
+            if on_disk:
+                row = conn.execute(
+                    "SELECT current_setting('ssl_cert_file'), current_setting('ssl_crl_file')"
+                ).fetchone()
+                cert_path, crl_path = (str(row[0]), str(row[1])) if row else ("", "")
+                found["cert_path"], found["crl_path"] = cert_path, crl_path
+                for key, path in (("cert", cert_path), ("crl", crl_path)):
+                    if not path:
+                        continue
+                    try:
+                        got = conn.execute("SELECT pg_read_binary_file(%s)", [path]).fetchone()
+                    except psycopg.errors.InsufficientPrivilege:
+                        errors.append(
+                            f"the role may not read {path}; grant it pg_read_server_files or "
+                            "use a superuser for --on-disk"
+                        )
+                        continue
+                    except psycopg.Error as exc:
+                        errors.append(f"the server could not read {path}: {_first_line(exc)}")
+                        continue
+                    data = bytes(got[0]) if got and got[0] is not None else b""
+                    if key == "cert":
+                        found["leaf_der"] = _leaf_der(data)
+                        if found["leaf_der"] is None:
+                            errors.append(f"{path} holds no certificate the server could load")
+                    else:
+                        found["crl_data"] = data
+            if sessions:
+                sees = conn.execute(
+                    "SELECT current_user, pg_has_role(current_user, 'pg_read_all_stats', 'USAGE')"
+                ).fetchone()
+                if not sees or not sees[1]:
+                    role = sees[0] if sees else "the role"
+                    errors.append(
+                        f"the role {role} sees only its own sessions; grant it "
+                        "pg_read_all_stats (or use a superuser) for --sessions"
+                    )
+                    sessions = False
+            if sessions:
+                rows = conn.execute(SESSIONS_SQL).fetchall()
+                found["sessions"] = tuple(
+                    (r[0], bool(r[1]), r[2], r[3]) for r in rows
+                )  # fmt: skip
+    except psycopg.Error as exc:
+        return LoginFacts(error=f"libpq could not log in to read the server: {_first_line(exc)}")
+    return LoginFacts(
+        leaf_der=found.get("leaf_der"),  # type: ignore[arg-type]
+        cert_path=found.get("cert_path"),  # type: ignore[arg-type]
+        crl_path=found.get("crl_path"),  # type: ignore[arg-type]
+        crl_data=found.get("crl_data"),  # type: ignore[arg-type]
+        sessions=found.get("sessions"),  # type: ignore[arg-type]
+        error="; ".join(errors) or None,
+    )
