@@ -122,8 +122,8 @@ def _add_watch(sub: argparse._SubParsersAction) -> None:
     w.add_argument(
         "--on-disk",
         action="store_true",
-        help="also read ssl_cert_file (and ssl_crl_file) through libpq: renewed on disk but "
-        "not reloaded?",
+        help="also read ssl_cert_file (and ssl_crl_file, ssl_crl_dir) through libpq: renewed "
+        "on disk but not reloaded?",
     )
     w.add_argument("--user", metavar="ROLE", help="--on-disk: the role libpq logs in as")
     w.add_argument("--dbname", default="postgres", help="--on-disk, --sessions: the database")

@@ -134,7 +134,7 @@ def _short_dn(dn: str | None) -> str:
     """The CN of an RFC 4514 name, or the name (a table column, not a key)."""
     if not dn:
         return "-"
-    first = dn.split(",", 1)[0]
+    first = re.split(r"(?<!\\),", dn, maxsplit=1)[0]
     return first[3:] if first.startswith("CN=") else dn
 
 

@@ -230,16 +230,24 @@ def check_target(
         )
         if facts.leaf_der is not None:
             on_disk_leaf = cache.load(facts.leaf_der)
+        found: list[CrlResult] = []
         if facts.crl_data is not None and facts.crl_path:
-            crls = tuple(
-                crls_in(
-                    facts.crl_data,
-                    source=f"{target.text} ssl_crl_file",
-                    path=facts.crl_path,
-                    now=now,
-                    target=target.text,
-                )
+            found += crls_in(
+                facts.crl_data,
+                source=f"{target.text} ssl_crl_file",
+                path=facts.crl_path,
+                now=now,
+                target=target.text,
             )
+        for name, data in facts.crl_dir_files or ():
+            found += crls_in(
+                data,
+                source=f"{target.text} ssl_crl_dir",
+                path=f"{facts.crl_dir}/{name}",
+                now=now,
+                target=target.text,
+            )
+        crls = tuple(found)
         if facts.sessions is not None:
             sessions = session_inventory(facts.sessions, options.client_certs, now)
         elif options.sessions:

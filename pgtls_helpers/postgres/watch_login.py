@@ -1,8 +1,9 @@
 """What ``pgtls watch`` learns by logging in to a server: one libpq connection per target.
 
 * with ``--on-disk``: the first certificate of ``ssl_cert_file`` as the server reads it now (a
-  renewal installed but never reloaded), and the CRLs of ``ssl_crl_file`` (read with
-  ``pg_read_binary_file``, so a relative name is the data directory's, as the server takes it);
+  renewal installed but never reloaded), and the CRLs of ``ssl_crl_file`` and of the hashed
+  files (``<hash>.r<n>``) in ``ssl_crl_dir`` (read with ``pg_read_binary_file`` and
+  ``pg_ls_dir``, so a relative name is the data directory's, as the server takes it);
 * with ``--sessions``: the client sessions of ``pg_stat_ssl`` (:data:`SESSIONS_SQL`); a role
   without ``pg_read_all_stats`` (or superuser) sees only its own, so it is told so instead.
 
@@ -14,10 +15,14 @@ authentication, else TLS is required without verification.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from pgtls_helpers.pki.client_posture import SessionRow
 
-__all__ = ["SESSIONS_SQL", "LoginFacts", "server_facts"]
+if TYPE_CHECKING:
+    import psycopg
+
+__all__ = ["CRL_DIR_SQL", "SESSIONS_SQL", "LoginFacts", "server_facts"]
 
 #: Every client backend but this one: TLS or not, over TCP or the Unix socket, and the client
 #: certificate's serial and issuer.
@@ -26,6 +31,18 @@ SELECT s.ssl, a.client_addr IS NOT NULL, s.client_serial::text, s.issuer_dn
 FROM pg_stat_ssl s JOIN pg_stat_activity a ON a.pid = s.pid
 WHERE a.backend_type = 'client backend' AND a.pid <> pg_backend_pid()
 """
+
+#: The files of ``ssl_crl_dir`` OpenSSL's hashed lookup reads (``<hash>.r<n>``).
+CRL_DIR_SQL = r"""
+SELECT f, pg_read_binary_file(%s || '/' || f)
+FROM pg_ls_dir(%s) AS f WHERE f ~ '^[0-9a-f]{8}\.r[0-9]+$' ORDER BY f
+"""
+
+
+def _setting(conn: psycopg.Connection[Any], name: str) -> str:
+    """A setting's value, '' when this server has no such setting."""
+    row = conn.execute("SELECT setting FROM pg_settings WHERE name = %s", [name]).fetchone()
+    return str(row[0]) if row and row[0] is not None else ""
 
 
 @dataclass(frozen=True)
@@ -37,6 +54,8 @@ class LoginFacts:
         cert_path: the value of ``ssl_cert_file``.
         crl_path: the value of ``ssl_crl_file`` ('' when unset).
         crl_data: the bytes of that file.
+        crl_dir: the value of ``ssl_crl_dir`` ('' when unset or before PostgreSQL 14).
+        crl_dir_files: the names and bytes of the CRL files OpenSSL looks up there.
         sessions: rows of :data:`SESSIONS_SQL`.
         error: the first thing that could not be read, in a sentence.
     """
@@ -45,6 +64,8 @@ class LoginFacts:
     cert_path: str | None = None
     crl_path: str | None = None
     crl_data: bytes | None = None
+    crl_dir: str | None = None
+    crl_dir_files: tuple[tuple[str, bytes], ...] | None = None
     sessions: tuple[SessionRow, ...] | None = None
     error: str | None = None
 
@@ -125,6 +146,19 @@ def server_facts(
                             errors.append(f"{path} holds no certificate the server could load")
                     else:
                         found["crl_data"] = data
+                crl_dir = _setting(conn, "ssl_crl_dir")
+                found["crl_dir"] = crl_dir
+                if crl_dir:
+                    try:
+                        files = conn.execute(CRL_DIR_SQL, [crl_dir, crl_dir]).fetchall()
+                        found["crl_dir_files"] = tuple((str(n), bytes(d)) for n, d in files)
+                    except psycopg.errors.InsufficientPrivilege:
+                        errors.append(
+                            f"the role may not list {crl_dir}; use a superuser (or grant it "
+                            "EXECUTE on pg_ls_dir and pg_read_server_files) for --on-disk"
+                        )
+                    except psycopg.Error as exc:
+                        errors.append(f"the server could not read {crl_dir}: {_first_line(exc)}")
             if sessions:
                 sees = conn.execute(
                     "SELECT current_user, pg_has_role(current_user, 'pg_read_all_stats', 'USAGE')"
@@ -148,6 +182,8 @@ def server_facts(
         cert_path=found.get("cert_path"),  # type: ignore[arg-type]
         crl_path=found.get("crl_path"),  # type: ignore[arg-type]
         crl_data=found.get("crl_data"),  # type: ignore[arg-type]
+        crl_dir=found.get("crl_dir"),  # type: ignore[arg-type]
+        crl_dir_files=found.get("crl_dir_files"),  # type: ignore[arg-type]
         sessions=found.get("sessions"),  # type: ignore[arg-type]
         error="; ".join(errors) or None,
     )

@@ -188,6 +188,14 @@ def pgtls(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _crl_hash(path: Path) -> str:
+    proc = subprocess.run(
+        ["openssl", "crl", "-hash", "-noout", "-in", str(path)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return proc.stdout.strip()
+
+
 @pytest.fixture(scope="module")
 def stale_server(lab: Lab) -> Iterator[Lab]:
     """Both clients hold a session open (made before the CRL went stale), then the server loads
@@ -200,7 +208,16 @@ def stale_server(lab: Lab) -> Iterator[Lab]:
             ).fetchone()
             assert row is not None and row[0] == stat_ssl_dn(lab.ca.signer.subject)
         (lab.cluster.pgdata / "client.crl").write_bytes(lab.stale_crl.read_bytes())
-        _sql(lab.cluster, "ALTER SYSTEM SET ssl_crl_file = 'client.crl'", "SELECT pg_reload_conf()")
+        # the same CRL in a hashed directory too, as `openssl rehash` names it
+        crl_dir = lab.cluster.pgdata / "crl.d"
+        crl_dir.mkdir()
+        (crl_dir / f"{_crl_hash(lab.stale_crl)}.r0").write_bytes(lab.stale_crl.read_bytes())
+        _sql(
+            lab.cluster,
+            "ALTER SYSTEM SET ssl_crl_file = 'client.crl'",
+            "ALTER SYSTEM SET ssl_crl_dir = 'crl.d'",
+            "SELECT pg_reload_conf()",
+        )
         yield lab
     finally:
         for conn in held:
@@ -255,7 +272,9 @@ def test_json_client_certificates_crls_and_sessions(stale_server: Lab) -> None:
         (str(lab.stale_crl), "critical", ["crl-expired"]),
         (str(lab.fresh_crl), "ok", []),
         (f"127.0.0.1:{lab.cluster.port} ssl_crl_file", "critical", ["crl-expired"]),
+        (f"127.0.0.1:{lab.cluster.port} ssl_crl_dir", "critical", ["crl-expired"]),
     ]
+    assert crls[3]["path"] == f"crl.d/{_crl_hash(lab.stale_crl)}.r0"
     assert crls[0]["days_left"] == -1 and crls[1]["days_left"] == 6
     assert crls[2]["target"] == f"127.0.0.1:{lab.cluster.port}" and crls[2]["path"] == "client.crl"
     assert CRL_EXPIRED_ALERT in crls[0]["details"][0]
@@ -269,7 +288,7 @@ def test_json_client_certificates_crls_and_sessions(stale_server: Lab) -> None:
             "fewest_days_left": 10,
         }
     ]
-    assert doc["summary"] == {"ok": 3, "warning": 1, "critical": 2, "unknown": 0}
+    assert doc["summary"] == {"ok": 3, "warning": 1, "critical": 3, "unknown": 0}
 
 
 def test_prometheus_metrics_of_their_own(stale_server: Lab) -> None:
@@ -292,8 +311,13 @@ def test_prometheus_metrics_of_their_own(stale_server: Lab) -> None:
     assert reasons == {(lab.warn.os_user, "expires-soon")}
     crl = {s.labels["source"]: s.value for s in fam["pgtls_crl_status"].samples}
     target = f"127.0.0.1:{lab.cluster.port}"
-    assert crl == {str(lab.stale_crl): 2, str(lab.fresh_crl): 0, f"{target} ssl_crl_file": 2}
-    assert len(fam["pgtls_crl_next_update_timestamp_seconds"].samples) == 3
+    assert crl == {
+        str(lab.stale_crl): 2,
+        str(lab.fresh_crl): 0,
+        f"{target} ssl_crl_file": 2,
+        f"{target} ssl_crl_dir": 2,
+    }
+    assert len(fam["pgtls_crl_next_update_timestamp_seconds"].samples) == 4
     (known,) = fam["pgtls_sessions_client_cert_min_days_left"].samples
     assert known.value == 10 and known.labels["target"] == target
     assert [s.value for s in fam["pgtls_sessions_client_cert"].samples] == [2]
@@ -308,7 +332,7 @@ def test_nagios_worst_state_wins_and_says_each_thing_once(stale_server: Lab) -> 
     first, *long = proc.stdout.splitlines()
     text, perf = first.split(" | ")
     assert text.startswith("PGTLS CRITICAL - 127.0.0.1:")
-    # the same stale CRL, from --crl and from ssl_crl_file, is said once
+    # the same stale CRL, from --crl, ssl_crl_file and ssl_crl_dir, is said once
     assert text.count("CRL of IntermediateCA_FOO crl-expired") == 1, text
     assert f"client {lab.warn.os_user} expires-soon (10 days left)" in text
     assert "1 client certificate ok (fewest 396 days left)" in text and "1 CRL ok" in text
@@ -331,7 +355,7 @@ def test_table_rows_of_their_own(stale_server: Lab) -> None:
     )
     issuer = re.escape(stat_ssl_dn(lab.ca.signer.subject))
     assert any(re.match(rf"127\.0\.0\.1:\d+\s+{issuer}\s+2\s+2\s+10$", ln) for ln in lines)
-    assert "3 ok, 1 warning, 2 critical, 0 unknown" in lines, proc.stdout
+    assert "3 ok, 1 warning, 3 critical, 0 unknown" in lines, proc.stdout
 
 
 def test_only_client_users_need_no_target(lab: Lab) -> None:
