@@ -317,6 +317,58 @@ def write_client_file(target: Path, data: bytes, *, mode: int, uid: int, gid: in
         os.close(dfd)
 
 
+def write_client_files(items: Sequence[tuple[Path, bytes, int]], *, uid: int, gid: int) -> None:
+    """Replace several files of one client directory so that a reader never sees them half
+    done: every new file is written and fsynced under a temporary name first, then all are
+    renamed in the order given, back to back, relative to the one open directory.
+
+    libpq reads ``postgresql.crt`` and then ``postgresql.key`` at each connection, so the
+    certificate goes first: a connection that read the old certificate reads a key no older
+    than the one it had, and only one whose two reads both fall between two ``rename`` calls
+    (microseconds apart) could pair the new certificate with the old key.
+    """
+    if not items:
+        return
+    directory = items[0][0].parent
+    if any(t.parent != directory for t, _, _ in items):
+        raise InputError(f"{directory}: the files of one swap must share their directory")
+    dfd = _client_dir_fd(directory, uid)
+    staged: list[tuple[str, str]] = []
+    try:
+        try:
+            for target, data, mode in items:
+                tmp = f".{target.name}.pgtls-tmp-{os.getpid()}"
+                try:
+                    os.unlink(tmp, dir_fd=dfd)
+                except FileNotFoundError:
+                    pass
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                fd = os.open(tmp, flags, 0o600, dir_fd=dfd)
+                staged.append((tmp, target.name))
+                try:
+                    if os.geteuid() == 0:
+                        os.fchown(fd, uid, gid)
+                    os.fchmod(fd, mode)
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except BaseException:
+            for tmp, _ in staged:
+                try:
+                    os.unlink(tmp, dir_fd=dfd)
+                except FileNotFoundError:
+                    pass
+            raise
+        for tmp, name in staged:
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 def remove_client_file(target: Path, uid: int) -> None:
     """Remove a client's file (the name itself, never what a link points at)."""
     dfd = _client_dir_fd(target.parent, uid)

@@ -33,12 +33,13 @@ from typing import Any
 
 from cryptography import x509
 
-from pgtls_helpers.errors import InputError, PgtlsError, PreflightError
+from pgtls_helpers.errors import InputError, PgtlsError, PreflightError, ServerError
 from pgtls_helpers.pki import chain as chainmod
 from pgtls_helpers.pki import client as pkiclient
 from pgtls_helpers.pki import keys
 from pgtls_helpers.pki.csr import csr_pem, load_csr, render_csr, spki_sha256
-from pgtls_helpers.postgres import files, keyfiles
+from pgtls_helpers.postgres import files, hba, keyfiles
+from pgtls_helpers.postgres.client_loop import ClientLoop
 from pgtls_helpers.postgres.clients import (
     ClientUser,
     client_file,
@@ -47,6 +48,7 @@ from pgtls_helpers.postgres.clients import (
 )
 from pgtls_helpers.postgres.lock import change_lock
 from pgtls_helpers.runbook.common import (
+    address_of,
     fingerprint_of,
     lock_directory,
     open_server,
@@ -572,6 +574,7 @@ class ClientInstallResult:
     installed: files.InstallResult | None
     applied: bool
     work_keys_removed: tuple[str, ...] = ()
+    client_loop: dict[str, Any] | None = None  # a renewal's loop of connections, see _loops
 
     @property
     def changed(self) -> bool:
@@ -595,6 +598,7 @@ class ClientInstallResult:
             "changed": self.changed,
             "installed": self.installed.as_dicts() if self.installed else [],
             "work_keys_removed": list(self.work_keys_removed),
+            "client_loop": self.client_loop,
         }
 
 
@@ -682,7 +686,24 @@ def step_c3_install_clients(params: Params) -> ClientInstallResult:
     if not params.apply:
         save_step(params, "c3_install_clients", result.summary())
         return result
-    installed = _apply(params, plan)
+    with ExitStack() as stack:
+        loops, loop_notes = _start_loops(params, clients, plan, stack)
+        installed = _apply(params, plan)
+        for loop in loops:
+            loop.mark_switch()
+        for loop in loops:
+            loop.wait_for(LOOP_AFTER, timeout=LOOP_TIMEOUT)
+    client_loop = _loop_summary(params, loops, plan) if loops else None
+    if client_loop is not None and client_loop["failed"]:
+        undo_change(params, server=None, reason="undone")
+        first = next(c for c in client_loop["clients"] if c["failed"])
+        raise ServerError(
+            f"{client_loop['failed']} of {client_loop['connections']} connections of a client "
+            f"looping across the switch failed (first: {first['os_user']}: "
+            f"{(first['errors'] or ['?'])[0]}); every client file was put back. Does the "
+            "server trust the new certificates' root (ssl_ca_file)? Trust it first (c4), "
+            "then renew"
+        )
     # After the install the only copies of each key are the installed one and its backup.
     removed = []
     for client in clients:
@@ -693,10 +714,11 @@ def step_c3_install_clients(params: Params) -> ClientInstallResult:
     done = ClientInstallResult(
         planned_files=result.planned_files,
         users=result.users,
-        notes=result.notes,
+        notes=(*result.notes, *loop_notes),
         installed=installed,
         applied=True,
         work_keys_removed=tuple(removed),
+        client_loop=client_loop,
     )
     save_step(params, "c3_install_clients", done.summary())
     return done
@@ -725,16 +747,98 @@ def _apply(
         journal = Journal.begin(
             params.work, CLIENTS_STEP, before, backing_up=[p.target for _, p in again]
         )
-        done = []
+        done: list[files.Installed] = []
         try:
-            for user, planned in again:
+            for user in {u.name: u for u, _ in again}.values():
                 journal.client_dir(user)
-                done.append(journal.write_file(planned))
+                # the user's certificate, key (and .pk8) replaced together, certificate first
+                done += journal.write_client_swap([p for u, p in again if u.name == user.name])
         except Exception:
             undo_change(params, server=None, reason="undone")
             raise
         journal.end("ok")
     return files.InstallResult(tuple(done))
+
+
+LOOP_BEFORE = 100  # connections each looping client makes before its files are replaced
+LOOP_AFTER = 100  # and after
+LOOP_TIMEOUT = 120.0
+
+
+def _serial(data: bytes) -> str:
+    return str(x509.load_pem_x509_certificates(data)[0].serial_number)
+
+
+def _start_loops(
+    params: Params,
+    clients: Sequence[_Client],
+    plan: Sequence[tuple[ClientUser, files.PlannedFile]],
+    stack: ExitStack,
+) -> tuple[list[ClientLoop], list[str]]:
+    """A connection loop as each client whose certificate and key are replaced, each running
+    (:data:`LOOP_BEFORE` connections made) before the first write; a client that cannot
+    connect with its current files has nothing to lose, so it is not looped (a note says so)."""
+    from pgtls_helpers.runbook.client_server import client_rule
+
+    rules = hba.parse_rules(list(params.hba_rules))
+    replaced = {u.name for u, p in plan if p.kind == "client.crt" and p.action == "replace"}
+    loops: list[ClientLoop] = []
+    notes: list[str] = []
+    host_ip = address_of(params.server_host)
+    for client in clients:
+        if client.os_user not in replaced:
+            continue
+        user = next(u for u, _ in plan if u.name == client.os_user)
+        found = client_rule(rules, client.role, params.server_dbname)
+        conninfo = {
+            "host": params.common_name,
+            "hostaddr": host_ip,
+            "port": str(params.server_port),
+            "dbname": found[1] if found else params.server_dbname,
+            "user": client.role,
+            "sslmode": "verify-full",
+            "connect_timeout": "10",
+        }
+        loop = stack.enter_context(ClientLoop(user, conninfo))
+        first = loop.first(timeout=LOOP_TIMEOUT)
+        if first is None or not first.startswith("ok"):
+            notes.append(
+                f"{client.os_user}: no connection loop across the switch, its current files do "
+                f"not log in ({(first or 'no answer').removeprefix('fail ')})"
+            )
+            loop.stop()
+            continue
+        loops.append(loop)
+    for loop in loops:
+        loop.wait_for(LOOP_BEFORE, timeout=LOOP_TIMEOUT)
+    return loops, notes
+
+
+def _loop_summary(
+    params: Params,
+    loops: Sequence[ClientLoop],
+    plan: Sequence[tuple[ClientUser, files.PlannedFile]],
+) -> dict[str, Any]:
+    """``client_loop``: every looping client's connections, failures and seconds, and how
+    many connections presented its old and its new certificate."""
+    rows = []
+    for loop in loops:
+        res = loop.result
+        crt = next(p for u, p in plan if u.name == loop.user.name and p.kind == "client.crt")
+        new = _serial(crt.data)
+        rows.append(
+            {
+                **res.summary(),
+                "new_certificate_connections": res.by_serial.get(new, 0),
+                "old_certificate_connections": sum(n for s, n in res.by_serial.items() if s != new),
+            }
+        )
+    return {
+        "connections": sum(r["connections"] for r in rows),
+        "failed": sum(r["failed"] for r in rows),
+        "seconds": max(r["seconds"] for r in rows),
+        "clients": rows,
+    }
 
 
 def _lock(params: Params, stack: ExitStack) -> dict[str, object]:

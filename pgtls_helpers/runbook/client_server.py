@@ -49,6 +49,8 @@ from pgtls_helpers.runbook.enable import EnablePlan, check_enable, prove_hba
 from pgtls_helpers.runbook.journal import Journal
 from pgtls_helpers.runbook.params import Params
 from pgtls_helpers.runbook.renewal import cert_row
+from pgtls_helpers.runbook.trust import _load_certs as load_ca_certs
+from pgtls_helpers.runbook.trust import parse_fingerprint
 from pgtls_helpers.runbook.undo import undo_change
 
 __all__ = [
@@ -170,6 +172,7 @@ class ServerTrustPlan:
     host_ip: str
     sessions_refused: list[dict[str, object]]
     writes: tuple[files.PlannedFile, ...]  # ssl_ca_file, pg_ident.conf, pg_hba.conf
+    roots_retired: tuple[x509.Certificate, ...] = ()  # retire_client_roots found in ssl_ca_file
 
     @property
     def changes(self) -> bool:
@@ -210,6 +213,10 @@ class ServerTrustPlan:
             if chainmod.fingerprint(cert) not in before:
                 out.append(f"{self.ca_target}: adds the root {chainmod.cert_label(cert)}")
         out.extend(
+            f"{self.ca_target}: retires the root {chainmod.cert_label(c)}"
+            for c in self.roots_retired
+        )
+        out.extend(
             f"{i.os_user}: role {i.role} is checked against {i.system_user!r}"
             + (f" through map {i.map}" if i.map else "")
             for i in self.identities
@@ -230,6 +237,11 @@ def _policy(params: Params, facts: ServerFacts, ident_file: Path) -> TargetPolic
 
 def _read_roots(params: Params) -> list[x509.Certificate]:
     path = _roots_file(params)
+    if rotation_only(params) and not path.exists():
+        # a trust or retire change of a client-CA rotation: no client is issued (c1-c3 skip)
+        return [
+            c for item in params.trust_client_roots for c in load_ca_certs(Path(item), TRUST_KEY)
+        ]
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -242,6 +254,47 @@ def _read_roots(params: Params) -> list[x509.Certificate]:
     except ValueError:
         raise PreflightError(f"{path}: not a PEM file of certificates; run step c2 again") from None
     return list({chainmod.fingerprint(c): c for c in certs}.values())
+
+
+TRUST_KEY, RETIRE_KEY = "trust_client_roots", "retire_client_roots"
+
+
+def rotation_only(params: Params) -> bool:
+    """A change of a client-CA rotation that only trusts or retires roots."""
+    return bool(params.trust_client_roots or params.retire_client_roots)
+
+
+def _retiring(params: Params) -> set[str]:
+    """The SHA-256 fingerprints of ``retire_client_roots`` (files or fingerprints)."""
+    out: set[str] = set()
+    for item in params.retire_client_roots:
+        fp = parse_fingerprint(item)
+        if fp:
+            out.add(fp)
+        elif Path(item).exists():
+            out |= {chainmod.fingerprint(c) for c in load_ca_certs(Path(item), RETIRE_KEY)}
+        else:
+            raise InputError(
+                f"{RETIRE_KEY}: '{item}' is neither a file nor a SHA-256 fingerprint (64 hex "
+                "digits, colons allowed)"
+            )
+    return out
+
+
+_PEM_CERT = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.*?-----END CERTIFICATE-----[ \t]*(\r?\n|$)", re.S
+)
+
+
+def _without(data: bytes, retired: set[str]) -> bytes:
+    """``data`` with the PEM blocks of the ``retired`` certificates cut out, every other byte
+    (comments, other certificates, their order) kept."""
+
+    def cut(m: re.Match[bytes]) -> bytes:
+        cert = x509.load_pem_x509_certificate(m.group(0))
+        return b"" if chainmod.fingerprint(cert) in retired else m.group(0)
+
+    return _PEM_CERT.sub(cut, data)
 
 
 def _read_bundle(path: Path) -> tuple[bytes, list[x509.Certificate]]:
@@ -280,8 +333,15 @@ def _plan_ca_file(
             "move it away, so nothing is replaced silently. Nothing was changed"
         )
     known = {chainmod.fingerprint(c) for c in before}
+    retired = _retiring(params)
+    if both := [c for c in roots if chainmod.fingerprint(c) in retired]:
+        raise PreflightError(
+            f"{RETIRE_KEY}: {chainmod.cert_label(both[0])} is a root of this change's clients "
+            "too; retire it in a change of its own, once no client uses it. Nothing was changed"
+        )
     new = [c for c in roots if chainmod.fingerprint(c) not in known]
-    data = current
+    data = _without(current, retired) if retired & known else current
+    before_kept = [c for c in before if chainmod.fingerprint(c) not in retired]
     if new:
         if data and not data.endswith(b"\n"):
             data += b"\n"
@@ -292,7 +352,7 @@ def _plan_ca_file(
     except FileNotFoundError:
         mode, file_owner = 0o644, owner
     planned = files.plan_file(target, data, kind="ssl_ca_file", mode=mode, owner=file_owner)
-    return target, planned, before, [*before, *new], settings
+    return target, planned, before, [*before_kept, *new], settings
 
 
 def _identity(
@@ -390,6 +450,15 @@ def plan_server_trust(params: Params, server: Server) -> ServerTrustPlan:
         label=f"pgtls {params.change_id}",
     )
     identities = tuple(_identity(params, c, rules, ident_plan) for c in params.clients)
+    kept = {chainmod.fingerprint(c) for c in after}
+    retired = tuple(c for c in before if chainmod.fingerprint(c) not in kept)
+    if retired and not after and _has_cert_lines(hba_plan.after):
+        raise PreflightError(
+            f"{RETIRE_KEY}: retiring {', '.join(chainmod.cert_label(c) for c in retired)} "
+            f"would leave {ca_target} without a root while {facts.hba_file} has cert or "
+            "clientcert lines, and every client certificate would be refused; trust the new "
+            f"root first ({TRUST_KEY}). Nothing was changed"
+        )
     hst = facts.hba_file.stat()
     ist = ident_file.stat() if ident_file.exists() else hst
     planned = [ca_file]
@@ -432,7 +501,94 @@ def plan_server_trust(params: Params, server: Server) -> ServerTrustPlan:
         host_ip=address_of(params.server_host),
         sessions_refused=list(sessions.refused_sessions(server.conn, hba_plan.after)),
         writes=tuple(planned),
+        roots_retired=retired,
     )
+
+
+def _has_cert_lines(hba_text: str) -> bool:
+    """``pg_hba.conf`` has a line that asks for a client certificate."""
+    for line in hba_text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if words and ("cert" in words[3:6] or any(w.startswith("clientcert=") for w in words[4:])):
+            return True
+    return False
+
+
+def _issuers_under(
+    params: Params, plan: ServerTrustPlan, extra: Sequence[x509.Certificate]
+) -> dict[str, set[str]]:
+    """For each issuer name (as ``pg_stat_ssl.issuer_dn`` writes it) of the chains known here,
+    the fingerprints of the roots it leads to: the roots and intermediates of ssl_ca_file, the
+    clients' certificates of every change in the work directory, and ``extra``."""
+    pool: dict[str, x509.Certificate] = {chainmod.fingerprint(c): c for c in extra}
+    for c in plan.roots_before:
+        pool[chainmod.fingerprint(c)] = c
+    found = files.read_regular(plan.ca_target, exact=True)
+    if found is not None and b"-----BEGIN" in found[0]:
+        for c in x509.load_pem_x509_certificates(found[0]):
+            pool[chainmod.fingerprint(c)] = c
+    for bundle in Path(params.work_dir).resolve().glob("*/clients/*/postgresql.crt"):
+        try:
+            certs = x509.load_pem_x509_certificates(bundle.read_bytes())
+        except (OSError, ValueError):
+            continue
+        pool.update((chainmod.fingerprint(c), c) for c in certs)
+    certs = list(pool.values())
+    out: dict[str, set[str]] = {}
+    for cert in certs:
+        if not chainmod.is_ca(cert):
+            continue
+        root = chainmod.order_chain([cert], certs).root
+        if root is not None:
+            out.setdefault(ident.stat_ssl_dn(cert.subject), set()).add(chainmod.fingerprint(root))
+    return out
+
+
+def _retire_refusal(params: Params, server: Server, plan: ServerTrustPlan) -> None:
+    """Refuse to retire a root while a session, or a listed client's installed certificate,
+    was issued under it: the next connection of that client would be refused."""
+    if not plan.roots_retired:
+        return
+    retired = {chainmod.fingerprint(c) for c in plan.roots_retired}
+    installed = []
+    for who in params.clients:
+        (user,) = resolve_client_users([str(who["os_user"])])
+        data = read_client_file(_client_crt(user), user.uid)
+        if data is not None:
+            installed.append((user.name, x509.load_pem_x509_certificates(data)))
+    under = _issuers_under(params, plan, [c for _, chain in installed for c in chain])
+    labels = ", ".join(chainmod.cert_label(c) for c in plan.roots_retired)
+    sees = server.conn.execute(
+        "SELECT rolsuper OR pg_has_role('pg_read_all_stats', 'member') FROM pg_roles "
+        "WHERE rolname = current_user"
+    ).fetchone()
+    if not (sees and sees[0]):
+        raise PreflightError(
+            f"{RETIRE_KEY}: the runbook's role cannot see which certificate other sessions "
+            "presented (pg_stat_ssl); grant it pg_read_all_stats, then retire again. Nothing "
+            "was changed"
+        )
+    rows = server.conn.execute(
+        "SELECT s.pid, a.usename, s.client_dn, s.issuer_dn FROM pg_stat_ssl s "
+        "JOIN pg_stat_activity a USING (pid) WHERE s.client_dn IS NOT NULL "
+        "AND s.pid <> pg_backend_pid() ORDER BY s.pid"
+    ).fetchall()
+    held = [r for r in rows if under.get(str(r[3]), set()) & retired]
+    if held:
+        named = "; ".join(f"pid {p}, user {u}, client_dn {d}" for p, u, d, _ in held)
+        raise PreflightError(
+            f"{RETIRE_KEY}: {len(held)} session(s) presented a certificate issued under "
+            f"{labels} ({named}); reissue those clients from the new CA, let them reconnect "
+            "(or end the sessions), then retire again. Nothing was changed"
+        )
+    for name, chain in installed:
+        root = chainmod.order_chain(chain, plan.roots_before, leaf=chain[0]).root if chain else None
+        if root is not None and chainmod.fingerprint(root) in retired:
+            raise PreflightError(
+                f"{RETIRE_KEY}: {name}'s ~/.postgresql/postgresql.crt was issued under "
+                f"{labels}, and the server would refuse it; reissue it from the new CA first. "
+                "Nothing was changed"
+            )
 
 
 def check_server_trust(params: Params, server: Server, plan: ServerTrustPlan) -> None:
@@ -440,6 +596,7 @@ def check_server_trust(params: Params, server: Server, plan: ServerTrustPlan) ->
     pg_hba.conf (the server's parser, the runbook's own login), the planned pg_ident.conf as the
     server parses it, and each client's connection decided by a certificate line."""
     check_enable(params, server, plan.enable_plan())
+    _retire_refusal(params, server, plan)
     owner = plan.facts.data_directory_owner or (os.geteuid(), os.getegid())
     if plan.ident.changed:
         rows = hbacheck.check_ident_text(
@@ -504,6 +661,7 @@ class ServerTrustResult:
     reloaded: bool
     messages: list[str] = field(default_factory=list)
     sessions_refused: list[dict[str, object]] = field(default_factory=list)
+    roots_retired: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -540,6 +698,7 @@ def _result(
         reloaded=installed is not None,
         messages=messages,
         sessions_refused=plan.sessions_refused,
+        roots_retired=[cert_row(c) for c in plan.roots_retired],
     )
 
 

@@ -233,6 +233,67 @@ class Journal:
             backup,
         )
 
+    def write_client_swap(self, plan: Sequence[files.PlannedFile]) -> list[files.Installed]:
+        """One client's files (``postgresql.crt`` first, then its key) replaced together:
+        each backed up and journaled, all written under temporary names, then renamed back to
+        back (:func:`clients.write_client_files`), so a connecting client never meets a
+        certificate with a key that is not its own for longer than between two renames."""
+        changing = [p for p in plan if p.action != "unchanged"]
+        if not changing:
+            return [self.unchanged(p) for p in plan]
+        first = changing[0]
+        intents: dict[Path, tuple[int, Path | None]] = {}
+        for planned in changing:
+            try:
+                backup = self._backup(planned.target, client_uid=planned.uid)
+            except OSError as exc:
+                raise PgtlsError(
+                    f"{self.work.backups}: the backup of {planned.target} could not be written "
+                    f"in the {self.step} step ({exc.strerror}); what this change wrote so far "
+                    "is put back"
+                ) from exc
+            seq = self.record(
+                "file",
+                step=self.step,
+                target=str(planned.target),
+                kind=planned.kind,
+                backup=str(backup) if backup else None,
+                previous_sha256=planned.current_sha256,
+                planned_sha256=planned.sha256,
+                uid=planned.uid,
+                gid=planned.gid,
+            )
+            intents[planned.target] = (seq, backup)
+            self.point(f"{planned.kind}:intent")
+        try:
+            clients.write_client_files(
+                [(p.target, p.data, p.mode) for p in changing], uid=first.uid, gid=first.gid
+            )
+        except OSError as exc:
+            raise PgtlsError(
+                f"{first.target.parent}: the client files could not be written in the "
+                f"{self.step} step ({exc.strerror}); what this change wrote so far is put back"
+            ) from exc
+        out = []
+        for planned in plan:
+            if planned.action == "unchanged":
+                out.append(self.unchanged(planned))
+                continue
+            seq, backup = intents[planned.target]
+            self.record("done", ref=seq, sha256=planned.sha256)
+            self.point(planned.kind)
+            out.append(
+                files.Installed(
+                    planned.target,
+                    planned.kind,
+                    "replace" if backup else "create",
+                    planned.sha256,
+                    planned.current_sha256,
+                    backup,
+                )
+            )
+        return out
+
     @staticmethod
     def _write(planned: files.PlannedFile, *, client: bool) -> None:
         if client:

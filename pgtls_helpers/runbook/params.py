@@ -171,6 +171,14 @@ class Params:
         default="",
         metadata=_about("CA rotation: 'accept' once the clients not listed trust the new root"),
     )
+    trust_client_roots: tuple[str, ...] = field(
+        default=(),
+        metadata=_about("client CA rotation, trust: roots to add to ssl_ca_file alone"),
+    )
+    retire_client_roots: tuple[str, ...] = field(
+        default=(),
+        metadata=_about("client CA rotation, retire: roots to drop (files or SHA-256)"),
+    )
     add_roots: tuple[str, ...] = field(
         default=(), metadata=_about("client trust: root certificate files to add to root.crt")
     )

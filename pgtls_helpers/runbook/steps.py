@@ -32,6 +32,9 @@ class Step:
             ``ca_files`` yet) it waits, and the run ends "waiting for the CA".
         proves: it proves an applied change, so it is skipped when ``apply`` is false.
         answer: the parameter that lists the CA's answer files for ``needs_ca`` steps.
+        issues: it issues or installs client certificates, so a client-CA rotation's change
+            that only trusts or retires roots (``trust_client_roots``,
+            ``retire_client_roots``) skips it.
     """
 
     name: str
@@ -41,6 +44,7 @@ class Step:
     needs_ca: bool = False
     proves: bool = False
     answer: str = "ca_files"
+    issues: bool = False  # it issues client files: not in a rotation's trust or retire change
 
     @property
     def notebook(self) -> str:
@@ -55,6 +59,10 @@ class Step:
         # phase_one: the run's steps need the CA's answer and it has not come (see needs_ca)
         if phase_one and self.needs_ca:
             return "not-run", f"waiting for the CA's response ({self.answer} is empty)"
+        if self.issues and (params.trust_client_roots or params.retire_client_roots):
+            return "skipped", (
+                "this change only trusts or retires client roots: the clients keep their files"
+            )
         if self.proves and not params.apply:
             return "skipped", "apply is false: nothing was changed, so there is nothing to verify"
         return None
@@ -109,11 +117,13 @@ CLIENTS: tuple[Step, ...] = (
         "c1_client_keys",
         "Client keys",
         "pgtls_helpers.runbook.client_keys:ClientKeysResult",
+        issues=True,
     ),
     Step(
         "c2_client_certs",
         "Client certificates",
         "pgtls_helpers.runbook.client_keys:ClientCertsResult",
+        issues=True,
         needs_ca=True,
         answer="client_ca_files",
     ),
@@ -121,6 +131,7 @@ CLIENTS: tuple[Step, ...] = (
         "c3_install_clients",
         "Install client files",
         "pgtls_helpers.runbook.client_keys:ClientInstallResult",
+        issues=True,
         writes=True,
         needs_ca=True,
         answer="client_ca_files",
