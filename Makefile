@@ -7,10 +7,30 @@ PARAMS ?= parameters/lab.yaml
 
 .PHONY: venv test lint fleet-lint demo demo-clients run rollback trust clients lab notebook parameters-cells bench faults clean fleet-wheels fleet-demo fleet-down bench-fleet
 
+# The venv: uv makes it and installs into it (seconds, where pip takes a minute), as an editable
+# install: one .pth line puts this checkout on sys.path, so `pgtls` and the notebooks' kernels
+# import pgtls_helpers from here. uv comes from the PATH, or else pip brings it once into
+# $(VENV)/.uv (it goes with the venv; a Python without pip of its own, such as Debian's, uses the
+# venv's). UV=pip, or no uv to be had, and pip does it all.
+UV ?= $(shell command -v uv 2>/dev/null)
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,fleet]' --config-settings editable_mode=compat
+	@set -e; uv='$(UV)'; python=$$($(PYTHON) -c 'import sys; print(sys.executable)'); \
+	if [ -z "$$uv" ]; then \
+	  boot="-m pip install -qq --disable-pip-version-check --target $(VENV)/.uv uv"; \
+	  test -x $(VENV)/.uv/bin/uv || "$$python" $$boot >/dev/null 2>&1 \
+	    || { test -x $(BIN)/python || "$$python" -m venv $(VENV); $(BIN)/python $$boot; } \
+	    >/dev/null 2>&1 || true; \
+	  if [ -x $(VENV)/.uv/bin/uv ]; then uv=$(VENV)/.uv/bin/uv; else uv=pip; fi; \
+	fi; \
+	if [ "$$uv" != pip ]; then \
+	  echo "setting up $(VENV) with uv"; \
+	  test -x $(BIN)/python || "$$uv" venv -q --seed --allow-existing --python "$$python" $(VENV); \
+	  "$$uv" pip install -q --python $(BIN)/python -e '.[dev,fleet]'; \
+	else \
+	  echo "setting up $(VENV) with pip (uv is not to be had)"; \
+	  test -x $(BIN)/python || "$$python" -m venv $(VENV); \
+	  $(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev,fleet]'; \
+	fi; \
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -59,10 +79,12 @@ rollback: $(STAMP)
 lab: $(STAMP)
 	$(BIN)/python -m pgtls_helpers lab up --dir work/lab
 
-# JupyterLab on copies of the notebooks prepared with PARAMS; with lab parameters they point at
-# the lab cluster in work/lab (started if needed; `pgtls lab down --dir work/lab` removes it).
+# JupyterLab on copies of the notebooks prepared with PARAMS, on PORT (default 8888, or a free
+# one); it prints one line with the URL and logs to work/lab/jupyterlab.log. With lab parameters
+# the notebooks point at the lab cluster in work/lab (started if needed; `pgtls lab down --dir
+# work/lab` removes it, and the client OS user it made as root).
 notebook: $(STAMP)
-	$(BIN)/python -m pgtls_helpers lab notebook --params $(PARAMS) --dir work/lab --work work
+	$(BIN)/python -m pgtls_helpers lab notebook --params $(PARAMS) --dir work/lab --work work$(if $(PORT), --port $(PORT))
 
 # The notebooks' parameters cell, written from Params (pgtls_helpers/runbook/params.py): after
 # a parameter is added, removed or given another default there.

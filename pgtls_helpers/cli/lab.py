@@ -2,24 +2,36 @@
 
 ``up`` also writes ``runbook.yaml`` next to the cluster: parameters that point the runbook at
 it, for ``pgtls run``. ``notebook`` (``make notebook``) opens the notebooks in JupyterLab
-against a lab cluster, for the interactive path.
+against a lab cluster, for the interactive path; as root it also makes the lab's client OS user
+(named in ``client_os_user`` in the lab directory), which ``down`` removes with the cluster.
+JupyterLab's log goes to ``jupyterlab.log`` there too.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shlex
+import signal
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pgtls_helpers.lab import LabCluster
+from pgtls_helpers.errors import PgtlsError
+from pgtls_helpers.lab import LabCluster, free_port
 from pgtls_helpers.runbook.record import pgtls_command
+from pgtls_helpers.runbook.runner import remove_lab_client_user
 
 _RUNBOOK_YAML = "runbook.yaml"
+_CLIENT_USER_FILE = "client_os_user"  # the client OS user this lab made (as root)
+JUPYTER_LOG = "jupyterlab.log"
 
 
 def _out(text: str) -> None:
@@ -96,11 +108,47 @@ def up(args: argparse.Namespace) -> int:
 
 
 def down(args: argparse.Namespace) -> int:
-    """Stop the lab cluster in ``--dir`` and delete the directory."""
+    """Stop the lab cluster in ``--dir``, delete the directory and the client OS user the lab
+    made."""
     cluster = LabCluster.attach(args.dir)
+    user = _recorded_client_user(cluster.base)
     cluster.remove()
-    _out(f"lab cluster in {cluster.base} stopped and removed")
+    said = f"lab cluster in {cluster.base} stopped and removed"
+    if user is None:
+        _out(said)
+    elif remove_lab_client_user(user):
+        _out(f"{said}, and its client OS user {user} with its home")
+    else:
+        _out(
+            f"{said}; its client OS user {user} is still there: remove it with "
+            f"'userdel --remove {user}'"
+        )
+        return 1
     return 0
+
+
+def _record_client_user(base: Path, name: str) -> None:
+    """Note in the lab directory the client OS user made for its cluster, for ``down``."""
+    fd = os.open(
+        base / _CLIENT_USER_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600
+    )
+    with os.fdopen(fd, "w") as fh:
+        fh.write(name + "\n")
+
+
+def _recorded_client_user(base: Path) -> str | None:
+    """The client OS user :func:`_record_client_user` noted in ``base``, or None."""
+    # base is the lab directory given on the command line; as root the server's OS user owns
+    # it, so only a file of our own, not a link, counts (and remove_lab_client_user deletes
+    # nothing but the lab's own pgtls_client_<hex> users)
+    try:
+        fd = os.open(base / _CLIENT_USER_FILE, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd) as fh:
+        if os.fstat(fh.fileno()).st_uid != os.geteuid():
+            return None
+        return fh.read().strip() or None
 
 
 def status(args: argparse.Namespace) -> int:
@@ -158,9 +206,15 @@ def prepare_lab_notebooks(args: argparse.Namespace) -> tuple[Any, Path, dict[str
         if not params.change_id.endswith(NOTEBOOK_SUFFIX):
             params = dataclasses.replace(params, change_id=params.change_id + NOTEBOOK_SUFFIX)
         cluster, new = _lab_for_notebooks(Path(args.dir).resolve())
+        client = _recorded_client_user(cluster.base)
         if new:  # whatever an earlier session left belonged to a cluster that is gone
             shutil.rmtree(params.work.path, ignore_errors=True)
-        params = on_lab_cluster(params, cluster, client_user=lab_client_user() if new else None)
+            remove_lab_client_user(client)
+            # as root, an OS user of the cluster's own, which `lab down` removes with it
+            client = lab_client_user(private=True)
+            if client is not None:
+                _record_client_user(cluster.base, client)
+        params = on_lab_cluster(params, cluster, client_user=client)
         env["PGPASSFILE"] = str(cluster.passfile)
         _out(f"lab cluster on {cluster.host}:{cluster.port} ({'new' if new else 'reused'})")
     target = Path(args.work).resolve() / "notebooks" / params.change_id
@@ -178,20 +232,100 @@ def prepare_lab_notebooks(args: argparse.Namespace) -> tuple[Any, Path, dict[str
     return params, target, env
 
 
+def jupyterlab_argv(root: Path, port: int) -> list[str]:
+    """The command that serves the notebooks in ``root`` on ``port`` (localhost, no browser;
+    the token comes in the environment as ``JUPYTER_TOKEN``, so ``ps`` does not show it)."""
+    argv = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        f"--port={port}",
+        "--ServerApp.port_retries=0",
+        f"--ServerApp.root_dir={root}",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        "--LabApp.news_url=",
+    ]
+    if os.geteuid() == 0:
+        argv.append("--allow-root")
+    return argv
+
+
+_DEFAULT_PORT = 8888
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def notebook(args: argparse.Namespace) -> int:
     """Prepare the notebooks with a parameters file and open them in JupyterLab.
 
     With ``lab_cluster: true`` the notebooks point at the lab cluster in ``--dir`` (started,
     or created, as needed; it keeps running afterwards for ``pgtls lab down``), under the
-    change id ``<change_id>-notebook``, so nothing ``make demo`` left is reused.
+    change id ``<change_id>-notebook``, so nothing ``make demo`` left is reused. JupyterLab
+    listens on ``--port`` (default 8888, or a free one when that is taken); its log goes to
+    ``jupyterlab.log`` in ``--dir``, and one line gives the URL with its token.
     """
     _params, target, env = prepare_lab_notebooks(args)
-    argv = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={target}"]
-    if os.geteuid() == 0:
-        argv.append("--allow-root")
-    sys.stdout.flush()
-    os.execve(sys.executable, argv, env)
-    return 0  # pragma: no cover - execve does not return
+    port = args.port or (_DEFAULT_PORT if _port_free(_DEFAULT_PORT) else free_port())
+    token = secrets.token_hex(24)
+    env["JUPYTER_TOKEN"] = token
+    lab_dir = Path(args.dir).resolve()
+    lab_dir.mkdir(parents=True, exist_ok=True)
+    log_path = lab_dir / JUPYTER_LOG
+    with log_path.open("w") as log:
+        # stdin is not a terminal, so Ctrl-C stops JupyterLab without its "Shutdown?" prompt
+        proc = subprocess.Popen(
+            jupyterlab_argv(target, port),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    previous = signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    try:
+        base = f"http://localhost:{port}"
+        if not _wait_until_serving(proc, f"{base}/api/status?token={token}"):
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise PgtlsError(
+                f"JupyterLab did not start on port {port} ({tail[0]}); its log is {log_path}"
+            )
+        _out(
+            f"JupyterLab: {base}/lab/tree/01_key_and_csr.ipynb?token={token}  "
+            f"(log: {log_path}; Ctrl-C stops it)"
+        )
+        proc.wait()
+    except KeyboardInterrupt:
+        pass  # JupyterLab, in the same process group, had the Ctrl-C too
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    _out("JupyterLab stopped")
+    return 0
+
+
+def _wait_until_serving(proc: subprocess.Popen[bytes], url: str, timeout: float = 120) -> bool:
+    """True once ``url`` answers; False when the server exits first or takes too long."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return True
+        except OSError:
+            time.sleep(0.3)
+    return False
 
 
 # --------------------------------------------------------------------------- pgtls lab ca

@@ -179,9 +179,11 @@ def _environ(**changes: str | None) -> Iterator[None]:
 def lab_client_user(*, private: bool = False) -> str | None:
     """As root: a throwaway client OS user, with no old roots; None when not root.
 
-    ``pgtls_client`` (created once) serves a long-lived lab cluster; a run's own throwaway
-    cluster gets a ``private`` one (``pgtls_client_<hex>``, removed with the cluster by
-    :func:`remove_lab_client_user`), so two lab runs at once never share a ``root.crt``.
+    A ``private`` one (``pgtls_client_<hex>``) is made for each lab cluster and removed with it
+    by :func:`remove_lab_client_user` (a run's throwaway cluster at the end of the run, ``pgtls
+    lab notebook``'s by ``pgtls lab down``), so two lab runs at once never share a ``root.crt``
+    and no lab leaves an OS user behind. Without ``private``: ``pgtls_client``, made once and
+    kept, for callers that keep a cluster of their own.
     """
     if os.geteuid() != 0:
         return None
@@ -203,10 +205,24 @@ def lab_client_user(*, private: bool = False) -> str | None:
     return name
 
 
-def remove_lab_client_user(name: str | None) -> None:
-    """Delete a run's private lab client user and its home (never the shared one)."""
-    if name and name.startswith(f"{LAB_CLIENT_USER}_"):
-        subprocess.run(["userdel", "--remove", name], capture_output=True, check=False)
+_PRIVATE_LAB_USER = re.compile(rf"{LAB_CLIENT_USER}_[0-9a-f]{{8}}")
+
+
+def remove_lab_client_user(name: str | None) -> bool:
+    """Delete a private lab client user (:func:`lab_client_user`) and its home; True when it
+    is gone. Any other name, the shared ``pgtls_client`` among them, is left alone (False)."""
+    if not name or not _PRIVATE_LAB_USER.fullmatch(name):
+        return False
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return True
+    subprocess.run(["userdel", "--remove", name], capture_output=True, check=False)
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return True
+    return False
 
 
 def on_lab_cluster(params: Params, cluster: LabCluster, *, client_user: str | None) -> Params:

@@ -32,8 +32,11 @@ def run_summary(m: Manifest, record_dir: Path) -> str:
         f"pgtls {_COMMAND.get(m.kind, 'run')}: change {m.change_id} on {m.server}, "
         f"ca_mode {m.ca_mode}, apply {str(m.apply).lower()}"
     ]
-    if m.lab is not None:
-        lines.append(f"  on a throwaway lab cluster (port {m.lab.port}), removed after the run")
+    if m.lab is not None:  # said once: nothing below points into what is gone
+        both = f" and client OS user {m.lab.client_user}, both" if m.lab.client_user else ","
+        lines.append(
+            f"  on a throwaway lab cluster (port {m.lab.port}){both} removed after the run"
+        )
     last_note = None
     for s in m.steps:
         took = f"{s.seconds:5.1f} s" if s.status in ("ok", "failed") else ""
@@ -53,7 +56,7 @@ def run_summary(m: Manifest, record_dir: Path) -> str:
         # the failed step's reason is printed under it; a set-up failure has no step
         named = any(s.error for s in m.steps)
         lines.append(result if named else f"{result}: {m.error}")
-        if m.in_place:
+        if m.in_place and m.lab is None:
             lines.append("in place now:")
             lines += [f"  {x}" for x in m.in_place]
     if m.renewal is not None and m.outcome != "failed":
@@ -66,7 +69,7 @@ def run_summary(m: Manifest, record_dir: Path) -> str:
     leaf = m.leaf
     if leaf and m.apply and m.outcome != "failed":
         lines.append(f"certificate: {leaf.cn}, until {leaf.not_after[:10]}, sha256 {leaf.sha256}")
-    for f in m.written if m.outcome != "failed" else ():  # see "in place now"
+    for f in m.written if m.outcome != "failed" and m.lab is None else ():  # see "in place now"
         lines.append(
             f"wrote {f.target} ({f.action}" + (f", backup {f.backup}" if f.backup else "") + ")"
         )

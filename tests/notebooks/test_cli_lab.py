@@ -28,8 +28,8 @@ def lab_dir() -> Iterator[Path]:
         skip_or_fail(str(exc))
     base = Path(tempfile.mkdtemp(prefix="pgtls-test-lab-"))
     yield base
-    if (base / "lab.json").exists():
-        LabCluster.attach(base).remove()
+    if (base / "lab.json").exists():  # the cluster, and the client OS user the lab made
+        cli_main(["lab", "down", "--dir", str(base)])
     shutil.rmtree(base, ignore_errors=True)
 
 
