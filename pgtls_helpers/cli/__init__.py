@@ -264,6 +264,12 @@ def _add_lab(sub: argparse._SubParsersAction) -> None:
     nb.add_argument("--params", default="parameters/lab.yaml", metavar="PARAMS.yaml")
     nb.add_argument("--dir", default="work/lab", metavar="DIR", help="the lab cluster's directory")
     nb.add_argument("--work", default="work", metavar="DIR")
+    nb.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="JupyterLab's port (default 8888, or a free one when that is taken)",
+    )
     nb.set_defaults(func=_lazy("pgtls_helpers.cli.lab", "notebook"))
     demo = lsub.add_parser(
         "demo-clients",
