@@ -8,9 +8,10 @@ person brought, so a back-end cannot smuggle a bad chain past step 2. Settings n
 by reference (an environment variable or a file), never by value, and no secret reaches a record,
 a log or an exception.
 
-``command`` runs any program (step-ca, cfssl, EJBCA's client, ``openssl ca``, an in-house
-script) with ``{csr}`` and ``{out}`` in its arguments; ``vault`` signs through the
-``pki/sign/<role>`` API of Vault or OpenBao.
+``acme`` orders from an ACME CA (RFC 8555) and answers its http-01 challenge; ``command`` runs
+any program (step-ca, cfssl, EJBCA's client, ``openssl ca``, an in-house script) with ``{csr}``
+and ``{out}`` in its arguments; ``vault`` signs through the ``pki/sign/<role>`` API of Vault or
+OpenBao.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class SignRequest:
     common_name: str
     names: tuple[str, ...]  # DNS names and IP addresses (the CN among them)
     change_id: str
+    state_dir: Path | None = None  # where a back-end keeps what lasts between changes (0700)
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,12 @@ def _command(settings: Mapping[str, object], source: str) -> Backend:
     return CommandCA.from_settings(settings, source)
 
 
+def _acme(settings: Mapping[str, object], source: str) -> Backend:
+    from pgtls_helpers.ca.acme import AcmeCA
+
+    return AcmeCA.from_settings(settings, source)
+
+
 def _vault(settings: Mapping[str, object], source: str) -> Backend:
     from pgtls_helpers.ca.vault import VaultCA
 
@@ -97,6 +105,7 @@ def _vault(settings: Mapping[str, object], source: str) -> Backend:
 
 # ca_mode -> how its settings become a back-end (raises InputError naming the setting)
 BACKENDS: dict[str, Callable[[Mapping[str, object], str], Backend]] = {
+    "acme": _acme,
     "command": _command,
     "vault": _vault,
 }
