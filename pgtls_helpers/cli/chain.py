@@ -44,6 +44,11 @@ from pgtls_helpers.pki.keys import (
     public_key_matches,
 )
 
+#: ``pgtls chain``'s way in for a missing CA certificate (both subcommands take ``--pool``)
+ADD_ON_COMMAND_LINE = (
+    "add its file to the command line, or pass --pool with a folder or bundle that holds it"
+)
+
 __all__ = ["bundle", "inspect", "load_key_for_matching", "render_text", "to_json"]
 
 
@@ -56,7 +61,11 @@ def inspect(args: argparse.Namespace) -> int:
 
     result = order_chain(certs, pool, leaf=_leaf_for_key(certs, key))
     findings = notes + check_chain(
-        result, key=key, hosts=args.host, expires_soon_days=args.expires_soon_days
+        result,
+        key=key,
+        hosts=args.host,
+        expires_soon_days=args.expires_soon_days,
+        add=ADD_ON_COMMAND_LINE,
     )
     findings.sort(key=lambda f: {"error": 0, "warning": 1, "info": 2}[f.severity])
     if args.json:
@@ -77,7 +86,7 @@ def bundle(args: argparse.Namespace) -> int:
     certs, _sources, notes = _read(args.paths, password)
     pool = _read_pool(args.pool)
     result = order_chain(certs, pool)
-    findings = notes + check_chain(result, verify=False)
+    findings = notes + check_chain(result, verify=False, add=ADD_ON_COMMAND_LINE)
     blocking = [
         f
         for f in findings

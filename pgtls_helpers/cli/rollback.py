@@ -46,9 +46,9 @@ def _rollback(args: argparse.Namespace) -> int:
         )
     from pgtls_helpers.runbook import journal as wal
 
-    if wal.is_client_trust(wal.read_entries(params.work.journal)):  # pgtls trust's change
-        return _rollback_trust(params, dry_run=args.dry_run)
     records = Path(args.records).resolve()
+    if wal.is_client_trust(wal.read_entries(params.work.journal)):  # pgtls trust's change
+        return _rollback_trust(params, params_file, records, dry_run=args.dry_run)
     if not args.dry_run:
         for left in interrupt.seal_unfinished(records, params.change_id, params, exclude=records):
             sys.stderr.write(f"sealed the record of an interrupted run: {left}\n")
@@ -66,16 +66,21 @@ def _rollback(args: argparse.Namespace) -> int:
     return 1 if manifest.get("problems") else 0
 
 
-def _rollback_trust(params: Params, *, dry_run: bool) -> int:
-    """Every root.crt a client-trust change wrote, back from its backup (or, dry, listed after
-    the same checks)."""
-    from pgtls_helpers.runbook.trust import rollback_trust, trust_backout
+def _rollback_trust(params: Params, params_file: Path, records: Path, *, dry_run: bool) -> int:
+    """Every root.crt a client-trust change wrote, back from its backup, and recorded (or,
+    dry, listed after the same checks)."""
+    from pgtls_helpers.runbook.manifest import from_json
+    from pgtls_helpers.runbook.rollback_record import trust_rollback_with_record
+    from pgtls_helpers.runbook.terminal import rollback_summary
+    from pgtls_helpers.runbook.trust import trust_backout
 
     if dry_run:
         for change in trust_backout(params):
             source = change.backup or "(remove it: the change created it)"
             sys.stdout.write(f"would restore {change.target} from {source}\n")
         return 0
-    for restored in rollback_trust(params):
-        sys.stdout.write(f"restored {restored}\n")
+    manifest, record = trust_rollback_with_record(
+        params, params_file=params_file, records_dir=records
+    )
+    sys.stdout.write(rollback_summary(from_json(manifest), record) + "\n")
     return 0

@@ -121,8 +121,8 @@ def inspection_table(ca: CaResponseResult) -> Rendered:
                 style += f"color:{BAD};font-weight:600;"
             cells.append(f'<td style="{CELL}{style}">{esc(plain(value))}</td>')
         body.append(
-            f'<tr><th style="{CELL}background:#f9fafb;white-space:nowrap">'
-            f"{esc(label)}</th>{''.join(cells)}</tr>"
+            # a label may wrap: kept on one line, a squeezed column let it run into its value
+            f'<tr><th style="{CELL}background:#f9fafb">{esc(label)}</th>{"".join(cells)}</tr>'
         )
     text = "\n\n".join(
         "\n".join([h] + [f"  {label}: {plain(c.get(k))}" for k, label in fields])
@@ -342,6 +342,7 @@ def show_findings(ca: CaResponseResult) -> Rendered:
 def stop_on_errors(ca: CaResponseResult) -> Rendered:
     """Stop the runbook here (raise) when any finding is an error; else say the chain is fit."""
     from pgtls_helpers.errors import PreflightError
+    from pgtls_helpers.pki.findings import reasons
 
     errors = [f for f in ca.findings if f.severity == "error"]
     if errors:
@@ -353,8 +354,5 @@ def stop_on_errors(ca: CaResponseResult) -> Rendered:
                 "Stop",
             )
         )
-        raise PreflightError(
-            "the CA's response is not usable: "
-            + "; ".join(f"{f.code}: {f.message}" for f in errors)
-        )
+        raise PreflightError(f"the CA's response is not usable: {reasons(errors)}")
     return banner("no error findings: this chain may be installed (step 3)", OK, "Go")

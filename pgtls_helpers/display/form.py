@@ -6,9 +6,7 @@ a record has no live kernel to draw widgets with.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,8 +42,9 @@ def notebook_params(namespace: Mapping[str, Any], *, names_from_csr: bool = Fals
     Only the runbook's parameter names are read from ``namespace`` (a notebook passes
     ``globals()``). With ``names_from_csr`` (steps 2 to 5) the common name and SANs are the
     ones of the CSR step 1 made, which may differ from the parameters when they were changed in
-    the CSR form; a note says so. Also makes errors print as one line (``%xmode Minimal``): the
-    messages are written for people, the traceback adds nothing for them.
+    the CSR form; a note says so. A refusal here (or in any later cell) shows as its sentence
+    alone (:class:`~pgtls_helpers.errors.PgtlsError` renders itself for IPython); a real bug
+    keeps its traceback.
     """
     declared = namespace.get("__annotations__") or {}
     values = {name: namespace[name] for name in PARAMETER_NAMES if name in namespace}
@@ -58,15 +57,6 @@ def notebook_params(namespace: Mapping[str, Any], *, names_from_csr: bool = Fals
             "cannot tell what it is relative to; start JupyterLab with `make notebook` (it "
             "injects your parameters file) or give an absolute work_dir"
         )
-    try:
-        from IPython import get_ipython
-
-        shell = get_ipython()
-    except ImportError:  # pragma: no cover - IPython comes with ipykernel
-        shell = None
-    if shell is not None:
-        with contextlib.redirect_stdout(io.StringIO()):  # %xmode announces itself
-            shell.run_line_magic("xmode", "Minimal")
     if names_from_csr:
         from pgtls_helpers.runbook.key_and_csr import names_from_csr as csr_names
 

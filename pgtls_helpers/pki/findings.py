@@ -6,7 +6,7 @@ when a new finding is added.
 >>> Finding("warning", "expires-soon", 'The certificate "db1" expires in 12 days.').code
 'expires-soon'
 >>> CODES["missing-issuer"].split(";")[0]
-'Add the missing CA certificate to the files (or point --pool at a folder that has it)'
+'Add the missing CA certificate to the files read'
 """
 
 from __future__ import annotations
@@ -41,12 +41,14 @@ from pgtls_helpers.pki.chain import (
 from pgtls_helpers.pki.keys import PrivateKey, PublicKey, public_key_matches
 
 __all__ = [
+    "ADD_TO_FILES",
     "CODES",
     "Finding",
     "Severity",
     "check_chain",
     "has_errors",
     "raise_for_errors",
+    "reasons",
 ]
 
 Severity = Literal["error", "warning", "info"]
@@ -75,8 +77,8 @@ class Finding:
 
 
 CODES: dict[str, str] = {
-    "missing-issuer": "Add the missing CA certificate to the files (or point --pool at a folder "
-    "that has it); the CA publishes its intermediate and root certificates.",
+    "missing-issuer": "Add the missing CA certificate to the files read; the CA publishes its "
+    "intermediate and root certificates.",
     "bad-signature": "A certificate with the right issuer name did not sign this one; get the "
     "issuer certificate that belongs to this chain from the CA.",
     "not-a-ca": "A certificate that signs others must be a CA (basicConstraints CA:TRUE, "
@@ -119,6 +121,11 @@ CODES: dict[str, str] = {
 
 _WEAK_HASHES = (hashes.SHA1, hashes.MD5)
 
+#: How a missing CA certificate is added, in the words of whoever reads the finding: each
+#: caller passes its own (``ca_files`` for the runbook, ``--pool`` for ``pgtls chain``), so the
+#: advice only ever names what that reader can change.
+ADD_TO_FILES = "add its file to the files read"
+
 
 def check_chain(
     result: ChainResult,
@@ -128,6 +135,7 @@ def check_chain(
     now: _dt.datetime | None = None,
     expires_soon_days: int = 30,
     verify: bool = True,
+    add: str = ADD_TO_FILES,
 ) -> list[Finding]:
     """Everything worth knowing about an ordered chain, errors first.
 
@@ -164,13 +172,13 @@ def check_chain(
                 "certificate is missing; add the certificate the CA issued for the CSR.",
             )
         )
-        out += _structure(result)
+        out += _structure(result, add)
         for cert, role in zip(result.path, result.roles, strict=True):
             out += _validity(cert, role, at, expires_soon_days)
             out += _strength(cert, role)
         return sorted(out, key=lambda f: _ORDER[f.severity])
 
-    out += _structure(result)
+    out += _structure(result, add)
     for cert, role in zip(result.path, result.roles, strict=True):
         out += _validity(cert, role, at, expires_soon_days)
         out += _strength(cert, role)
@@ -218,7 +226,11 @@ def has_errors(findings: Iterable[Finding]) -> bool:
 
 
 def verify_with_cryptography(
-    result: ChainResult, host: str | None = None, at: _dt.datetime | None = None
+    result: ChainResult,
+    host: str | None = None,
+    at: _dt.datetime | None = None,
+    *,
+    add: str = ADD_TO_FILES,
 ) -> Finding | None:
     """cryptography's own RFC 5280 verdict on the chain, as a finding, or None when it passes.
 
@@ -237,7 +249,7 @@ def verify_with_cryptography(
             "error",
             "chain-rejected",
             f"The chain of {cert_label(leaf)} cannot be verified because it does not reach a "
-            "self-signed root; add the root certificate (or --pool it).",
+            f"self-signed root; get the CA's root certificate and {add}.",
         )
     subject = _verifier_subject(leaf, host)
     if subject is None and is_ca(leaf):
@@ -285,7 +297,7 @@ def verify_with_cryptography(
     return None
 
 
-def _structure(result: ChainResult) -> list[Finding]:
+def _structure(result: ChainResult, add: str) -> list[Finding]:
     out: list[Finding] = []
     path = result.path
     for child, issuer in zip(path, path[1:], strict=False):
@@ -331,14 +343,12 @@ def _structure(result: ChainResult) -> list[Finding]:
     if same:
         text = (
             f"No certificate among the files signed {cert_label(last)}, so the chain stops "
-            f"there; add the {name_label(missing)} certificate that belongs to it (or pass "
-            "--pool with a folder or bundle that holds it)."
+            f"there; get the {name_label(missing)} certificate that belongs to it and {add}."
         )
     else:
         text = (
             f"The issuer {name_label(missing)} of {cert_label(last)} is not among the files, "
-            f"so the chain stops there; add the CA certificate {name_label(missing)} (or pass "
-            "--pool with a folder or bundle that holds it, such as /etc/ssl/certs)."
+            f"so the chain stops there; get the CA certificate {name_label(missing)} and {add}."
         )
     out.append(Finding("error", "missing-issuer", text))
     return out
@@ -566,4 +576,20 @@ def raise_for_errors(findings: Sequence[Finding], *, what: str) -> None:
     """Raise :class:`PreflightError` naming every error finding (``what``: what was stopped)."""
     errors = [f for f in findings if f.is_error]
     if errors:
-        raise PreflightError(f"{what}: " + "; ".join(f"{f.code}: {f.message}" for f in errors))
+        raise PreflightError(f"{what}: {reasons(errors)}")
+
+
+def reasons(findings: Iterable[Finding]) -> str:
+    """The findings as one text, each led by its code (what the record and a search key use):
+    each message is a sentence ending in a full stop, so they are set one after the other (a
+    ``"; "`` join would print ``".;"``).
+
+    >>> reasons([Finding("error", "expired", "It expired; renew it."), Finding("error", "x", "B")])
+    'expired: It expired; renew it. x: B.'
+    """
+    return " ".join(f"{f.code}: {_sentence(f.message)}" for f in findings)
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text if text.endswith((".", "?", "!")) else text + "."

@@ -102,6 +102,39 @@ def signal_reload(data_directory: Path) -> bool:
     return True
 
 
+def _libpq_reason(exc: Exception, info: Mapping[str, Any]) -> str:
+    """libpq's message whole, on one line (it continues lines with a tab: "...failed:
+    Connection refused\\n\\tIs the server running..."), and for an authentication failure the
+    places libpq took (or looked for) the password, so the fix can be made where it is read."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return "no answer"
+    # psycopg's own prefix, not libpq's
+    lines[0] = lines[0].removeprefix("connection failed: ")
+    text = lines[0]
+    for line in lines[1:]:
+        stop = "" if text.endswith((".", "?", ":", ";")) else "." if line[0].isupper() else ";"
+        text += f"{stop} {line}"
+    if "no password supplied" in text:
+        text += "; libpq found none in " + _password_fix(info, "add")
+    elif "password authentication failed" in text:
+        text += "; the server refused the password libpq read from " + _password_fix(
+            info, "correct"
+        )
+    return text
+
+
+def _password_fix(info: Mapping[str, Any], verb: str) -> str:
+    """Where libpq reads a password, and what to set, with the ~/.pgpass line for this login."""
+    passfile = info.get("passfile") or os.environ.get("PGPASSFILE") or "~/.pgpass"
+    host, port = info.get("host", "localhost"), info.get("port", 5432)
+    user = info.get("user") or os.environ.get("PGUSER") or "ROLE"
+    return (
+        f"PGPASSWORD or the password file PGPASSFILE names (here {passfile}): set PGPASSWORD, "
+        f"or {verb} the line {host}:{port}:*:{user}:PASSWORD in {passfile} (mode 0600)"
+    )
+
+
 class Server:
     """A connection to the server the runbook changes.
 
@@ -128,8 +161,7 @@ class Server:
             return psycopg.connect(autocommit=True, **info)
         except psycopg.OperationalError as exc:
             where = f"{info.get('host', 'localhost')}:{info.get('port', 5432)}"
-            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "no answer"
-            raise ServerError(f"cannot connect to {where}: {reason}") from exc
+            raise ServerError(f"cannot connect to {where}: {_libpq_reason(exc, info)}") from exc
 
     @property
     def conn(self) -> Any:

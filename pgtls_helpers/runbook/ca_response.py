@@ -10,9 +10,10 @@ from pgtls_helpers.errors import PreflightError
 from pgtls_helpers.pki import chain as chainmod
 from pgtls_helpers.pki import keys
 from pgtls_helpers.pki.csr import spki_sha256
-from pgtls_helpers.pki.findings import Finding
+from pgtls_helpers.pki.findings import Finding, reasons
 from pgtls_helpers.postgres import files
 from pgtls_helpers.runbook.common import (
+    ADD_TO_CA_FILES,
     fingerprint_of,
     pem_of,
     rfc4514,
@@ -130,7 +131,7 @@ def step2_ca_response(params: Params, *, check: bool = True) -> CaResponseResult
             f"for the key behind {csr_path.name}; was this CSR the one submitted?"
         )
     result = chainmod.order_chain(certs, leaf=leaf)
-    findings = check_chain(result, key=csr.public_key(), hosts=params.hosts)
+    findings = check_chain(result, key=csr.public_key(), hosts=params.hosts, add=ADD_TO_CA_FILES)
     notes = [
         *intake.private_keys,
         *(f"{d}: duplicate, ignored" for d in intake.duplicates),
@@ -146,8 +147,5 @@ def step2_ca_response(params: Params, *, check: bool = True) -> CaResponseResult
     out = CaResponseResult([str(p) for p in paths], result, findings, notes, bundle, root_path)
     save_step(params, "02_ca_response", out.summary())
     if out.errors and check:
-        raise PreflightError(
-            "the CA's response is not usable: "
-            + "; ".join(f"{f.code}: {f.message}" for f in out.errors)
-        )
+        raise PreflightError(f"the CA's response is not usable: {reasons(out.errors)}")
     return out

@@ -20,6 +20,10 @@ from pgtls_helpers.postgres.server import Server, ServerFacts
 from pgtls_helpers.postgres.targets import TargetPolicy
 from pgtls_helpers.runbook.params import Params
 
+#: The runbook's advice for a CA certificate the chain lacks: its one way in is ``ca_files``
+#: (``--pool`` belongs to ``pgtls chain``).
+ADD_TO_CA_FILES = "add its file to ca_files in the parameters and run again"
+
 
 def save_step(params: Params, step: str, summary: dict[str, Any]) -> None:
     """Leave a step's archivable summary in the run's record directory, when there is one."""

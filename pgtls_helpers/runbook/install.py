@@ -18,6 +18,7 @@ from pgtls_helpers.postgres.clients import ClientUser
 from pgtls_helpers.postgres.lock import change_lock
 from pgtls_helpers.postgres.server import ServerFacts
 from pgtls_helpers.runbook.common import (
+    ADD_TO_CA_FILES,
     check_pgdata,
     key_passphrase,
     load_bundle,
@@ -126,7 +127,7 @@ def step3_install_files(params: Params) -> InstallStepResult:
         validate=False,
     )
     result = chainmod.order_chain([*certs, *([root] if root else [])], leaf=leaf)
-    preflight = check_chain(result, key=key, hosts=params.hosts)
+    preflight = check_chain(result, key=key, hosts=params.hosts, add=ADD_TO_CA_FILES)
     del key
     if encrypted and not facts.ssl_passphrase_command:
         preflight.append(

@@ -24,6 +24,7 @@ from typing import Protocol, TypeVar
 
 from pgtls_helpers.runbook import journal as wal
 from pgtls_helpers.runbook.params import Params
+from pgtls_helpers.runbook.record import pgtls_command
 from pgtls_helpers.runbook.steps import Step
 
 __all__ = ["claim", "in_place", "mark_interrupted", "seal_unfinished", "terminate_as_interrupt"]
@@ -70,8 +71,9 @@ def mark_interrupted(
     return out
 
 
-def in_place(params: Params) -> str:
-    """What the change has on the server now, from its journal, and the way back."""
+def in_place(params: Params, back_out: str | None = None) -> str:
+    """What the change has on the server now, from its journal, and the way back
+    (``back_out``: the exact rollback command, when the caller knows the parameters file)."""
     entries = wal.read_entries(params.work.journal)
     if not entries:
         if list(params.work.path.glob("journal.rolled-back-*.jsonl")):
@@ -81,9 +83,10 @@ def in_place(params: Params) -> str:
     unfinished = wal.unfinished_steps(entries)
     files = ", ".join(str(c.target) for c in changes) or "no file yet"
     state = f"step(s) {', '.join(unfinished)} interrupted" if unfinished else "steps finished"
+    back_out = back_out or f"{pgtls_command()} rollback PARAMS.yaml"
     return (
-        f"interrupted: {state}; changed so far: {files}; back out with: pgtls rollback "
-        "<parameters file> (or rerun to finish)"
+        f"interrupted: {state}; changed so far: {files}; back out with: {back_out} "
+        "(or rerun to finish)"
     )
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from pgtls_helpers.errors import is_refusal
 from pgtls_helpers.runbook.manifest import Check, Manifest, ServerState
 
 __all__ = ["change_page", "run_page", "step_page"]
@@ -43,6 +44,8 @@ nav a{margin-right:12px}
 """
 
 _HEX = re.compile(r"[0-9a-fA-F]{32,}")
+# a key identifier or fingerprint written in bytes: ab:cd:ef:... (more than 16 hex digits)
+_HEX_BYTES = re.compile(r"(?:[0-9a-fA-F]{2}:){8,}[0-9a-fA-F]{2}")
 _TAG = re.compile(r"(<[^>]*>)")
 
 
@@ -51,8 +54,13 @@ def esc(value: object) -> str:
 
 
 def breakable(fragment: str) -> str:
-    """HTML with a line-break opportunity after each ``/`` and every 16 hex digits of a hash,
-    and none anywhere else (``word-break:break-all`` styles are turned off)."""
+    """HTML with a line-break opportunity after each ``/`` and every 16 hex digits of a hash
+    (``ab:cd:...`` key identifiers too, after every eighth byte), and none anywhere else
+    (``word-break:break-all`` styles are turned off).
+
+    >>> breakable("<td>00:11:22:33:44:55:66:77:88:99</td>")
+    '<td>00:11:22:33:44:55:66:77:<wbr>88:99</td>'
+    """
     fragment = fragment.replace("word-break:break-all", "word-break:normal").replace(
         "overflow-wrap:break-word", "overflow-wrap:normal"
     )
@@ -69,6 +77,10 @@ def breakable(fragment: str) -> str:
         if in_style or not part:
             continue
         part = part.replace("/", "/<wbr>")
+        part = _HEX_BYTES.sub(
+            lambda m: "<wbr>".join(m.group(0)[j : j + 24] for j in range(0, len(m.group(0)), 24)),
+            part,
+        )
         parts[i] = _HEX.sub(
             lambda m: "<wbr>".join(m.group(0)[j : j + 16] for j in range(0, len(m.group(0)), 16)),
             part,
@@ -123,7 +135,11 @@ def _output_html(output: Mapping[str, Any]) -> str:
     if kind == "stream":
         return f"<pre>{text(''.join(output['text']))}</pre>"
     if kind == "error":
-        return ""  # the step's own statement says where and why it stopped
+        if is_refusal(output["traceback"], output["evalue"]):
+            return ""  # the step's own statement says where and why it stopped
+        # a real bug: its traceback is the evidence
+        traceback = _ANSI.sub("", "\n".join(output["traceback"]))
+        return f"<pre>{text(traceback)}</pre>"
     data = output["data"]
     if "text/html" in data:
         fragment = "".join(data["text/html"])
@@ -203,10 +219,15 @@ def _ipynb_name(nb: Any, number: int) -> str:
     return name.rsplit("/", 1)[-1] or f"step {number}.ipynb"
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def _first(error: Mapping[str, Any]) -> str:
-    ansi = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-    value = ansi.sub("", str(error.get("evalue", ""))).strip()
-    return f"{error.get('ename', 'Error')}: {value}"
+    """A refusal's sentence; for a real bug, the class too (its traceback follows)."""
+    value = _ANSI.sub("", str(error["evalue"])).strip()
+    if is_refusal(error["traceback"], str(error["evalue"])):
+        return value
+    return f"an unexpected error ({error['ename']}: {value})"
 
 
 # --------------------------------------------------------------------------- run summary

@@ -168,14 +168,22 @@ def pgtls_command() -> str:
     return f"{sys.executable} -m pgtls_helpers"
 
 
-def rollback_command(params_file: Path, work_dir: str | Path, records: Path) -> str:
-    """The exact command that backs the change out, runnable from any directory."""
+def change_command(
+    subcommand: str, params_file: str | Path, work_dir: str | Path, records: str | Path
+) -> str:
+    """``pgtls SUBCOMMAND PARAMS --work W --records R``, runnable as printed from any
+    directory (``pgtls`` itself is rarely on the PATH: it lives in the checkout's venv)."""
     import shlex
 
     return (
-        f"{pgtls_command()} rollback {shlex.quote(str(params_file))} "
+        f"{pgtls_command()} {subcommand} {shlex.quote(str(params_file))} "
         f"--work {shlex.quote(str(work_dir))} --records {shlex.quote(str(records))}"
     )
+
+
+def rollback_command(params_file: Path, work_dir: str | Path, records: Path) -> str:
+    """The exact command that backs the change out, runnable from any directory."""
+    return change_command("rollback", params_file, work_dir, records)
 
 
 def result_line(m: Manifest) -> str:

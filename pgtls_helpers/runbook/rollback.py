@@ -30,6 +30,7 @@ from pgtls_helpers.runbook.common import (
     save_step,
 )
 from pgtls_helpers.runbook.params import Params
+from pgtls_helpers.runbook.record import pgtls_command
 from pgtls_helpers.runbook.undo import (
     NothingToRollBack,
     UndoResult,
@@ -130,8 +131,8 @@ def check_conflicts(params: Params, changes: list[wal.FileChange] | None = None)
     if by:
         whose = "its" if len(by) == 1 else "their"
         fixes.append(
-            f"roll back change {' and '.join(by)} first (pgtls rollback with {whose} "
-            "parameters file)"
+            f"roll back change {' and '.join(by)} first ({pgtls_command()} rollback with "
+            f"{whose} parameters file)"
         )
     if by_hand:
         shown = [

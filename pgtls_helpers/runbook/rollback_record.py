@@ -21,7 +21,7 @@ from pgtls_helpers.runbook.params import Params, redacted
 from pgtls_helpers.runbook.rollback import Backout, checked_rollback
 from pgtls_helpers.runbook.undo import NothingToRollBack
 
-__all__ = ["BackoutItem", "backout_plan", "rollback_with_record"]
+__all__ = ["BackoutItem", "backout_plan", "rollback_with_record", "trust_rollback_with_record"]
 
 REMOVED = "removed (created by the change)"
 RESTORED = "restored from its backup"
@@ -108,20 +108,11 @@ def _with_record(
     from pgtls_helpers.runbook.snapshot import server_state
 
     items, settings = backout_plan(params)
-    m: dict[str, Any] = {
-        "record_format": rec.RECORD_FORMAT,
-        "kind": "rollback",
+    m = {
+        **_header(params, params_file, items),
         "dry_run": dry_run,
-        "change_id": params.change_id,
-        "server": f"{params.server_host}:{params.server_port}",
-        "parameters_file": str(params_file),
-        "parameters": redacted({"work_dir": params.work_dir, "change_id": params.change_id}),
-        **rec.who_and_where(),
-        "files": [i.as_dict() for i in items],
         "settings": settings,
         "outcome": "planned" if dry_run else "ok",
-        "error": None,
-        "steps": [],
     }
     if dry_run:
         return m, None
@@ -146,6 +137,30 @@ def _with_record(
         if result.problems:
             m["outcome"], m["error"] = "not-as-before", "; ".join(result.problems)
     m["server_after"] = server_state(params)
+    return _sealed(record, m, t0, exit_error)
+
+
+def _header(params: Params, params_file: Path, items: list[BackoutItem]) -> dict[str, Any]:
+    return {
+        "record_format": rec.RECORD_FORMAT,
+        "kind": "rollback",
+        "dry_run": False,
+        "change_id": params.change_id,
+        "server": f"{params.server_host}:{params.server_port}",
+        "parameters_file": str(params_file),
+        "parameters": redacted({"work_dir": params.work_dir, "change_id": params.change_id}),
+        **rec.who_and_where(),
+        "files": [i.as_dict() for i in items],
+        "settings": {},
+        "outcome": "ok",
+        "error": None,
+        "steps": [],
+    }
+
+
+def _sealed(
+    record: Path, m: dict[str, Any], t0: float, exit_error: PgtlsError | None
+) -> tuple[dict[str, Any], Path]:
     m["finished_utc"] = rec.utc().isoformat(timespec="seconds")
     m["seconds"] = round(time.monotonic() - t0, 2)
     m["versions"] = rec.versions()
@@ -156,6 +171,38 @@ def _with_record(
     if exit_error is not None:
         raise RollbackFailed(str(exit_error), m, record)
     return m, record
+
+
+#: what a client-trust rollback says instead of a reload: it never touches the server
+TRUST_ONLY = "no server file was changed back and nothing was reloaded (a client-trust change)"
+
+
+def trust_rollback_with_record(
+    params: Params, *, params_file: Path, records_dir: Path
+) -> tuple[dict[str, Any], Path]:
+    """Back out a client-trust change (every ``root.crt`` it wrote, from its backup in the
+    change's work directory) and leave a rollback record next to the change's, as a server
+    rollback does. The checks come first (:func:`~pgtls_helpers.runbook.trust.trust_backout`),
+    so a refusal leaves no record directory behind."""
+    from pgtls_helpers.runbook.trust import rollback_trust, trust_backout
+
+    t0 = time.monotonic()
+    trust_backout(params)  # the same refusals as the rollback, before a record exists
+    items, _settings = backout_plan(params)
+    m = _header(params, params_file, items)
+    record, started = rec.new_record_dir(records_dir, params.change_id)
+    m["started_utc"] = started.isoformat(timespec="seconds")
+    exit_error: PgtlsError | None = None
+    try:
+        restored = {str(p) for p in rollback_trust(params)}
+    except PgtlsError as exc:
+        exit_error = exc
+        m["outcome"], m["error"] = "failed", str(exc)
+    else:
+        for f in m["files"]:
+            f["done"] = f["target"] in restored or f["what"] == REMOVED
+        m["reloaded"] = TRUST_ONLY
+    return _sealed(record, m, t0, exit_error)
 
 
 class RollbackFailed(PgtlsError):

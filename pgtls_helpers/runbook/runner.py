@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pgtls_helpers.errors import InputError, PgtlsError
+from pgtls_helpers.errors import InputError, PgtlsError, is_refusal
 from pgtls_helpers.runbook import interrupt
 from pgtls_helpers.runbook import record as rec
 from pgtls_helpers.runbook.manifest import Manifest
@@ -278,10 +278,18 @@ def _run_notebook(
             extra_arguments=KERNEL_ARGS,
         )
     except PapermillExecutionError as exc:
+        # a refusal is its sentence; the class and traceback of a real bug stay in the
+        # step's notebook and page, the terminal says it is one
         evalue = _ANSI.sub("", str(exc.evalue)).strip()
-        error = f"{exc.ename}: {evalue}"
+        error = (
+            evalue
+            if is_refusal(exc.traceback, str(exc.evalue))
+            else f"an unexpected error stopped the step ({exc.ename}: {evalue}); its traceback "
+            "is in the step's notebook"
+        )
     except Exception as exc:  # a kernel that died, a cell that timed out, an unreadable file
-        error = f"{type(exc).__name__}: {_ANSI.sub('', str(exc)).strip().splitlines()[0]}"
+        first = (_ANSI.sub("", str(exc)).strip().splitlines() or [type(exc).__name__])[0]
+        error = f"the notebook could not be run to its end: {first}"
     if nb is None and out.exists():  # papermill wrote the failed notebook before raising
         nb = nbformat.read(out, as_version=4)
     return error, nb
@@ -400,7 +408,8 @@ def run(
                 after = None if phase_one else server_state(params)
     except KeyboardInterrupt:
         done = interrupt.mark_interrupted(done, steps, StepOutcome)
-        error, exit_code, outcome = interrupt.in_place(params), 130, "interrupted"
+        back_out = rec.rollback_command(params_file, params.work_dir, Path(records_dir).resolve())
+        error, exit_code, outcome = interrupt.in_place(params, back_out), 130, "interrupted"
         raise
     finally:
         if kernel is not None:

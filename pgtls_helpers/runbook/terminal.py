@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pgtls_helpers.runbook.manifest import Check, Manifest
+from pgtls_helpers.runbook.record import change_command
 
 __all__ = ["failed_checks", "rollback_summary", "run_summary"]
 
@@ -74,9 +75,15 @@ def run_summary(m: Manifest, record_dir: Path) -> str:
             f"wrote {f.target} ({f.action}" + (f", backup {f.backup}" if f.backup else "") + ")"
         )
     if m.outcome == "waiting-for-ca":
+        again = change_command(
+            _COMMAND.get(m.kind, "run"),
+            m.parameters_file,
+            str(m.parameters["work_dir"]),
+            record_dir.parent.parent,  # records/<change_id>/<stamp>
+        )
         lines.append(
             f"next: send {m.csr_file} to your CA; then list the files it returns "
-            f"in ca_files and run again: pgtls run {m.parameters_file}"
+            f"in ca_files and run again: {again}"
         )
     if m.rollback_command and (m.changed or m.outcome == "failed"):
         lines.append(f"to roll back: {m.rollback_command}")
@@ -134,7 +141,7 @@ def rollback_summary(m: Manifest, record_dir: Path | None) -> str:
         lines.append("dry run: nothing restored, nothing reloaded")
     elif m.outcome == "failed":
         lines.append(f"rollback failed: {m.error}")
-    elif m.server_running is False:
+    elif m.server_running is False or m.server_after is None:  # down, or a client-trust change
         lines.append(str(m.reloaded))
     else:
         after = m.server_after

@@ -20,7 +20,7 @@ from cryptography import x509
 
 from pgtls_helpers.errors import InputError, PgtlsError, PreflightError, ServerError
 from pgtls_helpers.pki import chain as chainmod
-from pgtls_helpers.pki.findings import Finding
+from pgtls_helpers.pki.findings import Finding, reasons
 from pgtls_helpers.postgres import files
 from pgtls_helpers.postgres.clients import ClientUser, ConnCheck, plan_client_root
 from pgtls_helpers.postgres.lock import change_lock
@@ -40,6 +40,7 @@ from pgtls_helpers.runbook.journal import (
     is_client_trust,
 )
 from pgtls_helpers.runbook.params import Params
+from pgtls_helpers.runbook.record import pgtls_command
 from pgtls_helpers.runbook.renewal import cert_row, user_roots
 from pgtls_helpers.runbook.undo import checked_journal, undo_change
 
@@ -220,9 +221,7 @@ def client_trust(params: Params) -> TrustResult:
     if errors or not params.apply:
         save_step(params, "client_trust", result.summary())
         if errors:
-            raise PreflightError(
-                "no root.crt was changed: " + "; ".join(f"{f.code}: {f.message}" for f in errors)
-            )
+            raise PreflightError(f"no root.crt was changed: {reasons(errors)}")
         return result
     with ExitStack() as stack:
         # one change holds the lock from its first write until its proof is in (or undone)
@@ -340,7 +339,7 @@ def _trust_journal(params: Params) -> list[FileChange]:
     if not is_client_trust(entries):
         raise PreflightError(
             f"{params.work.journal}: the journal of change {params.change_id} is not a "
-            "client-trust change's; roll it back with pgtls rollback"
+            f"client-trust change's; roll it back with {pgtls_command()} rollback PARAMS.yaml"
         )
     return changes
 

@@ -109,8 +109,20 @@ def test_pgtls_trust_adds_a_lab_ca_root_and_leaves_a_record(
     assert_no_secrets(record, one_cluster.password())
 
     # the back-out plan of a client-trust change is the same command as a server change's
-    assert cli_main(["rollback", str(params_file), "--work", str(work)]) == 0
-    assert f"restored {user.root_crt}" in capsys.readouterr().out
+    argv = ["rollback", str(params_file), "--work", str(work), "--records", str(records)]
+    assert cli_main(argv) == 0
+    said = capsys.readouterr().out
+    assert f"restored from its backup: {user.root_crt} (from {work / 'CHG-trust'}" in said, said
+    # it is recorded next to the change's runs, and says so, like a server rollback
+    rolled = [p for p in (records / "CHG-trust").iterdir() if p.is_dir() and p != record]
+    (back,) = rolled
+    assert said.rstrip().endswith(f"record: {back / 'index.html'}"), said
+    rm = json.loads((back / "manifest.json").read_text())
+    assert rm["kind"] == "rollback" and rm["outcome"] == "ok"
+    assert [(f["target"], f["done"]) for f in rm["backout"]] == [(str(user.root_crt), True)]
+    assert "nothing was reloaded (a client-trust change)" in said
+    # no backup is left in the user's own directory
+    assert not list(user.root_crt.parent.glob("*pgtls-backup*"))
     assert [fingerprint(c) for c in read_roots(user.root_crt)] == [
         fingerprint(read_roots(first.work.root)[0])
     ]
