@@ -31,6 +31,25 @@ NOISE = re.compile(r"WARNING|deprecat|transitional", re.IGNORECASE)
 MACHINE_PIP_CONFIG = re.compile(r"^WARNING: Location '\S+' is ignored: it is neither a file")
 
 
+# run by the clone's interpreter: where the runbook's kernel imports pgtls_helpers from
+KERNEL_SAYS_WHERE = """
+from jupyter_client.manager import start_new_kernel
+from pgtls_helpers.runbook.kernel import KERNEL_ARGS, kernel_name
+km, kc = start_new_kernel(kernel_name=kernel_name(), extra_arguments=KERNEL_ARGS)
+out = []
+try:
+    kc.execute_interactive(
+        "import pgtls_helpers; print(pgtls_helpers.__file__)",
+        timeout=60,
+        output_hook=lambda m: out.append(m["content"].get("text", "")),
+    )
+finally:
+    kc.stop_channels()
+    km.shutdown_kernel(now=True)
+print("".join(out).strip())
+"""
+
+
 @pytest.fixture
 def clone() -> Iterator[Path]:
     """A fresh clone of this checkout where the lab cluster's OS user can read the venv (the
@@ -91,6 +110,11 @@ def test_a_cold_make_demo_is_quiet_and_says_once_that_the_lab_is_gone(clone: Pat
         check=True,
     )
     assert Path(where.stdout.strip()) == clone / "pgtls_helpers" / "__init__.py"
+    # and so does the notebooks' kernel
+    kernel = subprocess.run(
+        [str(python), "-c", KERNEL_SAYS_WHERE], cwd="/", capture_output=True, text=True, check=True
+    )
+    assert Path(kernel.stdout.strip()) == clone / "pgtls_helpers" / "__init__.py", kernel
     cli = subprocess.run(
         [str(clone / ".venv" / "bin" / "pgtls"), "lab", "--help"],
         cwd="/",
