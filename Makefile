@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PARAMS ?= parameters/lab.yaml
 
-.PHONY: venv test lint fleet-lint demo demo-clients run rollback trust clients lab notebook parameters-cells bench faults clean fleet-wheels fleet-demo fleet-down bench-fleet
+.PHONY: venv test lint fleet-lint demo demo-clients demo-unattended run rollback trust clients lab notebook parameters-cells bench faults clean fleet-wheels fleet-demo fleet-down bench-fleet
 
 # The venv: uv makes it and installs into it (seconds, where pip takes a minute), as an editable
 # install: one .pth line puts this checkout on sys.path, so `pgtls` and the notebooks' kernels
@@ -56,6 +56,11 @@ faults: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m pgtls_helpers run parameters/lab.yaml --records records --work work
+
+# The unattended path on the embedded default: a real CA signs, then pgtls renew (CA=acme:
+# Pebble, from Debian's pebble package; default: OpenBao, from the dev extra)
+demo-unattended: $(STAMP)
+	$(BIN)/python -m pgtls_helpers lab demo-unattended --ca $(or $(CA),vault) --records records --work work
 
 # The client-certificate runbook on the embedded default (as root: a throwaway client OS user)
 demo-clients: $(STAMP)

@@ -163,6 +163,33 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     run.set_defaults(func=_lazy("pgtls_helpers.cli.run", "main"))
 
 
+def _add_renew(sub: argparse._SubParsersAction) -> None:
+    renew = sub.add_parser(
+        "renew",
+        help="renew the served certificate when it is due, through the CA of ca_mode",
+        description="Probe the server; when its certificate is due (by default at two thirds "
+        "of its lifetime), run a renewal change (change_id-renew-<date>) with the CA of "
+        "ca_mode and its record; otherwise say when it will be due. Exit status: 0 renewed or "
+        "not due, 1 the renewal failed (undone), 2 unusable parameters, 3 no certificate is "
+        "served, 4 the CA is unavailable (run again later), 5 the CA refused.",
+    )
+    renew.add_argument("params", metavar="PARAMS.yaml")
+    when = renew.add_mutually_exclusive_group()
+    when.add_argument(
+        "--due-days", type=int, metavar="N", help="due N days before the certificate ends"
+    )
+    when.add_argument(
+        "--due-fraction",
+        type=float,
+        metavar="F",
+        help="due at this share of its lifetime (default 0.67)",
+    )
+    renew.add_argument("--records", default="records", metavar="DIR")
+    renew.add_argument("--work", default="work", metavar="DIR")
+    renew.add_argument("--no-progress", action="store_true")
+    renew.set_defaults(func=_lazy("pgtls_helpers.cli.renew", "main"))
+
+
 def _add_clients(sub: argparse._SubParsersAction) -> None:
     clients = sub.add_parser(
         "clients",
@@ -271,6 +298,18 @@ def _add_lab(sub: argparse._SubParsersAction) -> None:
         help="JupyterLab's port (default 8888, or a free one when that is taken)",
     )
     nb.set_defaults(func=_lazy("pgtls_helpers.cli.lab", "notebook"))
+    unattended = lsub.add_parser(
+        "demo-unattended",
+        help="a real CA (OpenBao, or Pebble for ACME) signs with no person in the loop: one "
+        "pgtls run, then pgtls renew, on a throwaway cluster; the records stay",
+    )
+    unattended.add_argument("--ca", choices=("vault", "acme"), default="vault")
+    unattended.add_argument(
+        "--dir", default="work/lab-unattended", metavar="DIR", help="where its parameters go"
+    )
+    unattended.add_argument("--records", default="records", metavar="DIR")
+    unattended.add_argument("--work", default="work", metavar="DIR")
+    unattended.set_defaults(func=_lazy("pgtls_helpers.cli.lab_unattended", "main"))
     demo = lsub.add_parser(
         "demo-clients",
         help="the client-certificate runbook on a throwaway cluster, CA and client OS user "
@@ -334,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rollback(sub)
     _add_trust(sub)
     _add_clients(sub)
+    _add_renew(sub)
     _add_record(sub)
     _add_lab(sub)
     _add_fleet(sub)

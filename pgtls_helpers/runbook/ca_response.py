@@ -34,6 +34,7 @@ class CaResponseResult:
     notes: list[str]
     bundle_path: Path
     root_path: Path | None
+    signed_by: tuple[str, str | None] | None = None  # a CA back-end's name and reference
 
     @property
     def errors(self) -> list[Finding]:
@@ -58,6 +59,8 @@ class CaResponseResult:
             "verifier": _verifier() if self.chain.complete else None,
             "notes": self.notes,
             "bundle_sha256": files.sha256_hex(self.bundle_path.read_bytes()),
+            "signed_by": self.signed_by[0] if self.signed_by else None,
+            "ca_reference": self.signed_by[1] if self.signed_by else None,
         }
 
 
@@ -104,8 +107,14 @@ def step2_ca_response(params: Params, *, check: bool = True) -> CaResponseResult
         raise PreflightError(
             f"{csr_path}: no CSR for change {params.change_id}; run step 1 (01_key_and_csr) first"
         )
+    signed_by: tuple[str, str | None] | None = None  # a CA back-end: who, and its serial
     if params.ca_mode == "lab":
         paths: list[Path] = _lab_sign(params, csr_path, wd.lab_ca)
+    elif params.ca_mode not in ("files", "lab"):
+        from pgtls_helpers.runbook.ca_sign import sign_with_backend
+
+        signed = sign_with_backend(params, csr_path)
+        paths, signed_by = list(signed.files), (signed.ca, signed.reference)
     else:
         if not params.ca_files:
             raise PreflightError(
@@ -144,7 +153,9 @@ def step2_ca_response(params: Params, *, check: bool = True) -> CaResponseResult
         files.atomic_write(root_path, pem_of(result.root), mode=0o644)
     else:
         root_path = None
-    out = CaResponseResult([str(p) for p in paths], result, findings, notes, bundle, root_path)
+    out = CaResponseResult(
+        [str(p) for p in paths], result, findings, notes, bundle, root_path, signed_by
+    )
     save_step(params, "02_ca_response", out.summary())
     if out.errors and check:
         raise PreflightError(f"the CA's response is not usable: {reasons(out.errors)}")

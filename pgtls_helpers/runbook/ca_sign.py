@@ -29,7 +29,10 @@ def sign_with_backend(params: Params, csr_path: Path) -> Signed:
     out = params.work.path / "ca-answers" / utc_stamp()
     out.parent.mkdir(mode=0o700, exist_ok=True)
     try:
-        return backend.sign(SignRequest(data, params.common_name, names, params.change_id), out)
+        request = SignRequest(
+            data, params.common_name, names, params.change_id, state_dir=params.work.path.parent
+        )
+        return backend.sign(request, out)
     except CaError as exc:
         # what the runner reads to give the run the CA's exit status; never a secret
         save_step(

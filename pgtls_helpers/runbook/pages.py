@@ -324,6 +324,8 @@ def _certificate_section(m: Manifest) -> str:
     ]
     if m.verifier:
         rows.append(("trust verdict by", m.verifier))
+    if m.signed_by:
+        rows.append(("signed by", f"{m.signed_by} ({m.ca_reference or 'no reference'})"))
     return f'<h2 id="certificate">{head}</h2>' + _table_of(rows, ["", "value"])
 
 

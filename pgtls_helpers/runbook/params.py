@@ -89,7 +89,11 @@ class Params:
     )
     ca_mode: str = field(
         default="files",
-        metadata=_about("files: read ca_files; lab: a throwaway CA signs the CSR"),
+        metadata=_about("files: read ca_files; lab, acme, vault, command: that CA signs the CSR"),
+    )
+    ca_settings: Mapping[str, object] = field(
+        default_factory=dict,
+        metadata=_about("acme, vault, command: the CA's settings; secrets by name only"),
     )
     ca_files: tuple[str, ...] = field(
         default=(), metadata=_about("what the CA returned: PEM, DER, PKCS#7, PKCS#12 or folders")
@@ -411,8 +415,11 @@ def load_params(values: Mapping[str, Any], *, source: str = "parameters") -> Par
             f"{source}: change_id '{known['change_id']}' must be letters, digits, '.', '_' or "
             "'-' (it names directories)"
         )
-    if known.get("ca_mode", "files") not in ("lab", "files"):
-        raise InputError(f"{source}: ca_mode must be 'lab' or 'files', not '{known['ca_mode']}'")
+    mode = known.get("ca_mode", "files")
+    if mode not in ("lab", "files"):
+        from pgtls_helpers.ca import backend_for
+
+        backend_for(str(mode), known.get("ca_settings", {}), source)  # unusable: exit 2 now
     for name in ("key_passphrase_env", "ca_files_password_env"):
         env = known.get(name)
         if env and not _ENV_NAME.match(str(env)):

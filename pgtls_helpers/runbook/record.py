@@ -322,6 +322,8 @@ def run_manifest(
         unused_certificates=facts.unused_certificates,
         findings=facts.findings,
         verifier=facts.verifier,
+        signed_by=facts.signed_by,
+        ca_reference=facts.ca_reference,
         files=facts.files,
         planned_files=facts.planned_files,
         settings=facts.settings(before, after),

@@ -404,7 +404,7 @@ def run(
                 done, outcome = _run_steps(
                     params, record, nb_dir, kernel, progress, steps, into=done, hold=hold
                 )
-                exit_code = 0 if outcome in ("ok", "waiting-for-ca") else 1
+                exit_code = 0 if outcome in ("ok", "waiting-for-ca") else _failed_code(record)
                 after = None if phase_one else server_state(params)
     except KeyboardInterrupt:
         done = interrupt.mark_interrupted(done, steps, StepOutcome)
@@ -446,6 +446,17 @@ def run(
         finally:
             hold.close()  # the change lock, then the claim on the record
     return RunOutcome(record, outcome, exit_code, tuple(done), manifest)
+
+
+def _failed_code(record: Path) -> int:
+    """1, or the CA back-end's own status when the CA was down (4) or refused (5)."""
+    from pgtls_helpers.ca import CaRefused, CaUnavailable
+    from pgtls_helpers.runbook.manifest import JsonObject
+
+    s2 = JsonObject(rec.step_summaries(record).get("02_ca_response"))
+    return {"unavailable": CaUnavailable.exit_code, "refused": CaRefused.exit_code}.get(
+        s2.text("ca_failure"), 1
+    )
 
 
 def _start_lab(params: Params, base: Path) -> tuple[Params, LabCluster, dict[str, Any]]:

@@ -68,6 +68,8 @@ def run_summary(m: Manifest, record_dir: Path) -> str:
             "as they must be)"
         )
     leaf = m.leaf
+    if m.signed_by:
+        lines.append(f"signed by {m.signed_by}" + (f", {m.ca_reference}" if m.ca_reference else ""))
     if leaf and m.apply and m.outcome != "failed":
         lines.append(f"certificate: {leaf.cn}, until {leaf.not_after[:10]}, sha256 {leaf.sha256}")
     for f in m.written if m.outcome != "failed" and m.lab is None else ():  # see "in place now"

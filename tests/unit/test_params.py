@@ -45,7 +45,10 @@ def test_verify_hosts_default_to_cn_and_sans_without_duplicates() -> None:
     [
         ({"common_name": "db1"}, "'change_id' is missing"),
         ({"change_id": "../x", "common_name": "db1"}, "must be letters"),
-        ({"change_id": "c", "common_name": "db1", "ca_mode": "mail"}, "ca_mode must be"),
+        (
+            {"change_id": "c", "common_name": "db1", "ca_mode": "mail"},
+            "ca_mode .mail. is not one of",
+        ),
         (
             {"change_id": "c", "common_name": "db1", "key_passphrase_env": "hunter2 secret"},
             "name of an environment variable",
