@@ -100,6 +100,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_chain.py
 	$(BIN)/python bench/bench_probe.py
 	$(BIN)/python bench/bench_watch.py
+	$(BIN)/python bench/bench_unattended.py
 	$(BIN)/python bench/bench_runbook.py
 
 # The runbook on many servers (fleet/, README "Many servers"). The wheelhouse is what the
