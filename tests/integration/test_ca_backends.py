@@ -162,11 +162,11 @@ def test_a_command_ca_signs_with_real_openssl_and_its_failures_say_so(tmp_path: 
         backend_for("command", slow, "p").sign(SignRequest(csr, "x", (), "C"), tmp_path / "s")
 
 
-def _run_params(cluster: LabCluster, tmp_path: Path, bao: LabBao, **extra: object) -> Path:
+def _run_params(cluster: LabCluster, tmp_path: Path, bao: LabBao | None, **extra: object) -> Path:
     values: dict[str, object] = {
         "change_id": "CHG-bao",
-        "ca_mode": "vault",
-        "ca_settings": _vault(bao),
+        "ca_mode": "vault" if bao else "lab",
+        "ca_settings": _vault(bao) if bao else {},
         "apply": True,
         "server_host": "127.0.0.1",
         "server_port": cluster.port,
@@ -275,3 +275,28 @@ def test_the_unattended_demo_signs_and_renews_through_openbao(
     assert out.count("verdict: pass") == 2 and "signed by vault http://127.0.0.1:" in out, out
     assert "renewal: a verify-full client connected" in out, out
     assert sorted(p.name for p in records.iterdir())[0] == "lab-vault"
+
+
+def test_a_ca_answer_for_other_names_is_refused_at_intake_and_nothing_changes(
+    fresh_cluster: LabCluster,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A command CA that signs the key but for another name (no SANs, another CN): step 2's
+    intake refuses it, as it refuses such files from a person."""
+    monkeypatch.setenv("PGPASSFILE", str(fresh_cluster.passfile))
+    argv, _ = _openssl_ca(tmp_path)
+    argv[2] = argv[2].replace("-copy_extensions copy", "-subj /CN=other.example.com")
+    data = fresh_cluster.pgdata
+    before = {p.name: p.read_bytes() for p in data.iterdir() if p.is_file()}
+    values = yaml.safe_load(_run_params(fresh_cluster, tmp_path, None).read_text())
+    values.update(ca_mode="command", ca_settings={"command": argv}, change_id="CHG-other")
+    params = tmp_path / "other.yaml"
+    params.write_text(yaml.safe_dump(values, sort_keys=False))
+    where = ["--records", str(tmp_path / "r"), "--work", str(tmp_path / "w"), "--no-progress"]
+    code = cli_main(["run", str(params), *where])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "failed at step 2" in out and "127.0.0.1" in out and "nothing was changed" in out, out
+    assert {p.name: p.read_bytes() for p in data.iterdir() if p.is_file()} == before
