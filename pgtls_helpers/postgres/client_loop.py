@@ -48,6 +48,7 @@ class LoopResult:
     seconds: float
     before_switch: int | None = None  # connections made before the files were replaced
     failed_after_switch: int = 0
+    last_ok: bool = False  # its last connection logged in: the files it has now work
     by_serial: dict[str, int] = field(default_factory=dict)
     errors: tuple[str, ...] = ()  # the first distinct failure messages
 
@@ -59,6 +60,7 @@ class LoopResult:
             "seconds": round(self.seconds, 3),
             "before_switch": self.before_switch,
             "failed_after_switch": self.failed_after_switch,
+            "last_ok": self.last_ok,
             "by_serial": dict(self.by_serial),
             "errors": list(self.errors),
         }
@@ -200,6 +202,7 @@ class ClientLoop:
             seconds=self._seconds or time.monotonic() - self._started,
             before_switch=self._switch,
             failed_after_switch=after,
+            last_ok=bool(lines) and lines[-1].startswith("ok"),
             by_serial=serials,
             errors=tuple(errors),
         )

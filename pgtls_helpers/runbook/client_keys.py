@@ -226,7 +226,7 @@ def _key_and_csr(params: Params, client: _Client) -> ClientKey:
                 "never sent"
             )
         have, want = keys.describe_key(csr.public_key()), _key_label(params.key_type)
-        if have != want:
+        if have != want and not params.reuse_key:
             raise PreflightError(
                 f"{cw.csr}: the CSR already made for client {client.os_user} has an {have} "
                 f"key, not {want}; set key_type back, or use a new change_id for new keys"
@@ -239,11 +239,20 @@ def _key_and_csr(params: Params, client: _Client) -> ClientKey:
                     f"{cw.path} and run c1 again for a new key and CSR"
                 )
             del key
+        elif params.reuse_key:  # the CSR is of the installed key, which must still be there
+            _installed_client_key(client, want=spki_sha256(csr.public_key()))
         elif not cw.bundle.exists():  # not installed (c3 removes the copy), and gone
             raise PreflightError(
                 f"{cw.key}: the key of client {client.os_user} is gone, so a certificate for "
                 f"{cw.csr} could never be used; delete {cw.path} and run c1 again"
             )
+    elif params.reuse_key:
+        # a renewal that keeps the key: only postgresql.crt changes, in one rename, so no
+        # connecting client can meet a certificate and a key that do not match
+        key = _installed_client_key(client)
+        csr = pkiclient.build_client_csr(client.subject, key)
+        files.atomic_write(cw.csr, csr_pem(csr), mode=0o644)
+        del key
     else:
         key = keys.generate_key(params.key_type)
         csr = pkiclient.build_client_csr(client.subject, key)
@@ -256,14 +265,38 @@ def _key_and_csr(params: Params, client: _Client) -> ClientKey:
         os_user=client.os_user,
         role=client.role,
         subject=pkiclient.rfc4514_dn(client.subject),
-        key_path=cw.key,
+        key_path=_installed_key_path(client) if params.reuse_key else cw.key,
         csr_path=cw.csr,
-        key_type=params.key_type,
+        key_type=keys.describe_key(csr.public_key()) if params.reuse_key else params.key_type,
         csr_text=render_csr(csr),
         csr_sha256=files.sha256_hex(cw.csr.read_bytes()),
         public_key_sha256=spki_sha256(csr.public_key()),
         reused=reused,
     )
+
+
+def _installed_key_path(client: _Client) -> Path:
+    (user,) = resolve_client_users([client.os_user], source="clients")
+    return user.client_key
+
+
+def _installed_client_key(client: _Client, *, want: str | None = None) -> keys.PrivateKey:
+    """``reuse_key``: the client's installed ``~/.postgresql/postgresql.key``, read as its
+    file (no link followed, never copied); with ``want``, it must be that public key's."""
+    (user,) = resolve_client_users([client.os_user], source="clients")
+    found = client_file(user.client_key, user.uid) if user.client_key.parent.is_dir() else None
+    if found is None:
+        raise PreflightError(
+            f"reuse_key: {user.client_key} is not there, so client {client.os_user} has no key "
+            "to renew with; set reuse_key: false for a new key"
+        )
+    key = keys.load_key(found[0], source=str(user.client_key), validate=False)
+    if want is not None and spki_sha256(key.public_key()) != want:
+        raise PreflightError(
+            f"reuse_key: {user.client_key} is no longer the key of the CSR made for client "
+            f"{client.os_user}; use a new change_id"
+        )
+    return key
 
 
 # --------------------------------------------------------------------------- c2
@@ -694,15 +727,24 @@ def step_c3_install_clients(params: Params) -> ClientInstallResult:
         for loop in loops:
             loop.wait_for(LOOP_AFTER, timeout=LOOP_TIMEOUT)
     client_loop = _loop_summary(params, loops, plan) if loops else None
-    if client_loop is not None and client_loop["failed"]:
+    broken = [c for c in client_loop["clients"] if not c["last_ok"]] if client_loop else []
+    if client_loop is not None and broken:
         undo_change(params, server=None, reason="undone")
-        first = next(c for c in client_loop["clients"] if c["failed"])
+        first = broken[0]
         raise ServerError(
             f"{client_loop['failed']} of {client_loop['connections']} connections of a client "
             f"looping across the switch failed (first: {first['os_user']}: "
             f"{(first['errors'] or ['?'])[0]}); every client file was put back. Does the "
             "server trust the new certificates' root (ssl_ca_file)? Trust it first (c4), "
             "then renew"
+        )
+    if client_loop is not None and client_loop["failed"]:
+        loop_notes.append(
+            f"{client_loop['failed']} of {client_loop['connections']} connections failed at the "
+            "switch, and the new files work: a connection that read the old certificate just "
+            "before the renames and the new key just after them cannot log in (libpq reads "
+            "the two files one after the other); reuse_key: true keeps the key, so only "
+            "postgresql.crt changes, in one rename"
         )
     # After the install the only copies of each key are the installed one and its backup.
     removed = []

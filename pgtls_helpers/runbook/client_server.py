@@ -810,7 +810,35 @@ def _apply(
             "reload (did it load ssl_ca_file? its log says why); ssl_ca_file, pg_hba.conf and "
             "pg_ident.conf were rolled back and the server reloaded"
         )
+    kept = {ident.server_dn(r.subject) for r in plan.roots_after}
+    retired = [ident.server_dn(r.subject) for r in plan.roots_retired]
+    still = _still_asked_for(
+        plan.host_ip, params.server_port, [r for r in retired if r not in kept]
+    )
+    if still:
+        raise ServerError(
+            f"{params.server_host}:{params.server_port} still names {', '.join(still)} among "
+            "the CAs it accepts client certificates from after the reload; ssl_ca_file, "
+            "pg_hba.conf and pg_ident.conf were rolled back and the server reloaded"
+        )
     return files.InstallResult(tuple(written)), applied
+
+
+def _still_asked_for(
+    host: str, port: int, names: Sequence[str], *, timeout: float = 5.0
+) -> list[str]:
+    """The retired roots' names the server still sends when it asks for a certificate."""
+    if not names:
+        return []
+    deadline = time.monotonic() + timeout
+    while True:
+        asked = asked_ca_names(host, port)
+        if asked is None:
+            return []  # no openssl here: c5 proves the clients still log in
+        still = [n for n in names if n in asked]
+        if not still or time.monotonic() >= deadline:
+            return still
+        time.sleep(0.2)
 
 
 _CA_NAMES = "Acceptable client certificate CA names"

@@ -522,7 +522,32 @@ def restore_files(changes: Sequence[FileChange], *, work_key: Path) -> list[Rest
     so the change can be redone without a new CSR and the key exists in one place.
     """
     done: list[Restored] = []
+    # a client's certificate and key go back together, certificate first, as c3 wrote them
+    # (see Journal.write_client_swap), so a client connecting meanwhile meets a matching pair
+    pairs: dict[tuple[Path, int], list[FileChange]] = {}
+    for change in changes:
+        if change.kind in ("client.crt", "client.key") and change.backup and change.uid is not None:
+            pairs.setdefault((change.target.parent, change.uid), []).append(change)
+    swapped: set[Path] = set()
     for change in reversed(changes):
+        if change.target in swapped:
+            continue
+        group = pairs.get((change.target.parent, -1 if change.uid is None else change.uid), [])
+        if len(group) > 1 and change in group:
+            ordered = sorted(group, key=lambda c: (c.kind != "client.crt", c.target.name))
+            backups = [c.backup for c in ordered if c.backup is not None]
+            clients.write_client_files(
+                [
+                    (c.target, b.read_bytes(), stat.S_IMODE(b.stat().st_mode))
+                    for c, b in zip(ordered, backups, strict=True)
+                ],
+                uid=group[0].uid or 0,
+                gid=group[0].gid if group[0].gid is not None else backups[0].stat().st_gid,
+            )
+            for c in ordered:
+                done.append(Restored(c.target, "restored"))
+                swapped.add(c.target)
+            continue
         if change.kind == "auto.conf" and not change.readable:
             continue  # only ALTER SYSTEM can undo it (see rollback)
         current = change.current_sha256()

@@ -52,6 +52,8 @@ class Step:
 
     def waits(self, params: Params) -> bool:
         """In ``ca_mode: files`` with no answer listed yet, this step waits for the CA."""
+        if _rotation_only(params):
+            return False  # a client-CA rotation's trust or retire change sends no CSR
         return self.needs_ca and params.ca_mode == "files" and not getattr(params, self.answer)
 
     def skipped(self, params: Params, *, phase_one: bool) -> tuple[str, str] | None:
@@ -59,13 +61,18 @@ class Step:
         # phase_one: the run's steps need the CA's answer and it has not come (see needs_ca)
         if phase_one and self.needs_ca:
             return "not-run", f"waiting for the CA's response ({self.answer} is empty)"
-        if self.issues and (params.trust_client_roots or params.retire_client_roots):
+        if self.issues and _rotation_only(params):
             return "skipped", (
                 "this change only trusts or retires client roots: the clients keep their files"
             )
         if self.proves and not params.apply:
             return "skipped", "apply is false: nothing was changed, so there is nothing to verify"
         return None
+
+
+def _rotation_only(params: Params) -> bool:
+    """A client-CA rotation's change that only trusts or retires roots."""
+    return bool(params.trust_client_roots or params.retire_client_roots)
 
 
 SERVER: tuple[Step, ...] = (

@@ -43,3 +43,17 @@ def test_skips_follow_the_registry() -> None:
         "04_enable_ssl",
         "client_trust",
     ]
+
+
+def test_a_client_ca_rotations_trust_or_retire_change_runs_only_c4_and_c5() -> None:
+    from pgtls_helpers.runbook.steps import CLIENTS, waits_for_the_ca
+
+    issue = Params(change_id="CHG-1", common_name="db1.example.com", apply=True)
+    assert waits_for_the_ca(issue, CLIENTS)  # ca_mode files, no client_ca_files yet
+    for change in (
+        dataclasses.replace(issue, trust_client_roots=("new-root.crt",)),
+        dataclasses.replace(issue, retire_client_roots=("ab" * 32,)),
+    ):
+        assert not waits_for_the_ca(change, CLIENTS)  # no CSR goes to a CA
+        run = [s.name for s in CLIENTS if s.skipped(change, phase_one=False) is None]
+        assert run == ["c4_server_trust", "c5_verify_clients"]
