@@ -49,7 +49,7 @@ from pgtls_helpers.runbook.enable import EnablePlan, check_enable, prove_hba
 from pgtls_helpers.runbook.journal import Journal
 from pgtls_helpers.runbook.params import Params
 from pgtls_helpers.runbook.renewal import cert_row
-from pgtls_helpers.runbook.trust import _load_certs as load_ca_certs
+from pgtls_helpers.runbook.trust import load_certs as load_ca_certs
 from pgtls_helpers.runbook.trust import parse_fingerprint
 from pgtls_helpers.runbook.undo import undo_change
 

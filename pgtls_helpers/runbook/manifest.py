@@ -738,6 +738,23 @@ def _renewal_of(plan: JsonObject, reload: JsonObject) -> Renewal | None:
     )
 
 
+def _client_renewal(c3: JsonObject) -> Renewal | None:
+    """The client runbook's c3 replacing installed client certificates under a client loop."""
+    loop = c3.obj("client_loop")
+    if "connections" not in loop:
+        return None
+    return Renewal(
+        kind="client certificates renewed",
+        served_root=None,
+        new_root=None,
+        names_added=(),
+        names_dropped=(),
+        served_before=None,
+        served_after=None,
+        loop=Loop.read(loop),
+    )
+
+
 @dataclass(frozen=True)
 class StepFacts:
     """What the steps' summaries say, typed: the part of a manifest the steps decide."""
@@ -840,9 +857,10 @@ def from_steps(summaries: Mapping[str, object]) -> StepFacts:
         sessions_refused=tuple(Session.read(s) for s in sessions) if sessions is not None else None,
         presented_chain=tuple(Certificate.read(c) for c in s4.objs("presented")),
         tls_version=s4.opt("tls_version"),
-        renewal=_renewal_of(s3.obj("renewal"), s4.obj("renewal")),
+        renewal=_renewal_of(s3.obj("renewal"), s4.obj("renewal")) or _client_renewal(c3),
         trust_added=tuple(Certificate.read(c) for c in trust.objs("added")),
-        trust_removed=trust.strs("removed"),
+        trust_removed=trust.strs("removed")
+        or tuple(Certificate.read(c).subject for c in c4.objs("roots_retired")),
         client_certificates=tuple(
             ClientCertificate.read(c)
             for c in JsonObject(summaries.get("c2_client_certs")).objs("clients")

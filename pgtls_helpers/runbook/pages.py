@@ -475,6 +475,11 @@ def _clients_body(m: Manifest) -> list[str]:
             + ["until", "serial"],
         )
     )
+    out.append(_renewal_section(m))
+    if m.trust_removed:
+        out.append("<h2>Client roots retired from ssl_ca_file</h2><ul>")
+        out += [f"<li>{text(r)}</li>" for r in m.trust_removed]
+        out.append("</ul>")
     out += ["<h2>Files</h2>", _files_section(m), _settings_section(m)]
     for name, diff, written in (
         ("pg_hba.conf", m.hba_diff, m.hba_written),

@@ -61,7 +61,7 @@ def parse_fingerprint(text: str) -> str | None:
     return plain if _HEX.match(plain) else None
 
 
-def _load_certs(path: Path, what: str) -> list[x509.Certificate]:
+def load_certs(path: Path, what: str) -> list[x509.Certificate]:
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -94,7 +94,7 @@ def _removals(params: Params) -> set[str]:
         if fp:
             out.add(fp)
         elif Path(item).exists():
-            out |= {chainmod.fingerprint(c) for c in _load_certs(Path(item), "remove_roots")}
+            out |= {chainmod.fingerprint(c) for c in load_certs(Path(item), "remove_roots")}
         else:
             raise InputError(
                 f"remove_roots: '{item}' is neither a file nor a SHA-256 fingerprint (64 hex "
@@ -170,7 +170,7 @@ def client_trust(params: Params) -> TrustResult:
         )
     add: list[x509.Certificate] = []
     for item in params.add_roots:
-        add += _load_certs(Path(item), "add_roots")
+        add += load_certs(Path(item), "add_roots")
     remove = _removals(params)
     hostaddr = address_of(params.server_host)
     now = probe(hostaddr, params.server_port, timeout=5.0)
