@@ -4,7 +4,10 @@
 it, for ``pgtls run``. ``notebook`` (``make notebook``) opens the notebooks in JupyterLab
 against a lab cluster, for the interactive path; as root it also makes the lab's client OS user
 (named in ``client_os_user`` in the lab directory), which ``down`` removes with the cluster.
-JupyterLab's log goes to ``jupyterlab.log`` there too.
+JupyterLab's log goes to ``jupyterlab.log`` there too. With ``apply: true`` on a server that is
+not a lab cluster, ``notebook`` says which server will change, the notebooks apply nothing until
+the DBA presses the button naming it, and the session's record is written when JupyterLab stops
+(:mod:`pgtls_helpers.runbook.interactive`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import yaml
 
 from pgtls_helpers.errors import PgtlsError
 from pgtls_helpers.lab import LabCluster, free_port
+from pgtls_helpers.runbook import interactive
 from pgtls_helpers.runbook.record import pgtls_command
 from pgtls_helpers.runbook.runner import remove_lab_client_user
 
@@ -218,6 +222,13 @@ def prepare_lab_notebooks(args: argparse.Namespace) -> tuple[Any, Path, dict[str
         env["PGPASSFILE"] = str(cluster.passfile)
         _out(f"lab cluster on {cluster.host}:{cluster.port} ({'new' if new else 'reused'})")
     target = Path(args.work).resolve() / "notebooks" / params.change_id
+    # an earlier session here that changed the server and was not recorded (its terminal was
+    # killed) is recorded now, before its notebooks are replaced
+    earlier = interactive.seal_session(target)
+    if earlier is not None:
+        _out(f"record of the earlier session in {target}: {earlier / 'index.html'}")
+    if params.apply and not params.lab_cluster:
+        params = _start_session(params, target, args, values)
     prepare_notebooks(params, target)
     _out(f"notebooks for change {params.change_id} in {target}")
     _out(f"  work directory (key, CSR, subject.json): {params.work.path}")
@@ -230,6 +241,46 @@ def prepare_lab_notebooks(args: argparse.Namespace) -> tuple[Any, Path, dict[str
         _out(f"to start over (a new cluster, an empty work directory): {again}; make notebook")
         _out(f"when done: {again}")
     return params, target, env
+
+
+def _data_directory(params: Any) -> tuple[str | None, str]:
+    """The server's data directory (``pgdata``, else asked from the server), and how known."""
+    from pgtls_helpers.postgres.server import Server
+
+    if params.pgdata:
+        return params.pgdata, "from the parameters"
+    try:
+        with Server({**params.conninfo(), "connect_timeout": 5}) as server:
+            return server.show("data_directory"), "as the server says"
+    except PgtlsError as exc:
+        return None, f"not known: {exc}"
+
+
+def _start_session(params: Any, target: Path, args: argparse.Namespace, values: Any) -> Any:
+    """An interactive session that will change a real server: say which one, loudly, and
+    prepare the confirmation and the record (:mod:`pgtls_helpers.runbook.interactive`)."""
+    from pgtls_helpers.runbook.snapshot import server_state
+
+    pgdata, how = _data_directory(params)
+    records = Path(getattr(args, "records", None) or "records").resolve()
+    params = interactive.start_session(
+        params,
+        target,
+        params_file=Path(args.params),
+        values=values,
+        records_dir=records,
+        data_directory=pgdata,
+        server_before=server_state(params),
+    )
+    server = f"{params.server_host}:{params.server_port}"
+    _out(f"THESE NOTEBOOKS CHANGE A REAL SERVER: {server} (change {params.change_id})")
+    _out(f"  data directory: {pgdata + ' (' + how + ')' if pgdata else how}")
+    _out(
+        f'  nothing is applied until you press "Apply to {server}" at the top of a notebook; '
+        "save each notebook (Ctrl-S) before you stop JupyterLab"
+    )
+    _out(f"  the record goes to {records / params.change_id}/<stamp>/ when JupyterLab stops")
+    return params
 
 
 def jupyterlab_argv(root: Path, port: int) -> list[str]:
@@ -271,6 +322,11 @@ def notebook(args: argparse.Namespace) -> int:
     change id ``<change_id>-notebook``, so nothing ``make demo`` left is reused. JupyterLab
     listens on ``--port`` (default 8888, or a free one when that is taken); its log goes to
     ``jupyterlab.log`` in ``--dir``, and one line gives the URL with its token.
+
+    With ``apply: true`` on any other server the terminal and every notebook say which server
+    changes; the notebooks apply nothing until the DBA presses the button that names it, and
+    when JupyterLab stops a session that applied something is recorded in
+    ``records/<change_id>/<stamp>/`` (the notebooks as saved, the manifest, the index page).
     """
     _params, target, env = prepare_lab_notebooks(args)
     port = args.port or (_DEFAULT_PORT if _port_free(_DEFAULT_PORT) else free_port())
@@ -313,6 +369,9 @@ def notebook(args: argparse.Namespace) -> int:
             proc.kill()
             proc.wait()
     _out("JupyterLab stopped")
+    record = interactive.seal_session(target)
+    if record is not None:
+        _out(f"record of this session's change: {record / 'index.html'}")
     return 0
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, TypeVar
 from cryptography import x509
 
 from pgtls_helpers.errors import PgtlsError
+from pgtls_helpers.runbook import interactive
 from pgtls_helpers.runbook.params import Params
 
 if TYPE_CHECKING:
@@ -37,11 +38,20 @@ _T = TypeVar("_T")
 def apply_step(step: Callable[[Params], _T], params: Params) -> _T | None:
     """Run a step that changes the server, when ``apply`` is true; else return None.
 
-    A failure is shown as a red box before it is raised again, so the notebook and its record
-    say plainly what went wrong and what was undone.
+    In a session of ``make notebook`` against a real server the step first needs the DBA's
+    confirmation (the button at the top of the notebook): before it, this refuses in one
+    sentence and changes nothing; after it, the step is noted for the session's record. A
+    headless run has no session and is not asked. A failure is shown as a red box before it is
+    raised again, so the notebook and its record say plainly what went wrong and what was
+    undone.
+
+    Raises:
+        NotConfirmed: an interactive session's server is not confirmed yet.
     """
     if not params.apply:
         return None
+    interactive.require_confirmation(params)
+    interactive.note_applied(params, getattr(step, "__name__", repr(step)))
     try:
         return step(params)
     except PgtlsError as exc:

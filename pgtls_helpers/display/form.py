@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from pgtls_helpers.errors import InputError
 from pgtls_helpers.pki.subject import READING_ORDER, subject_from
+from pgtls_helpers.runbook import interactive
 from pgtls_helpers.runbook.params import PARAMETER_NAMES, Params, load_params, redacted
 
 if TYPE_CHECKING:
@@ -45,6 +46,10 @@ def notebook_params(namespace: Mapping[str, Any], *, names_from_csr: bool = Fals
     the CSR form; a note says so. A refusal here (or in any later cell) shows as its sentence
     alone (:class:`~pgtls_helpers.errors.PgtlsError` renders itself for IPython); a real bug
     keeps its traceback.
+
+    In a session of ``make notebook`` that changes a real server, the first output is
+    :class:`ApplyConfirmation`: which server changes, and the button that lets the apply steps
+    change it.
     """
     declared = namespace.get("__annotations__") or {}
     values = {name: namespace[name] for name in PARAMETER_NAMES if name in namespace}
@@ -57,6 +62,9 @@ def notebook_params(namespace: Mapping[str, Any], *, names_from_csr: bool = Fals
             "cannot tell what it is relative to; start JupyterLab with `make notebook` (it "
             "injects your parameters file) or give an absolute work_dir"
         )
+    session = interactive.session_of(params)
+    if session is not None and params.apply:
+        show_now(ApplyConfirmation(params, session))
     if names_from_csr:
         from pgtls_helpers.runbook.key_and_csr import names_from_csr as csr_names
 
@@ -64,6 +72,68 @@ def notebook_params(namespace: Mapping[str, Any], *, names_from_csr: bool = Fals
         if params is not given:
             show_now(names_note(given, params))
     return params
+
+
+class ApplyConfirmation:
+    """Which real server this interactive session changes, and the button that allows it.
+
+    The apply steps (:func:`pgtls_helpers.display.changes.apply_step`) refuse until the button,
+    which names the server, is pressed in any notebook of the session; the confirmation is kept
+    beside the notebooks (:func:`pgtls_helpers.runbook.interactive.confirm`), so it holds for
+    every notebook of the session, and it goes with the session's record.
+    """
+
+    def __init__(self, params: Params, session: interactive.Session) -> None:
+        import ipywidgets as w
+
+        self._params = params
+        server = f"{params.server_host}:{params.server_port}"
+        where = (
+            f"data directory {session.data_directory}"
+            if session.data_directory
+            else "data directory not known yet (step 3 asks the server)"
+        )
+        self.text = (
+            f"This session changes the real server {server} ({where}) for change "
+            f"{params.change_id}; its apply steps do nothing until you press the button."
+        )
+        self.button = w.Button(
+            description=f"Apply to {server}",
+            button_style="danger",
+            icon="exclamation-triangle",
+            layout=w.Layout(width="auto"),
+        )
+        self.status = w.HTML()
+        done = interactive.confirmation_of(params)
+        if done is not None:
+            self._confirmed(done)
+        self.button.on_click(self._on_confirm)
+        warning = banner(self.text, BAD, "A real server")
+        self.box = w.VBox([w.HTML(warning.html), w.HBox([self.button, self.status])])
+
+    def _confirmed(self, done: interactive.Confirmation) -> None:
+        self.button.disabled = True
+        self.status.value = (
+            f'<span style="color:{OK};margin-left:8px">confirmed by {esc(done.confirmed_by)} at '
+            f"{esc(done.confirmed_utc)}: the apply steps of this session change "
+            f"{esc(done.server)}</span>"
+        )
+
+    def _on_confirm(self, _button: object = None) -> None:
+        self._confirmed(interactive.confirm(self._params))
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        bundle = dict(self.box._repr_mimebundle_(**kwargs) or {})
+        done = interactive.confirmation_of(self._params)
+        state = (
+            f"confirmed by {done.confirmed_by} at {done.confirmed_utc}"
+            if done
+            else "not confirmed yet"
+        )
+        bundle["text/plain"] = f"A real server: {self.text} ({state})"
+        # what a saved notebook and its record show without a live kernel
+        bundle["text/html"] = banner(f"{self.text} ({state})", BAD, "A real server").html
+        return bundle
 
 
 def names_note(given: Params, used: Params) -> Rendered:
