@@ -125,8 +125,17 @@ def _add_watch(sub: argparse._SubParsersAction) -> None:
         help="also read ssl_cert_file (and ssl_crl_file, ssl_crl_dir) through libpq: renewed "
         "on disk but not reloaded?",
     )
-    w.add_argument("--user", metavar="ROLE", help="--on-disk: the role libpq logs in as")
-    w.add_argument("--dbname", default="postgres", help="--on-disk, --sessions: the database")
+    w.add_argument(
+        "--user",
+        metavar="ROLE",
+        help="--on-disk, --sessions: the role libpq logs in as (default: $PGUSER, else the OS "
+        "user, as psql); the password from PGPASSWORD, PGPASSFILE or ~/.pgpass",
+    )
+    w.add_argument(
+        "--dbname",
+        default="postgres",
+        help="--on-disk, --sessions: the database libpq logs in to (default: %(default)s)",
+    )
     w.add_argument(
         "--client-user",
         action="append",

@@ -417,11 +417,25 @@ def _perf_label(label: str) -> str:
     return label if _PLAIN_LABEL.match(label) else "'" + label.replace("'", "''") + "'"
 
 
+def _ok_facts(r: TargetResult) -> str:
+    """What an ok target rests on: ``TLSv1.3, 396 days left``."""
+    days = f"{r.days_left} days left" if r.days_left is not None else None
+    return ", ".join(f for f in (r.tls_version, days) if f)
+
+
 def _line(r: TargetResult) -> str:
+    """The target in the status line: its reason codes, or for an ok one what it rests on (the
+    status is the line's own ``OK``, or counted before the targets)."""
     if r.status == "ok":
-        days = f", {r.days_left} days left" if r.days_left is not None else ""
-        return f"{r.target} ok ({r.tls_version}{days})"
+        return f"{r.target} {_ok_facts(r)}".rstrip()
     return f"{r.target} {', '.join(r.reasons)}"
+
+
+def _long_line(r: TargetResult, *, status: bool) -> str:
+    """A target in the long output: the sentence of each reason, after its status unless the
+    status line's is the target's own."""
+    said = "; ".join(r.details) or _ok_facts(r) or "no reason"
+    return f"{r.target} {r.status}: {said}" if status else f"{r.target}: {said}"
 
 
 def _plural(count: int, one: str) -> str:
@@ -472,9 +486,16 @@ def render_nagios(
         parts.append(_line(results[0]))
     elif results:
         by_severity = sorted(STATUSES, key=_SEVERITY.__getitem__, reverse=True)
-        tally = ", ".join(f"{counts[s]} {s}" for s in by_severity if counts[s])
         bad = [_line(r) for r in ordered if r.status != "ok"]
-        parts.append(tally + (": " + "; ".join(bad) if bad else ""))
+        if bad:
+            tally = ", ".join(f"{counts[s]} {s}" for s in by_severity if counts[s])
+            parts.append(f"{tally}: {'; '.join(bad)}")
+        else:  # every target ok: the status says so, the count and the nearest expiry do not
+            soonest = ordered[0]
+            nearest = f", fewest days left {soonest.days_left} ({soonest.target})"
+            parts.append(
+                f"{len(results)} targets" + (nearest if soonest.days_left is not None else "")
+            )
     parts.extend(_extra_phrases(clients, every_crl))
     text = "; ".join(parts)
     several = len(results) > 1
@@ -498,7 +519,11 @@ def render_nagios(
     first = f"PGTLS {status} - {text.replace('|', '/')}"
     if perf:
         first += " | " + " ".join(perf)
-    long = [f"{r.target} {r.status}: {'; '.join(r.details) or 'ok'}" for r in ordered]
+    # one ok target is said whole by the status line: a line of its own would repeat it
+    said_whole = len(results) == 1 and results[0].status == "ok"
+    long: list[str] = []
+    if not said_whole:
+        long = [_long_line(r, status=several or r.status.upper() != status) for r in ordered]
     for r in ordered:
         if r.sessions is not None:
             long.append(f"{r.target} sessions: {_sessions_sentence(r.sessions)}")

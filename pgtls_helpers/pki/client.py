@@ -121,7 +121,9 @@ def common_name(name: x509.Name) -> str | None:
 
 
 def rfc4514_dn(name: x509.Name) -> str:
-    """RFC 4514, with ``emailAddress=`` rather than its dotted OID."""
+    """RFC 4514, with ``emailAddress=`` rather than its dotted OID: the one way the records,
+    ``pgtls watch`` and ``pgtls probe`` print a name (``postgres/wire.py``'s ``rfc4514`` gives the
+    same string from OpenSSL's decoding, where cryptography is not loaded)."""
     return name.rfc4514_string({NameOID.EMAIL_ADDRESS: "emailAddress"})
 
 

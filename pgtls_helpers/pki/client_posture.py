@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 from cryptography import x509
 
-from pgtls_helpers.pki.client import stat_ssl_dn
+from pgtls_helpers.pki.client import rfc4514_dn, stat_ssl_dn
 
 __all__ = [
     "CLIENT_REASONS",
@@ -162,7 +162,7 @@ def judge_client_cert(
     leaf = certs[0]
     found: list[tuple[str, str]] = []
     worst = min(certs, key=lambda c: c.not_valid_after_utc)
-    role = "certificate" if worst is leaf else f"intermediate {worst.subject.rfc4514_string()}"
+    role = "certificate" if worst is leaf else f"intermediate {rfc4514_dn(worst.subject)}"
     end = worst.not_valid_after_utc
     days = (end - now).days
     if end <= now:
@@ -179,7 +179,7 @@ def judge_client_cert(
         found.append(
             (
                 "not-yet-valid",
-                f"{first.subject.rfc4514_string()} is not valid before "
+                f"{rfc4514_dn(first.subject)} is not valid before "
                 f"{first.not_valid_before_utc:%Y-%m-%d %H:%M} UTC",
             )
         )
@@ -199,8 +199,8 @@ def judge_client_cert(
         status=_status(found, CLIENT_REASONS, days, crit_days),
         reasons=tuple(c for c, _ in found),
         details=tuple(s for _, s in found),
-        subject=leaf.subject.rfc4514_string(),
-        issuer=leaf.issuer.rfc4514_string(),
+        subject=rfc4514_dn(leaf.subject),
+        issuer=rfc4514_dn(leaf.issuer),
         serial=leaf.serial_number,
         sha256=sha256,
         not_after=end,
@@ -269,7 +269,7 @@ def judge_crl(
     now: _dt.datetime,
 ) -> CrlResult:
     """Status and reasons for one CRL (its nextUpdate and thisUpdate against ``now``)."""
-    issuer = crl.issuer.rfc4514_string()
+    issuer = rfc4514_dn(crl.issuer)
     nxt = crl.next_update_utc
     this = crl.last_update_utc
     found: list[tuple[str, str]] = []

@@ -17,6 +17,7 @@ from cryptography import x509
 
 from pgtls_helpers.errors import InputError
 from pgtls_helpers.pki.chain import is_ca, is_self_signed, issued_by
+from pgtls_helpers.pki.client import rfc4514_dn
 from pgtls_helpers.pki.client_posture import CrlResult, SessionInventory
 from pgtls_helpers.pki.hostname import check_host, explain
 from pgtls_helpers.pki.target import DEFAULT_PORT, format_target
@@ -37,6 +38,7 @@ REASONS: dict[str, str] = {
     "unreachable": "unknown",
     "timeout": "unknown",
     "not-postgres": "unknown",
+    "on-disk-unreadable": "unknown",
 }
 _WEAK = {"SSLv2", "SSLv3", "TLSv1", "TLSv1.1"}
 WIRE_REASONS = {"timeout": "timeout", "not-postgres": "not-postgres", "no-ssl": "no-ssl"}
@@ -179,7 +181,7 @@ def summary(results: Sequence[TargetResult]) -> dict[str, int]:
 
 
 def _label(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string() or "(empty subject)"
+    return rfc4514_dn(cert.subject) or "(empty subject)"
 
 
 def role_of(cert: x509.Certificate, index: int) -> str:
@@ -213,7 +215,7 @@ def _chain_shape(
     anchor = next((r for r in roots if _issued_by(top, r)), None)
     if anchor is not None:
         return None, None, anchor
-    issuer = top.issuer.rfc4514_string()
+    issuer = rfc4514_dn(top.issuer)
     if len(chain) == 1 or not is_ca(top):
         return (
             f"the server presents {_label(top)} without its issuer {issuer}, and --root does "
@@ -326,10 +328,12 @@ def classify(
     options: WatchOptions,
     plaintext: str | None = None,
     on_disk_leaf: x509.Certificate | None = None,
+    on_disk_error: str | None = None,
     at: _dt.datetime | None = None,
 ) -> tuple[list[tuple[str, str]], bool | None, bool | None, int | None]:
     """The reasons (code, sentence) for a completed handshake, ``verified``, ``hostname_ok``
-    and the worst element's days left."""
+    and the worst element's days left; ``on_disk_error`` is why ``--on-disk`` read nothing
+    (or not all), a reason of its own: what was asked is not known."""
     now = at or _dt.datetime.now(_dt.UTC)
     found: list[tuple[str, str]] = []
     if not chain:
@@ -358,6 +362,8 @@ def classify(
                 "old certificate: reload the server (SELECT pg_reload_conf())",
             )
         )
+    if on_disk_error is not None:
+        found.append(("on-disk-unreadable", f"--on-disk: {on_disk_error}"))
     return found, verified, host_check.matched, days
 
 

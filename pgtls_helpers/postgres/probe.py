@@ -29,6 +29,7 @@ __all__ = [
     "chain_rows",
     "fingerprint",
     "format_target",
+    "leaf_validity",
     "parse_target",
     "probe",
     "probe_many",
@@ -121,15 +122,43 @@ fingerprint = chainmod.fingerprint  # the one fingerprint: SHA-256 of the DER, l
 
 def chain_rows(result: ProbeResult) -> list[dict[str, str]]:
     """The presented chain as rows ``{"sha256", "subject", "issuer"}``: RFC 4514 names with
-    ``emailAddress`` by name, as ``openssl x509 -subject -nameopt RFC2253`` prints them."""
-    from cryptography.x509.oid import NameOID
+    ``emailAddress`` by name (:func:`pgtls_helpers.pki.client.rfc4514_dn`)."""
+    from pgtls_helpers.pki.client import rfc4514_dn
 
-    names = {NameOID.EMAIL_ADDRESS: "emailAddress"}
     return [
         {
             "sha256": fingerprint(cert),
-            "subject": cert.subject.rfc4514_string(names),
-            "issuer": cert.issuer.rfc4514_string(names),
+            "subject": rfc4514_dn(cert.subject),
+            "issuer": rfc4514_dn(cert.issuer),
         }
         for cert in result.chain
     ]
+
+
+def leaf_validity(cert: x509.Certificate) -> tuple[int, list[str]]:
+    """Not-after (whole seconds since the epoch) and the subjectAltName entries as ``DNS:name``,
+    ``IP:address``, ``email:...``, ``URI:...`` (other kinds by their type), as ``pgtls probe``
+    prints them for the leaf."""
+    from cryptography import x509 as _x509
+
+    from pgtls_helpers.pki.client import rfc4514_dn
+
+    try:
+        ext = cert.extensions.get_extension_for_class(_x509.SubjectAlternativeName).value
+    except _x509.ExtensionNotFound:
+        ext = None
+    names: list[str] = []
+    for general in ext or ():
+        if isinstance(general, _x509.DNSName):
+            names.append(f"DNS:{general.value}")
+        elif isinstance(general, _x509.IPAddress):
+            names.append(f"IP:{general.value}")
+        elif isinstance(general, _x509.RFC822Name):
+            names.append(f"email:{general.value}")
+        elif isinstance(general, _x509.UniformResourceIdentifier):
+            names.append(f"URI:{general.value}")
+        elif isinstance(general, _x509.DirectoryName):
+            names.append(f"DirName:{rfc4514_dn(general.value)}")
+        else:
+            names.append(f"{type(general).__name__}:{general.value!r}")
+    return int(cert.not_valid_after_utc.timestamp()), names

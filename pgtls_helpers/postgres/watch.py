@@ -15,7 +15,8 @@ warning   ``expires-soon`` (within the warning days), ``plaintext-accepted``, ``
           (below TLS 1.2), ``on-disk-differs``
 critical  ``expired``, ``expires-soon`` (within the critical days), ``incomplete-chain``,
           ``untrusted``, ``hostname-mismatch``, ``no-ssl``
-unknown   ``unreachable``, ``timeout``, ``not-postgres``
+unknown   ``unreachable``, ``timeout``, ``not-postgres``, ``on-disk-unreadable`` (``--on-disk``
+          could not log in or read the files)
 ========  =====================================================================================
 
 Every element of the presented chain counts (and the trust anchor from ``--root``), not only
@@ -42,6 +43,7 @@ from typing import Any
 from cryptography import x509
 
 from pgtls_helpers.errors import InputError
+from pgtls_helpers.pki.client import rfc4514_dn
 from pgtls_helpers.pki.client_posture import CrlResult, SessionInventory, session_inventory
 from pgtls_helpers.pki.posture import (
     WIRE_REASONS,
@@ -148,8 +150,8 @@ def _element(cert: x509.Certificate, role: str, now: _dt.datetime) -> ChainEleme
     end = cert.not_valid_after_utc
     return ChainElement(
         sha256=hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest(),
-        subject=cert.subject.rfc4514_string(),
-        issuer=cert.issuer.rfc4514_string(),
+        subject=rfc4514_dn(cert.subject),
+        issuer=rfc4514_dn(cert.issuer),
         not_after=end,
         days_left=(end - now).days,
         role=role,
@@ -214,6 +216,7 @@ def check_target(
         negotiation.append("direct")
     posture = plaintext_posture(host, port, options.timeout, deadline=deadline)
     on_disk_leaf: x509.Certificate | None = None
+    on_disk_error: str | None = None
     login_note: str | None = None
     crls: tuple[CrlResult, ...] = ()
     sessions: SessionInventory | None = None
@@ -230,6 +233,7 @@ def check_target(
         )
         if facts.leaf_der is not None:
             on_disk_leaf = cache.load(facts.leaf_der)
+        on_disk_error = facts.on_disk_error
         found: list[CrlResult] = []
         if facts.crl_data is not None and facts.crl_path:
             found += crls_in(
@@ -265,6 +269,7 @@ def check_target(
         options=options,
         plaintext=posture.verdict,
         on_disk_leaf=on_disk_leaf,
+        on_disk_error=on_disk_error,
         at=now,
     )
     return TargetResult(

@@ -7,22 +7,27 @@
 * with ``--sessions``: the client sessions of ``pg_stat_ssl`` (:data:`SESSIONS_SQL`); a role
   without ``pg_read_all_stats`` (or superuser) sees only its own, so it is told so instead.
 
-libpq takes the password from its usual places (``PGPASSFILE``, ``~/.pgpass``,
-``PGPASSWORD``); with a root the server's chain is verified (``verify-ca``) before any
-authentication, else TLS is required without verification.
+libpq takes the role (``--user``; else ``PGUSER``, else the OS user, as ``psql`` does) and the
+password from its usual places (``PGPASSWORD``, ``PGPASSFILE``, ``~/.pgpass``); a login that
+fails says so in libpq's words with those places (as the runbook's connection words it, in
+:mod:`pgtls_helpers.postgres.server`). With a root the server's chain is verified
+(``verify-ca``) before any authentication, else TLS is required without verification.
 """
 
 from __future__ import annotations
 
+import getpass
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pgtls_helpers.pki.client_posture import SessionRow
+from pgtls_helpers.postgres.server import _libpq_reason
 
 if TYPE_CHECKING:
     import psycopg
 
-__all__ = ["CRL_DIR_SQL", "SESSIONS_SQL", "LoginFacts", "server_facts"]
+__all__ = ["CRL_DIR_SQL", "SESSIONS_SQL", "LoginFacts", "default_role", "server_facts"]
 
 #: Every client backend but this one: TLS or not, over TCP or the Unix socket, and the client
 #: certificate's serial and issuer.
@@ -57,7 +62,8 @@ class LoginFacts:
         crl_dir: the value of ``ssl_crl_dir`` ('' when unset or before PostgreSQL 14).
         crl_dir_files: the names and bytes of the CRL files OpenSSL looks up there.
         sessions: rows of :data:`SESSIONS_SQL`.
-        error: the first thing that could not be read, in a sentence.
+        error: what could not be read, in a sentence (the login, then each part).
+        on_disk_error: what of ``on_disk``'s part could not be read (the login included).
     """
 
     leaf_der: bytes | None = None
@@ -68,6 +74,12 @@ class LoginFacts:
     crl_dir_files: tuple[tuple[str, bytes], ...] | None = None
     sessions: tuple[SessionRow, ...] | None = None
     error: str | None = None
+    on_disk_error: str | None = None
+
+
+def default_role() -> str:
+    """The role libpq logs in as without ``--user``: ``PGUSER``, else the OS user."""
+    return os.environ.get("PGUSER") or getpass.getuser()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -117,6 +129,7 @@ def server_facts(
         info["user"] = user
     found: dict[str, object] = {}
     errors: list[str] = []
+    disk_errors: list[str] = []
     try:
         with psycopg.connect(**info, autocommit=True) as conn:  # type: ignore[arg-type]
             if on_disk:
@@ -131,19 +144,19 @@ def server_facts(
                     try:
                         got = conn.execute("SELECT pg_read_binary_file(%s)", [path]).fetchone()
                     except psycopg.errors.InsufficientPrivilege:
-                        errors.append(
+                        disk_errors.append(
                             f"the role may not read {path}; grant it pg_read_server_files or "
                             "use a superuser for --on-disk"
                         )
                         continue
                     except psycopg.Error as exc:
-                        errors.append(f"the server could not read {path}: {_first_line(exc)}")
+                        disk_errors.append(f"the server could not read {path}: {_first_line(exc)}")
                         continue
                     data = bytes(got[0]) if got and got[0] is not None else b""
                     if key == "cert":
                         found["leaf_der"] = _leaf_der(data)
                         if found["leaf_der"] is None:
-                            errors.append(f"{path} holds no certificate the server could load")
+                            disk_errors.append(f"{path} holds no certificate the server could load")
                     else:
                         found["crl_data"] = data
                 crl_dir = _setting(conn, "ssl_crl_dir")
@@ -153,12 +166,15 @@ def server_facts(
                         files = conn.execute(CRL_DIR_SQL, [crl_dir, crl_dir]).fetchall()
                         found["crl_dir_files"] = tuple((str(n), bytes(d)) for n, d in files)
                     except psycopg.errors.InsufficientPrivilege:
-                        errors.append(
+                        disk_errors.append(
                             f"the role may not list {crl_dir}; use a superuser (or grant it "
                             "EXECUTE on pg_ls_dir and pg_read_server_files) for --on-disk"
                         )
                     except psycopg.Error as exc:
-                        errors.append(f"the server could not read {crl_dir}: {_first_line(exc)}")
+                        disk_errors.append(
+                            f"the server could not read {crl_dir}: {_first_line(exc)}"
+                        )
+                errors.extend(disk_errors)
             if sessions:
                 sees = conn.execute(
                     "SELECT current_user, pg_has_role(current_user, 'pg_read_all_stats', 'USAGE')"
@@ -175,8 +191,14 @@ def server_facts(
                 found["sessions"] = tuple(
                     (r[0], bool(r[1]), r[2], r[3]) for r in rows
                 )  # fmt: skip
+    except psycopg.OperationalError as exc:
+        role = user or default_role()
+        why = _libpq_reason(exc, {**info, "user": role})
+        said = f"libpq could not log in as role {role} (database {dbname}): {why}"
+        return LoginFacts(error=said, on_disk_error=said if on_disk else None)
     except psycopg.Error as exc:
-        return LoginFacts(error=f"libpq could not log in to read the server: {_first_line(exc)}")
+        said = f"libpq could not read the server: {_first_line(exc)}"
+        return LoginFacts(error=said, on_disk_error=said if on_disk else None)
     return LoginFacts(
         leaf_der=found.get("leaf_der"),  # type: ignore[arg-type]
         cert_path=found.get("cert_path"),  # type: ignore[arg-type]
@@ -186,4 +208,5 @@ def server_facts(
         crl_dir_files=found.get("crl_dir_files"),  # type: ignore[arg-type]
         sessions=found.get("sessions"),  # type: ignore[arg-type]
         error="; ".join(errors) or None,
+        on_disk_error="; ".join(disk_errors) or None,
     )

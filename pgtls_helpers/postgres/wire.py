@@ -89,8 +89,10 @@ def cert_der(cert: Any) -> bytes:
     return bytes(cert.public_bytes(ssl._ssl.ENCODING_DER))  # type: ignore[attr-defined]
 
 
-# cryptography's short names (x509.name._NAMEOID_TO_NAME); every other type is its dotted OID.
+# cryptography's short names (x509.name._NAMEOID_TO_NAME) and emailAddress, as
+# pgtls_helpers.pki.client.rfc4514_dn prints them; every other type is its dotted OID.
 _SHORT = {
+    "1.2.840.113549.1.9.1": "emailAddress",
     "2.5.4.3": "CN",
     "2.5.4.7": "L",
     "2.5.4.8": "ST",
@@ -138,7 +140,9 @@ def _escape(value: str) -> str:
 
 
 def rfc4514(name: Sequence[Sequence[tuple[str, str]]]) -> str | None:
-    """An OpenSSL-decoded name (``get_info()["subject"]``) as cryptography's RFC 4514 string.
+    """An OpenSSL-decoded name (``get_info()["subject"]``) as
+    :func:`pgtls_helpers.pki.client.rfc4514_dn` prints it (cryptography's RFC 4514 string, with
+    ``emailAddress``).
 
     None when a value is not ASCII text: OpenSSL and cryptography decode some string types
     differently (a T61String with accents, a BIT STRING), so only cryptography answers then.
@@ -169,6 +173,36 @@ def cert_names(cert: Any) -> tuple[str, str] | None:
     except (ssl.SSLError, ValueError, KeyError, TypeError):
         return None
     return (subject, issuer) if subject is not None and issuer is not None else None
+
+
+_SAN_TYPES = {"DNS": "DNS", "IP Address": "IP", "email": "email", "URI": "URI"}
+
+
+def cert_validity(cert: Any) -> tuple[int, list[str]] | None:
+    """Not-after (seconds since the epoch) and the subjectAltName entries (``DNS:name``,
+    ``IP:address``, ``email:...``, ``URI:...``), from OpenSSL's decoding of the certificate.
+
+    None where the caller must ask cryptography (DER bytes only, another type of name):
+    :func:`pgtls_helpers.postgres.probe.leaf_validity` gives the same answer from it.
+    """
+    if isinstance(cert, bytes):
+        return None
+    try:
+        info = cert.get_info()
+        end = ssl.cert_time_to_seconds(info["notAfter"])
+        names = []
+        for kind, value in info.get("subjectAltName", ()):
+            label = _SAN_TYPES.get(kind)
+            if label is None or not isinstance(value, str):
+                return None
+            if label == "IP":
+                import ipaddress
+
+                value = ipaddress.ip_address(value.strip()).compressed
+            names.append(f"{label}:{value}")
+    except (ssl.SSLError, ValueError, KeyError, TypeError):
+        return None
+    return end, names
 
 
 def close_politely(tls: ssl.SSLSocket) -> None:

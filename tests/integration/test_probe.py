@@ -31,7 +31,9 @@ from pgtls_helpers.postgres.probe import ProbeResult, chain_rows, probe, probe_m
 
 REPO = Path(__file__).resolve().parents[2]
 PrivateKey = ec.EllipticCurvePrivateKey
-JSON_KEYS = ["host", "port", "tls_version", "cipher", "chain", "error"]
+JSON_KEYS = [
+    "host", "port", "tls_version", "cipher", "not_after", "days_left", "names", "chain", "error",
+]  # fmt: skip
 
 
 def sha256(cert: x509.Certificate) -> str:
@@ -309,6 +311,9 @@ def test_ssl_off_as_json(lab_cluster: LabCluster) -> None:
         "port": lab_cluster.port,
         "tls_version": None,
         "cipher": None,
+        "not_after": None,
+        "days_left": None,
+        "names": [],
         "chain": [],
         "error": f"{target}: the server refused SSL (ssl = off?)",
     }
@@ -405,6 +410,10 @@ def test_json_shape(ssl_server) -> None:
         assert [list(row) for row in obj["chain"]] == [["sha256", "subject", "issuer"]] * 3
         assert obj["chain"] == expected
         assert [row["sha256"] for row in obj["chain"]] == [sha256(c) for c in served]
+        end = served[0].not_valid_after_utc
+        assert obj["not_after"] == end.strftime("%Y-%m-%dT%H:%M:%SZ")
+        assert obj["days_left"] == (end - datetime.now(timezone.utc)).days
+        assert obj["names"] == ["DNS:localhost", "IP:127.0.0.1"]
 
 
 def test_json_rows_for_names_beyond_ascii(lab_ca: LabCA, tmp_path: Path) -> None:
@@ -447,11 +456,44 @@ def test_readable_output(ssl_server) -> None:
     blocks = proc.stdout.split("\n\n")
     assert len(blocks) == 2
     assert blocks[0] + "\n" == blocks[1]
-    head, *body = blocks[0].splitlines()
+    head, until, names, *body = blocks[0].splitlines()
     assert len(body) == 3 * 3
     assert head.startswith(f"127.0.0.1:{cluster.port}  TLSv1")
     assert head.endswith("3 certificates presented")
+    end = served[0].not_valid_after_utc
+    days = (end - datetime.now(timezone.utc)).days
+    assert until == f"  not after  {end:%Y-%m-%dT%H:%M:%SZ} ({days} days left)"
+    assert names == "  names      DNS:localhost, IP:127.0.0.1"
     assert sha256(served[0]) in body[2] and "CN=localhost" in body[0]
+
+
+def test_an_email_address_prints_by_name(tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, "localhost"),
+            x509.NameAttribute(NameOID.EMAIL_ADDRESS, "dba@example.com"),
+        ]
+    )
+    now = datetime.now(timezone.utc)
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )
+    with listener(tls_server(*write_tls_files(tmp_path, key, [leaf]), [])) as port:
+        text = run_cli(f"127.0.0.1:{port}")
+        js = run_cli("--json", f"127.0.0.1:{port}")
+    assert text.returncode == 0, text.stderr
+    assert "  0  subject  emailAddress=dba@example.com,CN=localhost" in text.stdout.splitlines()
+    assert "  names      (no subjectAltName)" in text.stdout.splitlines()
+    row = json.loads(js.stdout)["chain"][0]
+    assert row["subject"] == row["issuer"] == "emailAddress=dba@example.com,CN=localhost"
 
 
 def test_bad_target_is_unusable_input() -> None:

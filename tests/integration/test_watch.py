@@ -362,14 +362,60 @@ def test_renewed_on_disk_but_not_reloaded(
     assert check(pg15, pki.options()).status == "ok"
 
 
-def test_on_disk_without_a_password_is_said_not_guessed(
-    pg15: LabCluster, pki: Pki, monkeypatch: pytest.MonkeyPatch
+def _no_password_sentence(port: int, passfile: str) -> str:
+    return (
+        "--on-disk: libpq could not log in as role postgres (database postgres): connection to "
+        f'server at "127.0.0.1", port {port} failed: fe_sendauth: no password supplied; libpq '
+        f"found none in PGPASSWORD or the password file PGPASSFILE names (here {passfile}): set "
+        f"PGPASSWORD, or add the line 127.0.0.1:{port}:*:postgres:PASSWORD in {passfile} "
+        "(mode 0600)"
+    )
+
+
+def test_on_disk_without_a_password_is_a_reason_of_its_own(
+    pg15: LabCluster, pki: Pki, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("PGPASSFILE", "/dev/null")
+    empty = tmp_path / "pgpass"
+    empty.write_text("")
+    empty.chmod(0o600)
+    monkeypatch.setenv("PGPASSFILE", str(empty))
     monkeypatch.delenv("PGPASSWORD", raising=False)
     result = check(pg15, pki.options(on_disk=True, user="postgres"))
-    assert result.status == "ok" and result.on_disk_sha256 is None
-    assert result.error and "--on-disk" in result.error and "password" in result.error
+    sentence = _no_password_sentence(pg15.port, str(empty))
+    assert (result.status, result.reasons) == ("unknown", ("on-disk-unreadable",))
+    assert result.details == (sentence,) and result.on_disk_sha256 is None
+    # the chain itself was judged as usual
+    assert result.verified is True and result.hostname_ok is True and len(result.chain) == 3
+    env = {"PGPASSFILE": str(empty), "PGPASSWORD": ""}
+    target = f"127.0.0.1:{pg15.port}"
+    common = (target, "--root", str(pki.root_file), "--on-disk", "--user", "postgres")
+    table = pgtls(*common, env=env)
+    assert table.returncode == 1, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[1].split()[:2] == ["unknown", target]
+    assert lines[1].endswith("on-disk-unreadable")
+    assert f"{target}: {sentence}" in lines
+    nagios = pgtls(*common, "--format", "nagios", env=env)
+    assert nagios.returncode == 3, nagios.stderr
+    first, long = nagios.stdout.splitlines()
+    assert first.startswith(f"PGTLS UNKNOWN - {target} on-disk-unreadable | ")
+    assert long == f"{target}: {sentence}"
+    doc = json.loads(pgtls(*common, "--format", "json", env=env).stdout)["targets"][0]
+    assert (doc["status"], doc["reasons"], doc["details"]) == (
+        "unknown", ["on-disk-unreadable"], [sentence],
+    )  # fmt: skip
+
+
+def test_help_names_the_login_defaults() -> None:
+    text = " ".join(pgtls("--help").stdout.split())
+    assert (
+        "--user ROLE --on-disk, --sessions: the role libpq logs in as (default: $PGUSER, else "
+        "the OS user, as psql); the password from PGPASSWORD, PGPASSFILE or ~/.pgpass" in text
+    )
+    assert (
+        "--dbname DBNAME --on-disk, --sessions: the database libpq logs in to (default: "
+        "postgres)" in text
+    )
 
 
 # --- PostgreSQL 17 direct TLS against 15 ---------------------------------------------------------
@@ -513,9 +559,9 @@ def pgtls(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
 def test_cli_nagios_for_one_server_is_check_ssl_cert_shaped(pg15: LabCluster, pki: Pki) -> None:
     proc = pgtls(f"127.0.0.1:{pg15.port}", "--root", str(pki.root_file), "--format", "nagios")
     assert proc.returncode == 0, proc.stderr
-    first = proc.stdout.splitlines()[0]
+    (first,) = proc.stdout.splitlines()  # one ok server: the status line says it all
     status, perf = first.split(" | ")
-    assert status.startswith(f"PGTLS OK - 127.0.0.1:{pg15.port} ok (TLSv1.3")
+    assert re.fullmatch(rf"PGTLS OK - 127\.0\.0\.1:{pg15.port} TLSv1\.3, \d+ days left", status)
     assert re.fullmatch(
         r"days_chain_elem1=39[56];30;15;; "
         r"days_chain_elem2=\d+;30;15;; days_chain_elem3=\d+;30;15;;",

@@ -17,11 +17,21 @@ from cryptography.x509.oid import NameOID
 
 from pgtls_helpers.cli.probe import presented_object
 from pgtls_helpers.errors import InputError
-from pgtls_helpers.postgres.probe import ProbeResult, chain_rows, format_target, parse_target
-from pgtls_helpers.postgres.wire import rfc4514
+from pgtls_helpers.pki.client import rfc4514_dn
+from pgtls_helpers.postgres.probe import (
+    ProbeResult,
+    chain_rows,
+    format_target,
+    leaf_validity,
+    parse_target,
+)
+from pgtls_helpers.postgres.wire import cert_validity, rfc4514
 
 A = x509.NameAttribute
 RDN = x509.RelativeDistinguishedName
+JSON_KEYS = [
+    "host", "port", "tls_version", "cipher", "not_after", "days_left", "names", "chain", "error",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -79,8 +89,8 @@ def test_chain_rows() -> None:
     assert rows == [
         {
             "sha256": c.fingerprint(hashes.SHA256()).hex(),
-            "subject": c.subject.rfc4514_string(),
-            "issuer": c.issuer.rfc4514_string(),
+            "subject": rfc4514_dn(c.subject),
+            "issuer": rfc4514_dn(c.issuer),
         }
         for c in presented
     ]
@@ -91,14 +101,21 @@ def test_json_object_from_der_equals_chain_rows() -> None:
     chain = certfactory.article_chain()
     presented = [c.cert for c in (chain.leaf, *chain.intermediates)]
     ders = [c.public_bytes(serialization.Encoding.DER) for c in presented]
-    obj = presented_object("db1.example.com", 5432, ("TLSv1.3", "TLS_AES_128_GCM_SHA256", ders))
-    assert list(obj) == ["host", "port", "tls_version", "cipher", "chain", "error"]
+    end = presented[0].not_valid_after_utc
+    now = (end - dt.timedelta(days=42, hours=1)).timestamp()
+    obj = presented_object(
+        "db1.example.com", 5432, ("TLSv1.3", "TLS_AES_128_GCM_SHA256", ders), now=now
+    )
+    assert list(obj) == JSON_KEYS
     expected = chain_rows(ProbeResult("db1.example.com", 5432, chain=tuple(presented)))
     assert json.loads(json.dumps(obj)) == {
         "host": "db1.example.com",
         "port": 5432,
         "tls_version": "TLSv1.3",
         "cipher": "TLS_AES_128_GCM_SHA256",
+        "not_after": end.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "days_left": 42,
+        "names": ["DNS:db1.example.com"],
         "chain": expected,
         "error": None,
     }
@@ -113,6 +130,9 @@ def test_a_failed_probe_as_json() -> None:
         "port": 5433,
         "tls_version": None,
         "cipher": None,
+        "not_after": None,
+        "days_left": None,
+        "names": [],
         "chain": [],
         "error": error,
     }
@@ -191,7 +211,7 @@ def _openssl_subject(cert: x509.Certificate, tmp_path: Path) -> object:
 @pytest.mark.parametrize("case", sorted(SAME))
 def test_openssl_names_render_as_cryptography_does(case: str, tmp_path: Path) -> None:
     cert = _self_signed(SAME[case])
-    assert rfc4514(_openssl_subject(cert, tmp_path)) == cert.subject.rfc4514_string()  # type: ignore[arg-type]
+    assert rfc4514(_openssl_subject(cert, tmp_path)) == rfc4514_dn(cert.subject)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("case", sorted(WITHHELD))
@@ -205,10 +225,47 @@ def test_names_the_decoders_may_disagree_on_go_to_cryptography(case: str, tmp_pa
         assert rfc4514(subject) is None  # type: ignore[arg-type]
     der = cert.public_bytes(serialization.Encoding.DER)
     [row] = presented_object("h", 1, ("TLSv1.3", "x", [der]))["chain"]
-    assert row["subject"] == cert.subject.rfc4514_string()
+    assert row["subject"] == rfc4514_dn(cert.subject)
 
 
 def test_probe_result_is_frozen() -> None:
     result = ProbeResult("db1", 5432)
     with pytest.raises(AttributeError):
         result.port = 1  # type: ignore[misc]
+
+
+def test_email_address_by_name_in_both_decoders(tmp_path: Path) -> None:
+    cert = _self_signed(SAME["types"])
+    text = rfc4514(_openssl_subject(cert, tmp_path))  # type: ignore[arg-type]
+    assert text is not None and "emailAddress=dba@example.com" in text
+    assert "1.2.840.113549.1.9.1" not in text
+
+
+class _Decoded:
+    """An ``_ssl.Certificate`` stand-in: OpenSSL's decoding of a file, as ``get_info()``."""
+
+    def __init__(self, cert: x509.Certificate, tmp_path: Path) -> None:
+        path = tmp_path / "leaf.pem"
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        self.info = ssl._ssl._test_decode_cert(str(path))  # type: ignore[attr-defined]
+
+    def get_info(self) -> dict[str, object]:
+        return self.info
+
+
+@pytest.mark.parametrize(
+    "sans",
+    [
+        ["db1.example.com", "127.0.0.1", "2001:db8::7"],
+        [],
+    ],
+)
+def test_leaf_not_after_and_names_agree_in_both_decoders(sans: list[str], tmp_path: Path) -> None:
+    root = certfactory.make_ca("Root")
+    leaf = certfactory.issue("db1.example.com", issuer=root, sans=sans or None, days=396)
+    expected = (
+        int(leaf.cert.not_valid_after_utc.timestamp()),
+        [f"{'IP' if ':' in s or s[0].isdigit() else 'DNS'}:{s}" for s in sans],
+    )
+    assert leaf_validity(leaf.cert) == expected
+    assert cert_validity(_Decoded(leaf.cert, tmp_path)) == expected

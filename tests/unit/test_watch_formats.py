@@ -296,7 +296,8 @@ def test_prometheus_output_parses_with_prometheus_client() -> None:
 def test_nagios_status_line_perfdata_and_exit_codes() -> None:
     one = render_nagios([FLEET[0]], warn_days=30, crit_days=15).splitlines()
     status, perf = one[0].split(" | ")
-    assert status.startswith("PGTLS OK - db1:5432 ok")
+    assert status == "PGTLS OK - db1:5432 TLSv1.3, 300 days left"
+    assert len(one) == 1  # the status line says it all: no "db1:5432 ok: ok"
     assert perf.split() == ["days_chain_elem1=300;30;15;;", "days_chain_elem2=3300;30;15;;"]
     many = render_nagios(FLEET, warn_days=30, crit_days=15).splitlines()
     assert many[0].startswith("PGTLS CRITICAL - 1 critical, 1 unknown, 1 warning, 1 ok: db3:5432")
@@ -308,3 +309,84 @@ def test_nagios_status_line_perfdata_and_exit_codes() -> None:
     assert exit_code(FLEET[3:], "nagios") == 3
     assert exit_code(FLEET[:1], "nagios") == 0
     assert exit_code(FLEET[:1], "json") == 0 and exit_code(FLEET[:2], "table") == 1
+
+
+def test_nagios_says_each_thing_once() -> None:
+    bad = render_nagios([FLEET[2]], warn_days=30, crit_days=15).splitlines()
+    assert bad[0].split(" | ")[0] == "PGTLS CRITICAL - db3:5432 expired, plaintext-accepted"
+    assert bad[1:] == ["db3:5432: because expired; because plaintext-accepted"]
+    fine = render_nagios([FLEET[0], result("db5:5432", "ok", days=40)], warn_days=30, crit_days=15)
+    lines = fine.splitlines()
+    assert lines[0].split(" | ")[0] == "PGTLS OK - 2 targets, fewest days left 40 (db5:5432)"
+    assert lines[1:] == [
+        "db5:5432 ok: TLSv1.3, 40 days left",
+        "db1:5432 ok: TLSv1.3, 300 days left",
+    ]
+    many = render_nagios(FLEET, warn_days=30, crit_days=15).splitlines()
+    assert many[1:] == [
+        "db3:5432 critical: because expired; because plaintext-accepted",
+        "db4:5432 unknown: because unreachable",
+        "db2:5432 warning: because expires-soon",
+        "db1:5432 ok: TLSv1.3, 300 days left",
+    ]
+    for text in (*bad, *lines, *many):
+        assert not re.search(r"\bok: ok\b|\bok \(", text), text
+
+
+ON_DISK = (
+    "--on-disk: libpq could not log in as role postgres (database postgres): connection to "
+    'server at "127.0.0.1", port 5432 failed: fe_sendauth: no password supplied'
+)
+
+
+def test_an_unread_on_disk_part_is_unknown_in_every_format() -> None:
+    chain = certfactory.make_chain()
+    certs = chain.leaf_first(with_root=False)
+    opts = WatchOptions()
+    found, *_ = classify(
+        Target("db1.example.com"), tls_version="TLSv1.3", chain=certs, options=opts,
+        on_disk_error=ON_DISK.removeprefix("--on-disk: "),
+    )  # fmt: skip
+    assert found == [("on-disk-unreadable", ON_DISK)]
+    assert REASONS["on-disk-unreadable"] == "unknown"
+    unread = TargetResult(
+        target="db1:5432", host="db1", port=5432, status="unknown",
+        reasons=("on-disk-unreadable",), details=(ON_DISK,), tls_version="TLSv1.3",
+        chain=(element(300),), days_left=300,
+    )  # fmt: skip
+    table = render_table([unread], warn_days=30, crit_days=15).splitlines()
+    assert table[1].split()[0] == "unknown" and table[1].endswith("on-disk-unreadable")
+    assert table[-1] == f"db1:5432: {ON_DISK}"
+    nagios = render_nagios([unread], warn_days=30, crit_days=15).splitlines()
+    assert nagios[0].startswith("PGTLS UNKNOWN - db1:5432 on-disk-unreadable | ")
+    assert nagios[1] == f"db1:5432: {ON_DISK}"
+    assert exit_code([unread], "nagios") == 3
+    doc = json.loads(render_json([unread]))["targets"][0]
+    assert (doc["status"], doc["reasons"], doc["details"]) == (
+        "unknown", ["on-disk-unreadable"], [ON_DISK],
+    )  # fmt: skip
+
+
+def test_names_print_as_rfc4514_with_email_address() -> None:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    from pgtls_helpers.postgres.watch import _element
+
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, "db1.example.com"),
+            x509.NameAttribute(NameOID.EMAIL_ADDRESS, "dba@example.com"),
+        ]
+    )
+    root = certfactory.make_ca("Root")
+    leaf = certfactory.issue(name, issuer=root, sans=["db1.example.com"], expired=True)
+    row = _element(leaf.cert, "leaf", NOW)
+    assert row.subject == "emailAddress=dba@example.com,CN=db1.example.com"
+    found, *_ = classify(
+        Target("db1.example.com"), tls_version="TLSv1.3", chain=[leaf.cert],
+        options=WatchOptions(), at=_dt.datetime.now(_dt.UTC),
+    )  # fmt: skip
+    assert found[0][0] == "expired"
+    assert "the leaf emailAddress=dba@example.com,CN=db1.example.com expired on" in found[0][1]
+    assert "1.2.840.113549" not in " ".join(s for _, s in found)
