@@ -384,8 +384,10 @@ def seal_session(notebooks: Path) -> Path | None:
         server_after=server_state(params),
         records_dir=records,
     )
+    manifest = dataclasses.replace(
+        manifest, interactive=_interactive_line(session, confirmed, started_steps)
+    )
     rec.write_run_index(record, manifest)
-    _say_interactive(record / "index.html", session, confirmed, started_steps)
     rec.seal(record, manifest)
     rec.write_change_index(record.parent)
     # the confirmation and the applied steps went with the record; session.json stays, so the
@@ -396,30 +398,20 @@ def seal_session(notebooks: Path) -> Path | None:
     return record
 
 
-def _say_interactive(
-    index: Path,
+def _interactive_line(
     session: Session,
     confirmed: Confirmation | None,
     started_steps: list[dict[str, Any]],
-) -> None:
-    """Add to the run's page, under its summary line, that this was an interactive run."""
-    from html import escape
-
+) -> str:
+    """The record's sentence that this was an interactive run: who prepared and confirmed it."""
     steps = ", ".join(dict.fromkeys(str(s.get("step")) for s in started_steps))
     who = (
         f"confirmed for {confirmed.server} by {confirmed.confirmed_by} at {confirmed.confirmed_utc}"
         if confirmed
         else "no confirmation on record"
     )
-    line = (
-        f'<p class="line warn" id="interactive">Interactive run in JupyterLab (<code>make '
-        f"notebook</code>), prepared at {escape(session.prepared_utc)} by "
-        f"{escape(session.operator)}; {escape(who)}; apply steps run: {escape(steps)}. The "
-        "notebooks are kept as they were last saved; session.json and confirmation.json hold "
-        "the session.</p>"
+    return (
+        f"Interactive run in JupyterLab (make notebook), prepared at {session.prepared_utc} by "
+        f"{session.operator}; {who}; apply steps run: {steps}. The notebooks are kept as they "
+        "were last saved; session.json and confirmation.json hold the session."
     )
-    page = index.read_text(encoding="utf-8")
-    at = page.find('id="summary"')
-    end = page.find("</p>", at) + len("</p>") if at >= 0 else -1
-    page = page[:end] + line + page[end:] if end > 0 else page + line
-    index.write_text(page, encoding="utf-8")

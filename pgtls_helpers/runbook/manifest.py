@@ -546,6 +546,7 @@ class Manifest:
     server_running: bool | None = None
     problems: tuple[str, ...] = ()
     sealed_at: str | None = None  # a record sealed by the next run after a kill
+    interactive: str | None = None  # a run made in JupyterLab: who prepared and confirmed it
     record_files: Mapping[str, str] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ what it means
@@ -603,6 +604,8 @@ class Manifest:
             return "dry run" if self.dry_run else "rollback"
         if self.outcome == "waiting-for-ca":
             return "phase 1 (CSR)"
+        if self.interactive:
+            return "interactive apply"
         return "apply" if self.apply else "plan"
 
     # ------------------------------------------------------------------ on disk
@@ -714,6 +717,7 @@ def from_json(data: object) -> Manifest:
         server_running=j.opt_flag("server_running"),
         problems=j.strs("problems"),
         sealed_at=j.opt("sealed_at"),
+        interactive=j.opt("interactive"),
         record_files={k: v or "" for k, v in j.texts("record_files").items()},
     )
 

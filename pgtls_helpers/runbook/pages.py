@@ -385,6 +385,8 @@ def run_page(m: Manifest) -> str:
         f"operator {esc(m.operator)} on {esc(host)} · "
         f"{esc(m.started_utc)} · <b>{esc(result)}</b></p>",
     ]
+    if m.interactive:
+        out.append(f'<p class="line warn" id="interactive">{text(m.interactive)}</p>')
     if m.lab is not None:
         out.append(
             f'<p class="muted" id="lab">On a throwaway lab cluster (port {esc(m.lab.port)}) '
