@@ -89,7 +89,7 @@ lab: $(STAMP)
 # the notebooks point at the lab cluster in work/lab (started if needed; `pgtls lab down --dir
 # work/lab` removes it, and the client OS user it made as root).
 notebook: $(STAMP)
-	$(BIN)/python -m pgtls_helpers lab notebook --params $(PARAMS) --dir work/lab --work work$(if $(PORT), --port $(PORT))
+	$(BIN)/python -m pgtls_helpers lab notebook --params $(PARAMS) --dir work/lab --work work --records records$(if $(PORT), --port $(PORT))
 
 # The notebooks' parameters cell, written from Params (pgtls_helpers/runbook/params.py): after
 # a parameter is added, removed or given another default there.

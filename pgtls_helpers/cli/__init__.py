@@ -301,6 +301,12 @@ def _add_lab(sub: argparse._SubParsersAction) -> None:
     nb.add_argument("--dir", default="work/lab", metavar="DIR", help="the lab cluster's directory")
     nb.add_argument("--work", default="work", metavar="DIR")
     nb.add_argument(
+        "--records",
+        default="records",
+        metavar="DIR",
+        help="where an interactive change's record goes",
+    )
+    nb.add_argument(
         "--port",
         type=int,
         default=None,

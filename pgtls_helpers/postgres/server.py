@@ -102,7 +102,7 @@ def signal_reload(data_directory: Path) -> bool:
     return True
 
 
-def _libpq_reason(exc: Exception, info: Mapping[str, Any]) -> str:
+def libpq_reason(exc: Exception, info: Mapping[str, Any]) -> str:
     """libpq's message whole, on one line (it continues lines with a tab: "...failed:
     Connection refused\\n\\tIs the server running..."), and for an authentication failure the
     places libpq took (or looked for) the password, so the fix can be made where it is read."""
@@ -161,7 +161,7 @@ class Server:
             return psycopg.connect(autocommit=True, **info)
         except psycopg.OperationalError as exc:
             where = f"{info.get('host', 'localhost')}:{info.get('port', 5432)}"
-            raise ServerError(f"cannot connect to {where}: {_libpq_reason(exc, info)}") from exc
+            raise ServerError(f"cannot connect to {where}: {libpq_reason(exc, info)}") from exc
 
     @property
     def conn(self) -> Any:

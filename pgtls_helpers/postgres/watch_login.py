@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pgtls_helpers.pki.client_posture import SessionRow
-from pgtls_helpers.postgres.server import _libpq_reason
+from pgtls_helpers.postgres.server import libpq_reason
 
 if TYPE_CHECKING:
     import psycopg
@@ -193,7 +193,7 @@ def server_facts(
                 )  # fmt: skip
     except psycopg.OperationalError as exc:
         role = user or default_role()
-        why = _libpq_reason(exc, {**info, "user": role})
+        why = libpq_reason(exc, {**info, "user": role})
         said = f"libpq could not log in as role {role} (database {dbname}): {why}"
         return LoginFacts(error=said, on_disk_error=said if on_disk else None)
     except psycopg.Error as exc:

@@ -45,10 +45,11 @@ def pem_of(cert: x509.Certificate) -> bytes:
 
 
 def rfc4514(name: x509.Name) -> str:
-    """RFC 4514, with ``emailAddress=`` rather than its dotted OID."""
-    from cryptography.x509.oid import NameOID
+    """RFC 4514, with ``emailAddress=`` rather than its dotted OID (the one helper:
+    :func:`pgtls_helpers.pki.client.rfc4514_dn`)."""
+    from pgtls_helpers.pki.client import rfc4514_dn
 
-    return name.rfc4514_string({NameOID.EMAIL_ADDRESS: "emailAddress"})
+    return rfc4514_dn(name)
 
 
 fingerprint_of = chainmod.fingerprint  # the one fingerprint (pki/chain.py), by its old name

@@ -43,7 +43,7 @@ def test_make_notebook_hands_port_to_jupyterlab() -> None:
         (line,) = [ln for ln in done.stdout.splitlines() if " lab notebook " in ln]
         return line
 
-    assert recipe("PORT=8123").endswith("--dir work/lab --work work --port 8123")
+    assert recipe("PORT=8123").endswith("--dir work/lab --work work --records records --port 8123")
     assert "--port" not in recipe()
     argv = jupyterlab_argv(Path("/srv/nb"), 8123)
     assert argv[:3] == [sys.executable, "-m", "jupyterlab"]
