@@ -12,6 +12,7 @@ IFS=, read -ra majors <<<"${PGTLS_PG_MAJORS:-15,17}"
 # not per major, and slow: with a second session, they run there
 moved=(tests/fleet tests/notebooks/test_browser.py)
 moved_k="test_fleet or test_browser"
+with_sigint='import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])'
 scratch=$(mktemp -d -t pgtls-tests-XXXXXX)
 trap 'rm -rf "$scratch"' EXIT
 pids=()
@@ -24,12 +25,14 @@ for i in "${!majors[@]}"; do
     select="$select or $moved_k"
     for path in "${moved[@]}"; do first_opts+=("--ignore=$path"); done
   fi
-  PGTLS_PG_MAJORS=$major "$bin/pytest" -p no:cacheprovider -k "$select" \
-    --basetemp="$scratch/pg$major" "$@" >"$scratch/pg$major.log" 2>&1 &
+  # a job started with & (or from a shell that ignores SIGINT) ignores SIGINT: each session
+  # gets the default back before pytest starts, for the fault tests' Ctrl-C
+  PGTLS_PG_MAJORS=$major "$bin/python" -c "$with_sigint" "$bin/pytest" -p no:cacheprovider \
+    -k "$select" --basetemp="$scratch/pg$major" "$@" >"$scratch/pg$major.log" 2>&1 &
   pids+=("$!")
 done
-PGTLS_PG_MAJORS=${majors[0]} "$bin/pytest" --basetemp="$scratch/pg${majors[0]}" \
-  "${first_opts[@]}" "$@"
+PGTLS_PG_MAJORS=${majors[0]} "$bin/python" -c "$with_sigint" "$bin/pytest" \
+  --basetemp="$scratch/pg${majors[0]}" "${first_opts[@]}" "$@"
 status=$?
 for i in "${!pids[@]}"; do
   wait "${pids[$i]}"

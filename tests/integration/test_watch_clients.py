@@ -82,7 +82,9 @@ def _give_client_files(ca: LabCA, os_user: str, home: Path, days: int) -> Client
     directory.mkdir(mode=0o700)
     os.chown(directory, entry.pw_uid, entry.pw_gid)
     key = generate_key("ecdsa-p256")
-    cert = ca.sign_client_csr(build_client_csr(client_subject(os_user), key), days=days)
+    # valid from an hour before NOW, which is taken once, when the module is imported
+    csr = build_client_csr(client_subject(os_user), key)
+    cert = ca.sign_client_csr(csr, days=days, not_before=NOW - _dt.timedelta(hours=1))
     bundle = pem_of(cert) + b"".join(pem_of(c) for c in ca.intermediates)
     ids = {"uid": entry.pw_uid, "gid": entry.pw_gid}
     write_client_file(directory / "postgresql.crt", bundle, mode=0o644, **ids)

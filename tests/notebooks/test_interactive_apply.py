@@ -36,6 +36,15 @@ pytestmark = pytest.mark.browser
 CHANGE = "CHG-interactive"
 
 
+@pytest.fixture(scope="module")
+def pg_bindir() -> Path:
+    """This test drives JupyterLab; the server side runs on both majors elsewhere, so the first
+    major is enough here and keeps the suite's time down."""
+    from conftest import PG_MAJORS, _bindir_or_skip
+
+    return _bindir_or_skip(PG_MAJORS[0])
+
+
 def _data_files(cluster: LabCluster) -> dict[str, str]:
     """sha256 of every file at the top of the data directory (the configuration, the key and
     certificate files the runbook installs), and which files there are."""

@@ -41,7 +41,8 @@ def ca() -> LabCA:
 
 def client_cert(ca: LabCA, role: str, days: int) -> x509.Certificate:
     csr = build_client_csr(client_subject(role), generate_key("ecdsa-p256"))
-    return ca.sign_client_csr(csr, days=days)
+    # valid from an hour before NOW: NOW is taken once, when the module is imported
+    return ca.sign_client_csr(csr, days=days, not_before=NOW - _dt.timedelta(hours=1))
 
 
 def judge(
