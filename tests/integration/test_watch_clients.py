@@ -387,7 +387,7 @@ def test_a_link_to_a_root_only_file_is_not_followed(lab: Lab, tmp_path: Path) ->
         (directory / "postgresql.crt").symlink_to(secret)  # planted by the user
         os.lchown(directory / "postgresql.crt", entry.pw_uid, entry.pw_gid)
         rows, known = check_client_users(
-            resolve_watch_users([name]), warn_days=30, crit_days=15, now=NOW
+            resolve_watch_users([name]), warn_days=30, crit_days=15, now=_dt.datetime.now(_dt.UTC)
         )
         (row,) = rows
         assert (row.status, row.reasons) == ("unknown", ("unreadable",)), row
@@ -414,14 +414,14 @@ def test_a_key_that_is_not_the_certificates_and_readable_by_others(lab: Lab) -> 
         other = serialize_key(generate_key("ecdsa-p256"))
         write_client_file(client.key, other, mode=0o644, uid=entry.pw_uid, gid=entry.pw_gid)
         (row,), known = check_client_users(
-            resolve_watch_users([name]), warn_days=30, crit_days=15, now=NOW
+            resolve_watch_users([name]), warn_days=30, crit_days=15, now=_dt.datetime.now(_dt.UTC)
         )
         assert row.status == "critical" and row.key_matches is False
         assert row.reasons == ("key-readable-by-others", "key-mismatch"), row.details
         assert "0644" in row.details[0] and known == (client.cert,)
         (client.crt.parent / "postgresql.crt").unlink()
         (row,), _ = check_client_users(
-            resolve_watch_users([name]), warn_days=30, crit_days=15, now=NOW
+            resolve_watch_users([name]), warn_days=30, crit_days=15, now=_dt.datetime.now(_dt.UTC)
         )
         assert (row.status, row.reasons) == ("critical", ("no-certificate",))
     finally:
