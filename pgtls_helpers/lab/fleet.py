@@ -184,7 +184,7 @@ def build_wheelhouse(
             _check_run([str(python), "-m", "venv", str(venv)], f"making a venv with {python}")
             pip = [str(venv / "bin" / "python"), "-m", "pip"]
         wheels = Path(tmp) / "wheels"
-        clean = _source_copy(Path(source), Path(tmp) / "source")
+        clean = source_copy(Path(source), Path(tmp) / "source")
         _check_run(
             [*pip, "wheel", "-q", "-w", str(wheels), str(clean)],
             f"building the wheelhouse from {source}",
@@ -198,27 +198,24 @@ def build_wheelhouse(
 
 
 # What a checkout holds besides its source: a build from the checkout itself would reuse a stale
-# build/lib (setuptools never deletes from it), and a renamed module would ship twice.
-_NOT_SOURCE = (
-    ".git",
-    ".venv",
-    "build",
-    "dist",
-    "records",
-    "work",
-    "csr",
-    "ca",
-    "*.egg-info",
-    "__pycache__",
-    ".mypy_cache",
-    ".ruff_cache",
-    ".pytest_cache",
-)
+# build/lib (setuptools never deletes from it), and a renamed module would ship twice. The
+# scratch folders count only at the top of the checkout (pgtls_helpers/ca/ is source).
+_NOT_SOURCE_TOP = (".git", ".venv", "build", "dist", "records", "work", "csr", "ca")
+_NOT_SOURCE = ("*.egg-info", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache")
 
 
-def _source_copy(source: Path, dest: Path) -> Path:
+def source_copy(source: Path, dest: Path) -> Path:
     """A copy of the project's source alone, to build a wheel from."""
-    shutil.copytree(source, dest, ignore=shutil.ignore_patterns(*_NOT_SOURCE), symlinks=True)
+    caches = shutil.ignore_patterns(*_NOT_SOURCE)
+    top = source.resolve()
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        skipped = set(caches(folder, names))
+        if Path(folder).resolve() == top:
+            skipped |= {n for n in names if n in _NOT_SOURCE_TOP}
+        return skipped
+
+    shutil.copytree(source, dest, ignore=ignore, symlinks=True)
     return dest
 
 
