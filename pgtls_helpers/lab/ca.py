@@ -352,7 +352,11 @@ class LabCA:
         signing key (``signer.key``, 0600 from its first byte), so later changes reuse it."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(out, 0o700)
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            os.fchmod(fd, 0o700)  # on the folder itself, never through a link put in its place
+        finally:
+            os.close(fd)
         key = self._signer_key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,

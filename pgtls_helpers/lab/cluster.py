@@ -148,6 +148,27 @@ def _server_os_user() -> str | None:
     )
 
 
+def _open_nofollow(path: Path) -> int:
+    """A descriptor on ``path`` itself, never through a link swapped in at its place."""
+    return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | (os.O_DIRECTORY if path.is_dir() else 0))
+
+
+def _fchown(path: Path, uid: int, gid: int) -> None:
+    fd = _open_nofollow(path)
+    try:
+        os.fchown(fd, uid, gid)
+    finally:
+        os.close(fd)
+
+
+def _fchmod(path: Path, mode: int) -> None:
+    fd = _open_nofollow(path)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
 @dataclass(repr=False)
 class LabCluster:
     """A throwaway PostgreSQL cluster in ``base`` (data/, log, socket/, pgpass).
@@ -298,8 +319,8 @@ class LabCluster:
         if self.os_user:
             info = pwd.getpwnam(self.os_user)
             for path in (self.base, pwfile, self.socket_dir):
-                os.chown(path, info.pw_uid, info.pw_gid)
-            self.base.chmod(0o711)  # the server user must reach data/, we keep pgpass
+                _fchown(path, info.pw_uid, info.pw_gid)
+            _fchmod(self.base, 0o711)  # the server user must reach data/, we keep pgpass
         try:
             self._run(
                 [
@@ -459,9 +480,9 @@ class LabCluster:
             tmp.unlink(missing_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
             with os.fdopen(fd, "wb") as fh:
+                if owner:
+                    os.fchown(fh.fileno(), owner.pw_uid, owner.pw_gid)
                 fh.write(data)
-            if owner:
-                os.chown(tmp, owner.pw_uid, owner.pw_gid)
             os.replace(tmp, self.pgdata / name)
         if not restart:
             return
