@@ -5,8 +5,9 @@ step's true status (the finished ones as they ended, the running one ``interrupt
 ``not-run``) and what the change has in place, from its write-ahead journal. A run stopped by
 SIGKILL (or a lost machine) leaves a record directory without ``manifest.json``; the next run
 of that change seals it as ``interrupted`` with what its step summaries and the journal show.
-A run claims its record directory (``flock`` on it, which dies with the process) for as long
-as it writes it, so a record whose run is still alive is never sealed by anyone else.
+Every record directory is claimed from its creation (``flock`` on it, which dies with the
+process; :func:`~pgtls_helpers.runbook.record.new_record_dir`) until it is sealed, so a record
+whose run is still alive, a change's or a rollback's, is never sealed by anyone else.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from typing import Protocol, TypeVar
 
 from pgtls_helpers.runbook import journal as wal
 from pgtls_helpers.runbook.params import Params
-from pgtls_helpers.runbook.record import pgtls_command
+from pgtls_helpers.runbook.record import folder_lock, pgtls_command
 from pgtls_helpers.runbook.steps import Step
 
-__all__ = ["claim", "in_place", "mark_interrupted", "seal_unfinished", "terminate_as_interrupt"]
+__all__ = ["in_place", "mark_interrupted", "seal_unfinished", "terminate_as_interrupt"]
 
 
 class _Step(Protocol):
@@ -90,61 +91,67 @@ def in_place(params: Params, back_out: str | None = None) -> str:
     )
 
 
-def claim(record: Path) -> int:
-    """Claim a record directory for this process; returns the descriptor that holds it."""
-    fd = os.open(record, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
-
-
-def _alive(record: Path) -> bool:
-    """True when a live run holds ``record`` (see :func:`claim`)."""
-    try:
-        fd = os.open(record, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops a lock we took
-    return False
-
-
 def seal_unfinished(records: Path, change_id: str, params: Params, *, exclude: Path) -> list[Path]:
     """Seal every record of ``change_id`` that a killed run left without a manifest."""
     sealed: list[Path] = []
     parent = records / change_id
     if not parent.is_dir():
         return sealed
-    for record in sorted(parent.iterdir()):
-        if not record.is_dir() or record.resolve() == exclude.resolve():
-            continue
-        if (record / "manifest.json").exists() or _alive(record):
-            continue
-        from pgtls_helpers.runbook.manifest import Manifest, StepRecord
-
-        summaries = sorted(p.stem for p in (record / "steps").glob("*.json"))
-        manifest = Manifest(
-            kind="change",
-            change_id=change_id,
-            outcome="interrupted",
-            server=f"{params.server_host}:{params.server_port}",
-            apply=params.apply,
-            ca_mode=params.ca_mode,
-            sealed_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            error="the run was killed (SIGKILL, a lost session or machine) before it could "
-            "finish its record; sealed by the next run of this change",
-            # the steps that left a summary before the kill
-            steps=tuple(
-                StepRecord(step=name, title="", status="interrupted") for name in summaries
-            ),
-            in_place=(in_place(params),),
-        ).to_json()
-        fd = os.open(record / "manifest.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(manifest, fh, indent=2)
-            fh.write("\n")
-        sealed.append(record)
+    with folder_lock(parent):  # no record is between its creation and its claim meanwhile
+        for record in sorted(parent.iterdir()):
+            if not record.is_dir() or record.resolve() == exclude.resolve():
+                continue
+            held = _hold(record)
+            if held is None:  # a live run, or another run sealing it now
+                continue
+            try:
+                if _seal_one(record, change_id, params):
+                    sealed.append(record)
+            finally:
+                os.close(held)
     return sealed
+
+
+def _hold(record: Path) -> int | None:
+    """The record's lock taken without waiting, or None when someone holds it."""
+    try:
+        fd = os.open(record, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _seal_one(record: Path, change_id: str, params: Params) -> bool:
+    """Write the killed run's manifest; False when one is there already (sealed meanwhile)."""
+    if (record / "manifest.json").exists():
+        return False
+    from pgtls_helpers.runbook.manifest import Manifest, StepRecord
+
+    summaries = sorted(p.stem for p in (record / "steps").glob("*.json"))
+    manifest = Manifest(
+        kind="change",
+        change_id=change_id,
+        outcome="interrupted",
+        server=f"{params.server_host}:{params.server_port}",
+        apply=params.apply,
+        ca_mode=params.ca_mode,
+        sealed_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        error="the run was killed (SIGKILL, a lost session or machine) before it could "
+        "finish its record; sealed by the next run of this change",
+        # the steps that left a summary before the kill
+        steps=tuple(StepRecord(step=name, title="", status="interrupted") for name in summaries),
+        in_place=(in_place(params),),
+    ).to_json()
+    try:
+        fd = os.open(record / "manifest.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as fh:
+        json.dump(manifest, fh, indent=2)
+        fh.write("\n")
+    return True

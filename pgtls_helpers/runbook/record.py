@@ -11,6 +11,7 @@ every run of the change, newest first, and is rewritten after each run. The HTML
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import getpass
 import json
 import os
@@ -19,7 +20,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,8 +45,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "host_names",
+    "folder_lock",
     "new_record_dir",
     "read_manifest",
+    "release",
     "result_line",
     "rollback_command",
     "run_manifest",
@@ -66,21 +70,59 @@ def stamp(at: datetime) -> str:
 
 
 def new_record_dir(records: Path, change_id: str) -> tuple[Path, datetime]:
-    """``records/<change_id>/<stamp>/``, created new; waits for the next second if taken."""
+    """``records/<change_id>/<stamp>/``, created new and claimed; waits for the next second if
+    taken.
+
+    The directory is created and claimed (``flock`` on it, which dies with the process) while
+    the change's folder is locked, and :func:`~pgtls_helpers.runbook.interrupt.seal_unfinished`
+    takes that lock too, so no other run seals a record between its creation and its claim.
+    The claim lasts until :func:`seal` (or :func:`release`) or the end of the process.
+    """
     parent = records / change_id
     parent.mkdir(parents=True, exist_ok=True)
     for _ in range(5):
         now = utc()
         path = parent / stamp(now)
-        try:
-            path.mkdir()
-        except FileExistsError:
-            time.sleep(1.05 - now.microsecond / 1e6)
-            continue
-        return path.resolve(), now
+        with folder_lock(parent):
+            try:
+                path.mkdir()
+            except FileExistsError:
+                pass
+            else:
+                path = path.resolve()
+                _claims[path] = _claim(path)
+                return path, now
+        time.sleep(1.05 - now.microsecond / 1e6)
     raise PgtlsError(
         f"{parent}: could not create a new record directory; is another run writing there?"
     )
+
+
+_claims: dict[Path, int] = {}
+
+
+def _claim(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def release(record: Path) -> None:
+    """Give up the claim :func:`new_record_dir` took on ``record`` (idempotent)."""
+    fd = _claims.pop(Path(record).resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on a change's records folder for the block."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def host_names() -> dict[str, str | None]:
@@ -205,6 +247,7 @@ def seal(record: Path, manifest: Manifest) -> Manifest:
         fh.write("\n")
     for path in [*files, target]:
         path.chmod(0o444)
+    release(record)
     return sealed
 
 

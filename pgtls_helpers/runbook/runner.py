@@ -44,6 +44,7 @@ from pgtls_helpers.runbook.params import (
     resolve_paths,
 )
 from pgtls_helpers.runbook.record import new_record_dir
+from pgtls_helpers.runbook.record import release as rec_release
 from pgtls_helpers.runbook.steps import SERVER, Step, waits_for_the_ca
 
 if TYPE_CHECKING:
@@ -361,8 +362,9 @@ def run(
 
     record, started = new_record_dir(Path(records_dir), params.change_id)
     hold = ExitStack()  # what this run holds until its record is sealed, released in reverse
-    # a record being written is claimed, so no other run or rollback seals it as interrupted
-    hold.callback(os.close, interrupt.claim(record))
+    # the record is claimed from its creation, so no other run or rollback seals it as
+    # interrupted; sealing it gives the claim up, and so does the end of this run
+    hold.callback(rec_release, record)
     interrupt.seal_unfinished(Path(records_dir), params.change_id, params, exclude=record)
     params = dataclasses.replace(params, record_dir=str(record))
     done: list[StepOutcome] = []

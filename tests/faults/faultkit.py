@@ -114,6 +114,8 @@ def run_steps(
 def rollback(
     params_path: Path, cluster: LabCluster, *args: str
 ) -> subprocess.CompletedProcess[str]:
+    if "--records" not in args:  # the test's own folder, never the checkout's records/
+        args = (*args, "--records", str(params_path.parent / "rollback-records"))
     return subprocess.run(
         [sys.executable, "-m", "pgtls_helpers", "rollback", str(params_path), *args],
         capture_output=True,

@@ -37,7 +37,8 @@ def _params_file(params: Params, directory: Path) -> Path:
 
 def _rollback(path: Path, cluster: LabCluster, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pgtls_helpers", "rollback", str(path), *args],
+        [sys.executable, "-m", "pgtls_helpers", "rollback", str(path), *args]
+        + ([] if "--records" in args else ["--records", str(path.parent / "rollback-records")]),
         capture_output=True,
         text=True,
         check=False,

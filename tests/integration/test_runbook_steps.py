@@ -447,8 +447,9 @@ def test_a_completed_change_backs_out_to_the_server_as_it_was(
     values["hba_rules"] = [dict(r) for r in params.hba_rules]
     params_file = tmp_path / "change.yaml"
     params_file.write_text(yaml.safe_dump(values))
+    records = ["--records", str(tmp_path / "records")]
     proc = subprocess.run(
-        [sys.executable, "-m", "pgtls_helpers", "rollback", str(params_file)],
+        [sys.executable, "-m", "pgtls_helpers", "rollback", str(params_file), *records],
         capture_output=True,
         text=True,
         check=False,
@@ -467,7 +468,7 @@ def test_a_completed_change_backs_out_to_the_server_as_it_was(
     assert _run_all(params).passed
 
     again = subprocess.run(
-        [sys.executable, "-m", "pgtls_helpers", "rollback", str(params_file)],
+        [sys.executable, "-m", "pgtls_helpers", "rollback", str(params_file), *records],
         capture_output=True,
         text=True,
         check=False,
@@ -475,7 +476,7 @@ def test_a_completed_change_backs_out_to_the_server_as_it_was(
     )
     assert again.returncode == 0  # the redo made new journals
     nothing = subprocess.run(
-        [sys.executable, "-m", "pgtls_helpers", "rollback", str(params_file)],
+        [sys.executable, "-m", "pgtls_helpers", "rollback", str(params_file), *records],
         capture_output=True,
         text=True,
         check=False,
