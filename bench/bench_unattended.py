@@ -31,30 +31,15 @@ from pgtls_helpers.runbook.runner import run
 
 
 def _values(cluster: LabCluster, change_id: str, mode: str, settings: dict[str, object]) -> dict:
-    return {
-        "change_id": change_id,
-        "ca_mode": mode,
-        "ca_settings": settings,
-        "apply": True,
-        "server_host": cluster.host,
-        "server_port": cluster.port,
-        "server_log_file": str(cluster.log_path),
-        "common_name": "db1.lab.pgtls.test",
-        "subject_alt_names": [cluster.host],
-        "key_type": "ecdsa-p256",
-        "hba_rules": [
-            {
-                "type": "hostssl",
-                "database": "all",
-                "user": "all",
-                "address": f"{cluster.host}/32",
-                "method": "scram-sha-256",
-            }
-        ],
+    return cluster.runbook_values(
+        change_id,
+        ca_mode=mode,
+        ca_settings=settings,
+        subject_alt_names=[cluster.host],
         # the lab, OpenBao and Pebble are different roots: a renewal across them is a rotation
-        "new_root": "accept",
-        "allow_shorter_validity": True,  # OpenBao's role and Pebble issue for less than the lab
-    }
+        new_root="accept",
+        allow_shorter_validity=True,  # OpenBao's role and Pebble issue for less than the lab
+    )
 
 
 def _change(base: Path, values: dict) -> float:

@@ -430,3 +430,21 @@ def _der(tag: int, body: bytes) -> bytes:
         raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
         length = bytes([0x80 | len(raw)]) + raw
     return bytes([tag]) + length + body
+
+
+def csr_for(cn: str, names: Sequence[str]) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    """A P-256 key and a PEM CSR for ``cn`` with ``names`` (IP addresses or DNS names) as SANs."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = []
+    for n in names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            sans.append(x509.DNSName(n))
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, csr.public_bytes(serialization.Encoding.PEM)

@@ -11,33 +11,22 @@ as ``pgtls run``; the record goes to ``records/<change_id>/<UTC stamp>/``.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from pgtls_helpers.cli.run import checked_params, run_runbook
 from pgtls_helpers.errors import InputError
-from pgtls_helpers.runbook.params import load_params, read_params_file, resolve_paths
-from pgtls_helpers.runbook.runner import run
 from pgtls_helpers.runbook.steps import CLIENTS
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the client-certificate runbook; print the summary and where the record is."""
     _check(Path(args.params), args.work)
-    outcome = run(
-        args.params,
-        records_dir=args.records,
-        work_dir=args.work,
-        progress=not args.no_progress,
-        steps=CLIENTS,
-    )
-    sys.stdout.write(outcome.summary() + "\n")
-    return outcome.exit_code
+    return run_runbook(args, CLIENTS)
 
 
 def _check(params_file: Path, work: str) -> None:
     """What the parameters file must say for a client-certificate change (exit 2 first)."""
-    values = resolve_paths(read_params_file(params_file), params_file, work)
-    params = load_params(values, source=str(params_file))
+    params = checked_params(params_file, work)
     if not params.clients:
         raise InputError(
             f"{params_file}: clients is empty; list each client as {{os_user, role}} (and a "

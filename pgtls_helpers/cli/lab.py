@@ -48,31 +48,7 @@ def _psql(cluster: LabCluster) -> str:
 
 
 def _runbook_params(cluster: LabCluster) -> dict[str, Any]:
-    return {
-        "change_id": "lab-explore",
-        "lab_cluster": False,
-        "ca_mode": "lab",
-        "apply": True,
-        "server_host": cluster.host,
-        "server_port": cluster.port,
-        "server_user": cluster.superuser,
-        "server_dbname": "postgres",
-        "server_log_file": str(cluster.log_path),
-        "common_name": "db1.lab.pgtls.test",
-        "subject_alt_names": ["localhost", cluster.host],
-        "organization": "pgtls lab",
-        "key_type": "ecdsa-p256",
-        "hba_rules": [
-            {
-                "type": "hostssl",
-                "database": "all",
-                "user": "all",
-                "address": f"{cluster.host}/32",
-                "method": "scram-sha-256",
-            }
-        ],
-        "reject_non_ssl": True,
-    }
+    return cluster.runbook_values("lab-explore", organization="pgtls lab", reject_non_ssl=True)
 
 
 def up(args: argparse.Namespace) -> int:

@@ -43,27 +43,9 @@ def main(args: argparse.Namespace) -> int:
         cluster.start()
         os.environ["PGPASSFILE"] = str(cluster.passfile)
         stack.callback(_restore, saved)
-        values = {
-            "change_id": f"lab-{mode}",
-            "ca_mode": mode,
-            "ca_settings": settings,
-            "apply": True,
-            "server_host": cluster.host,
-            "server_port": cluster.port,
-            "server_log_file": str(cluster.log_path),
-            "common_name": "db1.lab.pgtls.test",
-            "subject_alt_names": [cluster.host],
-            "key_type": "ecdsa-p256",
-            "hba_rules": [
-                {
-                    "type": "hostssl",
-                    "database": "all",
-                    "user": "all",
-                    "address": f"{cluster.host}/32",
-                    "method": "scram-sha-256",
-                }
-            ],
-        }
+        values = cluster.runbook_values(
+            f"lab-{mode}", ca_mode=mode, ca_settings=settings, subject_alt_names=[cluster.host]
+        )
         params = base / f"lab-{mode}.yaml"
         params.write_text(yaml.safe_dump(values, sort_keys=False))
         where = ["--records", str(args.records), "--work", str(args.work), "--no-progress"]

@@ -7,12 +7,10 @@ to ``records/<change_id>/<UTC stamp>/`` with the executed notebook, its HTML and
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from pgtls_helpers.cli.run import checked_params, run_runbook
 from pgtls_helpers.errors import InputError
-from pgtls_helpers.runbook.params import load_params, read_params_file, resolve_paths
-from pgtls_helpers.runbook.runner import run
 from pgtls_helpers.runbook.steps import TRUST
 from pgtls_helpers.runbook.trust import parse_fingerprint
 
@@ -20,21 +18,12 @@ from pgtls_helpers.runbook.trust import parse_fingerprint
 def main(args: argparse.Namespace) -> int:
     """Run the client-trust runbook; print where the record is and a summary."""
     _check(Path(args.params), args.work)
-    outcome = run(
-        args.params,
-        records_dir=args.records,
-        work_dir=args.work,
-        progress=not args.no_progress,
-        steps=TRUST,
-    )
-    sys.stdout.write(outcome.summary() + "\n")
-    return outcome.exit_code
+    return run_runbook(args, TRUST)
 
 
 def _check(params_file: Path, work: str) -> None:
     """What the parameters file must say for a client-trust change (exit 2 before any run)."""
-    values = resolve_paths(read_params_file(params_file), params_file, work)
-    params = load_params(values, source=str(params_file))
+    params = checked_params(params_file, work)
     if not params.client_system_users:
         raise InputError(
             f"{params_file}: client_system_users is empty; list the client OS users whose "

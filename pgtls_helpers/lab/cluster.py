@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -216,6 +217,35 @@ class LabCluster:
         }
         info.update(overrides)
         return info
+
+    def runbook_values(self, change_id: str, /, **overrides: Any) -> dict[str, Any]:
+        """A parameters file's values for a change against this cluster as any server
+        (``lab_cluster: false``), signed by the lab CA unless ``overrides`` say otherwise."""
+        values: dict[str, Any] = {
+            "change_id": change_id,
+            "lab_cluster": False,
+            "ca_mode": "lab",
+            "apply": True,
+            "server_host": self.host,
+            "server_port": self.port,
+            "server_user": self.superuser,
+            "server_dbname": "postgres",
+            "server_log_file": str(self.log_path),
+            "common_name": "db1.lab.pgtls.test",
+            "subject_alt_names": ["localhost", self.host],
+            "key_type": "ecdsa-p256",
+            "hba_rules": [
+                {
+                    "type": "hostssl",
+                    "database": "all",
+                    "user": "all",
+                    "address": f"{self.host}/32",
+                    "method": "scram-sha-256",
+                }
+            ],
+        }
+        values.update(overrides)
+        return values
 
     def password(self) -> str:
         """The superuser password (for handing to a client process's environment)."""

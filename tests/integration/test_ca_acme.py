@@ -11,10 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from certfactory import csr_for
 from support import skip_or_fail
 
 from pgtls_helpers.ca import CaUnavailable, SignRequest, backend_for
@@ -36,29 +33,10 @@ def pebble(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabPebble]:
         skip_or_fail(str(exc))
 
 
-def _csr(names: list[str]) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
-    import ipaddress
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    sans: list[x509.GeneralName] = []
-    for n in names:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(n)))
-        except ValueError:
-            sans.append(x509.DNSName(n))
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, csr.public_bytes(serialization.Encoding.PEM)
-
-
 def test_pebble_validates_the_http01_answer_and_issues_a_chain_to_its_root(
     pebble: LabPebble, tmp_path: Path
 ) -> None:
-    key, csr = _csr(["db1.lab.pgtls.test", "127.0.0.1"])
+    key, csr = csr_for("db1.lab.pgtls.test", ["db1.lab.pgtls.test", "127.0.0.1"])
     ca = backend_for("acme", pebble.settings, "p.yaml")
     request = SignRequest(csr, "db1.lab.pgtls.test", ("127.0.0.1",), "C", state_dir=tmp_path)
     signed = ca.sign(request, tmp_path / "answer")
@@ -71,7 +49,7 @@ def test_pebble_validates_the_http01_answer_and_issues_a_chain_to_its_root(
     chain = order_chain(certs, leaf=leaf)
     assert chain.complete and chain.root is not None
     # a second order with the same account key finds its account, and is issued too
-    _, again = _csr(["db2.lab.pgtls.test"])
+    _, again = csr_for("db2.lab.pgtls.test", ["db2.lab.pgtls.test"])
     ca.sign(SignRequest(again, "db2.lab.pgtls.test", (), "C", state_dir=tmp_path), tmp_path / "b")
     # the account key never reaches the answer's files
     for path in signed.files:
@@ -79,7 +57,7 @@ def test_pebble_validates_the_http01_answer_and_issues_a_chain_to_its_root(
 
 
 def test_pebble_down_is_unavailable(pebble: LabPebble, tmp_path: Path) -> None:
-    _, csr = _csr(["db1.lab.pgtls.test"])
+    _, csr = csr_for("db1.lab.pgtls.test", ["db1.lab.pgtls.test"])
     down = {**pebble.settings, "directory": f"https://127.0.0.1:{free_port()}/dir"}
     with pytest.raises(CaUnavailable, match="is not reachable .*run again later"):
         backend_for("acme", down, "p").sign(
@@ -95,27 +73,9 @@ def test_one_run_from_key_to_proven_tls_with_pebble(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("PGPASSFILE", str(fresh_cluster.passfile))
-    values = {
-        "change_id": "CHG-acme",
-        "ca_mode": "acme",
-        "ca_settings": pebble.settings,
-        "apply": True,
-        "server_host": "127.0.0.1",
-        "server_port": fresh_cluster.port,
-        "server_log_file": str(fresh_cluster.log_path),
-        "common_name": "db1.lab.pgtls.test",
-        "subject_alt_names": ["127.0.0.1"],
-        "key_type": "ecdsa-p256",
-        "hba_rules": [
-            {
-                "type": "hostssl",
-                "database": "all",
-                "user": "all",
-                "address": "127.0.0.1/32",
-                "method": "scram-sha-256",
-            }
-        ],
-    }
+    values = fresh_cluster.runbook_values(
+        "CHG-acme", ca_mode="acme", ca_settings=pebble.settings, subject_alt_names=["127.0.0.1"]
+    )
     params = tmp_path / "acme.yaml"
     params.write_text(yaml.safe_dump(values, sort_keys=False))
     records = tmp_path / "records"

@@ -14,10 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from certfactory import csr_for
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from support import skip_or_fail
 
 from pgtls_helpers.ca import CaRefused, CaUnavailable, SignRequest, backend_for
@@ -41,25 +39,6 @@ def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabBao]:
         skip_or_fail(str(exc))
 
 
-def _csr(cn: str, names: list[str]) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
-    import ipaddress
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    sans: list[x509.GeneralName] = []
-    for n in names:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(n)))
-        except ValueError:
-            sans.append(x509.DNSName(n))
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, csr.public_bytes(serialization.Encoding.PEM)
-
-
 def _vault(bao: LabBao, **extra: object) -> dict[str, object]:
     return {"address": bao.address, "role": "pg", "token_env": "PGTLS_TEST_BAO_TOKEN", **extra}
 
@@ -68,7 +47,7 @@ def test_openbao_signs_a_csr_and_its_answer_orders_to_its_root(
     bao: LabBao, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PGTLS_TEST_BAO_TOKEN", bao.token)
-    key, csr = _csr("db1.lab.pgtls.test", ["db1.lab.pgtls.test", "localhost", "127.0.0.1"])
+    key, csr = csr_for("db1.lab.pgtls.test", ["db1.lab.pgtls.test", "localhost", "127.0.0.1"])
     ca = backend_for("vault", _vault(bao), "p.yaml")
     signed = ca.sign(
         SignRequest(csr, "db1.lab.pgtls.test", ("localhost", "127.0.0.1"), "C"), tmp_path / "a"
@@ -89,7 +68,7 @@ def test_a_name_outside_the_role_is_refused_and_a_ca_that_is_down_is_unavailable
     bao: LabBao, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PGTLS_TEST_BAO_TOKEN", bao.token)
-    _, csr = _csr("db1.example.com", ["db1.example.com"])
+    _, csr = csr_for("db1.example.com", ["db1.example.com"])
     ca = backend_for("vault", _vault(bao), "p.yaml")
     with pytest.raises(CaRefused, match=r"Vault at .* refused the CSR: .*db1\.example\.com") as err:
         ca.sign(SignRequest(csr, "db1.example.com", (), "C"), tmp_path / "a")
@@ -144,7 +123,7 @@ def test_a_command_ca_signs_with_real_openssl_and_its_failures_say_so(tmp_path: 
     if shutil.which("openssl") is None:
         skip_or_fail("openssl is not on PATH")
     argv, root = _openssl_ca(tmp_path)
-    key, csr = _csr("db1.lab.pgtls.test", ["db1.lab.pgtls.test"])
+    key, csr = csr_for("db1.lab.pgtls.test", ["db1.lab.pgtls.test"])
     signed = backend_for("command", {"command": argv}, "p").sign(
         SignRequest(csr, "db1.lab.pgtls.test", (), "C"), tmp_path / "out"
     )
@@ -163,28 +142,8 @@ def test_a_command_ca_signs_with_real_openssl_and_its_failures_say_so(tmp_path: 
 
 
 def _run_params(cluster: LabCluster, tmp_path: Path, bao: LabBao | None, **extra: object) -> Path:
-    values: dict[str, object] = {
-        "change_id": "CHG-bao",
-        "ca_mode": "vault" if bao else "lab",
-        "ca_settings": _vault(bao) if bao else {},
-        "apply": True,
-        "server_host": "127.0.0.1",
-        "server_port": cluster.port,
-        "server_log_file": str(cluster.log_path),
-        "common_name": "db1.lab.pgtls.test",
-        "subject_alt_names": ["localhost", "127.0.0.1"],
-        "key_type": "ecdsa-p256",
-        "hba_rules": [
-            {
-                "type": "hostssl",
-                "database": "all",
-                "user": "all",
-                "address": "127.0.0.1/32",
-                "method": "scram-sha-256",
-            }
-        ],
-        **extra,
-    }
+    base = {"ca_mode": "vault" if bao else "lab", "ca_settings": _vault(bao) if bao else {}}
+    values = cluster.runbook_values("CHG-bao", **{**base, **extra})
     path = tmp_path / "bao.yaml"
     path.write_text(yaml.safe_dump(values, sort_keys=False))
     return path
