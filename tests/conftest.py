@@ -50,22 +50,42 @@ def lab_ca() -> LabCA:
 
 
 @pytest.fixture(scope="session")
-def lab_cluster(pg_bindir: Path) -> Iterator[LabCluster]:
+def _templates() -> Iterator[dict[Path, LabCluster]]:
+    made: dict[Path, LabCluster] = {}
+    yield made
+    for template in made.values():
+        template.remove()
+
+
+def _template(templates: dict[Path, LabCluster], bindir: Path) -> LabCluster:
+    """One ``initdb`` per major and session; the tests' clusters are copies of it."""
+    if bindir not in templates:
+        templates[bindir] = LabCluster.create(bindir=bindir)
+    return templates[bindir]
+
+
+@pytest.fixture
+def cluster_template(pg_bindir: Path, _templates: dict[Path, LabCluster]) -> LabCluster:
+    return _template(_templates, pg_bindir)
+
+
+@pytest.fixture(scope="session")
+def lab_cluster(pg_bindir: Path, _templates: dict[Path, LabCluster]) -> Iterator[LabCluster]:
     """One running cluster (SSL off, stock pg_hba.conf) for tests that only read or
     that restore what they change."""
-    cluster = LabCluster.create(bindir=pg_bindir)
+    cluster = LabCluster.create(template=_template(_templates, pg_bindir))
     cluster.start()
     yield cluster
     cluster.remove()
 
 
 @pytest.fixture
-def make_cluster(pg_bindir: Path) -> Iterator[Callable[[], LabCluster]]:
+def make_cluster(cluster_template: LabCluster) -> Iterator[Callable[[], LabCluster]]:
     """A factory of fresh running clusters, each removed after the test."""
     made: list[LabCluster] = []
 
     def make() -> LabCluster:
-        cluster = LabCluster.create(bindir=pg_bindir)
+        cluster = LabCluster.create(template=cluster_template)
         made.append(cluster)
         cluster.start()
         return cluster

@@ -170,6 +170,9 @@ def _fchmod(path: Path, mode: int) -> None:
         os.close(fd)
 
 
+_LAB_SECTION = "\n# pgtls lab cluster\n"
+
+
 @dataclass(repr=False)
 class LabCluster:
     """A throwaway PostgreSQL cluster in ``base`` (data/, log, socket/, pgpass).
@@ -285,9 +288,21 @@ class LabCluster:
     # lifecycle
     @classmethod
     def create(
-        cls, base: str | Path | None = None, *, port: int | None = None, bindir: Path | None = None
+        cls,
+        base: str | Path | None = None,
+        *,
+        port: int | None = None,
+        bindir: Path | None = None,
+        template: LabCluster | None = None,
     ) -> LabCluster:
-        """``initdb`` a new cluster in ``base`` (a new temporary directory when None)."""
+        """``initdb`` a new cluster in ``base`` (a new temporary directory when None).
+
+        With ``template`` (a cluster :meth:`create` made and never started, of the same
+        binaries), its data directory is copied instead of running ``initdb`` again: many
+        throwaway clusters in a row (a test suite) then cost a copy each, not an ``initdb``.
+        The copies share the template's superuser password; each has its own port, socket
+        directory, log and pgpass.
+        """
         os_user = _server_os_user()
         if base is None:
             base_path = Path(tempfile.mkdtemp(prefix="pgtls-lab-"))
@@ -303,11 +318,53 @@ class LabCluster:
         cluster = cls(
             base=base_path,
             port=port or free_port(),
-            bindir=bindir or find_bindir(),
+            bindir=bindir or (template.bindir if template else find_bindir()),
             os_user=os_user,
         )
-        cluster._initdb()
+        if template is None:
+            cluster._initdb()
+        else:
+            cluster._copy(template)
         return cluster
+
+    def _copy(self, template: LabCluster) -> None:
+        if template.bindir != self.bindir or template.os_user != self.os_user:
+            raise PgtlsError(f"{template.base}: a template of other binaries or another OS user")
+        if (template.pgdata / "postmaster.pid").exists():
+            raise PgtlsError(f"{template.base}: a template must not be running")
+        fd = os.open(self.passfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(template.passfile.read_bytes())
+        self.socket_dir.mkdir(mode=0o700, exist_ok=True)
+        if self.os_user:
+            info = pwd.getpwnam(self.os_user)
+            for path in (self.base, self.socket_dir):
+                _fchown(path, info.pw_uid, info.pw_gid)
+            _fchmod(self.base, 0o711)
+        # cp -a keeps owner and modes (the server refuses a data directory not 0700/0750)
+        subprocess.run(
+            ["cp", "-a", "--reflink=auto", str(template.pgdata), str(self.pgdata)],
+            check=True,
+            capture_output=True,
+        )
+        conf = self.pgdata / "postgresql.conf"
+        text = conf.read_text()
+        conf.write_text(text[: text.index(_LAB_SECTION)])  # the template's own lab lines go
+        self._configure()
+
+    @property
+    def _lab_lines(self) -> str:
+        return (
+            f"{_LAB_SECTION}"
+            f"port = {self.port}\n"
+            "listen_addresses = '127.0.0.1'\n"
+            f"unix_socket_directories = '{self.socket_dir}'\n"
+            "logging_collector = off\n"
+            "log_min_messages = info\n"
+            "max_connections = 40\n"
+            "shared_buffers = 16MB\n"
+            "fsync = off\n"
+        )
 
     def _run(
         self, argv: list[str], *, check: bool = True, timeout: float = 120
@@ -370,18 +427,11 @@ class LabCluster:
             )
         finally:
             pwfile.unlink(missing_ok=True)
+        self._configure()
+
+    def _configure(self) -> None:
         with open(self.pgdata / "postgresql.conf", "a") as conf:
-            conf.write(
-                "\n# pgtls lab cluster\n"
-                f"port = {self.port}\n"
-                "listen_addresses = '127.0.0.1'\n"
-                f"unix_socket_directories = '{self.socket_dir}'\n"
-                "logging_collector = off\n"
-                "log_min_messages = info\n"
-                "max_connections = 40\n"
-                "shared_buffers = 16MB\n"
-                "fsync = off\n"
-            )
+            conf.write(self._lab_lines)
         (self.base / "lab.json").write_text(
             json.dumps(
                 {
