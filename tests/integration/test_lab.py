@@ -107,3 +107,27 @@ def test_the_cluster_starts_like_a_server_before_the_change(lab_cluster: LabClus
         assert pwd.getpwuid(owner).pw_name == lab_cluster.os_user != "root"
     else:
         assert owner == os.geteuid()
+
+
+def test_a_copy_of_a_template_is_a_cluster_of_its_own(pg_bindir: Path) -> None:
+    template = LabCluster.create(bindir=pg_bindir)
+    copies = [LabCluster.create(template=template) for _ in range(2)]
+    try:
+        for c in copies:
+            c.start()
+        for c in copies:
+            conf = (c.pgdata / "postgresql.conf").read_text()
+            assert conf.count("# pgtls lab cluster") == 1 and f"port = {c.port}\n" in conf
+            assert (c.pgdata.stat().st_mode & 0o777) == 0o700
+            with psycopg.connect(**c.conninfo()) as conn:  # type: ignore[arg-type]
+                row = conn.execute("SELECT setting FROM pg_settings WHERE name = 'port'")
+                assert row.fetchone() == (str(c.port),)
+        assert copies[0].port != copies[1].port
+        # the template stays as it was: never started, its data directory not the copies'
+        assert not (template.pgdata / "postmaster.pid").exists()
+        with pytest.raises(PgtlsError, match="must not be running"):
+            template.start()
+            LabCluster.create(template=template)
+    finally:
+        for c in [*copies, template]:
+            c.remove()
