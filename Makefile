@@ -43,7 +43,7 @@ lint: $(STAMP)
 
 # fleet/: Ansible's production profile, without looking anything up on the network
 fleet-lint: $(STAMP)
-	cd fleet && PATH=$(CURDIR)/$(BIN):$$PATH ANSIBLE_CONFIG=ansible.cfg ansible-lint -q pgtls.yml rollback.yml roles
+	cd fleet && PATH=$(CURDIR)/$(BIN):$$PATH ANSIBLE_CONFIG=ansible.cfg ansible-lint -q pgtls.yml rollback.yml renew.yml roles
 
 # a session per PostgreSQL major, both at once (tests/by_major.sh); `--durations` is printed
 test: lint

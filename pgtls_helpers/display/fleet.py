@@ -52,7 +52,8 @@ def _cells(row: HostRow) -> list[str]:
 def _headline(report: FleetReport) -> tuple[str, str]:
     counts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(report.counts.items()))
     mode = " (--check: the plan only)" if report.check_mode else ""
-    colour = OK if report.all_good else (WARN if report.counts.get("failed", 0) == 0 else BAD)
+    failed = any(not r.good and r.outcome != "not reached" for r in report.rows)
+    colour = OK if report.all_good else (BAD if failed else WARN)
     text = f"{len(report.rows)} hosts: {counts}{mode}"
     return text, colour
 
@@ -100,6 +101,8 @@ def fleet_text(report: FleetReport) -> str:
         line = f"  {row.host:<16} {wave:<7} {row.outcome:<15}"
         if row.failed_step:
             line += f" {row.failed_step}: {row.reason or ''}"
+        elif row.outcome == "not due" and row.reason:
+            line += f" {row.reason}"
         elif row.checks_total:
             line += f" {_checks(row)} checks"
         if row.days_left is not None:

@@ -168,7 +168,8 @@ def build_wheelhouse(
     source: str | Path, target: str | Path, *, python: str | Path | None = None
 ) -> Path:
     """``target`` (a .tar): the pgtls wheel built from the checkout ``source`` and a wheel of
-    every dependency, so a host installs with ``pip --no-index``.
+    every dependency, the CA back-ends' (the ``ca`` extra: hvac, acme) among them, so a host
+    installs with ``pip --no-index``.
 
     The dependencies are resolved by ``python``: the hosts' interpreter (or one of the same
     version and platform), run from a throwaway venv so its own packages do not matter. A
@@ -186,7 +187,8 @@ def build_wheelhouse(
         wheels = Path(tmp) / "wheels"
         clean = source_copy(Path(source), Path(tmp) / "source")
         _check_run(
-            [*pip, "wheel", "-q", "-w", str(wheels), str(clean)],
+            # with the ca extra: a host whose ca_mode is vault or acme installs pgtls[ca]
+            [*pip, "wheel", "-q", "-w", str(wheels), f"{clean}[ca]"],
             f"building the wheelhouse from {source}",
         )
         partial = out.with_name(f".{out.name}.tmp")

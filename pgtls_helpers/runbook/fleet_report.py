@@ -1,15 +1,18 @@
 """What a fleet run did, host by host, read from the records the playbook brought home.
 
-``fleet/pgtls.yml`` (and ``fleet/rollback.yml``) leave, on the control machine::
+``fleet/pgtls.yml`` (and ``fleet/rollback.yml``, ``fleet/renew.yml``) leave, on the control
+machine::
 
     records/<change_id>/fleet-runs/<run>.json        the run: playbook, hosts of the play, …
     records/<change_id>/<host>/<stamp>/               a host's record, as `pgtls run` wrote it
     records/<change_id>/<host>/<stamp>.fleet.json     the fleet's note: run, wave, phase, exit
+                                                      (a renewal's: its verdict and sentence)
 
 :func:`load_fleet_report` turns the latest run (or a named one) into one row per host of the
 play: wave, outcome, failing step and reason, the fingerprint the server now presents and its
 days left, the connection checks passed, and where the record is; hosts the run never reached
-are rows too. A host's record is read as the typed
+are rows too. A renewal run's rows say *not due* (with renew's sentence, no record), *renewed*,
+*CA unavailable*, *CA refused* or *failed*. A host's record is read as the typed
 :class:`~pgtls_helpers.runbook.manifest.Manifest` (any format; what it lacks reads as missing).
 """
 
@@ -36,7 +39,7 @@ class HostRow:
     host: str
     reached: bool
     outcome: str  # ok, waiting-for-ca, planned, failed, rolled-back, nothing to roll back,
-    # not reached
+    # not reached; a renewal's: not due, renewed, CA unavailable, CA refused
     wave: int | None = None
     phase: str | None = None
     failed_step: str | None = None
@@ -56,6 +59,8 @@ class HostRow:
             "planned",
             "rolled-back",
             "nothing to roll back",
+            "not due",
+            "renewed",
         )
 
 
@@ -167,6 +172,8 @@ class _Note:
     last_error: str | None
     record: str | None
     exit_code: int | None
+    outcome: str | None  # fleet/renew.yml's verdict for the host
+    said: str | None  # and renew's sentence
 
     @classmethod
     def read(cls, path: Path) -> _Note | None:
@@ -182,6 +189,8 @@ class _Note:
             last_error=stderr[-1] if stderr else None,
             record=j.opt("record"),
             exit_code=j.num("exit_code"),
+            outcome=j.opt("outcome") or None,
+            said=j.opt("said") or None,
         )
 
 
@@ -204,6 +213,18 @@ def _row(host: str, host_dir: Path, run: str, base: Path, now: datetime) -> Host
             wave=note.wave,
             phase=note.phase,
         )
+    if (record is None or not record.is_dir()) and note.phase == "renew":
+        # not due writes no record; nor does a refusal before the renewal change began
+        verdict = note.outcome or ("not due" if note.exit_code == 0 else "failed")
+        return HostRow(
+            host=host,
+            reached=True,
+            outcome=verdict,
+            wave=note.wave,
+            phase=note.phase,
+            failed_step=None if verdict == "not due" else "pgtls renew",
+            reason=note.said or note.last_error,
+        )
     if record is None or not record.is_dir():
         return HostRow(
             host=host,
@@ -218,11 +239,15 @@ def _row(host: str, host_dir: Path, run: str, base: Path, now: datetime) -> Host
         facts = _from_manifest(read_manifest(record / "manifest.json"), now)
     else:
         facts = _Facts(outcome="failed", reason="the record has no manifest.json")
+    outcome = facts.outcome
+    if note.phase == "renew":
+        # the renewal change's own outcome, named as the renewal playbook names it
+        outcome = {"ok": "renewed", "failed": note.outcome or "failed"}.get(outcome, outcome)
     page = _first_page(record, facts.failed_id)
     return HostRow(
         host=host,
         reached=True,
-        outcome=facts.outcome,
+        outcome=outcome,
         wave=note.wave,
         phase=note.phase,
         failed_step=facts.failed_step,

@@ -1,13 +1,17 @@
-# One host's part of a fleet run (fleet/pgtls.yml, fleet/rollback.yml), in one call:
+# One host's part of a fleet run (fleet/pgtls.yml, fleet/rollback.yml, fleet/renew.yml), in
+# one call:
 #   run:      stdin: a line with the CA's files for this host (a tar, base64; empty in phase 1),
 #             then the parameters file; then `pgtls run`
 #   rollback: `pgtls rollback` (phase rollback-dry-run: --dry-run), which writes its own record
+#   renew:    stdin: an empty line, then the parameters file (params/<change>.renew.yaml); then
+#             `pgtls renew` with the due threshold in $7 (--due-days=N, --due-fraction=F or
+#             empty), which writes a record only when it renewed
 # then the record (and in phase 1 the CSR) packed into outbox/<stamp>.tar for the trip home;
 # the last line names it: "pgtls-fleet-record: <stamp>". Exit status: the runbook's, or 75
 # when the venv is missing or was installed from another wheelhouse (the playbook installs it
 # and calls again).
 set -u
-mode=$1 home=$2 change=$3 venv=$4 want=$5 phase=$6
+mode=$1 home=$2 change=$3 venv=$4 want=$5 phase=$6 due=${7:-}
 umask 077
 mkdir -p "$home/params" "$home/work" "$home/records" "$home/outbox" "$home/ca"
 rm -f "$home/outbox/"*.tar
@@ -28,6 +32,13 @@ if [ "$mode" = run ]; then
     printf '%s' "$ca_files" | base64 -d | tar -x -C "$home/ca/$change" || exit 2
   fi
   out=$("$venv/bin/pgtls" run "$params" --records "$home/records" --work "$home/work" --no-progress)
+  rc=$?
+elif [ "$mode" = renew ]; then
+  params="$home/params/$change.renew.yaml"
+  IFS= read -r _
+  cat > "$params.tmp" && mv "$params.tmp" "$params"
+  # $due is one option word or nothing; renew itself refuses a value it cannot use
+  out=$("$venv/bin/pgtls" renew "$params" --records "$home/records" --work "$home/work" --no-progress $due)
   rc=$?
 else
   if [ ! -f "$params" ]; then
