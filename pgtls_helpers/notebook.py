@@ -23,6 +23,7 @@ from pgtls_helpers.display.changes import (
     show_installed,
     show_ssl_plan,
 )
+from pgtls_helpers.display.client_form import client_form, show_client_values
 from pgtls_helpers.display.clients import show_client_step
 from pgtls_helpers.display.form import (
     csr_form,
@@ -107,7 +108,9 @@ __all__ = [
     "stop_on_errors",
     "validity_timeline",
     # notebooks/c1_*.ipynb to c5_*.ipynb: the client-certificate runbook
+    "client_form",
     "show_client_step",
+    "show_client_values",
     "step_c1_client_keys",
     "step_c2_client_certs",
     "step_c3_install_clients",

@@ -47,6 +47,11 @@ from pgtls_helpers.postgres.clients import (
     resolve_client_users,
 )
 from pgtls_helpers.postgres.lock import change_lock
+from pgtls_helpers.runbook.client_subjects import (
+    ClientEntry,
+    client_entries,
+    with_saved_clients,
+)
 from pgtls_helpers.runbook.common import (
     address_of,
     fingerprint_of,
@@ -75,37 +80,6 @@ __all__ = [
 CLIENTS_STEP = "clients"  # the journal's name for c3
 
 
-@dataclass(frozen=True)
-class _Client:
-    """One entry of ``params.clients``, with the subject its certificate must carry."""
-
-    os_user: str
-    role: str
-    subject: x509.Name
-
-
-def _clients(params: Params) -> list[_Client]:
-    if not params.clients:
-        raise InputError(
-            "clients is empty: list each client as {os_user, role} (and subject, for a DN "
-            "other than CN=<role>)"
-        )
-    out = []
-    for i, entry in enumerate(params.clients):
-        os_user, role = str(entry["os_user"]), str(entry["role"])
-        # the name becomes a folder of the work directory
-        if "/" in os_user or os_user.startswith(".") or "\0" in os_user:
-            raise InputError(
-                f"clients[{i}]: os_user {os_user!r} is not an OS user name; name the client's "
-                "OS user"
-            )
-        raw = entry.get("subject")
-        out.append(
-            _Client(os_user, role, pkiclient.client_subject(role, str(raw) if raw else None))
-        )
-    return out
-
-
 def _private_dir(path: Path) -> Path:
     """``path`` as a directory of ours, 0700, not reached through a link."""
     path.mkdir(mode=0o700, exist_ok=True)
@@ -129,7 +103,7 @@ def _private_dir(path: Path) -> Path:
     return path
 
 
-def _client_work(params: Params, client: _Client) -> ClientWork:
+def _client_work(params: Params, client: ClientEntry) -> ClientWork:
     params.work.create()
     _private_dir(params.work.clients)
     cw = params.work.client(client.os_user)
@@ -205,15 +179,16 @@ def step_c1_client_keys(params: Params) -> ClientKeysResult:
         PreflightError: a CSR for another subject, or another key type, is already in the
             client's folder, or its key is gone.
     """
+    params = with_saved_clients(params)  # the subjects chosen in c1's form, if any
     made = []
-    for client in _clients(params):
+    for client in client_entries(params):
         made.append(_key_and_csr(params, client))
     result = ClientKeysResult(tuple(made), params.work.clients)
     save_step(params, "c1_client_keys", result.summary())
     return result
 
 
-def _key_and_csr(params: Params, client: _Client) -> ClientKey:
+def _key_and_csr(params: Params, client: ClientEntry) -> ClientKey:
     cw = _client_work(params, client)
     reused = cw.csr.exists()
     if reused:
@@ -275,12 +250,12 @@ def _key_and_csr(params: Params, client: _Client) -> ClientKey:
     )
 
 
-def _installed_key_path(client: _Client) -> Path:
+def _installed_key_path(client: ClientEntry) -> Path:
     (user,) = resolve_client_users([client.os_user], source="clients")
     return user.client_key
 
 
-def _installed_client_key(client: _Client, *, want: str | None = None) -> keys.PrivateKey:
+def _installed_client_key(client: ClientEntry, *, want: str | None = None) -> keys.PrivateKey:
     """``reuse_key``: the client's installed ``~/.postgresql/postgresql.key``, read as its
     file (no link followed, never copied); with ``want``, it must be that public key's."""
     (user,) = resolve_client_users([client.os_user], source="clients")
@@ -413,7 +388,8 @@ def step_c2_client_certs(params: Params, *, check: bool = True) -> ClientCertsRe
     """
     from pgtls_helpers.pki.intake import read_ca_response
 
-    clients = _clients(params)
+    params = with_saved_clients(params)  # the subjects chosen in c1's form, if any
+    clients = client_entries(params)
     csrs: dict[str, x509.CertificateSigningRequest] = {}
     for client in clients:
         cw = _client_work(params, client)
@@ -477,7 +453,7 @@ def step_c2_client_certs(params: Params, *, check: bool = True) -> ClientCertsRe
 
 
 def _check_client(
-    client: _Client,
+    client: ClientEntry,
     cw: ClientWork,
     csr: x509.CertificateSigningRequest,
     pool: Sequence[x509.Certificate],
@@ -648,7 +624,7 @@ def _installed_key(user: ClientUser, leaf: x509.Certificate) -> bytes | None:
 
 
 def _plan_client(
-    params: Params, client: _Client, user: ClientUser
+    params: Params, client: ClientEntry, user: ClientUser
 ) -> tuple[list[files.PlannedFile], list[str]]:
     cw = params.work.client(client.os_user)
     if not cw.bundle.exists():
@@ -701,7 +677,8 @@ def step_c3_install_clients(params: Params) -> ClientInstallResult:
         InputError: a client OS user does not exist, or a target is a link or someone else's.
         PreflightError: c2 has not run, a key is gone, or a file changed while waiting.
     """
-    clients = _clients(params)
+    params = with_saved_clients(params)  # the subjects chosen in c1's form, if any
+    clients = client_entries(params)
     users = resolve_client_users([c.os_user for c in clients], source="clients")
     plan: list[tuple[ClientUser, files.PlannedFile]] = []
     notes: list[str] = []
@@ -816,7 +793,7 @@ def _serial(data: bytes) -> str:
 
 def _start_loops(
     params: Params,
-    clients: Sequence[_Client],
+    clients: Sequence[ClientEntry],
     plan: Sequence[tuple[ClientUser, files.PlannedFile]],
     stack: ExitStack,
 ) -> tuple[list[ClientLoop], list[str]]:

@@ -44,6 +44,7 @@ from pgtls_helpers.postgres.ident import IdentPlan
 from pgtls_helpers.postgres.lock import change_lock
 from pgtls_helpers.postgres.server import Server, ServerFacts
 from pgtls_helpers.postgres.targets import TargetPolicy
+from pgtls_helpers.runbook.client_subjects import with_saved_clients
 from pgtls_helpers.runbook.common import address_of, open_server, pem_of, save_step, server_before
 from pgtls_helpers.runbook.enable import EnablePlan, check_enable, prove_hba
 from pgtls_helpers.runbook.journal import Journal
@@ -55,11 +56,13 @@ from pgtls_helpers.runbook.undo import undo_change
 
 __all__ = [
     "ClientProofResult",
+    "ExpectedIdentity",
     "ProofCheck",
     "ServerTrustPlan",
     "ServerTrustResult",
     "asked_ca_names",
     "check_server_trust",
+    "expected_identity",
     "plan_server_trust",
     "step_c4_server_trust",
     "step_c5_verify_clients",
@@ -365,10 +368,7 @@ def _identity(
     (user,) = resolve_client_users([os_user])
     found = client_rule(rules, role, params.server_dbname)
     if found is None:
-        raise PreflightError(
-            f"clients: no hba_rules line with method cert or clientcert=verify-full covers role "
-            f"{role} of {os_user}; add one (type hostssl, method cert). Nothing was changed"
-        )
+        raise PreflightError(f"{_uncovered(os_user, role)}. Nothing was changed")
     rule, database = found
     installed = read_client_file(_client_crt(user), user.uid)
     if installed is not None:
@@ -384,20 +384,11 @@ def _identity(
     cns = name.get_attributes_for_oid(NameOID.COMMON_NAME)
     cn = str(cns[0].value) if cns else ""
     dn = ident.server_dn(name)
-    system_user = dn if _option(rule, "clientname") == "DN" else cn
+    system_user = _system_user(rule, name)
     map_name = _option(rule, "map")
-    if map_name is not None and not ident_plan.has(map_name, system_user, role):
-        raise PreflightError(
-            f"clients: the line '{rule.line()}' looks {system_user!r} up in map {map_name}, "
-            f"which has no line mapping it to role {role}; add {{map: {map_name}, system_user: "
-            f"'{system_user}', role: {role}}} to ident_maps. Nothing was changed"
-        )
-    if map_name is None and system_user != role:
-        raise PreflightError(
-            f"clients: {os_user}'s certificate names {system_user!r}, but the line "
-            f"'{rule.line()}' needs it to be the role {role}; add map=NAME to the line and an "
-            "ident_maps line for it. Nothing was changed"
-        )
+    problem = _unmatched(os_user, role, rule, system_user, ident_plan)
+    if problem is not None:
+        raise PreflightError(f"{problem}. Nothing was changed")
     return ClientIdentity(
         os_user=os_user,
         role=role,
@@ -410,6 +401,78 @@ def _identity(
         system_user=system_user,
         map=map_name,
         from_certificate=installed is not None,
+    )
+
+
+def _uncovered(os_user: str, role: str) -> str:
+    return (
+        f"clients: no hba_rules line with method cert or clientcert=verify-full covers role "
+        f"{role} of {os_user}; add one (type hostssl, method cert)"
+    )
+
+
+def _system_user(rule: HbaRule, name: x509.Name) -> str:
+    """What ``rule`` compares with the role or looks up in its map: the subject's (first)
+    CN, or with ``clientname=DN`` the whole DN as the server prints it."""
+    if _option(rule, "clientname") == "DN":
+        return ident.server_dn(name)
+    cns = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(cns[0].value) if cns else ""
+
+
+def _unmatched(
+    os_user: str, role: str, rule: HbaRule, system_user: str, ident_plan: IdentPlan
+) -> str | None:
+    """Why ``rule`` would refuse a certificate naming ``system_user`` as ``role``, or None."""
+    map_name = _option(rule, "map")
+    if map_name is not None and not ident_plan.has(map_name, system_user, role):
+        return (
+            f"clients: the line '{rule.line()}' looks {system_user!r} up in map {map_name}, "
+            f"which has no line mapping it to role {role}; add {{map: {map_name}, system_user: "
+            f"'{system_user}', role: {role}}} to ident_maps"
+        )
+    if map_name is None and system_user != role:
+        return (
+            f"clients: {os_user}'s certificate names {system_user!r}, but the line "
+            f"'{rule.line()}' needs it to be the role {role}; add map=NAME to the line and an "
+            "ident_maps line for it"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class ExpectedIdentity:
+    """How the parameters' ``pg_hba.conf`` line for a client will judge a certificate, before
+    there is one: what step c1's form previews and flags."""
+
+    hba_line: str | None  # the first certificate line covering the role; None: no line does
+    map: str | None  # its map= option
+    system_user: str  # what the line compares: the CN, or the DN with clientname=DN
+    problem: str | None  # step c4's refusal, judged on the parameters' lines alone
+
+
+def expected_identity(params: Params, os_user: str, role: str, name: x509.Name) -> ExpectedIdentity:
+    """What step c4's preflight will say of ``os_user``'s certificate naming ``name``, judged
+    on the parameters' ``hba_rules`` and ``ident_maps`` (c4 reads the server's pg_ident.conf
+    too, where a line already there also satisfies it).
+
+    Raises:
+        InputError: an ``hba_rules`` or ``ident_maps`` line is not usable.
+    """
+    rules = hba.parse_rules(list(params.hba_rules))
+    found = client_rule(rules, role, params.server_dbname)
+    if found is None:
+        cns = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+        cn = str(cns[0].value) if cns else ""
+        return ExpectedIdentity(None, None, cn, _uncovered(os_user, role))
+    rule = found[0]
+    planned = ident.plan_ident("", ident.parse_maps(list(params.ident_maps)))
+    system_user = _system_user(rule, name)
+    return ExpectedIdentity(
+        hba_line=rule.line(),
+        map=_option(rule, "map"),
+        system_user=system_user,
+        problem=_unmatched(os_user, role, rule, system_user, planned),
     )
 
 
@@ -708,6 +771,7 @@ def step_c4_server_trust(params: Params) -> ServerTrustResult:
     Plan, check (before anything is written), then with ``apply`` the journaled writes, one
     confirmed reload and the proof; any failure puts every file back and reloads.
     """
+    params = with_saved_clients(params)  # the subjects chosen in c1's form, if any
     with open_server(params) as server:
         plan = plan_server_trust(params, server)
         check_server_trust(params, server, plan)
@@ -1066,6 +1130,7 @@ def _matches(observed: str, expect: str) -> bool:
 def step_c5_verify_clients(params: Params) -> ClientProofResult:
     """Each client connects as its OS user with its own files, and the must-fail checks fail
     for their reasons; a failed check undoes the change (c3 and c4) and raises."""
+    params = with_saved_clients(params)  # the subjects chosen in c1's form, if any
     host_ip = address_of(params.server_host)
     roots = _read_roots(params)
     rules = hba.parse_rules(list(params.hba_rules))

@@ -355,6 +355,21 @@ IDENT_KEYS = ("map", "system_user", "role")
 DRIVER_FILES = ("pk8",)
 
 
+def _check_role(source: str, where: str, role: str) -> None:
+    """A client's role as pg_hba.conf, pg_ident.conf and the certificate's CN must all hold
+    it: one word the server keeps whole."""
+    if len(role.encode()) > 63:
+        raise InputError(
+            f"{source}: {where}role {role!r} is longer than the 63 bytes PostgreSQL keeps of a "
+            "role name; name a shorter role"
+        )
+    if any(c.isspace() or c in ',#"' or ord(c) < 32 or ord(c) == 127 for c in role):
+        raise InputError(
+            f"{source}: {where}role {role!r} holds a space, comma, '#' or double quote, which "
+            "pg_hba.conf and pg_ident.conf would split or misread; name the role as one word"
+        )
+
+
 def _check_clients(source: str, known: Mapping[str, Any]) -> None:
     """The client-certificate runbook's parameters, every field, when they are read."""
     seen: set[str] = set()
@@ -372,6 +387,7 @@ def _check_clients(source: str, known: Mapping[str, Any]) -> None:
                 "certificate per client OS user"
             )
         seen.add(str(client["os_user"]))
+        _check_role(source, where, client["role"])
         subject = client.get("subject")
         if subject is not None and (not isinstance(subject, str) or "CN=" not in subject):
             raise InputError(

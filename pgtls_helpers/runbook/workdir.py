@@ -40,6 +40,11 @@ class WorkDir:
         return self.path / "subject.json"
 
     @property
+    def client_subjects(self) -> Path:
+        """The clients' roles, subjects and pg_ident.conf lines chosen in step c1's form."""
+        return self.path / "client_subjects.json"
+
+    @property
     def bundle(self) -> Path:
         """Leaf and intermediates in signing order, checked by step 2."""
         return self.path / "server.crt"
