@@ -53,7 +53,8 @@ from pgtls_helpers.runbook.client_keys import (
     step_c2_client_certs,
     step_c3_install_clients,
 )
-from pgtls_helpers.runbook.client_server import step_c4_server_trust, step_c5_verify_clients
+from pgtls_helpers.runbook.client_proof import step_c5_verify_clients
+from pgtls_helpers.runbook.client_server import step_c4_server_trust
 from pgtls_helpers.runbook.enable import step4_enable_ssl
 from pgtls_helpers.runbook.install import step3_install_files
 from pgtls_helpers.runbook.key_and_csr import step1_key_and_csr

@@ -23,7 +23,7 @@ from pgtls_helpers.display.html import BAD, OK, WARN, Rendered, esc, heading, jo
 from pgtls_helpers.errors import InputError
 from pgtls_helpers.pki import client as pkiclient
 from pgtls_helpers.postgres.ident import IdentLine
-from pgtls_helpers.runbook.client_server import ExpectedIdentity, expected_identity
+from pgtls_helpers.runbook.client_identity import ExpectedIdentity, expected_identity
 from pgtls_helpers.runbook.client_subjects import (
     checked_clients,
     client_entries,

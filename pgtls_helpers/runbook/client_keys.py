@@ -47,6 +47,7 @@ from pgtls_helpers.postgres.clients import (
     resolve_client_users,
 )
 from pgtls_helpers.postgres.lock import change_lock
+from pgtls_helpers.runbook.client_identity import client_rule
 from pgtls_helpers.runbook.client_subjects import (
     ClientEntry,
     client_entries,
@@ -800,8 +801,6 @@ def _start_loops(
     """A connection loop as each client whose certificate and key are replaced, each running
     (:data:`LOOP_BEFORE` connections made) before the first write; a client that cannot
     connect with its current files has nothing to lose, so it is not looped (a note says so)."""
-    from pgtls_helpers.runbook.client_server import client_rule
-
     rules = hba.parse_rules(list(params.hba_rules))
     replaced = {u.name for u, p in plan if p.kind == "client.crt" and p.action == "replace"}
     loops: list[ClientLoop] = []

@@ -154,7 +154,7 @@ CLIENTS: tuple[Step, ...] = (
     Step(
         "c5_verify_clients",
         "Verify client logins",
-        "pgtls_helpers.runbook.client_server:ClientProofResult",
+        "pgtls_helpers.runbook.client_proof:ClientProofResult",
         needs_ca=True,
         answer="client_ca_files",
         proves=True,

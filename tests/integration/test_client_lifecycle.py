@@ -30,7 +30,7 @@ from pgtls_helpers.pki import chain as chainmod
 from pgtls_helpers.pki import keys
 from pgtls_helpers.postgres.client_loop import ClientLoop, LoopResult
 from pgtls_helpers.postgres.clients import resolve_client_users
-from pgtls_helpers.runbook import client_server
+from pgtls_helpers.runbook import client_proof, client_roots, client_server
 from pgtls_helpers.runbook.client_keys import (
     LOOP_AFTER,
     LOOP_BEFORE,
@@ -104,7 +104,7 @@ def _first_change(cluster: LabCluster, runbook_params: ParamsFactory, os_user: s
     params = _clients_change(cluster, runbook_params, os_user, "CHG-clients")
     _issue(params)
     client_server.step_c4_server_trust(params)
-    assert client_server.step_c5_verify_clients(params).passed
+    assert client_proof.step_c5_verify_clients(params).passed
     return params
 
 
@@ -270,7 +270,7 @@ def test_a_renewal_under_a_looping_client_and_its_rollback(
     leaf = x509.load_pem_x509_certificates(crt)[0]
     assert keys.public_key_matches(keys.load_key(key, source="key", validate=False), leaf)
     assert not list(home.glob(".*pgtls-tmp*"))  # nothing staged is left behind
-    assert client_server.step_c5_verify_clients(renew).passed
+    assert client_proof.step_c5_verify_clients(renew).passed
 
     # the rollback puts the files back the same way, under a loop of the client's own
     (user,) = resolve_client_users([os_user])
@@ -334,7 +334,7 @@ def test_a_client_ca_rotation_in_three_changes(
         chainmod.fingerprint(old_root),
         chainmod.fingerprint(new_root.cert),
     ]
-    assert client_server.step_c5_verify_clients(trust).passed
+    assert client_proof.step_c5_verify_clients(trust).passed
     assert _client_files(os_user) == clients_before
 
     # a session with the old certificate, held open across (b) and into (c)
@@ -369,7 +369,7 @@ def test_a_client_ca_rotation_in_three_changes(
             and loop["connections"] >= LOOP_BEFORE + LOOP_AFTER
         )
         assert not client_server.step_c4_server_trust(reissue).changed
-        assert client_server.step_c5_verify_clients(reissue).passed
+        assert client_proof.step_c5_verify_clients(reissue).passed
 
         # (c) retire: refused, before any write, while the old-issuer session is connected
         server_before, clients_now = _server_files(fresh_cluster), _client_files(os_user)
@@ -412,9 +412,9 @@ def test_a_client_ca_rotation_in_three_changes(
     assert [r["sha256"] for r in retired.roots_retired] == [fp]
     assert [r["sha256"] for r in retired.roots_after] == [chainmod.fingerprint(new_root.cert)]
     assert ca_file.read_bytes() == certfactory.pem(new_root.cert)
-    names = client_server.asked_ca_names("127.0.0.1", fresh_cluster.port)
+    names = client_roots.asked_ca_names("127.0.0.1", fresh_cluster.port)
     assert names is None or names == ["CN=Client Root CA 2026"]
-    assert client_server.step_c5_verify_clients(retire).passed
+    assert client_proof.step_c5_verify_clients(retire).passed
     assert _client_files(os_user) == clients_now
 
     rollback_change(retire)

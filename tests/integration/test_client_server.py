@@ -24,7 +24,7 @@ from pgtls_helpers import notebook as runbook
 from pgtls_helpers.errors import PgtlsError, PreflightError, ServerError
 from pgtls_helpers.lab import LabCA, LabCluster
 from pgtls_helpers.postgres import ident
-from pgtls_helpers.runbook import client_server
+from pgtls_helpers.runbook import client_proof, client_roots, client_server
 from pgtls_helpers.runbook.client_keys import (
     step_c1_client_keys,
     step_c2_client_certs,
@@ -221,18 +221,18 @@ def test_cert_lines_with_and_without_a_map_and_clientcert_prove_and_roll_back(
     assert {"installed", "planned_files", "hba_diff", "ident_diff", "roots_after"} <= set(summary)
     assert (fresh_cluster.pgdata / "client_ca.crt").exists()
     # from outside: the server now asks for a client certificate and names the client root
-    asked = client_server.asked_ca_names("127.0.0.1", fresh_cluster.port)
+    asked = client_roots.asked_ca_names("127.0.0.1", fresh_cluster.port)
     assert asked == [ident.server_dn(issuer[2].subject)]
     hba_text = (fresh_cluster.pgdata / "pg_hba.conf").read_text()
     assert hba_text.index("cert clientname=DN map=dnmap") < hba_text.index(
         "all             127.0.0.1/32            scram-sha-256"
     )
 
-    proof = client_server.step_c5_verify_clients(params)
+    proof = client_proof.step_c5_verify_clients(params)
     assert proof.verdict == "pass", [c for c in proof.checks if not c.passed]
     assert len(proof.checks) == 15  # per client: its login and four must-fail checks
     by = {(c.os_user, c.case): c for c in proof.checks}
-    assert by[(u_alice, "no client certificate")].detail.find(client_server.NO_CERTIFICATE) >= 0
+    assert by[(u_alice, "no client certificate")].detail.find(client_proof.NO_CERTIFICATE) >= 0
     assert "tlsv1 alert unknown ca" in by[(u_bob, "a certificate of an unrelated CA")].detail
     server_only = "a certificate for servers only (serverAuth, no clientAuth)"
     assert "sslv3 alert unsupported certificate" in by[(u_carol, server_only)].detail
@@ -259,7 +259,7 @@ def test_cert_lines_with_and_without_a_map_and_clientcert_prove_and_roll_back(
     assert (fresh_cluster.pgdata / "postgresql.auto.conf").read_bytes() == auto_before
     assert not (fresh_cluster.pgdata / "client_ca.crt").exists()
     assert _files(fresh_cluster) == before
-    assert client_server.asked_ca_names("127.0.0.1", fresh_cluster.port) == []
+    assert client_roots.asked_ca_names("127.0.0.1", fresh_cluster.port) == []
 
 
 def test_an_existing_ssl_ca_file_is_merged_not_replaced_and_rolled_back_exactly(
@@ -296,13 +296,13 @@ def test_an_existing_ssl_ca_file_is_merged_not_replaced_and_rolled_back_exactly(
         issuer[2].subject.rfc4514_string(),
     ]
     assert result.settings_planned == [] and not result.settings_applied
-    assert client_server.asked_ca_names("127.0.0.1", fresh_cluster.port) == [
+    assert client_roots.asked_ca_names("127.0.0.1", fresh_cluster.port) == [
         ident.server_dn(other.cert.subject),
         ident.server_dn(issuer[2].subject),
     ]
     merged = bundle.read_bytes()
     assert merged.startswith(old_bytes) and merged.count(b"BEGIN CERTIFICATE") == 2
-    proof = client_server.step_c5_verify_clients(params)
+    proof = client_proof.step_c5_verify_clients(params)
     assert proof.passed, [c for c in proof.checks if not c.passed]
     assert any("serverAuth-only check" in m for m in proof.messages)  # no lab CA at hand
     rollback_change(params)
@@ -398,7 +398,7 @@ def test_a_failed_client_check_undoes_the_change_and_says_which(
     # the client's certificate now names someone else: its own login must fail
     _place(own_client_user, "CN=mallory", issuer, first.work.root)
     with pytest.raises(ServerError, match="1 of 3 client checks failed") as err:
-        client_server.step_c5_verify_clients(params)
+        client_proof.step_c5_verify_clients(params)
     assert "steps c3 and c4 were undone" in str(err.value)
     assert "got 'certificate authentication failed for user \"frank\"'" in str(err.value)
     assert _files(fresh_cluster) == before
@@ -432,7 +432,7 @@ def test_the_whole_client_runbook_in_the_lab_then_rolled_back(
     step_c3_install_clients(params)
     trust = client_server.step_c4_server_trust(params)
     assert trust.changed and [c["system_user"] for c in trust.clients] == ["gina", "hal"]
-    proof = client_server.step_c5_verify_clients(params)
+    proof = client_proof.step_c5_verify_clients(params)
     assert proof.passed and len(proof.checks) == 10, [c for c in proof.checks if not c.passed]
     assert {s["client_dn"] for s in proof.sessions} == {"/O=Example/OU=ops/CN=gina", "/CN=hal"}
     rollback_change(params)
