@@ -9,6 +9,8 @@ set -u
 bin=${1:?usage: tests/by_major.sh VENV_BIN [pytest options]}
 shift
 IFS=, read -ra majors <<<"${PGTLS_PG_MAJORS:-15,17}"
+# tests marked `spread` run each variant on one of these majors in turn (tests/conftest.py)
+export PGTLS_SPREAD_MAJORS=${PGTLS_PG_MAJORS:-15,17}
 # not per major, and slow: with a second session, they run there
 moved=(tests/fleet tests/notebooks/test_browser.py)
 moved_k="test_fleet or test_browser"

@@ -29,6 +29,37 @@ from pgtls_helpers.runbook.params import Params, load_params  # noqa: E402
 PG_MAJORS = tuple(int(m) for m in os.environ.get("PGTLS_PG_MAJORS", "15,17").split(","))
 
 
+# `make test` (tests/by_major.sh) runs one session per major and names them all here; a test
+# marked `spread` then runs each of its variants on one major in turn instead of on every major,
+# so every variant and every major is covered once. A narrower run (PGTLS_PG_MAJORS=15) runs all.
+SPREAD_MAJORS = tuple(int(m) for m in os.environ.get("PGTLS_SPREAD_MAJORS", "").split(",") if m)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if len(SPREAD_MAJORS) < 2:
+        return
+    variants: dict[str, list[str]] = {}
+    keep: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        if item.get_closest_marker("spread") is None or "pg_bindir" not in getattr(
+            spec, "params", {}
+        ):
+            keep.append(item)
+            continue
+        major = PG_MAJORS[spec.indices["pg_bindir"]]
+        variant = "-".join(p for p in spec.id.split("-") if p != f"pg{major}")
+        known = variants.setdefault(item.originalname, [])
+        if variant not in known:
+            known.append(variant)
+        turn = SPREAD_MAJORS[known.index(variant) % len(SPREAD_MAJORS)]
+        (keep if turn == major else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
 def _bindir_or_skip(major: int | None = None) -> Path:
     try:
         return find_bindir(major)

@@ -230,6 +230,7 @@ def _at_most_the_switch(loop: dict[str, object] | LoopResult, *, reuse_key: bool
         assert row["last_ok"], row
 
 
+@pytest.mark.spread
 @pytest.mark.parametrize("reuse_key", [True, False], ids=["same-key", "new-key"])
 def test_a_renewal_under_a_looping_client_and_its_rollback(
     fresh_cluster: LabCluster,

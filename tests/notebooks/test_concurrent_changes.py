@@ -109,6 +109,7 @@ def _params(tmp_path: Path, cluster: LabCluster, change_id: str) -> Path:
     return write_params(tmp_path / f"{change_id}.yaml", **params_for(cluster, change_id=change_id))
 
 
+@pytest.mark.spread
 @pytest.mark.parametrize("ssl", ["off", "on"])
 def test_a_second_change_waits_for_the_whole_first_one_and_both_roll_back(
     tmp_path: Path, fresh_cluster: LabCluster, monkeypatch: pytest.MonkeyPatch, ssl: str

@@ -340,6 +340,7 @@ REFUSALS = {
 }
 
 
+@pytest.mark.spread
 @pytest.mark.parametrize("case", list(REFUSALS.values()), ids=list(REFUSALS))
 def test_a_refused_change_exits_1_and_leaves_every_server_and_client_file_as_it_was(
     case: Refusal,
@@ -399,6 +400,7 @@ _TYPOS = {
 }
 
 
+@pytest.mark.spread
 @pytest.mark.parametrize("change, quoted", list(_TYPOS.values()), ids=list(_TYPOS))
 def test_an_unusable_hba_rule_exits_2_naming_the_file_and_the_rule_and_changes_nothing(
     change: dict[str, str],
