@@ -40,9 +40,12 @@ from pgtls_helpers.display.renewal import (
     show_trust_plan,
 )
 from pgtls_helpers.display.watch import (
+    check_client_files,
+    client_table,
     days_picture,
     expiry_timeline,
     run_watch,
+    sessions_table,
     show_reasons,
     show_summary,
     watch_table,
@@ -118,9 +121,12 @@ __all__ = [
     "step_c4_server_trust",
     "step_c5_verify_clients",
     # notebooks/watch.ipynb
+    "check_client_files",
+    "client_table",
     "days_picture",
     "expiry_timeline",
     "run_watch",
+    "sessions_table",
     "show_reasons",
     "show_summary",
     "watch_table",

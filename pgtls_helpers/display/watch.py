@@ -9,21 +9,35 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pgtls_helpers.display.html import Rendered
+from cryptography import x509
+
+from pgtls_helpers.display.html import Rendered, table
+from pgtls_helpers.display.watch_formats import all_crls
+from pgtls_helpers.pki.client_posture import ClientCertResult, CrlResult
 from pgtls_helpers.pki.posture import STATUSES, TargetResult, WatchOptions, summary
 from pgtls_helpers.postgres.watch import load_roots, parse_targets, watch
+from pgtls_helpers.postgres.watch_clients import (
+    check_client_users,
+    check_crl_files,
+    resolve_watch_users,
+)
 
 if TYPE_CHECKING:
     import pandas
 
 __all__ = [
+    "ClientFiles",
+    "check_client_files",
+    "client_table",
     "days_picture",
     "expiry_timeline",
     "run_watch",
     "show_reasons",
+    "sessions_table",
     "show_summary",
     "watch_table",
 ]
@@ -36,6 +50,31 @@ def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
+@dataclass(frozen=True)
+class ClientFiles:
+    """What the watch read on this machine: each client user's ``postgresql.crt`` (and key) and
+    each CRL file, as ``pgtls watch --client-user --crl`` reads them."""
+
+    clients: tuple[ClientCertResult, ...] = ()
+    crls: tuple[CrlResult, ...] = ()
+    known: tuple[x509.Certificate, ...] = ()  # the certificates read, to know sessions by
+
+
+def check_client_files(
+    client_users: Sequence[str] = (),
+    crl_files: Sequence[str] = (),
+    *,
+    warn_days: int = 30,
+    crit_days: int = 15,
+) -> ClientFiles:
+    """The client users' certificates and the CRL files, judged against the thresholds."""
+    now = _dt.datetime.now(_dt.UTC)
+    rows, known = check_client_users(
+        resolve_watch_users(client_users), warn_days=warn_days, crit_days=crit_days, now=now
+    )
+    return ClientFiles(tuple(rows), tuple(check_crl_files(crl_files, now=now)), known)
+
+
 def run_watch(
     targets: Sequence[str],
     *,
@@ -44,8 +83,14 @@ def run_watch(
     crit_days: int = 15,
     timeout: float = 5.0,
     concurrency: int = 32,
+    sessions: bool = False,
+    login_user: str | None = None,
+    dbname: str = "postgres",
+    clients: ClientFiles | None = None,
 ) -> list[TargetResult]:
-    """The notebook's parameters in, ``pgtls watch``'s results out (the same checks)."""
+    """The notebook's parameters in, ``pgtls watch``'s results out (the same checks); with
+    ``sessions``, each server's client-certificate sessions by issuer (a login as
+    ``login_user``), the sessions of ``clients``' certificates known by serial."""
     options = WatchOptions(
         roots=load_roots(root) if root else None,
         root_path=root or None,
@@ -54,8 +99,84 @@ def run_watch(
         timeout=timeout,
         concurrency=concurrency,
         now=_dt.datetime.now(_dt.UTC),
+        sessions=sessions,
+        user=login_user,
+        dbname=dbname,
+        client_certs=clients.known if clients else (),
     )
     return watch(parse_targets(targets), options)
+
+
+def _by_days(row: Mapping[str, object]) -> tuple[bool, int, str]:
+    days = row["days_left"]
+    return (days is None, days if isinstance(days, int) else 0, str(row["of"]))
+
+
+def client_table(files: ClientFiles, results: Sequence[TargetResult] = ()) -> Rendered:
+    """One row per client certificate and per CRL (the files', then the servers'
+    ``ssl_crl_file``), fewest days left first; every path in full."""
+    certs: list[Mapping[str, object]] = [
+        {
+            "what": "client certificate",
+            "of": c.os_user,
+            "path": c.path,
+            "status": c.status,
+            "days_left": c.days_left,
+            "subject or issuer": c.subject or c.error,
+            "until": c.not_after,
+            "key matches": c.key_matches,
+            "reasons": ", ".join(c.reasons),
+        }
+        for c in files.clients
+    ]
+    crls: list[Mapping[str, object]] = [
+        {
+            "what": "CRL",
+            "of": c.target or "file",
+            "path": c.path,
+            "status": c.status,
+            "days_left": c.days_left,
+            "subject or issuer": c.issuer or c.error,
+            "until": c.next_update,
+            "key matches": None,
+            "reasons": ", ".join(c.reasons),
+        }
+        for c in all_crls(results, files.crls)
+    ]
+    return table(
+        sorted([*certs, *crls], key=_by_days),
+        colour=lambda r: _COLOURS.get(str(r["status"])) if r["status"] != "ok" else None,
+        mono=("path",),
+        nowrap=("until",),
+    )
+
+
+def sessions_table(results: Sequence[TargetResult]) -> Rendered:
+    """Per server and issuer: the sessions presenting a client certificate now, how many are
+    listed client users', and the fewest days those have left (``pg_stat_ssl``)."""
+    rows: list[dict[str, object]] = []
+    for r in results:
+        inv = r.sessions
+        if inv is None:
+            continue
+        if inv.error:
+            rows.append({"target": r.target, "issuer": None, "note": inv.error})
+            continue
+        rows.extend(
+            {
+                "target": r.target,
+                "issuer": g.issuer_dn,
+                "client_cert_sessions": g.client_cert_sessions,
+                "known": g.known,
+                "fewest_days_left": g.fewest_days_left,
+                "note": None,
+            }
+            for g in inv.by_issuer
+        )
+        note = f"{inv.tls} over TLS, {inv.without_tls} over TCP without, {inv.unix_socket} local"
+        rows.append({"target": r.target, "issuer": "(every session)", "note": note})
+    columns = ["target", "issuer", "client_cert_sessions", "known", "fewest_days_left", "note"]
+    return table(rows, columns)
 
 
 def _expires(result: TargetResult) -> _dt.datetime | None:
@@ -205,18 +326,23 @@ def expiry_timeline(
     return Rendered(f'<div style="margin:6px 0">{"".join(parts)}</div>', text)
 
 
-def show_reasons(results: Sequence[TargetResult]) -> Rendered:
-    """Each server that is not ok, with every reason in a sentence."""
-    bad = [r for r in results if r.status != "ok"]
+def show_reasons(results: Sequence[TargetResult], files: ClientFiles | None = None) -> Rendered:
+    """Each server (and client certificate, and CRL) that is not ok, every reason in a
+    sentence."""
+    named: list[tuple[str, str, Sequence[str], Sequence[str]]] = [
+        (r.target, r.status, r.reasons, r.details) for r in results
+    ]
+    if files is not None:
+        named += [(f"{c.os_user} {c.path}", c.status, c.reasons, c.details) for c in files.clients]
+        named += [(c.source, c.status, c.reasons, c.details) for c in all_crls(results, files.crls)]
+    bad = [n for n in named if n[1] != "ok"]
     if not bad:
         return Rendered('<div style="color:#1a7f37">Every server is ok.</div>', "every server ok")
     items = "".join(
-        f'<li><b style="color:{_COLOURS[r.status]}">{_e(r.target)}</b> ({_e(r.status)}): '
-        + "; ".join(
-            f"<code>{_e(c)}</code> {_e(d)}" for c, d in zip(r.reasons, r.details, strict=True)
-        )
+        f'<li><b style="color:{_COLOURS[status]}">{_e(name)}</b> ({_e(status)}): '
+        + "; ".join(f"<code>{_e(c)}</code> {_e(d)}" for c, d in zip(codes, details, strict=True))
         + "</li>"
-        for r in bad
+        for name, status, codes, details in bad
     )
-    text = "\n".join(f"{r.target} {r.status}: {'; '.join(r.details)}" for r in bad)
+    text = "\n".join(f"{name} {status}: {'; '.join(details)}" for name, status, _, details in bad)
     return Rendered(f"<ul>{items}</ul>", text)

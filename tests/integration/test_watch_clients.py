@@ -449,3 +449,47 @@ def test_sessions_by_a_role_that_sees_only_its_own_are_said_not_counted(
     assert result.sessions is not None and result.sessions.error is None
     assert [g.client_cert_sessions for g in result.sessions.by_issuer] == [2]
     assert [g.known for g in result.sessions.by_issuer] == [0]  # no --client-user given
+
+
+def test_the_watch_notebook_shows_client_certificates_crls_and_sessions(
+    stale_server: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """notebooks/watch.ipynb, headless, with the same client users, CRLs and sessions."""
+    import papermill
+
+    from pgtls_helpers.runbook.runner import kernel_name
+
+    lab = stale_server
+    monkeypatch.setenv("PGPASSFILE", str(lab.cluster.passfile))
+    nb = papermill.execute_notebook(
+        str(REPO / "notebooks" / "watch.ipynb"),
+        str(tmp_path / "watch.ipynb"),
+        parameters={
+            "targets": [f"127.0.0.1:{lab.cluster.port}"],
+            "root": str(lab.root_file),
+            "crit_days": 7,
+            "client_users": [lab.warn.os_user, lab.fine.os_user],
+            "crl_files": [str(lab.stale_crl), str(lab.fresh_crl)],
+            "sessions": True,
+            "login_user": "postgres",
+        },
+        kernel_name=kernel_name(),
+        progress_bar=False,
+        log_output=False,
+        start_timeout=60,
+    )
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    html = [str(o.get("data", {}).get("text/html", "")) for o in outputs]
+    clients = next(h for h in html if "client certificate" in h and "<table" in h)
+    # the client about to expire first, both users, both CRL files (the stale one critical)
+    assert clients.index(lab.warn.os_user) < clients.index(lab.fine.os_user)
+    assert str(lab.stale_crl) in clients and str(lab.fresh_crl) in clients
+    assert "crl-expired" in clients
+    sessions = next(h for h in html if "client_cert_sessions" in h)
+    issuer = stat_ssl_dn(lab.ca.signer.subject)
+    cell = "<td[^>]*>"
+    row = re.search(rf"{cell}{re.escape(issuer)}</td>{cell}(\d+)</td>{cell}(\d+)</td>", sessions)
+    assert row and row.groups() == ("2", "2"), sessions
+    reasons = next(h for h in html if "needs" in h or "<ul>" in h)
+    assert "crl-expired" in reasons and lab.warn.os_user in reasons

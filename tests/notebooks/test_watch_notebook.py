@@ -35,7 +35,10 @@ def test_committed_watch_notebook_follows_the_conventions() -> None:
         assert match, f"not 'name: type = value  # comment': {line!r}"
         ast.literal_eval(match.group(3))
         declared[match.group(1)] = match.group(2)
-    assert set(declared) == {"targets", "root", "warn_days", "crit_days", "timeout"}
+    assert set(declared) == {
+        "targets", "root", "warn_days", "crit_days", "timeout",
+        "client_users", "crl_files", "sessions", "login_user",
+    }  # fmt: skip
     for cell in code[1:]:
         assert 1 <= len(ast.parse(cell.source).body) <= 2, cell.source
 
