@@ -8,7 +8,8 @@
     role: postgres-server      # the role whose policy the certificate follows
     token_env: VAULT_TOKEN     # the token by reference: a variable, or
     # token_file: /etc/pgtls/vault-token
-    # approle_role_id_env / approle_secret_id_env: AppRole login instead of a token
+    # approle_role_id_env: VAULT_ROLE_ID, approle_secret_id_env: VAULT_SECRET_ID
+    #   AppRole login instead of a token: the variables holding role_id and secret_id
     ca_bundle: /etc/pgtls/vault-ca.pem   # to verify the Vault server's TLS
     ttl: 2160h                 # optional: the certificate's lifetime (the role caps it)
     timeout: 30
@@ -127,10 +128,27 @@ class VaultCA:
                     f"the Vault token file {self.token_file} cannot be read ({exc.strerror})"
                 ) from None
         elif self.approle:
-            role_id = self._secret(self.approle[0], "the AppRole role_id")
-            secret_id = self._secret(self.approle[1], "the AppRole secret_id")
-            client.auth.approle.login(role_id=role_id, secret_id=secret_id)
+            self._login(client, *self.approle)
         return client
+
+    def _login(self, client: Any, role_id_env: str, secret_id_env: str) -> None:
+        """AppRole's login: its token stays in ``client``; a refusal names the variables."""
+        import hvac.exceptions
+
+        role_id = self._secret(role_id_env, "the AppRole role_id")
+        secret_id = self._secret(secret_id_env, "the AppRole secret_id")
+        try:
+            client.auth.approle.login(role_id=role_id, secret_id=secret_id)
+        except hvac.exceptions.VaultDown:
+            raise
+        except hvac.exceptions.VaultError as exc:
+            why = "; ".join(str(e) for e in (exc.errors or [])) or str(exc).splitlines()[0]
+            for secret in (secret_id, role_id):  # a server may echo what it was sent
+                why = why.replace(secret, "…")
+            raise CaRefused(
+                f"Vault at {self.address} refused the AppRole login of {role_id_env} and "
+                f"{secret_id_env}: {why[:300]}; check both variables, nothing was installed"
+            ) from None
 
     def sign(self, request: SignRequest, out: Path) -> Signed:
         import hvac.exceptions

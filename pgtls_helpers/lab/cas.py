@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,11 +45,14 @@ def _wait_tcp(port: int, what: str, seconds: float = 20) -> None:
 
 @dataclass(frozen=True)
 class LabBao:
-    """A running OpenBao dev server with a PKI engine at ``pki/`` and a role ``pg``."""
+    """A running OpenBao dev server with a PKI engine at ``pki/`` and a role ``pg``, and
+    AppRole login at ``auth/approle`` with a role ``pgtls`` whose policy may use ``pg``."""
 
     address: str
     token: str = field(repr=False)  # the dev server's root token: only in the environment
     root: x509.Certificate
+    role_id: str = field(repr=False, default="")  # the AppRole ``pgtls``'s credentials
+    secret_id: str = field(repr=False, default="")
     token_env: str = "PGTLS_LAB_BAO_TOKEN"
 
     @property
@@ -105,8 +108,17 @@ def openbao(home: Path, *, domains: str = "lab.pgtls.test,localhost") -> Iterato
             },
             mount_point="pki",
         )
+        client.sys.create_or_update_policy(
+            "pgtls-sign", 'path "pki/sign/pg" { capabilities = ["create", "update"] }'
+        )
+        client.sys.enable_auth_method("approle")
+        client.auth.approle.create_or_update_approle(
+            "pgtls", token_policies=["pgtls-sign"], token_ttl="10m"
+        )
+        role_id = client.auth.approle.read_role_id("pgtls")["data"]["role_id"]
+        secret_id = client.auth.approle.generate_secret_id("pgtls")["data"]["secret_id"]
         os.environ[LabBao.token_env] = token
-        yield LabBao(address, token, root)
+        yield LabBao(address, token, root, role_id, secret_id)
     finally:
         if saved is None:
             os.environ.pop(LabBao.token_env, None)
@@ -119,16 +131,27 @@ def openbao(home: Path, *, domains: str = "lab.pgtls.test,localhost") -> Iterato
 @dataclass(frozen=True)
 class LabPebble:
     """A running Pebble: its ``ca_settings`` (directory, the bundle for its TLS, the http-01
-    port its validation connects to, the root's URL)."""
+    port its validation connects to, the root's URL), and the management API of the
+    pebble-challtestsrv its validation asks for DNS (``POST /set-txt`` with ``{"host":
+    "_acme-challenge.<domain>.", "value": ...}``, ``POST /clear-txt`` with ``{"host": ...}``),
+    where a dns-01 hook publishes its TXT records."""
 
     settings: dict[str, object]
     home: Path
+    dns_management: str = ""  # http://127.0.0.1:<port> of pebble-challtestsrv
 
 
 @contextmanager
-def pebble(home: Path) -> Iterator[LabPebble]:
+def pebble(home: Path, *, eab: Mapping[str, str] | None = None) -> Iterator[LabPebble]:
     """Pebble on loopback ports, its TLS from a lab CA, every name resolving to 127.0.0.1
-    through pebble-challtestsrv, so its validation reaches this host's http-01 answer."""
+    through pebble-challtestsrv, so its validation reaches this host's http-01 answer and
+    reads the TXT records set there. Validation is real (no ``PEBBLE_VA_ALWAYS_VALID``).
+
+    Args:
+        home: an empty folder for its configuration, keys and log.
+        eab: when given, Pebble requires External Account Binding with these key ids and
+            their base64url HMAC keys.
+    """
     from pgtls_helpers.lab.ca import LabCA
     from pgtls_helpers.pki.keys import serialize_key
 
@@ -153,17 +176,22 @@ def pebble(home: Path) -> Iterator[LabPebble]:
             "httpPort": http,
             "tlsPort": free_port(),
             "ocspResponderURL": "",
-            "externalAccountBindingRequired": False,
+            "externalAccountBindingRequired": eab is not None,
         }
     }
+    if eab is not None:
+        config["pebble"]["externalAccountMACKeys"] = dict(eab)
     (home / "pebble.json").write_text(json.dumps(config))
+    (home / "pebble.json").chmod(0o600)  # the EAB keys, when there are any
+    dns_manage = free_port()
     env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0"}
+    env.pop("PEBBLE_VA_ALWAYS_VALID", None)  # validation is the point
     with ExitStack() as stack:
         log = stack.enter_context((home / "pebble.log").open("wb"))
         dns_srv = subprocess.Popen(
             ["pebble-challtestsrv", "-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""]
             + ["-dns01", f"127.0.0.1:{dns}", "-http01", "", "-https01", "", "-tlsalpn01", ""]
-            + ["-management", f"127.0.0.1:{free_port()}"],
+            + ["-management", f"127.0.0.1:{dns_manage}"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -180,6 +208,7 @@ def pebble(home: Path) -> Iterator[LabPebble]:
         stack.callback(server.terminate)
         _wait_tcp(acme, "Pebble")
         _wait_tcp(manage, "Pebble's management port")
+        _wait_tcp(dns_manage, "pebble-challtestsrv's management port")
         yield LabPebble(
             {
                 "directory": f"https://127.0.0.1:{acme}/dir",
@@ -190,4 +219,5 @@ def pebble(home: Path) -> Iterator[LabPebble]:
                 "timeout": 60,
             },
             home,
+            f"http://127.0.0.1:{dns_manage}",
         )
