@@ -8,7 +8,8 @@ person brought, so a back-end cannot smuggle a bad chain past step 2. Settings n
 by reference (an environment variable or a file), never by value, and no secret reaches a record,
 a log or an exception.
 
-``acme`` orders from an ACME CA (RFC 8555) and answers its http-01 challenge; ``command`` runs
+``acme`` orders from an ACME CA (RFC 8555) and answers its http-01 challenge, or its dns-01
+challenge through a hook that publishes the TXT record; ``command`` runs
 any program (step-ca, cfssl, EJBCA's client, ``openssl ca``, an in-house script) with ``{csr}``
 and ``{out}`` in its arguments; ``vault`` signs through the ``pki/sign/<role>`` API of Vault or
 OpenBao.
