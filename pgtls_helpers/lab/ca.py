@@ -243,21 +243,26 @@ class LabCA:
     ) -> x509.CertificateRevocationList:
         """A CRL from the CA that signs leaves (:attr:`signer`), revoking ``revoked``; dates
         in the past make the stale CRL a server refuses every client certificate for."""
-        builder = (
-            x509.CertificateRevocationListBuilder()
-            .issuer_name(self.signer.subject)
-            .last_update(last_update)
-            .next_update(next_update)
-            .add_extension(x509.CRLNumber(1), critical=False)
-        )
-        for cert in revoked:
-            builder = builder.add_revoked_certificate(
-                x509.RevokedCertificateBuilder()
-                .serial_number(cert.serial_number)
-                .revocation_date(last_update)
-                .build()
-            )
-        return builder.sign(self._signer_key, hashes.SHA256())
+        return _crl(self.signer, self._signer_key, last_update, next_update, revoked)
+
+    def sign_crls(
+        self,
+        *,
+        last_update: datetime,
+        next_update: datetime,
+        revoked: Sequence[x509.Certificate] = (),
+    ) -> list[x509.CertificateRevocationList]:
+        """A CRL from each CA of this one, root first, each revoking those of ``revoked`` it
+        issued: PostgreSQL checks every certificate of a client's chain against a CRL of its
+        issuer, so a CRL of the signer alone makes every client login fail. Needs a CA made
+        by :meth:`create` in this process (only the signer's key is saved)."""
+        cas = [self.root, *reversed(self.intermediates)]
+        if len(self._keys) != len(cas):
+            raise InputError("this lab CA was loaded from disk; only its signer's key is kept")
+        return [
+            _crl(ca, key, last_update, next_update, [c for c in revoked if c.issuer == ca.subject])
+            for ca, key in zip(cas, self._keys, strict=True)
+        ]
 
     def issue(
         self, hosts: Sequence[str], *, key_type: str = "ecdsa-p256", days: int = 397
@@ -438,6 +443,30 @@ def _intermediates(
         keys.append(key)
         issuer, issuer_key = cert, key
     return made, keys
+
+
+def _crl(
+    issuer: x509.Certificate,
+    key: CAKey,
+    last_update: datetime,
+    next_update: datetime,
+    revoked: Sequence[x509.Certificate],
+) -> x509.CertificateRevocationList:
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(issuer.subject)
+        .last_update(last_update)
+        .next_update(next_update)
+        .add_extension(x509.CRLNumber(1), critical=False)
+    )
+    for cert in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(cert.serial_number)
+            .revocation_date(last_update)
+            .build()
+        )
+    return builder.sign(key, hashes.SHA256())
 
 
 def _general_name(value: str) -> x509.GeneralName:

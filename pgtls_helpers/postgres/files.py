@@ -57,6 +57,7 @@ Kind = Literal[
     "root.crt",
     "auto.conf",
     "ssl_ca_file",  # the roots the server trusts for client certificates
+    "ssl_crl_file",  # the client CAs' revocation lists
     "ident",  # pg_ident.conf
     "client.crt",  # a client's ~/.postgresql/postgresql.crt
     "client.key",  # a client's ~/.postgresql/postgresql.key (or .pk8)

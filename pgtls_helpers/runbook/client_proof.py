@@ -3,7 +3,9 @@ it is.
 
 c5 connects as each client OS user with its own files only and compares ``pg_stat_ssl`` with its
 certificate; the must-fail checks each fail for their own reason, with certificates made on the
-fly in a temporary folder of that user's. A failed check undoes the change's journal (c3 and c4).
+fly in a temporary folder of that user's. A client whose installed certificate the
+``client_crl_file`` revokes must be refused (``sslv3 alert certificate revoked``). A failed check
+undoes the change's journal (c3 and c4).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pgtls_helpers.lab import LabCA
 from pgtls_helpers.pki import chain as chainmod
 from pgtls_helpers.postgres import files, hba, ident
 from pgtls_helpers.postgres.clients import ClientUser, read_client_file, resolve_client_users
+from pgtls_helpers.runbook.client_crl import CRL_REVOKED_ALERT, given_crls, revoked_by
 from pgtls_helpers.runbook.client_identity import client_rule
 from pgtls_helpers.runbook.client_roots import read_roots
 from pgtls_helpers.runbook.client_subjects import with_saved_clients
@@ -215,6 +218,7 @@ def step_c5_verify_clients(params: Params) -> ClientProofResult:
     roots = read_roots(params)
     rules = hba.parse_rules(list(params.hba_rules))
     lab = _trusted_lab_ca(params, roots)
+    crls = given_crls(params.client_crl_file)  # what c4 installed as ssl_crl_file
     checks: list[ProofCheck] = []
     seen: list[dict[str, object]] = []
     messages: list[str] = []
@@ -233,7 +237,22 @@ def step_c5_verify_clients(params: Params) -> ClientProofResult:
         }
 
         as_role = {**base, "user": role}
-        checks.append(_own_login(user, role, as_role, seen))
+        installed = read_client_file(user.client_crt, user.uid)
+        leaf = x509.load_pem_x509_certificate(installed) if installed is not None else None
+        revoked = revoked_by(crls, leaf) if leaf is not None else None
+        if leaf is not None and revoked is not None:
+            checks.append(
+                _attempt(
+                    user,
+                    as_role,
+                    f"its own certificate (serial {leaf.serial_number}), which the CRL of "
+                    f"{revoked.issuer.rfc4514_string()} revokes",
+                    CRL_REVOKED_ALERT,
+                    {},
+                )
+            )
+        else:
+            checks.append(_own_login(user, role, as_role, seen))
         with _private_tmp() as tmp:
             stranger = LabCA.create(
                 ("pgtls throwaway client issuer",), root_name="pgtls throwaway root"
@@ -279,7 +298,12 @@ def step_c5_verify_clients(params: Params) -> ClientProofResult:
             ),
             None,
         )
-        if other is not None:  # the other role's own line, with this client's certificate
+        if revoked is not None:
+            messages.append(
+                f"{os_user}: its certificate is revoked, so the server refuses it before any "
+                "role is compared; the another-role check was not run"
+            )
+        elif other is not None:  # the other role's own line, with this client's certificate
             checks.append(
                 _attempt(
                     user,

@@ -2,8 +2,9 @@
 clients' CA and checks their certificates.
 
 The plan and its checks are :mod:`.client_trust_plan`'s, run before the first write and again
-under the change lock. Then the writes are journaled (``ssl_ca_file``, ``pg_ident.conf``,
-``pg_hba.conf``, and ``postgresql.auto.conf`` when ``ssl_ca_file`` is set), one reload is
+under the change lock. Then the writes are journaled (``ssl_ca_file``, ``ssl_crl_file`` with
+``client_crl_file``, ``pg_ident.conf``, ``pg_hba.conf``, and ``postgresql.auto.conf`` when a
+setting is set), one reload is
 confirmed, the server is seen to name the kept roots and not the retired ones, and any failure
 puts every file back byte for byte. Step c5 (:mod:`.client_proof`) proves it with each client's
 own login.
@@ -64,6 +65,10 @@ class ServerTrustResult:
     messages: list[str] = field(default_factory=list)
     sessions_refused: list[dict[str, object]] = field(default_factory=list)
     roots_retired: list[dict[str, Any]] = field(default_factory=list)
+    ssl_crl_file: str | None = None  # where client_crl_file is installed, when given
+    crls: list[dict[str, object]] = field(default_factory=list)  # the CRLs installed there
+    crls_kept: int = 0  # other issuers' CRLs that were in the file and stay
+    revoked_clients: list[str] = field(default_factory=list)  # listed clients the CRL revokes
 
     def summary(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -101,6 +106,10 @@ def _result(
         messages=messages,
         sessions_refused=plan.sessions_refused,
         roots_retired=[cert_row(c) for c in plan.roots_retired],
+        ssl_crl_file=str(plan.crl.target) if plan.crl else None,
+        crls=plan.crl.rows() if plan.crl else [],
+        crls_kept=plan.crl.kept if plan.crl else 0,
+        revoked_clients=list(plan.crl.revoked_clients) if plan.crl else [],
     )
 
 
@@ -146,7 +155,13 @@ def step_c4_server_trust(params: Params) -> ServerTrustResult:
                 params.work,
                 JOURNAL_STEP,
                 before,
-                backing_up=[plan.ca_target, facts.hba_file, plan.ident_file, auto_conf],
+                backing_up=[
+                    plan.ca_target,
+                    *([plan.crl.target] if plan.crl else []),
+                    facts.hba_file,
+                    plan.ident_file,
+                    auto_conf,
+                ],
             )
             try:
                 installed, applied = _apply(params, server, plan, journal)
@@ -199,12 +214,13 @@ def _apply(
             "pg_ident.conf were rolled back and the server reloaded"
         )
     with open_server(params) as fresh:  # a new backend reads the reloaded settings
-        now = fresh.show("ssl_ca_file")
-    if plan.settings and now != plan.settings["ssl_ca_file"]:
-        raise ServerError(
-            f"ssl_ca_file is '{now}' after the reload, not '{plan.settings['ssl_ca_file']}'; "
-            "the change was rolled back and the server reloaded"
-        )
+        now = {name: fresh.show(name) for name in plan.settings}
+    for name, value in plan.settings.items():
+        if now[name] != value:
+            raise ServerError(
+                f"{name} is '{now[name]}' after the reload, not '{value}'; the change was "
+                "rolled back and the server reloaded"
+            )
     missing = roots_not_asked_for(plan.host_ip, params.server_port, plan.roots_after)
     if missing:
         raise ServerError(

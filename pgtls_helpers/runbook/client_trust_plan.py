@@ -1,9 +1,10 @@
 """Step c4's plan and its checks: what would change on a server that already serves TLS, and
 every refusal, all before the first write.
 
-The plan (:func:`plan_server_trust`) reads the server and decides three edits: the client roots
+The plan (:func:`plan_server_trust`) reads the server and decides its edits: the client roots
 merged into ``ssl_ca_file`` (:mod:`.client_roots`), the ``cert`` / ``clientcert=verify-full``
-lines of ``pg_hba.conf`` (placed as step 4 places its lines), and the ``pg_ident.conf`` maps. The
+lines of ``pg_hba.conf`` (placed as step 4 places its lines), the ``pg_ident.conf`` maps, and with
+``client_crl_file`` the server's ``ssl_crl_file`` (:mod:`.client_crl`). The
 checks (:func:`check_server_trust`): the throwaway backend parses both planned files, the
 runbook's own login must still be accepted, each client's connection must reach a certificate
 line, each map must hold the identity the server will look up, and a retire waits until no
@@ -27,6 +28,7 @@ from pgtls_helpers.postgres.hba import HbaPlan, HbaRule
 from pgtls_helpers.postgres.ident import IdentPlan
 from pgtls_helpers.postgres.server import Server, ServerFacts
 from pgtls_helpers.postgres.targets import TargetPolicy
+from pgtls_helpers.runbook.client_crl import CrlPlan, plan_crl
 from pgtls_helpers.runbook.client_identity import ClientIdentity, check_rule_options, identity_of
 from pgtls_helpers.runbook.client_roots import (
     RETIRE_KEY,
@@ -64,11 +66,13 @@ class ServerTrustPlan:
     sessions_refused: list[dict[str, object]]
     writes: tuple[files.PlannedFile, ...]  # ssl_ca_file, pg_ident.conf, pg_hba.conf
     roots_retired: tuple[x509.Certificate, ...] = ()  # retire_client_roots found in ssl_ca_file
+    crl: CrlPlan | None = None  # client_crl_file as ssl_crl_file
 
     @property
     def changes(self) -> bool:
         return (
             self.ca_file.action != "unchanged"
+            or (self.crl is not None and self.crl.file.action != "unchanged")
             or bool(self.settings)
             or self.hba.changed
             or self.ident.changed
@@ -79,8 +83,11 @@ class ServerTrustPlan:
         return list(self.writes)
 
     def planned_settings(self) -> list[dict[str, object]]:
-        now = str(self.facts.ssl_ca_file or "")
-        return [{"name": k, "before": now, "after": v} for k, v in self.settings.items()]
+        now = {
+            "ssl_ca_file": str(self.facts.ssl_ca_file or ""),
+            "ssl_crl_file": self.crl.before if self.crl else "",
+        }
+        return [{"name": k, "before": now.get(k, ""), "after": v} for k, v in self.settings.items()]
 
     def enable_plan(self) -> EnablePlan:
         """The same pg_hba.conf plan in step 4's shape, so step 4's checks judge it."""
@@ -107,6 +114,7 @@ class ServerTrustPlan:
             f"{self.ca_target}: retires the root {chainmod.cert_label(c)}"
             for c in self.roots_retired
         )
+        out.extend(self.crl.lines() if self.crl else [])
         out.extend(
             f"{i.os_user}: role {i.role} is checked against {i.system_user!r}"
             + (f" through map {i.map}" if i.map else "")
@@ -163,6 +171,18 @@ def plan_server_trust(params: Params, server: Server) -> ServerTrustPlan:
         label=f"pgtls {params.change_id}",
     )
     identities = tuple(identity_of(params, c, rules, ident_plan) for c in params.clients)
+    crl_dir = server.conn.execute("SELECT current_setting('ssl_crl_dir', true)").fetchone()
+    crl = plan_crl(
+        params.client_crl_file,
+        facts=facts,
+        crl_setting=server.show("ssl_crl_file"),
+        crl_dir=str(crl_dir[0] or "") if crl_dir else "",
+        policy=policy,
+        ca_file_after=ca_file.data,
+        users=resolve_client_users([str(c["os_user"]) for c in params.clients]),
+    )
+    if crl is not None:
+        settings = {**settings, **crl.settings}
     kept = {chainmod.fingerprint(c) for c in after}
     retired = tuple(c for c in before if chainmod.fingerprint(c) not in kept)
     if retired and not after and _has_cert_lines(hba_plan.after):
@@ -174,7 +194,7 @@ def plan_server_trust(params: Params, server: Server) -> ServerTrustPlan:
         )
     hst = facts.hba_file.stat()
     ist = ident_file.stat() if ident_file.exists() else hst
-    planned = [ca_file]
+    planned = [ca_file, *([crl.file] if crl is not None else [])]
     if ident_plan.changed:
         planned.append(
             files.plan_file(
@@ -215,6 +235,7 @@ def plan_server_trust(params: Params, server: Server) -> ServerTrustPlan:
         sessions_refused=list(sessions.refused_sessions(server.conn, hba_plan.after)),
         writes=tuple(planned),
         roots_retired=retired,
+        crl=crl,
     )
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "Certificate",
     "Check",
     "ClientCertificate",
+    "ClientCrl",
     "FileWrite",
     "Finding",
     "JsonObject",
@@ -191,6 +192,29 @@ class ClientCertificate:
             serial=j.text("serial"),
             issuer=j.text("issuer"),
             not_after=j.text("not_after"),
+            sha256=j.text("sha256"),
+        )
+
+
+@dataclass(frozen=True)
+class ClientCrl:
+    """A CRL step c4 installed as the server's ``ssl_crl_file`` (``client_crl_file``)."""
+
+    file: str  # the ssl_crl_file it is in
+    issuer: str
+    last_update: str  # ISO 8601, UTC
+    next_update: str | None
+    revoked: int  # how many certificates it revokes
+    sha256: str  # of its DER
+
+    @classmethod
+    def read(cls, j: JsonObject, file: str = "") -> ClientCrl:
+        return cls(
+            file=j.text("file", file),
+            issuer=j.text("issuer"),
+            last_update=j.text("last_update"),
+            next_update=j.opt("next_update"),
+            revoked=j.num("revoked") or 0,
             sha256=j.text("sha256"),
         )
 
@@ -532,6 +556,7 @@ class Manifest:
     trust_added: tuple[Certificate, ...] = ()  # roots pgtls trust adds to root.crt
     client_certificates: tuple[ClientCertificate, ...] = ()  # pgtls clients
     trust_removed: tuple[str, ...] = ()
+    client_crls: tuple[ClientCrl, ...] = ()  # pgtls clients: the CRLs c4 put in ssl_crl_file
     # step 5 (or pgtls trust's proof)
     verdict: str | None = None
     checks: tuple[Check, ...] = ()
@@ -705,6 +730,7 @@ def from_json(data: object) -> Manifest:
         trust_added=tuple(Certificate.read(c) for c in j.objs("trust_added")),
         trust_removed=j.strs("trust_removed"),
         client_certificates=tuple(ClientCertificate.read(c) for c in j.objs("client_certificates")),
+        client_crls=tuple(ClientCrl.read(c) for c in j.objs("client_crls")),
         verdict=j.opt("verdict"),
         checks=tuple(Check.read(c) for c in j.objs("checks")),
         server_before=ServerState.read(j.obj("server_before")) if "server_before" in j else None,
@@ -790,6 +816,7 @@ class StepFacts:
     trust_added: tuple[Certificate, ...] = ()
     trust_removed: tuple[str, ...] = ()
     client_certificates: tuple[ClientCertificate, ...] = ()
+    client_crls: tuple[ClientCrl, ...] = ()
     verdict: str | None = None
     checks: tuple[Check, ...] = ()
 
@@ -869,6 +896,7 @@ def from_steps(summaries: Mapping[str, object]) -> StepFacts:
             ClientCertificate.read(c)
             for c in JsonObject(summaries.get("c2_client_certs")).objs("clients")
         ),
+        client_crls=tuple(ClientCrl.read(c, c4.text("ssl_crl_file")) for c in c4.objs("crls")),
         verdict=proof.opt("verdict"),
         checks=tuple(Check.read(c) for c in proof.objs("checks")),
     )

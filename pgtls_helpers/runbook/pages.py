@@ -478,6 +478,17 @@ def _clients_body(m: Manifest) -> list[str]:
         )
     )
     out.append(_renewal_section(m))
+    if m.client_crls:
+        out.append("<h2>CRLs in ssl_crl_file</h2>")
+        out.append(
+            _table_of(
+                [
+                    (c.issuer, c.last_update[:16], (c.next_update or "")[:16], c.revoked, c.file)
+                    for c in m.client_crls
+                ],
+                ["issuer", "thisUpdate", "nextUpdate", "revoked", "file"],
+            )
+        )
     if m.trust_removed:
         out.append("<h2>Client roots retired from ssl_ca_file</h2><ul>")
         out += [f"<li>{text(r)}</li>" for r in m.trust_removed]

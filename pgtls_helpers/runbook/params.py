@@ -154,6 +154,10 @@ class Params:
     client_ca_files: tuple[str, ...] = field(
         default=(), metadata=_about("client certificates: the files the CA returned for them")
     )
+    client_crl_file: str = field(
+        default="",
+        metadata=_about("client certificates: the client CAs' CRLs (PEM or DER) for ssl_crl_file"),
+    )
     ident_maps: tuple[Mapping[str, object], ...] = field(
         default=(), metadata=_about("pg_ident.conf lines to add: {map, system_user, role}")
     )
@@ -519,6 +523,8 @@ def resolve_paths(
     else:
         work = Path(work_option).expanduser()
     out["work_dir"] = str(work.resolve())
+    if out.get("client_crl_file"):
+        out["client_crl_file"] = str(Path(str(out["client_crl_file"])).expanduser().resolve())
     for name in ("ca_files", "add_roots", "remove_roots"):
         if out.get(name):
             items = out[name]

@@ -382,6 +382,7 @@ def run_manifest(
         trust_added=facts.trust_added,
         trust_removed=facts.trust_removed,
         client_certificates=facts.client_certificates,
+        client_crls=facts.client_crls,
         verdict=facts.verdict,
         checks=facts.checks,
         server_before=before,

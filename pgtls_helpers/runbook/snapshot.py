@@ -15,6 +15,7 @@ SETTINGS = (
     "ssl_cert_file",
     "ssl_key_file",
     "ssl_ca_file",
+    "ssl_crl_file",
     "ssl_min_protocol_version",
     "hba_file",
 )
