@@ -479,7 +479,10 @@ def _clients_body(m: Manifest) -> list[str]:
     )
     out.append(_renewal_section(m))
     if m.client_crls:
-        out.append("<h2>CRLs in ssl_crl_file</h2>")
+        files = {c.file for c in m.client_crls}
+        done = any(f.target in files and f.written for f in m.written)
+        state = "installed" if done else "planned, not written"
+        out.append(f"<h2>CRLs in ssl_crl_file ({state})</h2>")
         out.append(
             _table_of(
                 [

@@ -130,3 +130,22 @@ def test_a_damaged_manifest_still_renders() -> None:
     m = mf.from_json({"kind": 7, "steps": "not a list", "checks": [1, None], "seconds": "x"})
     assert m.kind == "change" and m.steps == () and m.checks == () and m.seconds == 0.0
     assert "<html" in run_page(m)
+
+
+def test_a_clients_page_says_whether_the_crls_were_installed_or_only_planned() -> None:
+    crl = mf.ClientCrl(
+        file="/srv/pg/client_ca.crl",
+        issuer="CN=Client CA",
+        last_update="2026-12-01T00:00:00+00:00",
+        next_update="2026-12-08T00:00:00+00:00",
+        revoked=1,
+        sha256="cd" * 32,
+    )
+    plan = mf.Manifest(kind="clients", change_id="CHG-c", outcome="ok", client_crls=(crl,))
+    assert "CRLs in ssl_crl_file (planned, not written)" in run_page(plan)
+    wrote = mf.FileWrite(crl.file, "crl", "create", "ef" * 32, None, None)
+    done = mf.Manifest(
+        kind="clients", change_id="CHG-c", outcome="ok", apply=True, client_crls=(crl,),
+        files=(wrote,),
+    )  # fmt: skip
+    assert "CRLs in ssl_crl_file (installed)" in run_page(done)
