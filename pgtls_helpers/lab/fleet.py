@@ -111,10 +111,12 @@ def up(
         )
     (root / "clusters").mkdir(parents=True, exist_ok=True)
     clusters: dict[str, LabCluster] = {}
+    # one initdb, never started, that every host's cluster is a copy of
+    template = LabCluster.create(root / "template")
     try:
         for i in range(1, hosts + 1):
             name = f"db{i}"
-            cluster = LabCluster.create(root / "clusters" / name)
+            cluster = LabCluster.create(root / "clusters" / name, template=template)
             clusters[name] = cluster
             cluster.start()
             (root / "hosts" / name).mkdir(parents=True, exist_ok=True)
@@ -122,6 +124,8 @@ def up(
         for cluster in clusters.values():
             cluster.remove()
         raise
+    finally:
+        template.remove()
     target = root / "inventory.yml"
     target.write_text(
         "# A lab fleet: throwaway clusters on this machine (python -m pgtls_helpers.lab.fleet)\n"
@@ -165,7 +169,11 @@ def sign(control: str | Path, change_id: str, *, ca: LabCA | None = None) -> dic
 
 
 def build_wheelhouse(
-    source: str | Path, target: str | Path, *, python: str | Path | None = None
+    source: str | Path,
+    target: str | Path,
+    *,
+    python: str | Path | None = None,
+    dependencies: str | Path | None = None,
 ) -> Path:
     """``target`` (a .tar): the pgtls wheel built from the checkout ``source`` and a wheel of
     every dependency, the CA back-ends' (the ``ca`` extra: hvac, acme) among them, so a host
@@ -175,12 +183,20 @@ def build_wheelhouse(
     version and platform), run from a throwaway venv so its own packages do not matter. A
     dependency's newest release may need a newer Python than the hosts have (Debian 12 ships
     3.11.2), so resolving with this machine's interpreter is not enough.
+
+    ``dependencies``: a folder that keeps the dependency wheels between builds. Empty or
+    missing, the build resolves them and leaves them there; holding wheels, only the pgtls
+    wheel is built and those wheels go with it. The caller keys the folder by what the
+    dependencies come from (``pyproject.toml`` and ``python``).
     """
     out = Path(target).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
+    kept = Path(dependencies).resolve() if dependencies is not None else None
+    reuse = kept is not None and any(kept.glob("*.whl"))
     with tempfile.TemporaryDirectory(prefix="pgtls-wheels-") as tmp:
         pip = [sys.executable, "-m", "pip"]
-        if python is not None:
+        # the pgtls wheel alone is pure Python: only resolving dependencies needs ``python``
+        if python is not None and not reuse:
             venv = Path(tmp) / "venv"
             _check_run([str(python), "-m", "venv", str(venv)], f"making a venv with {python}")
             pip = [str(venv / "bin" / "python"), "-m", "pip"]
@@ -188,9 +204,25 @@ def build_wheelhouse(
         clean = source_copy(Path(source), Path(tmp) / "source")
         _check_run(
             # with the ca extra: a host whose ca_mode is vault or acme installs pgtls[ca]
-            [*pip, "wheel", "-q", "-w", str(wheels), f"{clean}[ca]"],
+            [*pip, "wheel", "-q", "-w", str(wheels), f"{clean}[ca]"]
+            if not reuse
+            else [*pip, "wheel", "-q", "--no-deps", "-w", str(wheels), str(clean)],
             f"building the wheelhouse from {source}",
         )
+        if kept is not None:
+            own = {w.name for w in wheels.glob("pgtls-*.whl")}
+            if reuse:
+                for wheel in kept.glob("*.whl"):
+                    shutil.copy2(wheel, wheels / wheel.name)
+            else:
+                partial_dir = kept.with_name(f".{kept.name}.tmp")
+                shutil.rmtree(partial_dir, ignore_errors=True)
+                partial_dir.mkdir(parents=True)
+                for wheel in wheels.glob("*.whl"):
+                    if wheel.name not in own:
+                        shutil.copy2(wheel, partial_dir / wheel.name)
+                shutil.rmtree(kept, ignore_errors=True)
+                os.replace(partial_dir, kept)
         partial = out.with_name(f".{out.name}.tmp")
         with tarfile.open(partial, "w") as tar:
             for wheel in sorted(wheels.glob("*.whl")):

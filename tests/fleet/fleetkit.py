@@ -43,20 +43,31 @@ def source_digest() -> str:
     return h.hexdigest()[:16]
 
 
+def dependencies_digest() -> str:
+    """A hash of what the wheelhouse's dependency wheels come from: the project's declared
+    dependencies and the hosts' Python that resolves them."""
+    h = hashlib.sha256((ROOT / "pyproject.toml").read_bytes())
+    h.update(str(Path(HOST_PYTHON).resolve()).encode())
+    return h.hexdigest()[:16]
+
+
 def wheelhouse() -> Path:
-    """The wheelhouse of this checkout, built once per source state."""
+    """The wheelhouse of this checkout, built once per source state; its dependency wheels are
+    resolved once per ``pyproject.toml`` and kept, so a change to the source alone rebuilds
+    only the pgtls wheel."""
     digest = source_digest()
     target = CACHE / f"wheelhouse-{digest}.tar"
     if not target.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
+        deps = CACHE / f"dependencies-{dependencies_digest()}"
         for old in CACHE.iterdir():  # wheelhouses and venvs of earlier source states
-            if digest in old.name:
+            if digest in old.name or old == deps:
                 continue
             if old.is_dir():
                 shutil.rmtree(old)
             else:
                 old.unlink()
-        build_wheelhouse(ROOT, target, python=HOST_PYTHON)
+        build_wheelhouse(ROOT, target, python=HOST_PYTHON, dependencies=deps)
     return target
 
 
