@@ -15,10 +15,12 @@ widgets with.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
+from pgtls_helpers.display.form import TakenForm
 from pgtls_helpers.display.html import BAD, OK, WARN, Rendered, esc, heading, join, table
 from pgtls_helpers.errors import InputError
 from pgtls_helpers.pki import client as pkiclient
@@ -124,7 +126,7 @@ class _Row:
         return {"map": map_name, "system_user": system_user, "role": entry["role"]}
 
 
-class ClientForm:
+class ClientForm(TakenForm):
     """The clients' subjects for step c1, prefilled from the parameters; each row is checked
     as it is typed.
 
@@ -136,6 +138,8 @@ class ClientForm:
     :attr:`params` are the notebook's parameters (or the values saved for this change earlier).
     Build it with :func:`client_form`.
     """
+
+    label = "client form"
 
     def __init__(self, params: Params) -> None:
         import ipywidgets as w
@@ -252,43 +256,8 @@ class ClientForm:
             "values</span>"
         )
 
-    @property
-    def params(self) -> Params:
-        """The parameters the next cells use: the form's after *Use these values*, else the
-        notebook's parameters.
-
-        Raises:
-            InputError: the last press was refused, or the form was changed without pressing
-                the button; nothing silently falls back to the parameters.
-        """
-        if self._refused is not None:
-            raise InputError(
-                f"the client form's values were not taken ({self._refused}); fix the field and "
-                'press "Use these values" again'
-            )
-        if self._current() != self._taken:
-            raise InputError(
-                'the client form was changed but "Use these values" was not pressed; press it '
-                "to use the changes, or run the form's cell again to start over"
-            )
-        return self._chosen or self._given
-
-    @property
-    def source(self) -> str:
-        """Where :attr:`params` came from: ``"the form"`` (perhaps saved by an earlier press)
-        or ``"the parameters"``."""
-        if self._chosen is None:
-            return "the parameters"
-        if self._from_file:
-            return f"the form, as saved in {self._given.work.client_subjects}"
-        return "the form"
-
-    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
-        bundle = dict(self.box._repr_mimebundle_(**kwargs) or {})
-        bundle["text/plain"] = (
-            "[client subject form: interactive in JupyterLab; the values used are listed below]"
-        )
-        return bundle
+    def _saved_in(self) -> Path:
+        return self._given.work.client_subjects
 
 
 def _preview(name: x509.Name, expected: ExpectedIdentity, line: Mapping[str, str] | None) -> str:

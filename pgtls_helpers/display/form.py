@@ -221,7 +221,68 @@ def _lines(text: str) -> list[str]:
     return [part.strip() for line in text.splitlines() for part in line.split(",") if part.strip()]
 
 
-class CsrForm:
+class TakenForm:
+    """What the CSR form and the client form share: the values the next cells use are the ones
+    taken by *Use these values* (or saved by an earlier press), never a change not taken.
+
+    A subclass sets ``_given``, ``_chosen``, ``_from_file``, ``_refused``, ``_taken`` and
+    ``box``, and names itself in ``label`` and the file it saves in :meth:`_saved_in`.
+    """
+
+    label = "form"
+    _given: Params
+    _chosen: Params | None
+    _from_file: bool
+    _refused: str | None
+    _taken: object
+    box: Any
+
+    def _current(self) -> object:
+        raise NotImplementedError
+
+    def _saved_in(self) -> Path:
+        raise NotImplementedError
+
+    @property
+    def params(self) -> Params:
+        """The parameters the next cells use: the form's after *Use these values*, else the
+        notebook's parameters.
+
+        Raises:
+            InputError: the last press was refused, or the form was changed without pressing
+                the button; nothing silently falls back to the parameters.
+        """
+        if self._refused is not None:
+            raise InputError(
+                f"the {self.label}'s values were not taken ({self._refused}); fix the field and "
+                'press "Use these values" again'
+            )
+        if self._current() != self._taken:
+            raise InputError(
+                f'the {self.label} was changed but "Use these values" was not pressed; press it '
+                "to use the changes, or run the form's cell again to start over"
+            )
+        return self._chosen or self._given
+
+    @property
+    def source(self) -> str:
+        """Where :attr:`params` came from: ``"the form"`` (perhaps saved by an earlier press)
+        or ``"the parameters"``."""
+        if self._chosen is None:
+            return "the parameters"
+        if self._from_file:
+            return f"the form, as saved in {self._saved_in()}"
+        return "the form"
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        bundle = dict(self.box._repr_mimebundle_(**kwargs) or {})
+        bundle["text/plain"] = (
+            f"[{self.label}: interactive in JupyterLab; the values used are listed below]"
+        )
+        return bundle
+
+
+class CsrForm(TakenForm):
     """The CSR subject form, prefilled from the parameters; each field is checked as it is typed.
 
     The values are taken only when the DBA presses *Use these values*: they are checked, saved
@@ -232,6 +293,8 @@ class CsrForm:
     notebook's parameters (or the subject saved for this change earlier). Build it with
     :func:`csr_form`.
     """
+
+    label = "CSR form"
 
     def __init__(self, params: Params) -> None:
         import ipywidgets as w
@@ -359,43 +422,8 @@ class CsrForm:
             key_type=str(self.inputs["key_type"].value),
         )
 
-    @property
-    def params(self) -> Params:
-        """The parameters the next cells use: the form's after *Use these values*, else the
-        notebook's parameters.
-
-        Raises:
-            InputError: the last press was refused, or the form was changed without pressing
-                the button; nothing silently falls back to the parameters.
-        """
-        if self._refused is not None:
-            raise InputError(
-                f"the CSR form's values were not taken ({self._refused}); fix the field and "
-                'press "Use these values" again'
-            )
-        if self._current() != self._taken:
-            raise InputError(
-                'the CSR form was changed but "Use these values" was not pressed; press it to '
-                "use the changes, or run the form's cell again to start over"
-            )
-        return self._chosen or self._given
-
-    @property
-    def source(self) -> str:
-        """Where :attr:`params` came from: ``"the form"`` (perhaps saved by an earlier press)
-        or ``"the parameters"``."""
-        if self._chosen is None:
-            return "the parameters"
-        if self._from_file:
-            return f"the form, as saved in {self._given.work.subject}"
-        return "the form"
-
-    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
-        bundle = dict(self.box._repr_mimebundle_(**kwargs) or {})
-        bundle["text/plain"] = (
-            "[CSR form: interactive in JupyterLab; the values used are listed below]"
-        )
-        return bundle
+    def _saved_in(self) -> Path:
+        return self._given.work.subject
 
 
 def csr_form(params: Params) -> CsrForm:
