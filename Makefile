@@ -45,7 +45,7 @@ lint: $(STAMP)
 fleet-lint: $(STAMP)
 	cd fleet && PATH=$(CURDIR)/$(BIN):$$PATH ANSIBLE_CONFIG=ansible.cfg ansible-lint -q pgtls.yml rollback.yml renew.yml roles
 
-# a session per PostgreSQL major, both at once (tests/by_major.sh); `--durations` is printed
+# four pytest sessions at once over the two majors (tests/by_major.sh); `--durations` is printed
 test: lint
 	tests/by_major.sh $(BIN)
 
