@@ -18,6 +18,10 @@ Tests can stop the process at a named point: ``PGTLS_FAULT_AFTER=<point>`` makes
 ``PGTLS_FAULT_SIGNAL=INT``, interrupt itself as Ctrl-C would; with ``STOP``, write its pid to
 the file ``PGTLS_FAULT_PAUSE_FILE`` names and stop itself until a SIGCONT, so a test can act
 while a change is half-way); the code path is the real one.
+
+Why one module of some 680 lines: it is one file format (as CONVENTIONS asks of our formats):
+the entries, their writing with fsync, their reading back after a crash, and what a rollback
+derives from them belong to the same format and change together.
 """
 
 from __future__ import annotations

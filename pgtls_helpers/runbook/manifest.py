@@ -11,6 +11,10 @@ On disk the manifest is JSON: :meth:`Manifest.to_json` writes every field under 
 :func:`from_json` reads it back, and reads the older formats (1: a record sealed after a killed
 run; 2: before this module) into the same type, a missing value becoming its default.
 ``from_json(m.to_json()) == m`` for every manifest.
+
+Why one module of some 900 lines: it is one file format (as CONVENTIONS asks of our formats):
+every typed part of the record, its JSON and its older formats' readers, so a field is added in
+one place and the format version goes with it.
 """
 
 from __future__ import annotations
