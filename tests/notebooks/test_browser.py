@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,62 @@ def pg_bindir() -> Path:
         raise
 
 
+@contextmanager
+def running_jupyterlab(
+    tmp_path: Path, notebooks: Path, passfile: Path
+) -> Iterator[tuple[str, str]]:
+    """A JupyterLab of its own serving ``notebooks`` (settings under ``tmp_path``), until the
+    block ends: its base URL and token."""
+    port, token = free_port(), secrets.token_hex(16)
+    home = tmp_path / "jupyter"
+    env = {
+        **os.environ,
+        "PGPASSFILE": str(passfile),
+        "JUPYTER_CONFIG_DIR": str(home / "config"),
+        "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
+        "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"),
+        "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
+    }
+    argv = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        f"--ServerApp.token={token}",
+        f"--ServerApp.root_dir={notebooks}",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        "--LabApp.news_url=",
+    ]
+    if os.geteuid() == 0:
+        argv.append("--allow-root")
+    log_path = tmp_path / "jupyterlab.log"
+    log = log_path.open("w")
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("JupyterLab did not start: " + log_path.read_text()[-2000:])
+                time.sleep(0.3)
+        yield base, token
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        shutil.rmtree(home, ignore_errors=True)
+
+
 @pytest.fixture
 def jupyterlab(tmp_path: Path, fresh_cluster: LabCluster) -> Iterator[tuple[str, Path, Path]]:
     """(URL of 01_key_and_csr with the token, the notebooks' directory, the work directory)."""
@@ -89,56 +146,8 @@ def jupyterlab(tmp_path: Path, fresh_cluster: LabCluster) -> Iterator[tuple[str,
     )
     notebooks = tmp_path / "notebooks"
     prepare_notebooks(params, notebooks)
-    port, token = free_port(), secrets.token_hex(16)
-    home = tmp_path / "jupyter"
-    env = {
-        **os.environ,
-        "PGPASSFILE": str(fresh_cluster.passfile),
-        "JUPYTER_CONFIG_DIR": str(home / "config"),
-        "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
-        "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"),
-        "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
-    }
-    argv = [
-        sys.executable,
-        "-m",
-        "jupyterlab",
-        "--no-browser",
-        "--ip=127.0.0.1",
-        f"--port={port}",
-        f"--ServerApp.token={token}",
-        f"--ServerApp.root_dir={notebooks}",
-        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-        "--LabApp.news_url=",
-    ]
-    if os.geteuid() == 0:
-        argv.append("--allow-root")
-    log = (tmp_path / "jupyterlab.log").open("w")
-    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(
-                        "JupyterLab did not start: "
-                        + (tmp_path / "jupyterlab.log").read_text()[-2000:]
-                    )
-                time.sleep(0.3)
+    with running_jupyterlab(tmp_path, notebooks, fresh_cluster.passfile) as (base, token):
         yield f"{base}/lab/tree/01_key_and_csr.ipynb?token={token}", notebooks, work
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def _open(page: Any, url: str) -> None:

@@ -7,13 +7,6 @@ lab parameters for a lab cluster; Debian's Chromium is driven by Playwright (see
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,9 +25,10 @@ from test_browser import (  # the JupyterLab helpers of the server runbook's bro
     _run_menu,
     _wait_idle,
     pg_bindir,  # noqa: F401 - the fixture: one major is enough here
+    running_jupyterlab,
 )
 
-from pgtls_helpers.lab import LabCluster, free_port
+from pgtls_helpers.lab import LabCluster
 from pgtls_helpers.runbook.params import Params, load_params, plain_values
 
 pytestmark = pytest.mark.browser
@@ -80,54 +74,8 @@ def lab_c1(tmp_path: Path, fresh_cluster: LabCluster) -> Iterator[tuple[str, Par
         kernel_name="python3",
         progress_bar=False,
     )
-    port, token = free_port(), secrets.token_hex(16)
-    home = tmp_path / "jupyter"
-    env = {
-        **os.environ,
-        "PGPASSFILE": str(fresh_cluster.passfile),
-        "JUPYTER_CONFIG_DIR": str(home / "config"),
-        "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
-        "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"),
-        "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
-    }
-    argv = [
-        sys.executable,
-        "-m",
-        "jupyterlab",
-        "--no-browser",
-        "--ip=127.0.0.1",
-        f"--port={port}",
-        f"--ServerApp.token={token}",
-        f"--ServerApp.root_dir={notebooks}",
-        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-        "--LabApp.news_url=",
-    ]
-    if os.geteuid() == 0:
-        argv.append("--allow-root")
-    log_path = tmp_path / "jupyterlab.log"
-    log = log_path.open("w")
-    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("JupyterLab did not start: " + log_path.read_text()[-2000:])
-                time.sleep(0.3)
+    with running_jupyterlab(tmp_path, notebooks, fresh_cluster.passfile) as (base, token):
         yield f"{base}/lab/tree/{C1}?token={token}", params, notebooks / C1
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_a_dn_typed_in_the_client_form_is_the_subject_of_that_clients_csr(
