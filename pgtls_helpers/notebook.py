@@ -23,7 +23,11 @@ from pgtls_helpers.display.changes import (
     show_installed,
     show_ssl_plan,
 )
-from pgtls_helpers.display.client_form import client_form, show_client_values
+from pgtls_helpers.display.client_form import (
+    client_form,
+    show_client_parameters,
+    show_client_values,
+)
 from pgtls_helpers.display.clients import show_client_step
 from pgtls_helpers.display.form import (
     csr_form,
@@ -64,22 +68,7 @@ from pgtls_helpers.runbook.key_and_csr import step1_key_and_csr
 from pgtls_helpers.runbook.trust import client_trust
 from pgtls_helpers.runbook.verify import step5_verify_clients
 
-# what the client-certificate notebooks show of their parameters
-CLIENT_PARAMETERS = (
-    "change_id",
-    "server_host",
-    "server_port",
-    "clients",
-    "ca_mode",
-    "client_ca_files",
-    "hba_rules",
-    "ident_maps",
-    "client_driver_files",
-    "apply",
-)
-
 __all__ = [
-    "CLIENT_PARAMETERS",
     "apply_step",
     "chain_picture",
     "client_trust",
@@ -113,6 +102,7 @@ __all__ = [
     "validity_timeline",
     # notebooks/c1_*.ipynb to c5_*.ipynb: the client-certificate runbook
     "client_form",
+    "show_client_parameters",
     "show_client_step",
     "show_client_values",
     "step_c1_client_keys",

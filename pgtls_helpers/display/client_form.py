@@ -9,7 +9,9 @@ turn into the role is flagged with step c4's own sentence; that flag does not st
 because c4 also reads the server's ``pg_ident.conf``, where the line may already be.
 
 The values are always shown as a plain table too, because a record has no live kernel to draw
-widgets with.
+widgets with. Every client notebook shows its parameters with the clients as the steps use them
+(:func:`show_client_parameters`): the form's saved values, when there are, and a note saying so
+and what the parameters file says.
 """
 
 from __future__ import annotations
@@ -20,8 +22,19 @@ from typing import Any
 
 from cryptography import x509
 
-from pgtls_helpers.display.form import TakenForm
-from pgtls_helpers.display.html import BAD, OK, WARN, Rendered, esc, heading, join, table
+from pgtls_helpers.display.form import TakenForm, show_parameters
+from pgtls_helpers.display.html import (
+    BAD,
+    INFO,
+    OK,
+    WARN,
+    Rendered,
+    banner,
+    esc,
+    heading,
+    join,
+    table,
+)
 from pgtls_helpers.errors import InputError
 from pgtls_helpers.pki import client as pkiclient
 from pgtls_helpers.postgres.ident import IdentLine
@@ -29,12 +42,36 @@ from pgtls_helpers.runbook.client_identity import ExpectedIdentity, expected_ide
 from pgtls_helpers.runbook.client_subjects import (
     checked_clients,
     client_entries,
+    clients_used,
+    describe_clients,
+    said_by_parameters,
     save_clients,
     saved_clients,
 )
+from pgtls_helpers.runbook.manifest import ClientsUsed
 from pgtls_helpers.runbook.params import Params
 
-__all__ = ["ClientForm", "client_form", "show_client_values"]
+__all__ = [
+    "CLIENT_PARAMETERS",
+    "ClientForm",
+    "client_form",
+    "show_client_parameters",
+    "show_client_values",
+]
+
+# what the client-certificate notebooks show of their parameters
+CLIENT_PARAMETERS = (
+    "change_id",
+    "server_host",
+    "server_port",
+    "clients",
+    "ca_mode",
+    "client_ca_files",
+    "hba_rules",
+    "ident_maps",
+    "client_driver_files",
+    "apply",
+)
 
 SOURCE = "the client form"
 _CN, _DN = "cn", "dn"
@@ -289,6 +326,31 @@ def client_form(params: Params) -> ClientForm:
     return ClientForm(params)
 
 
+def show_client_parameters(params: Params) -> Rendered:
+    """The parameters a client step runs with, its ``clients`` and ``ident_maps`` as the steps
+    use them: the values step c1's form saved for this change, when it saved any, under a note
+    that names the file and says what the parameters file gives instead.
+
+    Raises:
+        InputError: the form's file is damaged or was saved for other clients (as the steps
+            refuse it).
+    """
+    used_params, used = clients_used(params)
+    shown = show_parameters(used_params, CLIENT_PARAMETERS)
+    if not used.from_form:
+        return shown
+    return join(_source_note(said_by_parameters(used, params)), shown)
+
+
+def _source_note(used: ClientsUsed) -> Rendered:
+    said = f" ({used.parameters_said})" if used.parameters_said else ""
+    return banner(
+        f"{used.source}; the values below are the ones this step uses{said}",
+        INFO,
+        "Clients from the c1 form",
+    )
+
+
 def show_client_values(form: ClientForm) -> Rendered:
     """Each client's subject step c1 uses, as the server will see it, and where it came from."""
     params = form.params
@@ -309,8 +371,11 @@ def show_client_values(form: ClientForm) -> Rendered:
         {"pg_ident.conf": IdentLine(str(m["map"]), str(m["system_user"]), str(m["role"])).line()}
         for m in params.ident_maps
     ]
-    return join(
-        heading(f"The client CSRs are made from {form.source}:"),
+    saved_in = form._saved_in() if form._chosen is not None else None  # taken: saved there
+    used = said_by_parameters(describe_clients(params, saved_in=saved_in), form._given)
+    source = form.source + (", not the parameters file" if used.differs else "")
+    parts = [
+        heading(f"The client CSRs are made from {source}:"),
         table(
             rows,
             mono=("subject", "clientname=DN", "pg_stat_ssl.client_dn"),
@@ -318,4 +383,7 @@ def show_client_values(form: ClientForm) -> Rendered:
         ),
         heading("The pg_ident.conf lines step c4 adds:"),
         table(lines, mono=("pg_ident.conf",)),
-    )
+    ]
+    if used.parameters_said:
+        parts.append(heading(f"Not used: {used.parameters_said}."))
+    return join(*parts)

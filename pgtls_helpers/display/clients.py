@@ -24,8 +24,9 @@ from pgtls_helpers.display.html import (
 
 __all__ = ["show_client_step"]
 
-# summary keys that are the record's plumbing, not something a reader checks
-_HIDDEN = frozenset({"plan"})
+# summary keys that are the record's plumbing, not something a reader checks; the clients used
+# are shown with the notebook's parameters (show_client_parameters)
+_HIDDEN = frozenset({"plan", "clients_used"})
 _HEX = ("sha256", "serial", "fingerprint")
 
 

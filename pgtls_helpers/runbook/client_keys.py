@@ -53,11 +53,7 @@ from pgtls_helpers.postgres.clients import (
 )
 from pgtls_helpers.postgres.lock import change_lock
 from pgtls_helpers.runbook.client_identity import client_rule
-from pgtls_helpers.runbook.client_subjects import (
-    ClientEntry,
-    client_entries,
-    with_saved_clients,
-)
+from pgtls_helpers.runbook.client_subjects import ClientEntry, client_entries, clients_used
 from pgtls_helpers.runbook.common import (
     address_of,
     fingerprint_of,
@@ -68,6 +64,7 @@ from pgtls_helpers.runbook.common import (
     server_before,
 )
 from pgtls_helpers.runbook.journal import Journal
+from pgtls_helpers.runbook.manifest import ClientsUsed
 from pgtls_helpers.runbook.params import Params
 from pgtls_helpers.runbook.undo import undo_change
 from pgtls_helpers.runbook.workdir import ClientWork
@@ -165,6 +162,7 @@ class ClientKeysResult:
 
     clients: tuple[ClientKey, ...]
     directory: Path
+    clients_used: ClientsUsed  # the clients' values, and whether c1's form gave them
 
     @property
     def csr_files(self) -> list[Path]:
@@ -174,6 +172,7 @@ class ClientKeysResult:
         return {
             "directory": str(self.directory),
             "clients": [c.summary() for c in self.clients],
+            "clients_used": self.clients_used.to_json(),
         }
 
 
@@ -185,11 +184,11 @@ def step_c1_client_keys(params: Params) -> ClientKeysResult:
         PreflightError: a CSR for another subject, or another key type, is already in the
             client's folder, or its key is gone.
     """
-    params = with_saved_clients(params)  # the subjects chosen in c1's form, if any
+    params, used = clients_used(params)  # the subjects chosen in c1's form, if any
     made = []
     for client in client_entries(params):
         made.append(_key_and_csr(params, client))
-    result = ClientKeysResult(tuple(made), params.work.clients)
+    result = ClientKeysResult(clients=tuple(made), directory=params.work.clients, clients_used=used)
     save_step(params, "c1_client_keys", result.summary())
     return result
 
@@ -340,6 +339,7 @@ class ClientCertsResult:
     clients: tuple[ClientCert, ...]
     roots_path: Path | None  # clients/roots.pem, written when every client's chain is usable
     roots: tuple[dict[str, str], ...]
+    clients_used: ClientsUsed  # the clients' values, and whether c1's form gave them
     missing: tuple[str, ...] = ()  # sentences: a client with no certificate at all
     notes: tuple[str, ...] = ()
 
@@ -360,6 +360,7 @@ class ClientCertsResult:
             "missing": list(self.missing),
             "notes": list(self.notes),
             "errors": self.errors,
+            "clients_used": self.clients_used.to_json(),
         }
 
 
@@ -394,7 +395,7 @@ def step_c2_client_certs(params: Params, *, check: bool = True) -> ClientCertsRe
     """
     from pgtls_helpers.pki.intake import read_ca_response
 
-    params = with_saved_clients(params)  # the subjects chosen in c1's form, if any
+    params, used = clients_used(params)  # the subjects chosen in c1's form, if any
     clients = client_entries(params)
     csrs: dict[str, x509.CertificateSigningRequest] = {}
     for client in clients:
@@ -449,6 +450,7 @@ def step_c2_client_certs(params: Params, *, check: bool = True) -> ClientCertsRe
         clients=tuple(checked),
         roots_path=roots_path,
         roots=tuple(roots),
+        clients_used=used,
         missing=tuple(missing),
         notes=tuple(notes),
     )
@@ -588,6 +590,7 @@ class ClientInstallResult:
     notes: tuple[str, ...]
     installed: files.InstallResult | None
     applied: bool
+    clients_used: ClientsUsed  # the clients' values, and whether c1's form gave them
     work_keys_removed: tuple[str, ...] = ()
     client_loop: dict[str, Any] | None = None  # a renewal's loop of connections, see _loops
 
@@ -614,6 +617,7 @@ class ClientInstallResult:
             "installed": self.installed.as_dicts() if self.installed else [],
             "work_keys_removed": list(self.work_keys_removed),
             "client_loop": self.client_loop,
+            "clients_used": self.clients_used.to_json(),
         }
 
 
@@ -683,7 +687,7 @@ def step_c3_install_clients(params: Params) -> ClientInstallResult:
         InputError: a client OS user does not exist, or a target is a link or someone else's.
         PreflightError: c2 has not run, a key is gone, or a file changed while waiting.
     """
-    params = with_saved_clients(params)  # the subjects chosen in c1's form, if any
+    params, used = clients_used(params)  # the subjects chosen in c1's form, if any
     clients = client_entries(params)
     users = resolve_client_users([c.os_user for c in clients], source="clients")
     plan: list[tuple[ClientUser, files.PlannedFile]] = []
@@ -698,6 +702,7 @@ def step_c3_install_clients(params: Params) -> ClientInstallResult:
         notes=tuple(notes),
         installed=None,
         applied=False,
+        clients_used=used,
     )
     if not params.apply:
         save_step(params, "c3_install_clients", result.summary())
@@ -742,6 +747,7 @@ def step_c3_install_clients(params: Params) -> ClientInstallResult:
         notes=(*result.notes, *loop_notes),
         installed=installed,
         applied=True,
+        clients_used=used,
         work_keys_removed=tuple(removed),
         client_loop=client_loop,
     )

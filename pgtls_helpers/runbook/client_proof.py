@@ -32,8 +32,9 @@ from pgtls_helpers.postgres.clients import ClientUser, read_client_file, resolve
 from pgtls_helpers.runbook.client_crl import CRL_REVOKED_ALERT, given_crls, revoked_by
 from pgtls_helpers.runbook.client_identity import client_rule
 from pgtls_helpers.runbook.client_roots import read_roots
-from pgtls_helpers.runbook.client_subjects import with_saved_clients
+from pgtls_helpers.runbook.client_subjects import clients_used
 from pgtls_helpers.runbook.common import address_of, pem_of, save_step
+from pgtls_helpers.runbook.manifest import ClientsUsed
 from pgtls_helpers.runbook.params import Params
 from pgtls_helpers.runbook.undo import undo_change
 
@@ -78,6 +79,7 @@ class ClientProofResult:
     verdict: str  # "pass" or "fail"
     checks: tuple[ProofCheck, ...]
     sessions: list[dict[str, object]]  # pg_stat_ssl of each client's session
+    clients_used: ClientsUsed  # the clients' values, and whether c1's form gave them
     messages: list[str] = field(default_factory=list)
 
     @property
@@ -90,6 +92,7 @@ class ClientProofResult:
             "checks": [c.as_dict() for c in self.checks],
             "sessions": self.sessions,
             "messages": self.messages,
+            "clients_used": self.clients_used.to_json(),
         }
 
 
@@ -213,7 +216,7 @@ def _matches(observed: str, expect: str) -> bool:
 def step_c5_verify_clients(params: Params) -> ClientProofResult:
     """Each client connects as its OS user with its own files, and the must-fail checks fail
     for their reasons; a failed check undoes the change (c3 and c4) and raises."""
-    params = with_saved_clients(params)  # the subjects chosen in c1's form, if any
+    params, used = clients_used(params)  # the subjects chosen in c1's form, if any
     host_ip = address_of(params.server_host)
     roots = read_roots(params)
     rules = hba.parse_rules(list(params.hba_rules))
@@ -319,7 +322,13 @@ def step_c5_verify_clients(params: Params) -> ClientProofResult:
                 "the another-role check was not run"
             )
     verdict = "pass" if checks and all(c.passed for c in checks) else "fail"
-    res = ClientProofResult(verdict=verdict, checks=tuple(checks), sessions=seen, messages=messages)
+    res = ClientProofResult(
+        verdict=verdict,
+        checks=tuple(checks),
+        sessions=seen,
+        clients_used=used,
+        messages=messages,
+    )
     save_step(params, C5, res.summary())
     if verdict == "fail":
         failed = [c for c in checks if not c.passed]

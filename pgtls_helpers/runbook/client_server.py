@@ -20,7 +20,7 @@ from pgtls_helpers.postgres import files, ident
 from pgtls_helpers.postgres.lock import change_lock
 from pgtls_helpers.postgres.server import Server
 from pgtls_helpers.runbook.client_roots import roots_not_asked_for, still_asked_for
-from pgtls_helpers.runbook.client_subjects import with_saved_clients
+from pgtls_helpers.runbook.client_subjects import clients_used
 from pgtls_helpers.runbook.client_trust_plan import (
     ServerTrustPlan,
     check_server_trust,
@@ -30,6 +30,7 @@ from pgtls_helpers.runbook.client_trust_plan import (
 from pgtls_helpers.runbook.common import open_server, save_step, server_before
 from pgtls_helpers.runbook.enable import prove_hba
 from pgtls_helpers.runbook.journal import Journal
+from pgtls_helpers.runbook.manifest import ClientsUsed
 from pgtls_helpers.runbook.params import Params
 from pgtls_helpers.runbook.renewal import cert_row
 from pgtls_helpers.runbook.undo import undo_change
@@ -59,6 +60,7 @@ class ServerTrustResult:
     settings_planned: list[dict[str, object]]
     settings_applied: bool
     clients: list[dict[str, object]]  # each client's names as the server compares them
+    clients_used: ClientsUsed  # the clients' values, and whether c1's form gave them
     changed: bool
     applied: bool
     reloaded: bool
@@ -71,12 +73,13 @@ class ServerTrustResult:
     revoked_clients: list[str] = field(default_factory=list)  # listed clients the CRL revokes
 
     def summary(self) -> dict[str, object]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "clients_used": self.clients_used.to_json()}
 
 
 def _result(
     params: Params,
     plan: ServerTrustPlan,
+    used: ClientsUsed,
     *,
     installed: files.InstallResult | None = None,
     settings_applied: bool = False,
@@ -100,6 +103,7 @@ def _result(
         settings_planned=plan.planned_settings(),
         settings_applied=settings_applied,
         clients=[i.row() for i in plan.identities],
+        clients_used=used,
         changed=done.changed or settings_applied,
         applied=params.apply,
         reloaded=installed is not None,
@@ -119,7 +123,7 @@ def step_c4_server_trust(params: Params) -> ServerTrustResult:
     Plan, check (before anything is written), then with ``apply`` the journaled writes, one
     confirmed reload and the proof; any failure puts every file back and reloads.
     """
-    params = with_saved_clients(params)  # the subjects chosen in c1's form, if any
+    params, used = clients_used(params)  # the subjects chosen in c1's form, if any
     with open_server(params) as server:
         plan = plan_server_trust(params, server)
         check_server_trust(params, server, plan)
@@ -127,6 +131,7 @@ def step_c4_server_trust(params: Params) -> ServerTrustResult:
             res = _result(
                 params,
                 plan,
+                used,
                 messages=(
                     ["plan only (apply: false): nothing was changed", *plan.lines()]
                     if plan.changes
@@ -171,7 +176,7 @@ def step_c4_server_trust(params: Params) -> ServerTrustResult:
                 raise
             journal.end("ok")
     res = _result(
-        params, plan, installed=installed, settings_applied=applied, messages=plan.lines()
+        params, plan, used, installed=installed, settings_applied=applied, messages=plan.lines()
     )
     save_step(params, C4, res.summary())
     return res

@@ -4,7 +4,7 @@ step c1's form: ``client_subjects.json`` in the change's work directory.
 The parameters' ``clients`` and ``ident_maps`` say who gets a certificate and under which
 subject. In JupyterLab, step c1's form (:mod:`pgtls_helpers.display.client_form`) may change a
 client's role and subject and the ``pg_ident.conf`` line it needs; *Use these values* saves
-them here, and steps c1 to c5 read them back (:func:`with_saved_clients`), so the choice
+them here, and steps c1 to c5 read them back (:func:`clients_used`), so the choice
 outlives the kernel and reaches every later step. Without the file the parameters are used as
 they are.
 
@@ -25,6 +25,11 @@ read them (each subject as a DN with a CN, each ``pg_ident.conf`` line as step c
 by :func:`checked_clients`, the one check the form and the saved file go through. The clients'
 OS users must be the parameters' own, in the same order: a file saved for another list of
 clients is refused, never half used.
+
+Each step says in its summary which clients it used and where they came from
+(:func:`clients_used`, a :class:`~pgtls_helpers.runbook.manifest.ClientsUsed`), and the record
+adds what the parameters file says (:func:`said_by_parameters`), so it shows the values used and
+the parameters file's as not used.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from cryptography import x509
 from pgtls_helpers.errors import InputError
 from pgtls_helpers.pki import client as pkiclient
 from pgtls_helpers.postgres import files, ident
+from pgtls_helpers.runbook.manifest import ClientSubject, ClientsUsed, IdentMap
 from pgtls_helpers.runbook.params import Params, load_params
 
 __all__ = [
@@ -49,9 +55,11 @@ __all__ = [
     "ClientEntry",
     "checked_clients",
     "client_entries",
+    "clients_used",
+    "describe_clients",
+    "said_by_parameters",
     "save_clients",
     "saved_clients",
-    "with_saved_clients",
 ]
 
 FORMAT = 1
@@ -203,6 +211,59 @@ def saved_clients(params: Params) -> Params | None:
     return checked_clients(params, choice.clients, choice.ident_maps, source=str(path))
 
 
-def with_saved_clients(params: Params) -> Params:
-    """``params`` with the form's saved clients when there are, else as they are."""
-    return saved_clients(params) or params
+def clients_used(params: Params) -> tuple[Params, ClientsUsed]:
+    """``params`` with the form's saved clients when there are, else as they are; and what a
+    step's summary says of them: the clients and ``pg_ident.conf`` lines used and where they
+    came from.
+
+    What the parameters file says is left out: step c1 is handed the form's values, so a step
+    cannot tell; the record adds it (:func:`said_by_parameters`).
+
+    Raises:
+        InputError: as :func:`saved_clients`.
+    """
+    saved = saved_clients(params)
+    if saved is None:
+        return params, describe_clients(params, saved_in=None)
+    return saved, describe_clients(saved, saved_in=params.work.client_subjects)
+
+
+def describe_clients(params: Params, *, saved_in: Path | None) -> ClientsUsed:
+    """The clients and ``pg_ident.conf`` lines of ``params``; ``saved_in``: the form's file
+    they came from (None: the parameters)."""
+    return ClientsUsed(
+        saved_in=str(saved_in) if saved_in is not None else None,
+        clients=_subjects(params),
+        ident_maps=_maps(params),
+    )
+
+
+def said_by_parameters(used: ClientsUsed, given: Params) -> ClientsUsed:
+    """``used`` with what the parameters file's values ``given`` say, when the form's values
+    replaced them."""
+    if not used.from_form:
+        return used
+    return dataclasses.replace(
+        used, parameters_clients=_subjects(given), parameters_ident_maps=_maps(given)
+    )
+
+
+def _subjects(params: Params) -> tuple[ClientSubject, ...]:
+    out = []
+    for entry in params.clients:
+        role, raw = str(entry["role"]), entry.get("subject")
+        try:
+            subject = pkiclient.rfc4514_dn(
+                pkiclient.client_subject(role, str(raw) if raw else None)
+            )
+        except InputError:  # a parameters file's subject the form replaced: as it was written
+            subject = str(raw)
+        out.append(ClientSubject(str(entry["os_user"]), role, subject))
+    return tuple(out)
+
+
+def _maps(params: Params) -> tuple[IdentMap, ...]:
+    return tuple(
+        IdentMap(str(m.get("map", "")), str(m.get("system_user", "")), str(m.get("role", "")))
+        for m in params.ident_maps
+    )

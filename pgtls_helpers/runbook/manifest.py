@@ -33,8 +33,11 @@ __all__ = [
     "Check",
     "ClientCertificate",
     "ClientCrl",
+    "ClientSubject",
+    "ClientsUsed",
     "FileWrite",
     "Finding",
+    "IdentMap",
     "JsonObject",
     "Lab",
     "Loop",
@@ -220,6 +223,100 @@ class ClientCrl:
             next_update=j.opt("next_update"),
             revoked=j.num("revoked") or 0,
             sha256=j.text("sha256"),
+        )
+
+
+@dataclass(frozen=True)
+class ClientSubject:
+    """A client as a client change asks for it: its OS user, its role, and the subject its
+    CSR carries (RFC 4514: ``CN=<role>``, or the DN given)."""
+
+    os_user: str
+    role: str
+    subject: str
+
+    @classmethod
+    def read(cls, j: JsonObject) -> ClientSubject:
+        return cls(os_user=j.text("os_user"), role=j.text("role"), subject=j.text("subject"))
+
+
+@dataclass(frozen=True)
+class IdentMap:
+    """A ``pg_ident.conf`` line a client change asks for."""
+
+    map: str
+    system_user: str
+    role: str
+
+    @classmethod
+    def read(cls, j: JsonObject) -> IdentMap:
+        return cls(map=j.text("map"), system_user=j.text("system_user"), role=j.text("role"))
+
+
+@dataclass(frozen=True)
+class ClientsUsed:
+    """The clients and ``pg_ident.conf`` lines the steps of a client change used, and where
+    they came from: the parameters file (``saved_in`` None), or step c1's form, whose
+    ``client_subjects.json`` (``saved_in``) replaces the parameters file's lists; then
+    ``parameters_clients`` and ``parameters_ident_maps`` are what the parameters file says.
+
+    Each client step's summary keeps one (``clients_used``, written by :meth:`to_json`) without
+    the parameters file's lists, which the record adds from the parameters it ran with."""
+
+    saved_in: str | None
+    clients: tuple[ClientSubject, ...]
+    ident_maps: tuple[IdentMap, ...]
+    parameters_clients: tuple[ClientSubject, ...] = ()
+    parameters_ident_maps: tuple[IdentMap, ...] = ()
+
+    @property
+    def from_form(self) -> bool:
+        return self.saved_in is not None
+
+    @property
+    def differs(self) -> bool:
+        """The form's values are not the parameters file's."""
+        return self.from_form and (
+            self.clients != self.parameters_clients or self.ident_maps != self.parameters_ident_maps
+        )
+
+    @property
+    def source(self) -> str:
+        """Where the clients came from, in one line for a page or the terminal."""
+        if self.saved_in is None:
+            return "clients and ident_maps: from the parameters file"
+        if not self.differs:
+            return (
+                f"clients and ident_maps: from the c1 form ({self.saved_in}), the same as the "
+                "parameters file"
+            )
+        return (
+            f"clients and ident_maps: from the c1 form ({self.saved_in}), not the parameters file"
+        )
+
+    @property
+    def parameters_said(self) -> str:
+        """What the parameters file says, when the form's values replaced it ("" otherwise)."""
+        if not self.differs:
+            return ""
+        said = "; ".join(f"{c.os_user} as {c.role}: {c.subject}" for c in self.parameters_clients)
+        maps = "; ".join(f"{m.map} {m.system_user} {m.role}" for m in self.parameters_ident_maps)
+        return (
+            f"the parameters file says clients {said or '(none)'}; "
+            f"pg_ident.conf lines {maps or '(none)'}"
+        )
+
+    def to_json(self) -> dict[str, object]:
+        return cast("dict[str, object]", _plain(dataclasses.asdict(self)))
+
+    @classmethod
+    def read(cls, j: JsonObject) -> ClientsUsed:
+        return cls(
+            saved_in=j.opt("saved_in"),
+            clients=tuple(ClientSubject.read(c) for c in j.objs("clients")),
+            ident_maps=tuple(IdentMap.read(m) for m in j.objs("ident_maps")),
+            parameters_clients=tuple(ClientSubject.read(c) for c in j.objs("parameters_clients")),
+            parameters_ident_maps=tuple(IdentMap.read(m) for m in j.objs("parameters_ident_maps")),
         )
 
 
@@ -561,6 +658,7 @@ class Manifest:
     client_certificates: tuple[ClientCertificate, ...] = ()  # pgtls clients
     trust_removed: tuple[str, ...] = ()
     client_crls: tuple[ClientCrl, ...] = ()  # pgtls clients: the CRLs c4 put in ssl_crl_file
+    clients_used: ClientsUsed | None = None  # pgtls clients: the clients and their source
     # step 5 (or pgtls trust's proof)
     verdict: str | None = None
     checks: tuple[Check, ...] = ()
@@ -735,6 +833,7 @@ def from_json(data: object) -> Manifest:
         trust_removed=j.strs("trust_removed"),
         client_certificates=tuple(ClientCertificate.read(c) for c in j.objs("client_certificates")),
         client_crls=tuple(ClientCrl.read(c) for c in j.objs("client_crls")),
+        clients_used=ClientsUsed.read(j.obj("clients_used")) if "clients_used" in j else None,
         verdict=j.opt("verdict"),
         checks=tuple(Check.read(c) for c in j.objs("checks")),
         server_before=ServerState.read(j.obj("server_before")) if "server_before" in j else None,
@@ -821,6 +920,7 @@ class StepFacts:
     trust_removed: tuple[str, ...] = ()
     client_certificates: tuple[ClientCertificate, ...] = ()
     client_crls: tuple[ClientCrl, ...] = ()
+    clients_used: ClientsUsed | None = None
     verdict: str | None = None
     checks: tuple[Check, ...] = ()
 
@@ -853,9 +953,13 @@ def from_steps(summaries: Mapping[str, object]) -> StepFacts:
     s4 = JsonObject(summaries.get("04_enable_ssl"))
     s5 = JsonObject(summaries.get("05_verify_clients"))
     trust = JsonObject(summaries.get("client_trust"))
+    c1 = JsonObject(summaries.get("c1_client_keys"))
+    c2 = JsonObject(summaries.get("c2_client_certs"))
     c3 = JsonObject(summaries.get("c3_install_clients"))
     c4 = JsonObject(summaries.get("c4_server_trust"))
     c5 = JsonObject(summaries.get("c5_verify_clients"))
+    # each client step keeps the clients it used; the first that ran speaks for the run
+    used = [s.obj("clients_used") for s in (c1, c2, c3, c4, c5) if "clients_used" in s]
     # the server side of the change: step 4, or the client runbook's server step
     server = c4 if "c4_server_trust" in summaries else s4
     proof = next((p for p in (trust, c5) if "verdict" in p or "checks" in p), s5)
@@ -896,11 +1000,9 @@ def from_steps(summaries: Mapping[str, object]) -> StepFacts:
         trust_added=tuple(Certificate.read(c) for c in trust.objs("added")),
         trust_removed=trust.strs("removed")
         or tuple(Certificate.read(c).subject for c in c4.objs("roots_retired")),
-        client_certificates=tuple(
-            ClientCertificate.read(c)
-            for c in JsonObject(summaries.get("c2_client_certs")).objs("clients")
-        ),
+        client_certificates=tuple(ClientCertificate.read(c) for c in c2.objs("clients")),
         client_crls=tuple(ClientCrl.read(c, c4.text("ssl_crl_file")) for c in c4.objs("crls")),
+        clients_used=ClientsUsed.read(used[0]) if used else None,
         verdict=proof.opt("verdict"),
         checks=tuple(Check.read(c) for c in proof.objs("checks")),
     )

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from pgtls_helpers.errors import is_refusal
-from pgtls_helpers.runbook.manifest import Check, Manifest, ServerState
+from pgtls_helpers.runbook.manifest import Check, ClientsUsed, Manifest, ServerState
 
 __all__ = ["change_page", "run_page", "step_page"]
 
@@ -465,8 +465,33 @@ def _change_body(m: Manifest) -> list[str]:
     return out
 
 
+def _clients_used_section(used: ClientsUsed | None) -> list[str]:
+    """The clients and pg_ident.conf lines the steps used, and where they came from."""
+    if used is None:
+        return []
+    cls = "warn" if used.differs else "muted"
+    out = [
+        '<h2 id="clients-used">Clients and pg_ident.conf lines used</h2>',
+        f'<p class="{cls}" id="clients-source">{text(used.source)}</p>',
+        _table_of(
+            [(c.os_user, c.role, c.subject) for c in used.clients],
+            ["OS user", "role", "subject asked for"],
+        ),
+        _table_of(
+            [(i.map, i.system_user, i.role) for i in used.ident_maps],
+            ["map", "system_user", "role"],
+        ),
+    ]
+    if used.parameters_said:
+        out.append(
+            f'<p class="muted" id="clients-not-used">Not used: {text(used.parameters_said)}.</p>'
+        )
+    return out
+
+
 def _clients_body(m: Manifest) -> list[str]:
-    out = ['<h2 id="clients">Client certificates</h2>']
+    out = _clients_used_section(m.clients_used)
+    out.append('<h2 id="clients">Client certificates</h2>')
     out.append(
         _table_of(
             [

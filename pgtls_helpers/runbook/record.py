@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pgtls_helpers.errors import PgtlsError
+from pgtls_helpers.runbook.client_subjects import said_by_parameters
 from pgtls_helpers.runbook.manifest import (
     FORMAT,
     JsonObject,
@@ -383,6 +384,9 @@ def run_manifest(
         trust_removed=facts.trust_removed,
         client_certificates=facts.client_certificates,
         client_crls=facts.client_crls,
+        clients_used=said_by_parameters(facts.clients_used, params)
+        if facts.clients_used is not None
+        else None,
         verdict=facts.verdict,
         checks=facts.checks,
         server_before=before,

@@ -38,6 +38,8 @@ def run_summary(m: Manifest, record_dir: Path) -> str:
         lines.append(
             f"  on a throwaway lab cluster (port {m.lab.port}){both} removed after the run"
         )
+    if m.clients_used is not None and m.clients_used.from_form:
+        lines.append(f"  {m.clients_used.source}")
     last_note = None
     for s in m.steps:
         took = f"{s.seconds:5.1f} s" if s.status in ("ok", "failed") else ""

@@ -1,7 +1,8 @@
 """``pgtls clients`` end to end, through the runner: two client OS users get CA-signed client
-certificates (one by CN, one by a DN and a pg_ident.conf map), the server trusts their CA, each
-logs in with its certificate alone, the record says so in Chromium, and a rollback puts every
-server and client file back byte for byte."""
+certificates (one by CN, one by a DN and a pg_ident.conf map, the DN changed in step c1's form),
+the server trusts their CA, each logs in with its certificate alone, the record says so in
+Chromium, with the subjects used and where they came from, and a rollback puts every server and
+client file back byte for byte."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import hashlib
 import json
 import os
 import pwd
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +19,10 @@ import psycopg
 import pytest
 from record_checks import params_for, read_in_chromium, run_into, write_params
 
+from pgtls_helpers import notebook as pgtls
 from pgtls_helpers.cli import main as cli_main
 from pgtls_helpers.lab import LabCluster
+from pgtls_helpers.runbook.params import load_params
 
 
 @pytest.fixture
@@ -47,6 +51,11 @@ def two_users() -> Iterator[tuple[str, str]]:
     finally:
         for name in names:
             subprocess.run(["userdel", "--remove", name], check=False, capture_output=True)
+
+
+GIVEN_DN = "CN=bob,OU=dba,O=Example"  # bob's subject in the parameters file
+USED_DN = "CN=bob,OU=ops,O=Example"  # and as step c1's form changed it
+SAID = "the parameters file says clients [^.]*?"  # where a page says what was not used
 
 
 def _sha(path: Path) -> str | None:
@@ -100,7 +109,7 @@ def test_two_clients_log_in_with_their_certificates_and_the_rollback_puts_it_all
         change_id="CHG-clients",
         clients=[
             {"os_user": alice, "role": alice},
-            {"os_user": bob, "role": "bob_db", "subject": "CN=bob,OU=dba,O=Example"},
+            {"os_user": bob, "role": "bob_db", "subject": GIVEN_DN},
         ],
         ident_maps=[{"map": "certmap", "system_user": "bob", "role": "bob_db"}],
         hba_rules=[
@@ -111,6 +120,13 @@ def test_two_clients_log_in_with_their_certificates_and_the_rollback_puts_it_all
     )
     params_file = write_params(tmp_path / "clients.yaml", **values)
     records, work = tmp_path / "records", tmp_path / "work"
+    # in step c1's form the DBA gives bob another DN (the same CN, so the same map line); the
+    # headless run below uses it, and its record must say so
+    form = pgtls.client_form(load_params({**values, "work_dir": str(work)}, source="test"))
+    form.rows[1].dn.value = USED_DN
+    form.button.click()
+    saved = work / "CHG-clients" / "client_subjects.json"
+    assert "the next cells use these values" in form.status.value and saved.is_file()
     code = cli_main(
         ["clients", str(params_file), "--records", str(records), "--work", str(work)]
         + ["--no-progress"]
@@ -118,10 +134,18 @@ def test_two_clients_log_in_with_their_certificates_and_the_rollback_puts_it_all
     out = capsys.readouterr().out
     assert code == 0, out
     assert "pgtls clients: change CHG-clients" in out and "verdict: pass" in out, out
+    assert f"clients and ident_maps: from the c1 form ({saved}), not the parameters file" in out
     (record,) = [p for p in (records / "CHG-clients").iterdir() if p.is_dir()]
     m = json.loads((record / "manifest.json").read_text())
     assert m["kind"] == "clients" and m["outcome"] == "ok" and m["verdict"] == "pass"
     assert [s["status"] for s in m["steps"]] == ["ok"] * 5
+    # the manifest: the subjects used, their source, and what the parameters file said
+    used = m["clients_used"]
+    assert used["saved_in"] == str(saved)
+    assert [c["subject"] for c in used["clients"]] == [f"CN={alice}", USED_DN]
+    assert [c["subject"] for c in used["parameters_clients"]] == [f"CN={alice}", GIVEN_DN]
+    assert used["ident_maps"] == [{"map": "certmap", "system_user": "bob", "role": "bob_db"}]
+    assert [c["subject"] for c in m["client_certificates"]] == [f"CN={alice}", USED_DN]
     kinds = {f["kind"] for f in m["files"] if f["action"] in ("create", "replace")}
     assert {"client.crt", "client.key", "hba", "ident"} <= kinds, kinds
     for user in two_users:
@@ -132,9 +156,17 @@ def test_two_clients_log_in_with_their_certificates_and_the_rollback_puts_it_all
         )
         assert (home / "postgresql.crt").is_file() and (home / "postgresql.pk8").is_file()
     # what a reviewer reads: the kind, each client file written, the logins proven
-    (index,) = read_in_chromium(record / "index.html")
+    steps = [record / f"{s['step']}.html" for s in m["steps"]]
+    index, *pages = read_in_chromium(record / "index.html", *steps)
     assert "CHG-clients · clients" in index and "verdict: pass" in index
     assert "postgresql.crt" in index and "pg_ident.conf" in index
+    # every page names the subject used and its source; the parameters file's DN appears
+    # only where it is said to be the parameters file's, not used
+    for page in [index, *pages]:
+        assert f"from the c1 form ({saved}), not the parameters file" in page, page
+        assert USED_DN in page, page
+        assert GIVEN_DN in page, page
+        assert GIVEN_DN not in re.sub(SAID + re.escape(GIVEN_DN), "", page), page
     # the rollback puts every server and client file back, byte for byte
     code = cli_main(["rollback", str(params_file), "--records", str(records), "--work", str(work)])
     out = capsys.readouterr().out

@@ -3,6 +3,7 @@ older records read into the same type."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -149,3 +150,56 @@ def test_a_clients_page_says_whether_the_crls_were_installed_or_only_planned() -
         files=(wrote,),
     )  # fmt: skip
     assert "CRLs in ssl_crl_file (installed)" in run_page(done)
+
+
+def _clients_used(saved_in: str | None, bob: str) -> mf.ClientsUsed:
+    alice = mf.ClientSubject("alice", "alice", "CN=alice")
+    maps = (mf.IdentMap("certmap", "bob", "bob_db"),)
+    given = (alice, mf.ClientSubject("bob", "bob_db", "CN=bob,OU=dba,O=Example"))
+    return mf.ClientsUsed(
+        saved_in=saved_in,
+        clients=(alice, mf.ClientSubject("bob", "bob_db", bob)),
+        ident_maps=maps,
+        parameters_clients=given if saved_in else (),
+        parameters_ident_maps=maps if saved_in else (),
+    )
+
+
+def test_a_clients_record_says_which_subjects_were_used_and_where_they_came_from(
+    tmp_path: Path,
+) -> None:
+    form = _clients_used("/w/CHG-c/client_subjects.json", "CN=bob,OU=ops,O=Example")
+    # each client step keeps what it used; the first step that ran speaks for the run
+    later = _clients_used(None, "CN=bob,OU=dba,O=Example")
+    facts = mf.from_steps(
+        {
+            "c1_client_keys": {"clients_used": form.to_json()},
+            "c4_server_trust": {"clients_used": later.to_json()},
+        }
+    )
+    assert facts.clients_used == form
+    m = mf.Manifest(
+        kind="clients", change_id="CHG-c", outcome="ok", clients_used=facts.clients_used
+    )
+    assert mf.from_json(json.loads(json.dumps(m.to_json()))) == m
+    page = run_page(m).replace("<wbr>", "")
+    assert (
+        "clients and ident_maps: from the c1 form (/w/CHG-c/client_subjects.json), not the "
+        "parameters file" in page
+    )
+    used, _, not_used = page.partition('id="clients-not-used"')
+    assert "CN=bob,OU=ops,O=Example" in used and "CN=bob,OU=dba,O=Example" not in used
+    assert (
+        "Not used: the parameters file says clients alice as alice: CN=alice; bob as " in not_used
+    )
+    assert "CN=bob,OU=dba,O=Example" in not_used
+    summary = run_summary(m, tmp_path)
+    assert (
+        "clients and ident_maps: from the c1 form (/w/CHG-c/client_subjects.json), not " in summary
+    )
+    # from the parameters file: said on the page, nothing said to be unused, the terminal quiet
+    plain = dataclasses.replace(m, clients_used=later)
+    assert "clients and ident_maps: from the parameters file" in run_page(plain)
+    assert "Not used" not in run_page(plain) and "clients and" not in run_summary(plain, tmp_path)
+    # a record written before the clients were kept reads as not saying
+    assert mf.from_json({"kind": "clients", "format": 3}).clients_used is None
