@@ -43,7 +43,7 @@ lint: $(STAMP)
 
 # fleet/: Ansible's production profile, without looking anything up on the network
 fleet-lint: $(STAMP)
-	cd fleet && PATH=$(CURDIR)/$(BIN):$$PATH ANSIBLE_CONFIG=ansible.cfg ansible-lint -q pgtls.yml rollback.yml renew.yml roles
+	cd fleet && PATH=$(CURDIR)/$(BIN):$$PATH ANSIBLE_CONFIG=ansible.cfg ansible-lint -q pgtls.yml clients.yml rollback.yml renew.yml roles
 
 # four pytest sessions at once over the two majors (tests/by_major.sh); `--durations` is printed
 test: lint

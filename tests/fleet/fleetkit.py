@@ -1,4 +1,5 @@
-"""Shared by the fleet tests: Ansible from this venv, the wheelhouse, a host's files hashed."""
+"""Shared by the fleet tests: Ansible from this venv, the wheelhouse, a lab fleet's hosts, a
+host's files hashed."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from support import skip_or_fail
 
-from pgtls_helpers.lab.fleet import build_wheelhouse
+from pgtls_helpers.lab import LabCluster
+from pgtls_helpers.lab.fleet import build_wheelhouse, clusters_of, down, up
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST_PYTHON = "/usr/bin/python3"
@@ -133,3 +137,53 @@ def host_files(pgdata: Path, home: Path | None = None) -> dict[str, str]:
 
 def clear(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def lab_dir(prefix: str) -> Iterator[Path]:
+    """A folder for one module's lab fleet, removed with its clusters afterwards.
+
+    It is made outside pytest's own folders, which are 0700: the clusters run as postgres,
+    which must pass through.
+    """
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    base.chmod(0o711)
+    try:
+        yield base
+    finally:
+        down(base / "fleet")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+class LabHosts:
+    """A lab fleet (``db1``…) in ``base/fleet`` as the control machine sees it: the inventory,
+    the clusters, each host's pgtls home, and ``base/control`` where the records come home.
+
+    ``venv`` names the hosts' venv in :data:`CACHE` (one per source state, installed on first
+    use and kept): hosts whose ca_mode needs the ``ca`` extra keep a venv of their own.
+    """
+
+    def __init__(self, base: Path, *, hosts: int, change_id: str, venv: str = "venv") -> None:
+        self.base = base
+        self.wheels = wheelhouse()
+        self.inventory = up(
+            base / "fleet",
+            hosts=hosts,
+            change_id=change_id,
+            venv=CACHE / f"{venv}-{source_digest()}",
+        )
+        self.clusters: dict[str, LabCluster] = clusters_of(base / "fleet")
+        self.control = base / "control"
+        self.control.mkdir()
+
+    def pgdata(self, host: str) -> Path:
+        return self.clusters[host].pgdata
+
+    def home(self, host: str) -> Path:
+        return self.base / "fleet" / "hosts" / host
+
+    def files(self, host: str, *, with_home: bool = False) -> dict[str, str]:
+        return host_files(self.pgdata(host), self.home(host) if with_home else None)
+
+    def play(self, playbook: str, *extra: str, inventory: Path | None = None) -> Played:
+        return play(playbook, inventory or self.inventory, self.control, self.wheels, *extra)

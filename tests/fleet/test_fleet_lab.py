@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 from cryptography import x509
-from fleetkit import CACHE, Played, clear, host_files, play, source_digest, wheelhouse
+from fleetkit import LabHosts, Played, clear, lab_dir
 
-from pgtls_helpers.lab import LabCA, LabCluster, free_port
-from pgtls_helpers.lab.fleet import clusters_of, down, sign, up
+from pgtls_helpers.lab import LabCA, free_port
+from pgtls_helpers.lab.fleet import sign
 from pgtls_helpers.postgres.probe import fingerprint, probe
 from pgtls_helpers.runbook.fleet_report import load_fleet_report
 
@@ -28,30 +26,12 @@ CHANGE = "CHG-fleet"
 HOSTS = ("db1", "db2", "db3", "db4")
 
 
-class LabFleet:
-    def __init__(self, base: Path, wheels: Path) -> None:
-        self.base = base
-        self.wheels = wheels
-        venv = CACHE / f"venv-{source_digest()}"  # the hosts' venv, installed on first use
-        self.inventory = up(base / "fleet", hosts=len(HOSTS), change_id=CHANGE, venv=venv)
-        self.clusters: dict[str, LabCluster] = clusters_of(base / "fleet")
-        self.control = base / "control"
-        self.control.mkdir()
+class LabFleet(LabHosts):
+    def __init__(self, base: Path) -> None:
+        super().__init__(base, hosts=len(HOSTS), change_id=CHANGE)
         self.ca = LabCA.create()
         self.done: dict[str, Played] = {}
         self.before_change: dict[str, dict[str, str]] = {}
-
-    def pgdata(self, host: str) -> Path:
-        return self.clusters[host].pgdata
-
-    def home(self, host: str) -> Path:
-        return self.base / "fleet" / "hosts" / host
-
-    def files(self, host: str, *, with_home: bool = False) -> dict[str, str]:
-        return host_files(self.pgdata(host), self.home(host) if with_home else None)
-
-    def play(self, playbook: str, *extra: str, inventory: Path | None = None) -> Played:
-        return play(playbook, inventory or self.inventory, self.control, self.wheels, *extra)
 
     def step(self, name: str) -> Played:
         """Run one step of the change once; later calls return the first result."""
@@ -94,15 +74,8 @@ class LabFleet:
 
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[LabFleet]:
-    wheels = wheelhouse()
-    # the clusters run as postgres, which must pass through (pytest's own folders are 0700)
-    base = Path(tempfile.mkdtemp(prefix="pgtls-fleet-"))
-    base.chmod(0o711)
-    try:
-        yield LabFleet(base, wheels)
-    finally:
-        down(base / "fleet")
-        shutil.rmtree(base, ignore_errors=True)
+    with lab_dir("pgtls-fleet-") as base:
+        yield LabFleet(base)
 
 
 def _no_private_key_in(directory: Path) -> None:

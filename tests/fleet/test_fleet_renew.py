@@ -11,20 +11,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 from cryptography.hazmat.primitives.serialization import Encoding
-from fleetkit import CACHE, Played, host_files, play, source_digest, wheelhouse
+from fleetkit import LabHosts, Played, lab_dir
 
-from pgtls_helpers.lab import LabCluster, free_port
+from pgtls_helpers.lab import free_port
 from pgtls_helpers.lab.cas import LabBao, openbao
-from pgtls_helpers.lab.fleet import clusters_of, down, up
 from pgtls_helpers.postgres.probe import probe
 from pgtls_helpers.runbook.fleet_report import HostRow, load_fleet_report
 from pgtls_helpers.runbook.record import read_manifest
@@ -35,16 +32,10 @@ NOT_DUE = "pgtls_renew_due_days=1"  # a 90-day certificate is not due a day befo
 DUE = "pgtls_renew_due_days=365"  # …and is due a year before it
 
 
-class RenewFleet:
-    def __init__(self, base: Path, wheels: Path, bao: LabBao) -> None:
-        self.base = base
-        self.wheels = wheels
+class RenewFleet(LabHosts):
+    def __init__(self, base: Path, bao: LabBao) -> None:
         # a venv of its own: these hosts install pgtls[ca] (hvac for ca_mode vault)
-        venv = CACHE / f"venv-ca-{source_digest()}"
-        self.inventory = up(base / "fleet", hosts=len(HOSTS), change_id=CHANGE, venv=venv)
-        self.clusters: dict[str, LabCluster] = clusters_of(base / "fleet")
-        self.control = base / "control"
-        self.control.mkdir()
+        super().__init__(base, hosts=len(HOSTS), change_id=CHANGE, venv="venv-ca")
         self.root = base / "bao-root.crt"
         self.root.write_bytes(bao.root.public_bytes(Encoding.PEM))
         # the token by reference: a root-only file on the host, named in the inventory
@@ -70,9 +61,6 @@ class RenewFleet:
         self.served: dict[str, dict[str, int]] = {}  # step -> host -> serial after it
         self.files_before: dict[str, dict[str, str]] = {}
 
-    def files(self, host: str) -> dict[str, str]:
-        return host_files(self.clusters[host].pgdata)
-
     def serial(self, host: str) -> int:
         c = self.clusters[host]
         return probe(c.host, c.port).chain[0].serial_number
@@ -82,7 +70,7 @@ class RenewFleet:
         if name in self.done:
             return self.done[name]
         if name == "change":
-            result = play("pgtls.yml", self.inventory, self.control, self.wheels)
+            result = self.play("pgtls.yml")
             assert result.returncode == 0, f"the change failed:\n{result.tail()}"
         elif name == "not-due":
             self.step("change")
@@ -101,7 +89,7 @@ class RenewFleet:
         return result
 
     def renew(self, *extra: str, inventory: Path | None = None) -> Played:
-        return play("renew.yml", inventory or self.inventory, self.control, self.wheels, *extra)
+        return self.play("renew.yml", *extra, inventory=inventory)
 
     def rows(self) -> dict[str, HostRow]:
         fleet = load_fleet_report(self.control / "records" / CHANGE)
@@ -134,17 +122,10 @@ def recap(result: Played, host: str) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[RenewFleet]:
-    wheels = wheelhouse()
-    # the clusters run as postgres, which must pass through (pytest's own folders are 0700)
-    base = Path(tempfile.mkdtemp(prefix="pgtls-fleet-renew-"))
-    base.chmod(0o711)
-    (base / "bao").mkdir()
-    try:
+    with lab_dir("pgtls-fleet-renew-") as base:
+        (base / "bao").mkdir()
         with openbao(base / "bao") as bao:
-            yield RenewFleet(base, wheels, bao)
-    finally:
-        down(base / "fleet")
-        shutil.rmtree(base, ignore_errors=True)
+            yield RenewFleet(base, bao)
 
 
 def test_a_renewal_that_is_not_due_changes_nothing_on_any_host(fleet: RenewFleet) -> None:

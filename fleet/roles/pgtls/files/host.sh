@@ -1,12 +1,14 @@
-# One host's part of a fleet run (fleet/pgtls.yml, fleet/rollback.yml, fleet/renew.yml), in
-# one call:
+# One host's part of a fleet run (fleet/pgtls.yml, fleet/clients.yml, fleet/rollback.yml,
+# fleet/renew.yml), in one call:
 #   run:      stdin: a line with the CA's files for this host (a tar, base64; empty in phase 1),
 #             then the parameters file; then `pgtls run`
+#   clients:  the same, then `pgtls clients`; in phase 1 the clients' CSRs go into the outbox
+#             as clients/<os_user>/postgresql.csr
 #   rollback: `pgtls rollback` (phase rollback-dry-run: --dry-run), which writes its own record
 #   renew:    stdin: an empty line, then the parameters file (params/<change>.renew.yaml); then
 #             `pgtls renew` with the due threshold in $7 (--due-days=N, --due-fraction=F or
 #             empty), which writes a record only when it renewed
-# then the record (and in phase 1 the CSR) packed into outbox/<stamp>.tar for the trip home;
+# then the record (and in phase 1 the CSRs) packed into outbox/<stamp>.tar for the trip home;
 # the last line names it: "pgtls-fleet-record: <stamp>". Exit status: the runbook's, or 75
 # when the venv is missing or was installed from another wheelhouse (the playbook installs it
 # and calls again).
@@ -23,7 +25,7 @@ if [ ! -x "$venv/bin/pgtls" ] || { [ -n "$want" ] && [ "$(cat "$venv/.pgtls-whee
   exit 75
 fi
 params="$home/params/$change.yaml"
-if [ "$mode" = run ]; then
+if [ "$mode" = run ] || [ "$mode" = clients ]; then
   IFS= read -r ca_files
   cat > "$params.tmp" && mv "$params.tmp" "$params"
   if [ -n "$ca_files" ]; then
@@ -31,7 +33,8 @@ if [ "$mode" = run ]; then
     mkdir -p "$home/ca/$change"
     printf '%s' "$ca_files" | base64 -d | tar -x -C "$home/ca/$change" || exit 2
   fi
-  out=$("$venv/bin/pgtls" run "$params" --records "$home/records" --work "$home/work" --no-progress)
+  # $mode is run or clients: the pgtls command of the same name
+  out=$("$venv/bin/pgtls" "$mode" "$params" --records "$home/records" --work "$home/work" --no-progress)
   rc=$?
 elif [ "$mode" = renew ]; then
   params="$home/params/$change.renew.yaml"
@@ -57,7 +60,11 @@ case "$rec" in *.html) rec=$(dirname "$rec") ;; esac
 if [ -n "$rec" ] && [ -d "$rec" ]; then
   stamp=$(basename "$rec")
   tar -C "$(dirname "$rec")" -cf "$home/outbox/$stamp.tar" "$stamp"
-  if [ "$phase" = csr ] && [ "$rc" = 0 ] && [ -f "$home/work/$change/server.csr" ]; then
+  if [ "$phase" = csr ] && [ "$rc" = 0 ] && [ "$mode" = clients ]; then
+    # every client's CSR of this change, named by its OS user's folder
+    (cd "$home/work/$change" 2>/dev/null && set -- clients/*/postgresql.csr &&
+      if [ -f "$1" ]; then tar -rf "$home/outbox/$stamp.tar" "$@"; fi)
+  elif [ "$phase" = csr ] && [ "$rc" = 0 ] && [ -f "$home/work/$change/server.csr" ]; then
     tar -C "$home/work/$change" -rf "$home/outbox/$stamp.tar" server.csr
   fi
   echo "pgtls-fleet-record: $stamp"
