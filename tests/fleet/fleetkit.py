@@ -3,6 +3,7 @@ host's files hashed."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -55,14 +56,28 @@ def dependencies_digest() -> str:
     return h.hexdigest()[:16]
 
 
+@contextmanager
+def cache_lock() -> Iterator[None]:
+    """The cache to this process alone: the fleet modules run in worker processes of their
+    own at the same time, and one builds or installs what the others then use."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def wheelhouse() -> Path:
     """The wheelhouse of this checkout, built once per source state; its dependency wheels are
     resolved once per ``pyproject.toml`` and kept, so a change to the source alone rebuilds
     only the pgtls wheel."""
+    with cache_lock():
+        return _wheelhouse()
+
+
+def _wheelhouse() -> Path:
     digest = source_digest()
     target = CACHE / f"wheelhouse-{digest}.tar"
     if not target.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
         deps = CACHE / f"dependencies-{dependencies_digest()}"
         for old in CACHE.iterdir():  # wheelhouses and venvs of earlier source states
             if digest in old.name or old == deps:
@@ -166,12 +181,8 @@ class LabHosts:
     def __init__(self, base: Path, *, hosts: int, change_id: str, venv: str = "venv") -> None:
         self.base = base
         self.wheels = wheelhouse()
-        self.inventory = up(
-            base / "fleet",
-            hosts=hosts,
-            change_id=change_id,
-            venv=CACHE / f"{venv}-{source_digest()}",
-        )
+        self.venv = CACHE / f"{venv}-{source_digest()}"
+        self.inventory = up(base / "fleet", hosts=hosts, change_id=change_id, venv=self.venv)
         self.clusters: dict[str, LabCluster] = clusters_of(base / "fleet")
         self.control = base / "control"
         self.control.mkdir()
@@ -186,4 +197,10 @@ class LabHosts:
         return host_files(self.pgdata(host), self.home(host) if with_home else None)
 
     def play(self, playbook: str, *extra: str, inventory: Path | None = None) -> Played:
-        return play(playbook, inventory or self.inventory, self.control, self.wheels, *extra)
+        """``ansible-playbook``; while the hosts' venv is not installed yet, with the cache to
+        itself, so that two modules do not install the same venv at once."""
+        run = inventory or self.inventory
+        if (self.venv / ".pgtls-wheelhouse").exists():
+            return play(playbook, run, self.control, self.wheels, *extra)
+        with cache_lock():
+            return play(playbook, run, self.control, self.wheels, *extra)
