@@ -19,7 +19,7 @@
 A client's key is not encrypted: libpq would need its passphrase on every connection
 (``sslpassword``), and the file is protected by its mode and owner as ``~/.pgpass`` is.
 
-Why one module of some 880 lines: c1 to c3 share the per-client work folder, the client
+Why one module of some 890 lines: c1 to c3 share the per-client work folder, the client
 entries and the chain checks, and c3's install is journaled with the connection loop running
 across it; the identity, roots, plan, apply and proof of the server side (c4, c5) are modules of
 their own. Splitting c3's install from its loop would put one journaled write in two places.

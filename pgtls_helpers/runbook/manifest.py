@@ -12,7 +12,7 @@ On disk the manifest is JSON: :meth:`Manifest.to_json` writes every field under 
 run; 2: before this module) into the same type, a missing value becoming its default.
 ``from_json(m.to_json()) == m`` for every manifest.
 
-Why one module of some 900 lines: it is one file format (as CONVENTIONS asks of our formats):
+Why one module of some 1000 lines: it is one file format (as CONVENTIONS asks of our formats):
 every typed part of the record, its JSON and its older formats' readers, so a field is added in
 one place and the format version goes with it.
 """
@@ -285,14 +285,8 @@ class ClientsUsed:
         """Where the clients came from, in one line for a page or the terminal."""
         if self.saved_in is None:
             return "clients and ident_maps: from the parameters file"
-        if not self.differs:
-            return (
-                f"clients and ident_maps: from the c1 form ({self.saved_in}), the same as the "
-                "parameters file"
-            )
-        return (
-            f"clients and ident_maps: from the c1 form ({self.saved_in}), not the parameters file"
-        )
+        than = "not the parameters file" if self.differs else "the same as the parameters file"
+        return f"clients and ident_maps: from the c1 form ({self.saved_in}), {than}"
 
     @property
     def parameters_said(self) -> str:
